@@ -1,0 +1,162 @@
+"""The data contract: obs column names, label coding, and what kind of values ``X`` holds.
+
+Column names are constants here and configurable through `ObsKeys`, so the CLI
+and the API can read a user's own column names without renaming them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+from scdrugmap.errors import SchemaError
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import numpy.typing as npt
+
+RESPONSE = "response"
+STUDY = "study"
+DATASET = "dataset"
+SAMPLE = "sample"
+TISSUE = "tissue"
+CANCER_TYPE = "cancer_type"
+THERAPY = "therapy"
+REGIMEN = "regimen"
+
+SENSITIVE = "sensitive"
+RESISTANT = "resistant"
+#: Accepted spellings of each class; sensitive is the positive class (1).
+LABEL_CODES: dict[str, int] = {
+    "sensitive": 1, "resistant": 0, "1": 1, "0": 0, "1.0": 1, "0.0": 0,
+    "responder": 1, "non-responder": 0, "nonresponder": 0, "true": 1, "false": 0,
+}
+CATEGORY_KINDS: tuple[str, ...] = (TISSUE, CANCER_TYPE, THERAPY, REGIMEN)
+
+ValueKind = Literal["counts", "tpm", "normalised", "log", "zscore", "negative", "nonfinite", "empty"]
+#: Value kinds that hold non-negative expression, fit for models that only rank genes.
+NONNEGATIVE_KINDS: frozenset[str] = frozenset({"counts", "tpm", "normalised", "log"})
+
+
+@dataclass(frozen=True)
+class ObsKeys:
+    """Names of the obs columns that carry each field of the contract."""
+
+    response: str = RESPONSE
+    study: str = STUDY
+    dataset: str = DATASET
+    sample: str = SAMPLE
+    tissue: str = TISSUE
+    cancer_type: str = CANCER_TYPE
+    therapy: str = THERAPY
+    regimen: str = REGIMEN
+
+    def category(self, kind: str) -> str:
+        """Return the obs column of a category kind (``tissue``, ``cancer_type``, ...)."""
+        names = {f.name for f in fields(self)}
+        if kind not in names:
+            msg = f"unknown category {kind!r}; expected one of {sorted(CATEGORY_KINDS)}."
+            raise SchemaError(msg)
+        return getattr(self, kind)
+
+
+def encode_labels(values: npt.ArrayLike, *, column: str = RESPONSE, source: str = "data") -> npt.NDArray[np.int8]:
+    """Return labels as 1 (sensitive) and 0 (resistant), refusing anything else.
+
+    Raises
+    ------
+    SchemaError
+        When a value is missing or not one of the accepted spellings.
+    """
+    series = np.asarray(values, dtype=object)
+    text = np.array([str(v).strip().lower() for v in series], dtype=object)
+    codes = np.array([LABEL_CODES.get(t, -1) for t in text], dtype=np.int8)
+    bad = np.unique(text[codes < 0])
+    if bad.size:
+        shown = ", ".join(repr(b) for b in bad[:3])
+        msg = (
+            f"{source}: obs[{column!r}] has {shown}; expected sensitive/resistant or 1/0. "
+            "Recode the column, or name another one with --label-key."
+        )
+        raise SchemaError(msg)
+    return codes
+
+
+def _sample_values(X: np.ndarray | sp.spmatrix, max_rows: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Return (all stored values of the first rows, their row sums) without densifying a large matrix."""
+    rows = X[: min(X.shape[0], max_rows)]
+    if sp.issparse(rows):
+        rows = sp.csr_matrix(rows)
+        data = np.asarray(rows.data, dtype=np.float64)
+        sums = np.asarray(rows.sum(axis=1), dtype=np.float64).ravel()
+        if rows.nnz < rows.shape[0] * rows.shape[1]:
+            data = np.concatenate([data, [0.0]])
+        return data, sums
+    dense = np.asarray(rows, dtype=np.float64)
+    return dense.ravel(), dense.sum(axis=1)
+
+
+def detect_value_kind(X: np.ndarray | sp.spmatrix) -> ValueKind:
+    """Say what kind of expression values ``X`` holds, from its first rows.
+
+    Raw counts are non-negative integers; TPM rows sum to about one million;
+    normalised rows share one total; log values are non-negative, non-integer
+    and below 30; z-scores have negative values with mean near 0.
+    """
+    values, sums = _sample_values(X)
+    if values.size == 0:
+        return "empty"
+    if not np.isfinite(values).all():
+        return "nonfinite"
+    if (values < 0).any():
+        return "zscore" if abs(float(values.mean())) < 0.5 else "negative"
+    if np.all(values == np.round(values)):
+        return "counts"
+    positive = sums[sums > 0]
+    if positive.size and np.allclose(positive, 1e6, rtol=0.02):
+        return "tpm"
+    if values.max() < 30:
+        return "log"
+    if positive.size > 1 and np.allclose(positive, np.median(positive), rtol=0.02):
+        return "normalised"
+    return "tpm"
+
+
+def expression_matrix(adata: ad.AnnData, layer: str | None = None):
+    """Return ``adata.layers[layer]`` or ``adata.X``, naming the missing layer if there is none."""
+    if layer is None:
+        return adata.X
+    if layer not in adata.layers:
+        msg = f"layer {layer!r} is not in the data; layers present: {sorted(adata.layers)}. Use --layer."
+        raise SchemaError(msg)
+    return adata.layers[layer]
+
+
+def require_value_kind(
+    adata: ad.AnnData, *, needs: Literal["counts", "nonnegative", "any"], model: str, layer: str | None = None
+) -> ValueKind:
+    """Refuse expression a model cannot use, naming what was found and what to pass instead.
+
+    Raises
+    ------
+    SchemaError
+        When the model needs raw counts (or non-negative values) and the data has something else.
+    """
+    kind = detect_value_kind(expression_matrix(adata, layer))
+    where = f"layers[{layer!r}]" if layer else "X"
+    if needs == "counts" and kind != "counts":
+        msg = (
+            f"{model} needs raw counts but {where} looks {kind}. "
+            "Pass the raw UMI counts (e.g. --layer counts)."
+        )
+        raise SchemaError(msg)
+    if needs == "nonnegative" and kind not in NONNEGATIVE_KINDS:
+        msg = (
+            f"{model} ranks genes by expression and needs non-negative values, but {where} looks {kind}. "
+            "Pass counts, TPM or normalised expression (e.g. --layer counts)."
+        )
+        raise SchemaError(msg)
+    return kind

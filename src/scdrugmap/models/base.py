@@ -1,0 +1,252 @@
+"""The encoder contract every foundation model and baseline follows, and the registry that finds them.
+
+An encoder turns an AnnData into one embedding per cell. Torch models split that
+into three steps so that training code can reuse them:
+
+``tokenize(adata) -> TokenizedCells``
+    the model's own preprocessing, vectorised over cells, as the official code does it;
+``collate(tokens, rows) -> dict[str, Tensor]``
+    one batch of model inputs for the chosen rows of ``tokens``;
+``encode(batch) -> Tensor``
+    a differentiable forward pass giving (cells x dim) embeddings with the official pooling.
+
+``embed(adata)`` chains them with batches bucketed by length under ``torch.inference_mode``.
+LoRA fine-tuning calls ``collate`` and ``encode`` directly with gradients on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from importlib import import_module
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+
+from scdrugmap.data.schema import require_value_kind
+from scdrugmap.errors import ConfigError
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import numpy.typing as npt
+    import torch
+
+    from scdrugmap.models.weights import WeightsSource
+
+log = logging.getLogger(__name__)
+
+#: A callback told how many cells are done out of how many.
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class TokenizedCells:
+    """Model inputs for the cells of one AnnData, in the model's own encoding.
+
+    Attributes
+    ----------
+    cell_index
+        Row of ``adata`` each tokenized cell came from (cells the model drops are absent).
+    lengths
+        Sequence length per cell, used to bucket batches (all equal for fixed-length models).
+    arrays
+        The model's inputs, first axis per cell. Ragged sequences are stored flat with
+        ``offsets`` (CSR style) under names the model chooses.
+    dropped
+        Reason per dropped cell: ``{row: reason}``.
+    n_genes_matched
+        How many of the data's genes the model's vocabulary knows.
+    """
+
+    cell_index: npt.NDArray[np.int64]
+    lengths: npt.NDArray[np.int64]
+    arrays: dict[str, Any] = field(default_factory=dict)
+    dropped: dict[int, str] = field(default_factory=dict)
+    n_genes_matched: int | None = None
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.cell_index.shape[0])
+
+
+def length_buckets(lengths: npt.NDArray[np.int64], batch_size: int) -> list[npt.NDArray[np.int64]]:
+    """Split row positions into batches of similar length (longest first), so padding stays small."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, order.size, batch_size)]
+
+
+class Encoder(ABC):
+    """One model that turns cells into embeddings.
+
+    Class attributes the pipeline reads (like drevalpy's model flags):
+
+    ``name``: the registry key; ``family``: ``"scfm"``, ``"llm"`` or ``"baseline"``;
+    ``input_kind``: ``"counts"`` (needs raw counts), ``"nonnegative"`` (ranks genes) or ``"any"``;
+    ``lora_targets``: module names LoRA adapts (empty when LoRA does not apply).
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[Literal["scfm", "llm", "baseline"]] = "scfm"
+    input_kind: ClassVar[Literal["counts", "nonnegative", "any"]] = "counts"
+    lora_targets: ClassVar[tuple[str, ...]] = ()
+    #: Official weights per variant name; the first is the default (see `scdrugmap.models.weights`).
+    weights_sources: ClassVar[Mapping[str, WeightsSource]] = {}
+
+    #: sha256 of the loaded checkpoint (or of its main file), recorded in results and uns.
+    checkpoint_sha256: str | None = None
+
+    @property
+    @abstractmethod
+    def embedding_dim(self) -> int:
+        """Width of the embeddings this encoder returns."""
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, path_or_name: str | Path | None = None, **options: Any) -> Encoder:
+        """Load the official checkpoint from a folder or file, the cache, or a download."""
+
+    def check_input(self, adata: ad.AnnData, *, layer: str | None = None) -> None:
+        """Refuse expression this model cannot read (see `input_kind`)."""
+        require_value_kind(adata, needs=self.input_kind, model=self.name, layer=layer)
+
+    @abstractmethod
+    def embed(
+        self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int = 32, progress: Progress | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Return (n_obs x embedding_dim) float32 embeddings; rows of dropped cells are NaN."""
+
+    def describe(self) -> dict[str, Any]:
+        """Return facts shown by ``scdrugmap models info``."""
+        return {"name": self.name, "family": self.family, "input": self.input_kind,
+                "embedding_dim": self.embedding_dim, "lora_targets": list(self.lora_targets)}
+
+
+class TorchEncoder(Encoder):
+    """An encoder backed by a ``torch.nn.Module`` (`module`), split into tokenize / collate / encode."""
+
+    module: torch.nn.Module
+
+    @abstractmethod
+    def tokenize(self, adata: ad.AnnData, *, layer: str | None = None) -> TokenizedCells:
+        """Preprocess cells exactly as the official embedding path does, vectorised."""
+
+    @abstractmethod
+    def collate(self, tokens: TokenizedCells, rows: npt.NDArray[np.int64]) -> dict[str, torch.Tensor]:
+        """Build one batch of model inputs for positions ``rows`` of ``tokens``."""
+
+    @abstractmethod
+    def encode(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Run the model on one batch and pool to (cells x dim); differentiable."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def iter_batches(self, tokens: TokenizedCells, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
+        """Yield (rows, batch) in length buckets, longest first."""
+        for rows in length_buckets(tokens.lengths, batch_size):
+            yield rows, self.collate(tokens, rows)
+
+    def embed_tokens(
+        self, tokens: TokenizedCells, *, batch_size: int = 32, progress: Progress | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Return (tokens.n_cells x dim) embeddings in token order."""
+        import torch
+
+        out = np.empty((tokens.n_cells, self.embedding_dim), dtype=np.float32)
+        done = 0
+        self.module.eval()
+        with torch.inference_mode():
+            for rows, batch in self.iter_batches(tokens, batch_size):
+                batch = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+                out[rows] = self.encode(batch).float().cpu().numpy()
+                done += rows.size
+                if progress is not None:
+                    progress(done, tokens.n_cells)
+        return out
+
+    def embed(
+        self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int = 32, progress: Progress | None = None
+    ) -> npt.NDArray[np.float32]:
+        start = time.perf_counter()
+        log.info("embedding %d cells with %s", adata.n_obs, self.name)
+        self.check_input(adata, layer=layer)
+        tokens = self.tokenize(adata, layer=layer)
+        if tokens.dropped:
+            log.warning("%s dropped %d of %d cells (e.g. %s)", self.name, len(tokens.dropped), adata.n_obs,
+                        next(iter(tokens.dropped.values())))
+        embeddings = np.full((adata.n_obs, self.embedding_dim), np.nan, dtype=np.float32)
+        embeddings[tokens.cell_index] = self.embed_tokens(tokens, batch_size=batch_size, progress=progress)
+        log.info("    finished embedding with %s in %.1fs", self.name, time.perf_counter() - start)
+        return embeddings
+
+    def describe(self) -> dict[str, Any]:
+        facts = super().describe()
+        facts["parameters"] = sum(p.numel() for p in self.module.parameters())
+        return facts
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Return the hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- registry -------------------------------------------------------------------------------------------
+
+#: Built-in encoders: registry key -> "module:Class". Modules are imported only when used,
+#: so listing models never imports torch or transformers.
+BUILTIN_ENCODERS: dict[str, str] = {
+    "pca": "scdrugmap.models.baselines:PCAEncoder",
+    "hvg": "scdrugmap.models.baselines:HVGEncoder",
+    "geneformer": "scdrugmap.models.geneformer:GeneformerEncoder",
+    "tgpt": "scdrugmap.models.tgpt:TGPTEncoder",
+    "scgpt": "scdrugmap.models.scgpt:ScGPTEncoder",
+    "scfoundation": "scdrugmap.models.scfoundation:ScFoundationEncoder",
+    "uce": "scdrugmap.models.uce:UCEEncoder",
+    "cellplm": "scdrugmap.models.cellplm:CellPLMEncoder",
+    "scbert": "scdrugmap.models.scbert:ScBERTEncoder",
+    "celllm": "scdrugmap.models.celllm:CellLMEncoder",
+    "minilm": "scdrugmap.models.llm:MiniLMEncoder",
+    "llm": "scdrugmap.models.llm:LLMEncoder",
+}
+ENTRY_POINT_GROUP = "scdrugmap.encoders"
+
+
+def registry() -> dict[str, str]:
+    """Return every known encoder: built-ins, then those other packages register by entry point."""
+    found = dict(BUILTIN_ENCODERS)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(entry.name.lower(), entry.value)
+    return found
+
+
+def get_encoder_class(name: str) -> type[Encoder]:
+    """Return the encoder class registered under ``name``.
+
+    Raises
+    ------
+    ConfigError
+        When no encoder has that name.
+    """
+    known = registry()
+    key = name.lower()
+    if key not in known:
+        msg = f"unknown model {name!r}; known models: {', '.join(sorted(known))}. See `scdrugmap models list`."
+        raise ConfigError(msg)
+    module_name, _, class_name = known[key].partition(":")
+    return getattr(import_module(module_name), class_name)
+
+
+def load_encoder(name: str, weights: str | Path | None = None, **options: Any) -> Encoder:
+    """Instantiate a registered encoder from its weights (a path, or the cache/download when None)."""
+    return get_encoder_class(name).from_pretrained(weights, **options)
