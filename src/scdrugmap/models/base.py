@@ -208,6 +208,7 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
 BUILTIN_ENCODERS: dict[str, str] = {
     "pca": "scdrugmap.models.baselines:PCAEncoder",
     "hvg": "scdrugmap.models.baselines:HVGEncoder",
+    "majority": "scdrugmap.models.baselines:MajorityEncoder",
     "geneformer": "scdrugmap.models.geneformer:GeneformerEncoder",
     "tgpt": "scdrugmap.models.tgpt:TGPTEncoder",
     "scgpt": "scdrugmap.models.scgpt:ScGPTEncoder",

@@ -1,0 +1,235 @@
+"""The ``scdrugmap`` command: thin commands whose bodies import heavy modules only when run.
+
+Expected failures (`ScDrugMapError`) print one red line and exit 1; only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from scdrugmap.errors import ConfigError, ScDrugMapError
+
+app = typer.Typer(help="Single-cell drug response prediction and benchmarking with foundation models.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
+datasets_app = typer.Typer(help="The curated catalog, the demo simulator and data import.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry and official weights.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(models_app, name="models")
+
+stdout = Console(width=None if sys.stdout.isatty() else 140)
+stderr = Console(stderr=True)
+STATE = {"quiet": False}
+
+
+def _split_list(value: str | None) -> list[str] | None:
+    return None if value is None else [part.strip() for part in value.split(",") if part.strip()]
+
+
+@app.callback()
+def root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Hide progress bars and info logs.")] = False,
+         log_file: Annotated[Path | None, typer.Option(help="Also write the log to this file.")] = None) -> None:
+    """Set up logging once: rich on stderr, -v for debug, --log-file for a copy."""
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handlers: list[logging.Handler] = [RichHandler(console=stderr, show_path=False, show_time=False)]
+    if log_file is not None:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(handler)
+    logging.basicConfig(level=level, handlers=handlers, format="%(message)s", force=True)
+    STATE["quiet"] = quiet or not stderr.is_terminal
+
+
+# --- shared options ----------------------------------------------------------------------------------------
+
+LabelKey = Annotated[str, typer.Option(help="obs column with sensitive/resistant (or 1/0) labels.")]
+StudyKey = Annotated[str, typer.Option(help="obs column naming the study (e.g. GEO series).")]
+SampleKey = Annotated[str, typer.Option(help="obs column naming the patient or sample (never split).")]
+TissueKey = Annotated[str, typer.Option(help="obs column of the tissue.")]
+CancerKey = Annotated[str, typer.Option(help="obs column of the cancer type.")]
+TherapyKey = Annotated[str, typer.Option(help="obs column of the therapy.")]
+RegimenKey = Annotated[str, typer.Option(help="obs column of the regimen.")]
+Layer = Annotated[str | None, typer.Option(help="Expression layer to use instead of X (e.g. counts).")]
+
+
+def _obs_keys(label_key: str, study_key: str, sample_key: str, tissue_key: str, cancer_type_key: str,
+              therapy_key: str, regimen_key: str) -> dict[str, str]:
+    return {"response": label_key, "study": study_key, "sample": sample_key, "tissue": tissue_key,
+            "cancer_type": cancer_type_key, "therapy": therapy_key, "regimen": regimen_key}
+
+
+# --- check -------------------------------------------------------------------------------------------------
+
+@app.command()
+def check(
+    file: Annotated[Path, typer.Argument(help="The .h5ad file to check.")],
+    label_key: LabelKey = "response", study_key: StudyKey = "study", sample_key: SampleKey = "sample",
+    tissue_key: TissueKey = "tissue", cancer_type_key: CancerKey = "cancer_type", therapy_key: TherapyKey = "therapy",
+    regimen_key: RegimenKey = "regimen", layer: Layer = None,
+    model: Annotated[str | None, typer.Option(help="Check the input needs of this model.")] = None,
+    folds: Annotated[int, typer.Option(help="Folds of the intended pooled split.")] = 10,
+    split: Annotated[str, typer.Option(help="Intended split policy: sample or cell.")] = "sample",
+    strict: Annotated[bool, typer.Option(help="Treat fold problems as errors.")] = False,
+) -> None:
+    """Check a data set against the data contract and describe it; exit 1 on any error."""
+    from scdrugmap.commands import run_check
+
+    keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key)
+    ok = run_check(file, keys=keys, layer=layer, model=model, folds=folds, split=split, strict=strict,
+                   console=stdout, errors=stderr)
+    if not ok:
+        raise typer.Exit(1)
+
+
+# --- datasets ----------------------------------------------------------------------------------------------
+
+@datasets_app.command("list")
+def datasets_list(
+    collection: Annotated[str | None, typer.Option(help="primary or validation.")] = None,
+    tissue: Annotated[str | None, typer.Option(help="Filter by tissue (substring).")] = None,
+    cancer_type: Annotated[str | None, typer.Option(help="Filter by cancer type (substring).")] = None,
+    therapy: Annotated[str | None, typer.Option(help="Filter by therapy (substring).")] = None,
+    regimen: Annotated[str | None, typer.Option(help="Filter by regimen (substring).")] = None,
+) -> None:
+    """List the curated data sets."""
+    from scdrugmap.commands import show_catalog
+
+    show_catalog(stdout, collection=collection, tissue=tissue, cancer_type=cancer_type, therapy=therapy,
+                 regimen=regimen)
+
+
+@datasets_app.command("show")
+def datasets_show(dataset_id: Annotated[str, typer.Argument(help="Catalog id, e.g. P07.")]) -> None:
+    """Show every fact of one curated data set."""
+    from scdrugmap.commands import show_dataset
+
+    show_dataset(stdout, dataset_id)
+
+
+@datasets_app.command("import")
+def datasets_import(
+    source: Annotated[Path, typer.Argument(help="Folder of scDrugMap .tsv files.")],
+    out: Annotated[Path, typer.Option(help="Folder for the .h5ad files.")] = Path("scdrugmap-data"),
+) -> None:
+    """Convert the scDrugMap distribution format (TSV per data set) into .h5ad files."""
+    from scdrugmap.data.catalog import load_catalog
+    from scdrugmap.data.io import import_distribution
+
+    for path in import_distribution(source, out, catalog=load_catalog()):
+        stdout.print(str(path))
+
+
+@datasets_app.command("simulate")
+def datasets_simulate(
+    cells: Annotated[int, typer.Option(help="Number of cells.")] = 4000,
+    genes: Annotated[int, typer.Option(help="Number of genes (real human symbols).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resistance_strength: Annotated[float, typer.Option(help="Strength of the drug-resistance program.")] = 1.0,
+    out: Annotated[Path, typer.Option(help="Output .h5ad file, or a folder for simulated.h5ad.")] = Path("simulated"),
+) -> None:
+    """Simulate a collection shaped like the catalog (marked as simulated), streamed to disk."""
+    from scdrugmap.data.simulate import simulate_collection
+
+    path = out / "simulated.h5ad" if out.suffix != ".h5ad" else out
+    path.parent.mkdir(parents=True, exist_ok=True)
+    simulate_collection(n_cells=cells, n_genes=genes, seed=seed, resistance_strength=resistance_strength,
+                        out_path=path)
+    stdout.print(f"{path} (SIMULATED: {cells} cells x {genes} genes, seed {seed})")
+
+
+# --- models ------------------------------------------------------------------------------------------------
+
+@models_app.command("list")
+def models_list() -> None:
+    """List every model: family, parameters, embedding width, input it needs, and whether weights are here."""
+    from scdrugmap.commands import show_models
+
+    show_models(stdout)
+
+
+@models_app.command("info")
+def models_info(name: Annotated[str, typer.Argument(help="Registry name, e.g. geneformer.")]) -> None:
+    """Show a model's facts and where its official weights come from."""
+    from scdrugmap.commands import show_model_info
+
+    show_model_info(stdout, name)
+
+
+@models_app.command("download")
+def models_download(
+    name: Annotated[str, typer.Argument(help="Model name, or name:variant.")],
+    force: Annotated[bool, typer.Option(help="Download again even if cached.")] = False,
+) -> None:
+    """Download a model's official weights into the cache (SCDRUGMAP_HOME), with checksums and resume."""
+    from scdrugmap.commands import download_model
+
+    stdout.print(str(download_model(name, force=force, quiet=STATE["quiet"], console=stderr)))
+
+
+# --- embed and benchmark -----------------------------------------------------------------------------------
+
+@app.command()
+def embed(
+    data: Annotated[Path, typer.Argument(help="The .h5ad file.")],
+    model: Annotated[str, typer.Option(help="Registry name of the model.")],
+    weights: Annotated[Path | None, typer.Option(help="Local folder/file of the official weights.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output .h5ad (default: overwrite DATA).")] = None,
+    layer: Layer = None,
+    batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 32,
+) -> None:
+    """Embed every cell with a model and store it in obsm['X_<model>']."""
+    from scdrugmap.commands import run_embed
+
+    path = run_embed(data, model=model, weights=weights, out=out, layer=layer, batch_size=batch_size,
+                     quiet=STATE["quiet"], console=stderr)
+    stdout.print(str(path))
+
+
+@app.command()
+def benchmark(
+    config: Annotated[Path | None, typer.Option(help="YAML run config; command-line options override it.")] = None,
+    data: Annotated[str | None, typer.Option(help="An .h5ad file, or 'demo' for the simulated collection.")] = None,
+    models: Annotated[str | None, typer.Option(help="Comma-separated models (default pca,hvg,majority).")] = None,
+    strategies: Annotated[str | None, typer.Option(help="Comma-separated strategies: frozen.")] = None,
+    heads: Annotated[str | None, typer.Option(help="Heads of the frozen strategy: mlp, logistic.")] = None,
+    scenarios: Annotated[str | None, typer.Option(help="pooled, cross (leave-one-study-out).")] = None,
+    categories: Annotated[str | None, typer.Option(help="tissue, cancer_type, therapy, regimen.")] = None,
+    split: Annotated[str | None, typer.Option(help="Pooled split policy: sample (grouped), cell, or sample,cell.")] = None,
+    folds: Annotated[int | None, typer.Option(help="Folds of the pooled scenario (default 10).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of splits and training.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (rerunning resumes it).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    demo_cells: Annotated[int | None, typer.Option(help="Cells of the demo collection.")] = None,
+    label_key: LabelKey = "response", study_key: StudyKey = "study", sample_key: SampleKey = "sample",
+    tissue_key: TissueKey = "tissue", cancer_type_key: CancerKey = "cancer_type", therapy_key: TherapyKey = "therapy",
+    regimen_key: RegimenKey = "regimen", layer: Layer = None,
+) -> None:
+    """Run (or resume) the benchmark grid and print mean F1 and AUROC per model and category."""
+    from scdrugmap.commands import run_benchmark_command
+
+    overrides = {"data": data, "models": _split_list(models), "strategies": _split_list(strategies),
+                 "heads": _split_list(heads), "scenarios": _split_list(scenarios),
+                 "categories": _split_list(categories), "splits": _split_list(split), "folds": folds, "seed": seed,
+                 "out": None if out is None else str(out), "device": device, "demo_cells": demo_cells, "layer": layer}
+    keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key)
+    run_benchmark_command(config, overrides, keys, quiet=STATE["quiet"], console=stdout, progress_console=stderr)
+
+
+def main() -> None:
+    """Entry point: run the app, turning expected errors into one line and exit code 1."""
+    try:
+        app()
+    except ScDrugMapError as err:
+        stderr.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+__all__ = ["ConfigError", "app", "main"]

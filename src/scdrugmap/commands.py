@@ -1,0 +1,250 @@
+"""Bodies of the ``scdrugmap`` commands: they take plain values, call the library and draw the output."""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+
+from scdrugmap.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from rich.console import Console
+
+
+@contextmanager
+def progress_bar(console: Console, *, quiet: bool) -> Iterator[Any]:
+    """Yield a callback ``(stage, done, total, detail)`` drawing rich bars (nothing when quiet)."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    tasks: dict[str, Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bars:
+        def update(stage: str, done: int, total: int, detail: str) -> None:
+            name = f"{stage} {detail}".strip() if stage == "embed" else stage
+            if name not in tasks:
+                tasks[name] = bars.add_task(name, total=total)
+            bars.update(tasks[name], completed=done, total=total)
+
+        yield update
+
+
+def run_check(file: Path, *, keys: dict[str, str], layer: str | None, model: str | None, folds: int, split: str,
+              strict: bool, console: Console, errors: Console) -> bool:
+    """Check one file and print its report; return False when it has errors."""
+    from scdrugmap.data.check import check_adata
+    from scdrugmap.data.io import read_h5ad
+    from scdrugmap.data.schema import ObsKeys
+
+    needs = "any"
+    if model is not None:
+        from scdrugmap.models.base import get_encoder_class
+
+        needs = get_encoder_class(model).input_kind
+    adata = read_h5ad(file)
+    report = check_adata(adata, source=str(file), keys=ObsKeys(**keys), layer=layer, needs=needs, n_folds=folds,
+                         split=split, strict=strict)
+    facts = report.facts
+    console.print(f"[bold]{file}[/bold]")
+    console.print(f"  shape        {facts['shape'][0]:,} cells x {facts['shape'][1]:,} genes")
+    if "value_kind" in facts:
+        console.print(f"  values       {facts['value_kind']} ({facts.get('value_detail', '')})")
+    if "gene_id_type" in facts:
+        mapped = facts.get("genes_mapped", {})
+        console.print(f"  gene ids     {facts['gene_id_type']}; {mapped.get('mapped', 0):,} of "
+                      f"{mapped.get('total', 0):,} map to known human genes")
+    if "labels" in facts:
+        console.print(f"  labels       {facts['labels']['sensitive']:,} sensitive, {facts['labels']['resistant']:,} "
+                      "resistant")
+    if "label_design" in facts:
+        console.print(f"  label design {facts['label_design']}")
+    for column, table in report.tables.items():
+        view = Table(title=f"cells per {column}", title_justify="left")
+        for name in (column, "cells", "sensitive", "resistant"):
+            view.add_column(name, justify="left" if name == column else "right")
+        for value, row in table.head(40).iterrows():
+            view.add_row(str(value), f"{row['cells']:,}", f"{row['sensitive']:,}", f"{row['resistant']:,}")
+        if len(table) > 40:
+            view.add_row(f"... {len(table) - 40} more", "", "", "")
+        console.print(view)
+    for problem in report.problems:
+        colour = "red" if problem.severity == "error" else "yellow"
+        errors.print(f"[{colour}]{file}: {problem}[/{colour}]", highlight=False, soft_wrap=True)
+    return report.ok
+
+
+def show_catalog(console: Console, **filters: str | None) -> None:
+    from scdrugmap.data.catalog import filter_catalog
+
+    table = filter_catalog(**filters)
+    view = Table(title=f"{len(table)} data sets")
+    for name in ("dataset_id", "collection", "study", "tissue", "cancer_type", "therapy", "regimen", "n_samples"):
+        view.add_column(name)
+    for _, row in table.iterrows():
+        view.add_row(*(str(row[c]) for c in ("dataset_id", "collection", "study", "tissue", "cancer_type", "therapy",
+                                              "regimen", "n_samples")))
+    console.print(view)
+
+
+def show_dataset(console: Console, dataset_id: str) -> None:
+    from scdrugmap.data.catalog import get_dataset, load_category_counts
+
+    row = get_dataset(dataset_id)
+    view = Table(show_header=False, title=f"{row['dataset_id']}: {row['subgroup']}", title_justify="left")
+    view.add_column("field", style="bold")
+    view.add_column("value")
+    for name, value in row.items():
+        view.add_row(str(name), str(value))
+    counts = load_category_counts()
+    holding = counts[counts["dataset_ids"].astype(str).str.split().apply(lambda ids: row["dataset_id"] in ids)]
+    for _, count in holding.iterrows():
+        view.add_row(f"cells in {count['category']}", f"{count['value']}: {count['n_cells']:,} "
+                     f"({count['n_sensitive']:,} sensitive / {count['n_resistant']:,} resistant)")
+    console.print(view)
+
+
+def _weights_state(cls: Any) -> str:
+    from scdrugmap.models.weights import is_cached
+
+    sources = getattr(cls, "weights_sources", {}) or {}
+    if not sources:
+        return "built in"
+    if any(is_cached(source) for source in sources.values()):
+        return "cached"
+    return "downloadable"
+
+
+def show_models(console: Console) -> None:
+    from scdrugmap.models.base import get_encoder_class, registry
+
+    view = Table(title="models")
+    for name in ("name", "family", "parameters", "embedding dim", "input", "LoRA targets", "weights"):
+        view.add_column(name)
+    for name in sorted(registry()):
+        try:
+            cls = get_encoder_class(name)
+        except ImportError as err:
+            view.add_row(name, "?", "", "", "", "", f"unavailable ({err.name} missing)")
+            continue
+        facts = getattr(cls, "published", {}) or {}
+        view.add_row(name, cls.family, str(facts.get("parameters", "")), str(facts.get("embedding_dim", "")),
+                     cls.input_kind, ",".join(cls.lora_targets), _weights_state(cls))
+    console.print(view)
+
+
+def show_model_info(console: Console, name: str) -> None:
+    from scdrugmap.models.base import get_encoder_class
+    from scdrugmap.models.weights import cache_path, is_cached
+
+    cls = get_encoder_class(name)
+    console.print(f"[bold]{name}[/bold]: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    module_doc = (__import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip()
+    if module_doc:
+        console.print(module_doc)
+    console.print(f"family {cls.family}; input {cls.input_kind}; LoRA targets {', '.join(cls.lora_targets) or '-'}")
+    for variant, source in (getattr(cls, "weights_sources", {}) or {}).items():
+        state = "cached" if is_cached(source) else "not cached"
+        console.print(f"  weights {variant}: {state} at {cache_path(source)} ({source.homepage})")
+        for remote in source.files:
+            console.print(f"    {remote.filename} <- {remote.resolved_url()}")
+
+
+def download_model(name: str, *, force: bool, quiet: bool, console: Console) -> Path:
+    from scdrugmap.models.base import get_encoder_class
+    from scdrugmap.models.weights import download
+
+    model, _, variant = name.partition(":")
+    sources = getattr(get_encoder_class(model), "weights_sources", {}) or {}
+    if not sources:
+        msg = f"{model} has no weights to download (it is computed from the data)."
+        raise ConfigError(msg)
+    if variant and variant not in sources:
+        msg = f"{model} has no variant {variant!r}; variants: {', '.join(sources)}."
+        raise ConfigError(msg)
+    source = sources[variant] if variant else next(iter(sources.values()))
+    if quiet:
+        return download(source, force=force)
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), console=console) as bars:
+        tasks: dict[str, Any] = {}
+
+        def update(filename: str, done: int, total: int | None) -> None:
+            if filename not in tasks:
+                tasks[filename] = bars.add_task(filename, total=total)
+            bars.update(tasks[filename], completed=done, total=total)
+
+        return download(source, force=force, progress=update)
+
+
+def run_embed(data: Path, *, model: str, weights: Path | None, out: Path | None, layer: str | None, batch_size: int,
+              quiet: bool, console: Console) -> Path:
+    from scdrugmap.data.io import read_h5ad, write_h5ad_atomic
+    from scdrugmap.models.base import load_encoder
+
+    adata = read_h5ad(data)
+    encoder = load_encoder(model, weights)
+    with progress_bar(console, quiet=quiet) as update:
+        embeddings = encoder.embed(adata, layer=layer, batch_size=batch_size,
+                                   progress=None if update is None else (lambda d, t: update("embed", d, t, model)))
+    key = f"X_{model}"
+    adata.obsm[key] = embeddings
+    adata.uns.setdefault("scdrugmap", {})[key] = {"model": model, "checkpoint_sha256": encoder.checkpoint_sha256 or "",
+                                                   "layer": layer or "X"}
+    return write_h5ad_atomic(adata, out or data)
+
+
+def run_benchmark_command(config_path: Path | None, overrides: dict[str, Any], keys: dict[str, str], *, quiet: bool,
+                          console: Console, progress_console: Console) -> None:
+    import yaml
+
+    from scdrugmap.evaluate.runner import BenchmarkConfig, run_benchmark, summary_table
+
+    values: dict[str, Any] = {}
+    if config_path is not None:
+        if not config_path.exists():
+            msg = f"{config_path}: no such config file."
+            raise ConfigError(msg)
+        values = yaml.safe_load(config_path.read_text()) or {}
+        known = {f.name for f in dataclasses.fields(BenchmarkConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            msg = f"{config_path}: unknown settings {unknown}; allowed: {sorted(known)}."
+            raise ConfigError(msg)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    defaults = {"response": "response", "study": "study", "sample": "sample", "tissue": "tissue",
+                "cancer_type": "cancer_type", "therapy": "therapy", "regimen": "regimen"}
+    values.setdefault("keys", {})
+    values["keys"].update({k: v for k, v in keys.items() if v != defaults[k]})
+    if "out" not in values:
+        stem = "demo" if values.get("data", "demo") == "demo" else Path(values["data"]).stem
+        values["out"] = str(Path("scdrugmap-runs") / stem)
+    config = BenchmarkConfig(**values)
+    with progress_bar(progress_console, quiet=quiet) as update:
+        results = run_benchmark(config, progress=update)
+    print_summary(console, summary_table(results), results, Path(config.out))
+
+
+def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> None:
+    """Print mean (sd) F1 and AUROC per model, strategy, scenario, category and split."""
+    view = Table(title="mean over scored folds (sd)", title_justify="left", padding=(0, 1))
+    for name in ("model", "strategy", "scenario", "category", "split", "F1", "AUROC", "folds", "unscored"):
+        view.add_column(name, justify="right" if name in {"F1", "AUROC", "folds", "unscored"} else "left",
+                        no_wrap=True)
+    for _, row in table.iterrows():
+        strategy = row["strategy"] if row["head"] == "mlp" else f"{row['strategy']}/{row['head']}"
+        view.add_row(row["model"], strategy, row["scenario"], row["category"], row["split"],
+                     f"{row['f1_mean']:.3f}±{row['f1_sd']:.2f}", f"{row['auroc_mean']:.3f}±{row['auroc_sd']:.2f}",
+                     str(int(row["n_folds"])), str(int(row["n_not_scored"])))
+    console.print(view)
+    counts = results["status"].value_counts().to_dict()
+    console.print(f"{len(results)} jobs ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
+                  f"results in {run_dir / 'results.parquet'}")

@@ -1,0 +1,160 @@
+"""Read expression data into AnnData, with errors that name the file and the fix.
+
+Also imports the scDrugMap distribution format: one tab-separated file per data
+set, column 0 the cell id, column 1 ``Condition`` (sensitive/resistant), then one
+column per gene symbol; the file name carries the data set's subgroup name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from scdrugmap.data import schema
+from scdrugmap.errors import SchemaError
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+log = logging.getLogger(__name__)
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def read_h5ad(path: str | Path, *, backed: bool = False) -> ad.AnnData:
+    """Read an ``.h5ad`` file, refusing a missing file or one that is not h5ad.
+
+    Parameters
+    ----------
+    path
+        The file.
+    backed
+        Open read-only in backed mode, leaving ``X`` on disk.
+
+    Raises
+    ------
+    SchemaError
+        When the file does not exist, is not HDF5, or is HDF5 but not AnnData.
+    """
+    import anndata as ad
+
+    path = Path(path)
+    if not path.exists():
+        msg = f"{path}: no such file. Check the path."
+        raise SchemaError(msg)
+    if path.is_dir():
+        msg = f"{path}: is a folder, not an .h5ad file."
+        raise SchemaError(msg)
+    with open(path, "rb") as handle:
+        head = handle.read(len(HDF5_SIGNATURE))
+    if head != HDF5_SIGNATURE:
+        msg = f"{path}: not an h5ad file (no HDF5 signature). Convert it with anndata/scanpy and write_h5ad."
+        raise SchemaError(msg)
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except (KeyError, OSError, ValueError, TypeError) as err:
+        msg = f"{path}: HDF5 but not a readable AnnData file ({err}). Write it with AnnData.write_h5ad."
+        raise SchemaError(msg) from err
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
+    """Write ``adata`` to ``path`` through a temporary file, so a killed write leaves no half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".h5ad.tmp")
+    os.close(handle)
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_distribution_tsv(path: str | Path, *, catalog: pd.DataFrame | None = None) -> ad.AnnData:
+    """Read one scDrugMap distribution file into the data contract.
+
+    The subgroup name is the file name without extension; when it matches a
+    catalog row's ``subgroup`` (or ``dataset_id``), obs gets that row's study,
+    tissue, cancer type, therapy and regimen.
+
+    Raises
+    ------
+    SchemaError
+        When the file lacks the ``Condition`` column or has unknown labels.
+    """
+    import anndata as ad
+    import scipy.sparse as sp
+
+    path = Path(path)
+    frame = pd.read_csv(path, sep="\t", index_col=0)
+    if frame.shape[1] < 2 or frame.columns[0] != "Condition":
+        msg = f"{path}: column 1 must be 'Condition' (sensitive/resistant) followed by gene columns; found {list(frame.columns[:3])}."
+        raise SchemaError(msg)
+    labels = frame.pop("Condition")
+    codes = schema.encode_labels(labels.to_numpy(), column="Condition", source=str(path))
+    values = frame.to_numpy(dtype=np.float32)
+    adata = ad.AnnData(X=sp.csr_matrix(values), obs=pd.DataFrame(index=frame.index.astype(str)),
+                       var=pd.DataFrame(index=frame.columns.astype(str)))
+    adata.obs[schema.RESPONSE] = pd.Categorical(np.where(codes == 1, schema.SENSITIVE, schema.RESISTANT))
+    subgroup = path.name.split(".")[0]
+    adata.obs[schema.DATASET] = subgroup
+    if catalog is not None:
+        match = catalog[(catalog["subgroup"] == subgroup) | (catalog["dataset_id"] == subgroup)]
+        if len(match):
+            row = match.iloc[0]
+            for column, field in ((schema.STUDY, "study"), (schema.TISSUE, "tissue"),
+                                  (schema.CANCER_TYPE, "cancer_type"), (schema.THERAPY, "therapy"),
+                                  (schema.REGIMEN, "regimen")):
+                adata.obs[column] = str(row[field])
+            adata.obs[schema.DATASET] = str(row["dataset_id"])
+            adata.uns["scdrugmap"] = {"catalog_id": str(row["dataset_id"]), "subgroup": subgroup}
+        else:
+            log.warning("%s: subgroup %r is not in the catalog; study, tissue and the other categories stay unset",
+                        path, subgroup)
+    return adata
+
+
+def import_distribution(source_dir: str | Path, out_dir: str | Path, *,
+                        catalog: pd.DataFrame | None = None) -> list[Path]:
+    """Convert every ``*.tsv``/``*.txt`` file of ``source_dir`` into an ``.h5ad`` in ``out_dir``."""
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    files = sorted(p for p in source_dir.iterdir() if p.suffix in {".tsv", ".txt"} or p.name.endswith(".tsv.gz"))
+    if not files:
+        msg = f"{source_dir}: no .tsv files found. Point to the folder of the scDrugMap distribution."
+        raise SchemaError(msg)
+    written = []
+    for path in files:
+        adata = read_distribution_tsv(path, catalog=catalog)
+        written.append(write_h5ad_atomic(adata, out_dir / f"{path.name.split('.')[0]}.h5ad"))
+        log.info("imported %s: %d cells x %d genes", path.name, adata.n_obs, adata.n_vars)
+    return written
+
+
+def data_fingerprint(adata: ad.AnnData, *, layer: str | None = None, chunk_rows: int = 10000) -> str:
+    """Return a sha256 of the expression values, cell names and gene names (read in row chunks)."""
+    import hashlib
+
+    import scipy.sparse as sp
+
+    digest = hashlib.sha256()
+    digest.update("\x00".join(map(str, adata.obs_names)).encode())
+    digest.update("\x01".join(map(str, adata.var_names)).encode())
+    digest.update(str(layer).encode())
+    X = adata.layers[layer] if layer else adata.X
+    for start in range(0, adata.n_obs, chunk_rows):
+        block = X[start : start + chunk_rows]
+        if sp.issparse(block):
+            block = sp.csr_matrix(block)
+            for part in (block.data.astype(np.float32), block.indices.astype(np.int64), block.indptr.astype(np.int64)):
+                digest.update(np.ascontiguousarray(part).tobytes())
+        else:
+            digest.update(np.ascontiguousarray(np.asarray(block, dtype=np.float32)).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""The evaluation room: splits, metrics, the job grid with its executors, and the results store."""

@@ -1,0 +1,308 @@
+"""The benchmark grid: model x strategy x scenario x category value x fold, run and stored job by job.
+
+`run_benchmark` loads the data, makes (or reuses) the splits, embeds each model's
+cells once (cached on disk), trains the heads of all pending folds of one category
+value together, and writes each job to the `ResultStore` as soon as it is known.
+Rerunning the same configuration skips finished jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from scdrugmap.data import schema
+from scdrugmap.errors import ConfigError, ScDrugMapError
+from scdrugmap.evaluate.metrics import METRICS, compute_metrics, summarise
+from scdrugmap.evaluate.splits import (
+    Fold,
+    load_assignments,
+    save_assignments,
+    split_cross_study,
+    split_pooled,
+)
+from scdrugmap.evaluate.store import ResultStore
+from scdrugmap.train.heads import HeadConfig
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("frozen",)
+SCENARIOS = ("pooled", "cross")
+DEFAULT_MODELS = ("pca", "hvg", "majority")
+DEMO_CELLS = 4000
+DEMO_GENES = 2000
+#: Callback: (stage, done, total, detail).
+BenchmarkProgress = Callable[[str, int, int, str], None]
+
+
+@dataclass
+class BenchmarkConfig:
+    """Everything that defines a benchmark run (written to ``config.json`` of the run)."""
+
+    data: str = "demo"
+    out: str = "scdrugmap-runs/demo"
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    strategies: list[str] = field(default_factory=lambda: ["frozen"])
+    heads: list[str] = field(default_factory=lambda: ["mlp"])
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    categories: list[str] = field(default_factory=lambda: list(schema.CATEGORY_KINDS))
+    splits: list[str] = field(default_factory=lambda: ["sample"])
+    folds: int = 10
+    seed: int = 0
+    layer: str | None = None
+    batch_size: int = 32
+    device: str = "cpu"
+    demo_cells: int = DEMO_CELLS
+    demo_genes: int = DEMO_GENES
+    weights: dict[str, str] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+    head: dict[str, Any] = field(default_factory=dict)
+
+    def obs_keys(self) -> schema.ObsKeys:
+        return schema.ObsKeys(**self.keys)
+
+    def head_config(self) -> HeadConfig:
+        return HeadConfig(**{"seed": self.seed, **self.head})
+
+    def validate(self) -> None:
+        """Refuse unknown strategies, scenarios, categories or split policies, naming the allowed ones."""
+        checks = (("strategies", self.strategies, STRATEGIES), ("scenarios", self.scenarios, SCENARIOS),
+                  ("categories", self.categories, schema.CATEGORY_KINDS), ("splits", self.splits, ("sample", "cell")),
+                  ("heads", self.heads, ("mlp", "logistic")))
+        for name, chosen, allowed in checks:
+            unknown = [c for c in chosen if c not in allowed]
+            if unknown:
+                msg = f"--{name} {','.join(unknown)} is not available; choose from {', '.join(allowed)}."
+                raise ConfigError(msg)
+        if self.folds < 2:
+            msg = f"--folds {self.folds}: need at least 2 folds."
+            raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One cell of the grid: a model and strategy evaluated on one fold."""
+
+    model: str
+    strategy: str
+    head: str
+    fold: Fold
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}|{self.strategy}|{self.head}|{self.fold.key}"
+
+    @property
+    def group(self) -> tuple[str, ...]:
+        """Jobs sharing a group train together (the folds of one category value)."""
+        f = self.fold
+        return (self.model, self.strategy, self.head, f.scenario, f.category, f.value, f.split)
+
+
+def load_data(config: BenchmarkConfig) -> ad.AnnData:
+    """Return the benchmark's data: a file, or the simulated demo collection (cached)."""
+    from scdrugmap.data.io import read_h5ad
+
+    if config.data != "demo":
+        return read_h5ad(config.data)
+    from scdrugmap import config as paths
+    from scdrugmap.data.simulate import simulate_collection
+
+    path = paths.home_dir() / "demo" / f"demo-{config.demo_cells}x{config.demo_genes}-seed{config.seed}.h5ad"
+    if not path.exists():
+        log.info("simulating the demo collection (%d cells x %d genes) into %s", config.demo_cells,
+                 config.demo_genes, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        simulate_collection(n_cells=config.demo_cells, n_genes=config.demo_genes, seed=config.seed, out_path=path)
+    return read_h5ad(path)
+
+
+def make_folds(adata: ad.AnnData, labels: np.ndarray, config: BenchmarkConfig, run_dir: Path) -> list[Fold]:
+    """Return every fold of the run, reusing the pooled assignments saved in ``run_dir/splits.parquet``."""
+    keys = config.obs_keys()
+    obs = adata.obs
+    splits_path = run_dir / "splits.parquet"
+    saved = load_assignments(splits_path, adata.obs_names) if splits_path.exists() else {}
+    changed = False
+    folds: list[Fold] = []
+    for category in config.categories:
+        column = keys.category(category)
+        if column not in obs:
+            log.warning("obs has no %r column; category %s is left out", column, category)
+            continue
+        if "pooled" in config.scenarios:
+            for split in config.splits:
+                name = f"{category}|{split}|k{config.folds}|seed{config.seed}"
+                category_folds = split_pooled(obs, labels, category_column=column, category=category,
+                                              sample_column=keys.sample, split=split, n_folds=config.folds,
+                                              seed=config.seed, assignment=saved.get(name))
+                if name not in saved:
+                    assignment = np.full(adata.n_obs, -1, dtype=np.int8)
+                    for fold in category_folds:
+                        if fold.skipped is None:
+                            assignment[fold.test] = int(fold.fold)
+                    saved[name] = assignment
+                    changed = True
+                folds.extend(category_folds)
+        if "cross" in config.scenarios:
+            folds.extend(split_cross_study(obs, labels, category_column=column, category=category,
+                                           study_column=keys.study))
+    if changed:
+        save_assignments(splits_path, adata.obs_names, saved)
+    return folds
+
+
+def _job_row(job: Job, *, status: str, adata_obs: pd.DataFrame, sample_column: str, metrics: dict[str, float],
+             reasons: dict[str, str], seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
+    fold = job.fold
+    samples = adata_obs[sample_column].astype(str).to_numpy() if sample_column in adata_obs else None
+    row: dict[str, Any] = {
+        "key": job.key, "model": job.model, "strategy": job.strategy, "head": job.head, "scenario": fold.scenario,
+        "category": fold.category, "value": fold.value, "fold": fold.fold, "split": fold.split, "status": status,
+        "n_train": int(fold.train.size), "n_test": int(fold.test.size),
+        "n_train_samples": int(np.unique(samples[fold.train]).size) if samples is not None else None,
+        "n_test_samples": int(np.unique(samples[fold.test]).size) if samples is not None else None,
+        "seconds": seconds, "reasons": reasons, **{name: metrics.get(name, float("nan")) for name in METRICS},
+    }
+    row.update(extra)
+    return row
+
+
+def _write_run_config(config: BenchmarkConfig, run_dir: Path) -> None:
+    import importlib.metadata as metadata
+
+    versions = {}
+    for package in ("scdrugmap", "torch", "numpy", "scikit-learn", "anndata", "transformers", "peft"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    facts = {"config": asdict(config), "environment": {"python": platform.python_version(),
+                                                        "platform": platform.platform(), "packages": versions}}
+    tmp = run_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(facts, indent=1, default=str))
+    os.replace(tmp, run_dir / "config.json")
+
+
+def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None = None) -> pd.DataFrame:
+    """Run (or resume) the benchmark grid of ``config`` and return one row per job.
+
+    Returns
+    -------
+    The consolidated results (also in ``<out>/results.parquet``); per-cell predictions are in
+    ``<out>/predictions.parquet``.
+    """
+    from scdrugmap.data.io import data_fingerprint
+    from scdrugmap.models.base import load_encoder
+    from scdrugmap.models.cache import cached_embed
+    from scdrugmap.train.frozen import fit_predict_frozen
+
+    config.validate()
+    run_dir = Path(config.out)
+    start = time.perf_counter()
+    adata = load_data(config)
+    keys = config.obs_keys()
+    if keys.response not in adata.obs:
+        msg = f"{config.data}: obs has no {keys.response!r} column; name the label column with --label-key."
+        raise ConfigError(msg)
+    labels = schema.encode_labels(adata.obs[keys.response].to_numpy(), column=keys.response, source=config.data)
+    fingerprint = data_fingerprint(adata, layer=config.layer)
+    store = ResultStore(run_dir)
+    store.check_data(fingerprint)
+    _write_run_config(config, run_dir)
+    folds = make_folds(adata, labels, config, run_dir)
+    jobs = [Job(model, strategy, head, fold) for model in config.models for strategy in config.strategies
+            for head in config.heads for fold in folds]
+    finished = store.finished_keys()
+    pending = [job for job in jobs if job.key not in finished]
+    log.info("%d jobs in the grid, %d already finished, %d to run", len(jobs), len(jobs) - len(pending), len(pending))
+    done = len(jobs) - len(pending)
+    if progress:
+        progress("jobs", done, len(jobs), "")
+    groups = np.asarray(adata.obs[keys.sample].astype(str)) if keys.sample in adata.obs else None
+    head_config = config.head_config()
+    by_model: dict[str, list[Job]] = {}
+    for job in pending:
+        by_model.setdefault(job.model, []).append(job)
+    model_facts: dict[str, Any] = {}
+    for model_name, model_jobs in by_model.items():
+        skipped = [job for job in model_jobs if job.fold.skipped is not None]
+        for job in skipped:
+            store.write_job(_job_row(job, status="skipped", adata_obs=adata.obs, sample_column=keys.sample,
+                                     metrics={}, reasons={"skipped": job.fold.skipped}, seconds=0.0, extra={}))
+        done += len(skipped)
+        runnable = [job for job in model_jobs if job.fold.skipped is None]
+        if not runnable:
+            continue
+        encoder = load_encoder(model_name, config.weights.get(model_name))
+        if progress:
+            progress("embed", 0, adata.n_obs, model_name)
+        embeddings, facts = cached_embed(
+            encoder, adata, data_fingerprint=fingerprint, layer=config.layer, batch_size=config.batch_size,
+            progress=None if progress is None else (lambda d, t, m=model_name: progress("embed", d, t, m)))
+        model_facts[model_name] = {**facts, **{k: v for k, v in encoder.describe().items() if k != "name"}}
+        valid = ~np.isnan(embeddings).any(axis=1) if embeddings.shape[1] else np.ones(adata.n_obs, bool)
+        grouped: dict[tuple, list[Job]] = {}
+        for job in runnable:
+            grouped.setdefault(job.group, []).append(job)
+        for group_jobs in grouped.values():
+            group_start = time.perf_counter()
+            fold_sets = [(job.fold.train[valid[job.fold.train]], job.fold.test[valid[job.fold.test]])
+                         for job in group_jobs]
+            try:
+                predictions = fit_predict_frozen(embeddings, labels, groups, fold_sets, head=group_jobs[0].head,
+                                                 config=head_config, device=config.device)
+                failure = None
+            except (ScDrugMapError, ValueError, RuntimeError) as err:
+                predictions, failure = None, "".join(traceback.format_exception(err))
+                log.error("jobs of %s failed: %s", group_jobs[0].group, err)
+            seconds = (time.perf_counter() - group_start) / len(group_jobs)
+            for index, job in enumerate(group_jobs):
+                train, test = fold_sets[index]
+                extra = {"embed_seconds": facts.get("seconds"), "embed_cells_per_second": facts.get("cells_per_second"),
+                         "n_dropped_cells": int((~valid[job.fold.test]).sum())}
+                if failure is not None:
+                    row = _job_row(job, status="failed", adata_obs=adata.obs, sample_column=keys.sample, metrics={},
+                                   reasons={"error": failure}, seconds=seconds, extra=extra)
+                    store.write_job(row)
+                    continue
+                fold_prediction = predictions[index]
+                metrics, reasons = compute_metrics(labels[test], fold_prediction.probability)
+                extra.update({f"train_{k}": v for k, v in fold_prediction.info.items()})
+                row = _job_row(job, status="done", adata_obs=adata.obs, sample_column=keys.sample, metrics=metrics,
+                               reasons=reasons, seconds=seconds, extra=extra)
+                cells = pd.DataFrame({"cell": adata.obs_names[test].astype(str), "label": labels[test],
+                                      "probability": fold_prediction.probability})
+                store.write_job(row, cells)
+            done += len(group_jobs)
+            if progress:
+                progress("jobs", done, len(jobs), model_name)
+    results = store.consolidate()
+    if model_facts:
+        facts_path = run_dir / "models.json"
+        previous = json.loads(facts_path.read_text()) if facts_path.exists() else {}
+        facts_path.write_text(json.dumps({**previous, **model_facts}, indent=1, default=str))
+    log.info("    finished the benchmark in %.1fs", time.perf_counter() - start)
+    return results
+
+
+def summary_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Return mean F1 and AUROC (with sd and fold counts) per model, strategy, scenario, category and split."""
+    by = ["model", "strategy", "head", "scenario", "category", "split"]
+    table = summarise(results, by)
+    skipped = results[results["status"] != "done"].groupby(by, observed=True).size().rename("n_not_scored")
+    return table.merge(skipped.reset_index(), on=by, how="left").fillna({"n_not_scored": 0})

@@ -1,0 +1,1 @@
+"""The training room: classification heads, the frozen-embedding strategy and LoRA fine-tuning."""

@@ -1,0 +1,64 @@
+"""The frozen strategy: a head trained on cached cell embeddings, one per fold.
+
+Each fold's training cells are split again into fit and validation cells (grouped
+by sample where possible) for early stopping; the test cells are only predicted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from scdrugmap.train.heads import HeadConfig, LogisticHead, fit_mlp_heads, predict_mlp_heads
+from scdrugmap.train.validation import inner_validation_split
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoldPrediction:
+    """Probability of sensitivity for one fold's test cells, with training facts."""
+
+    probability: npt.NDArray[np.float32]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def fit_predict_frozen(embeddings: npt.NDArray[np.float32], labels: npt.NDArray, groups: npt.NDArray | None,
+                       folds: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]], *, head: str = "mlp",
+                       config: HeadConfig | None = None, device: str = "cpu") -> list[FoldPrediction]:
+    """Train a head per (train, test) fold and predict its test cells.
+
+    A zero-width embedding (the majority reference) predicts the training prior.
+    """
+    config = config or HeadConfig()
+    results: list[FoldPrediction] = []
+    if embeddings.shape[1] == 0:
+        for train, test in folds:
+            prior = float(labels[train].mean())
+            results.append(FoldPrediction(np.full(test.size, prior, dtype=np.float32), {"prior": prior}))
+        return results
+    if head == "logistic":
+        for train, test in folds:
+            model = LogisticHead.fit(embeddings[train], labels[train], seed=config.seed)
+            results.append(FoldPrediction(model.predict_proba(embeddings[test])))
+        return results
+    import torch
+
+    fits = []
+    for train, _ in folds:
+        fit, val = inner_validation_split(labels[train], None if groups is None else groups[train],
+                                          fraction=config.val_fraction, seed=config.seed)
+        fits.append((train[fit], train[val]))
+    X = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
+    y = torch.as_tensor(labels, dtype=torch.float32, device=device)
+    model, records = fit_mlp_heads(X, y, fits, config)
+    probabilities = predict_mlp_heads(model, X, [test for _, test in folds])
+    for probability, record, (fit, val) in zip(probabilities, records, fits, strict=True):
+        results.append(FoldPrediction(probability, {**record, "n_fit": int(fit.size), "n_val": int(val.size)}))
+    return results

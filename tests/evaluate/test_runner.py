@@ -1,0 +1,98 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+import scdrugmap.train.frozen as frozen
+from scdrugmap.errors import ConfigError
+from scdrugmap.evaluate.runner import BenchmarkConfig, run_benchmark, summary_table
+from tests_helpers import write_tiny_h5ad
+
+
+def _config(tmp_path, data, **changes):
+    values = {"data": str(data), "out": str(tmp_path / "run"), "models": ["pca", "majority"], "folds": 2,
+              "categories": ["tissue"], "splits": ["sample", "cell"], "head": {"epochs": 2, "hidden": 16}}
+    values.update(changes)
+    return BenchmarkConfig(**values)
+
+
+def test_benchmark_writes_one_row_per_job_and_predictions(tmp_path):
+    data = write_tiny_h5ad(tmp_path)
+    results = run_benchmark(_config(tmp_path, data))
+    assert results["key"].is_unique
+    assert set(results["split"]) == {"sample", "cell"}
+    assert {"pooled", "cross"} <= set(results["scenario"])
+    done = results[results["status"] == "done"]
+    assert len(done) and done["auroc"].between(0, 1).all()
+    predictions = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
+    assert set(predictions["key"]) == set(done["key"])
+    assert predictions.groupby("key").size().to_dict() == done.set_index("key")["n_test"].to_dict()
+    table = summary_table(results)
+    assert {"f1_mean", "auroc_mean", "auroc_sd", "n_folds"} <= set(table.columns)
+
+
+def test_interrupted_benchmark_resumes_with_exactly_one_row_per_job(tmp_path, monkeypatch):
+    data = write_tiny_h5ad(tmp_path)
+    config = _config(tmp_path, data)
+    real = frozen.fit_predict_frozen
+    calls = {"n": 0}
+
+    def dies_on_third_group(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # like a kill: nothing after this point is written
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(frozen, "fit_predict_frozen", dies_on_third_group)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(config)
+    partial = len(list((tmp_path / "run" / "jobs").glob("*.parquet")))
+    monkeypatch.setattr(frozen, "fit_predict_frozen", real)
+    results = run_benchmark(config)
+    assert 0 < partial < len(results)
+    assert results["key"].is_unique
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+    counted = {"n": 0}
+
+    def counting(*args, **kwargs):
+        counted["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(frozen, "fit_predict_frozen", counting)
+    again = run_benchmark(config)
+    assert counted["n"] == 0
+    pd.testing.assert_frame_equal(again.reset_index(drop=True), results.reset_index(drop=True))
+
+
+def test_every_model_sees_identical_folds(tmp_path):
+    data = write_tiny_h5ad(tmp_path)
+    results = run_benchmark(_config(tmp_path, data))
+    done = results[results["status"] == "done"]
+    sizes = done.pivot_table(index=["scenario", "value", "fold", "split"], columns="model", values="n_test")
+    assert (sizes["pca"] == sizes["majority"]).all()
+
+
+def test_run_folder_refuses_other_data(tmp_path):
+    data = write_tiny_h5ad(tmp_path)
+    run_benchmark(_config(tmp_path, data, models=["majority"]))
+    other = write_tiny_h5ad(tmp_path, name="other.h5ad", seed=5)
+    with pytest.raises(ConfigError, match="other data"):
+        run_benchmark(_config(tmp_path, other, models=["majority"]))
+
+
+def test_unknown_strategy_is_refused_with_choices(tmp_path):
+    with pytest.raises(ConfigError, match="choose from frozen"):
+        BenchmarkConfig(strategies=["magic"]).validate()
+
+
+def test_leakage_shows_on_per_patient_labels(tmp_path, shared):
+    """On GSE120575 (per-patient labels) cell-level splits score higher than patient-grouped ones."""
+    data = shared("data", "GSE120575_melanoma_icb_tcells.h5ad")
+    config = BenchmarkConfig(data=str(data), out=str(tmp_path / "run"), models=["pca"], folds=5,
+                             categories=["tissue"], scenarios=["pooled"], splits=["sample", "cell"])
+    results = run_benchmark(config)
+    mean = results[results["status"] == "done"].groupby("split")["auroc"].mean()
+    assert mean["cell"] > mean["sample"] + 0.05
+    grouped = results[(results["split"] == "sample") & (results["status"] == "done")]
+    assert (grouped["n_test_samples"] >= 1).all()
+    assert np.isfinite(mean).all()
