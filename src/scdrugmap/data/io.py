@@ -106,20 +106,48 @@ def read_distribution_tsv(path: str | Path, *, catalog: pd.DataFrame | None = No
     adata.obs[schema.RESPONSE] = pd.Categorical(np.where(codes == 1, schema.SENSITIVE, schema.RESISTANT))
     subgroup = path.name.split(".")[0]
     adata.obs[schema.DATASET] = subgroup
-    if catalog is not None:
-        match = catalog[(catalog["subgroup"] == subgroup) | (catalog["dataset_id"] == subgroup)]
-        if len(match):
-            row = match.iloc[0]
-            for column, field in ((schema.STUDY, "study"), (schema.TISSUE, "tissue"),
-                                  (schema.CANCER_TYPE, "cancer_type"), (schema.THERAPY, "therapy"),
-                                  (schema.REGIMEN, "regimen")):
-                adata.obs[column] = str(row[field])
-            adata.obs[schema.DATASET] = str(row["dataset_id"])
-            adata.uns["scdrugmap"] = {"catalog_id": str(row["dataset_id"]), "subgroup": subgroup}
-        else:
-            log.warning("%s: subgroup %r is not in the catalog; study, tissue and the other categories stay unset",
-                        path, subgroup)
+    row = None if catalog is None else match_catalog_row(subgroup, catalog, source=str(path))
+    if row is not None:
+        for column, field in ((schema.STUDY, "study"), (schema.TISSUE, "tissue"), (schema.CANCER_TYPE, "cancer_type"),
+                              (schema.THERAPY, "therapy"), (schema.REGIMEN, "regimen")):
+            adata.obs[column] = str(row[field])
+        adata.obs[schema.DATASET] = str(row["dataset_id"])
+        adata.uns["scdrugmap"] = {"catalog_id": str(row["dataset_id"]), "subgroup": subgroup}
+    elif catalog is not None:
+        log.warning("%s: %r matches no catalog data set; study, tissue and the other categories stay unset. "
+                    "Name the file after its catalog id (e.g. P07.tsv) to fill them.", path, subgroup)
     return adata
+
+
+def match_catalog_row(name: str, catalog: pd.DataFrame, *, source: str = "") -> pd.Series | None:
+    """Return the catalog row a distribution file name stands for, or None.
+
+    Tried in order: the catalog id (``P07``), the subgroup, the original data set name;
+    a name that ends with a subgroup shared by several data sets (``GSE161801_pre``)
+    must also contain the original data set name (``GSE161801_PI_GSE161801_pre``).
+
+    Raises
+    ------
+    SchemaError
+        When the name fits several data sets equally.
+    """
+    lowered = name.lower()
+    by_id = catalog[catalog["dataset_id"].str.lower() == lowered]
+    if len(by_id):
+        return by_id.iloc[0]
+    subgroups = catalog["subgroup"].fillna("").str.lower()
+    originals = catalog["original_dataset"].fillna("").str.lower()
+    candidates = catalog[(subgroups != "") & subgroups.map(lambda s: lowered == s or lowered.endswith("_" + s))]
+    if len(candidates) > 1:
+        narrowed = candidates[candidates["original_dataset"].str.lower().map(lambda o: o in lowered)]
+        candidates = narrowed if len(narrowed) else candidates
+    if len(candidates) == 0:
+        candidates = catalog[(subgroups == "") & (originals == lowered)]
+    if len(candidates) > 1:
+        ids = ", ".join(candidates["dataset_id"])
+        msg = f"{source}: {name!r} fits several catalog data sets ({ids}); rename the file to one of those ids."
+        raise SchemaError(msg)
+    return candidates.iloc[0] if len(candidates) else None
 
 
 def import_distribution(source_dir: str | Path, out_dir: str | Path, *,
