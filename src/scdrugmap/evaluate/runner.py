@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("frozen",)
+STRATEGIES = ("frozen", "lora")
 SCENARIOS = ("pooled", "cross")
 DEFAULT_MODELS = ("pca", "hvg", "majority")
 DEMO_CELLS = 4000
@@ -71,12 +71,18 @@ class BenchmarkConfig:
     weights: dict[str, str] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
     head: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)
 
     def obs_keys(self) -> schema.ObsKeys:
         return schema.ObsKeys(**self.keys)
 
     def head_config(self) -> HeadConfig:
         return HeadConfig(**{"seed": self.seed, **self.head})
+
+    def lora_config(self):
+        from scdrugmap.train.lora import LoRAConfig
+
+        return LoRAConfig(**{"seed": self.seed, **self.lora})
 
     def validate(self) -> None:
         """Refuse unknown strategies, scenarios, categories or split policies, naming the allowed ones."""
@@ -198,6 +204,39 @@ def _write_run_config(config: BenchmarkConfig, run_dir: Path) -> None:
     os.replace(tmp, run_dir / "config.json")
 
 
+class _NotApplicable(Exception):
+    """A strategy does not apply to a model (e.g. LoRA on PCA); its jobs are stored as skipped."""
+
+
+def _run_lora(encoder, adata: ad.AnnData, labels: np.ndarray, groups: np.ndarray | None,
+              fold_sets: list[tuple[np.ndarray, np.ndarray]], config: BenchmarkConfig,
+              state: dict[str, Any]) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """Fine-tune LoRA adapters per fold on the encoder's tokens (tokenized once per model)."""
+    from scdrugmap.models.base import TorchEncoder
+    from scdrugmap.train.lora import fit_predict_lora
+
+    if not isinstance(encoder, TorchEncoder) or not encoder.lora_targets:
+        msg = f"{encoder.name} has no network to adapt; LoRA applies to foundation models"
+        raise _NotApplicable(msg)
+    if "tokens" not in state:
+        state["tokens"] = encoder.tokenize(adata, layer=config.layer)
+        position = np.full(adata.n_obs, -1, dtype=np.int64)
+        position[state["tokens"].cell_index] = np.arange(state["tokens"].n_cells)
+        state["position"] = position
+    tokens, position = state["tokens"], state["position"]
+    token_labels = labels[tokens.cell_index]
+    token_groups = None if groups is None else groups[tokens.cell_index]
+    token_folds = [(position[train][position[train] >= 0], position[test][position[test] >= 0])
+                   for train, test in fold_sets]
+    fitted = fit_predict_lora(encoder, tokens, token_labels, token_groups, token_folds, config.lora_config())
+    results = []
+    for (_, test), (probability, info) in zip(fold_sets, fitted, strict=True):
+        full = np.full(test.size, np.nan, dtype=np.float32)  # cells the model could not tokenize stay missing
+        full[position[test] >= 0] = probability
+        results.append((full, info))
+    return results
+
+
 def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None = None) -> pd.DataFrame:
     """Run (or resume) the benchmark grid of ``config`` and return one row per job.
 
@@ -225,8 +264,9 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     store.check_data(fingerprint)
     _write_run_config(config, run_dir)
     folds = make_folds(adata, labels, config, run_dir)
-    jobs = [Job(model, strategy, head, fold) for model in config.models for strategy in config.strategies
-            for head in config.heads for fold in folds]
+    jobs = [Job(model, strategy, head if strategy == "frozen" else "mlp", fold) for model in config.models
+            for strategy in config.strategies for head in (config.heads if strategy == "frozen" else ["mlp"])
+            for fold in folds]
     finished = store.finished_keys()
     pending = [job for job in jobs if job.key not in finished]
     log.info("%d jobs in the grid, %d already finished, %d to run", len(jobs), len(jobs) - len(pending), len(pending))
@@ -251,46 +291,66 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
         encoder = load_encoder(model_name, config.weights.get(model_name))
         if progress:
             progress("embed", 0, adata.n_obs, model_name)
-        embeddings, facts = cached_embed(
-            encoder, adata, data_fingerprint=fingerprint, layer=config.layer, batch_size=config.batch_size,
-            progress=None if progress is None else (lambda d, t, m=model_name: progress("embed", d, t, m)))
+        embeddings, facts = None, {}
+        valid = np.ones(adata.n_obs, dtype=bool)
+        if any(job.strategy == "frozen" for job in runnable):
+            embeddings, facts = cached_embed(
+                encoder, adata, data_fingerprint=fingerprint, layer=config.layer, batch_size=config.batch_size,
+                progress=None if progress is None else (lambda d, t, m=model_name: progress("embed", d, t, m)))
+            if embeddings.shape[1]:
+                valid = ~np.isnan(embeddings).any(axis=1)
         model_facts[model_name] = {**facts, **{k: v for k, v in encoder.describe().items() if k != "name"}}
-        valid = ~np.isnan(embeddings).any(axis=1) if embeddings.shape[1] else np.ones(adata.n_obs, bool)
         grouped: dict[tuple, list[Job]] = {}
         for job in runnable:
             grouped.setdefault(job.group, []).append(job)
+        lora_state: dict[str, Any] = {}
         for group_jobs in grouped.values():
-            group_start = time.perf_counter()
-            fold_sets = [(job.fold.train[valid[job.fold.train]], job.fold.test[valid[job.fold.test]])
-                         for job in group_jobs]
-            try:
-                predictions = fit_predict_frozen(embeddings, labels, groups, fold_sets, head=group_jobs[0].head,
-                                                 config=head_config, device=config.device)
-                failure = None
-            except (ScDrugMapError, ValueError, RuntimeError) as err:
-                predictions, failure = None, "".join(traceback.format_exception(err))
-                log.error("jobs of %s failed: %s", group_jobs[0].group, err)
-            seconds = (time.perf_counter() - group_start) / len(group_jobs)
-            for index, job in enumerate(group_jobs):
-                train, test = fold_sets[index]
-                extra = {"embed_seconds": facts.get("seconds"), "embed_cells_per_second": facts.get("cells_per_second"),
-                         "n_dropped_cells": int((~valid[job.fold.test]).sum())}
-                if failure is not None:
-                    row = _job_row(job, status="failed", adata_obs=adata.obs, sample_column=keys.sample, metrics={},
-                                   reasons={"error": failure}, seconds=seconds, extra=extra)
-                    store.write_job(row)
+            strategy = group_jobs[0].strategy
+            # frozen heads of one category value train together; LoRA jobs run one by one
+            batches = [group_jobs] if strategy == "frozen" else [[job] for job in group_jobs]
+            for batch in batches:
+                batch_start = time.perf_counter()
+                fold_sets = [(job.fold.train[valid[job.fold.train]], job.fold.test[valid[job.fold.test]])
+                             for job in batch]
+                try:
+                    if strategy == "frozen":
+                        predictions = [(p.probability, p.info) for p in fit_predict_frozen(
+                            embeddings, labels, groups, fold_sets, head=batch[0].head, config=head_config,
+                            device=config.device)]
+                    else:
+                        predictions = _run_lora(encoder, adata, labels, groups, fold_sets, config, lora_state)
+                    failure = None
+                except _NotApplicable as reason:
+                    predictions, failure = None, None
+                    for job in batch:
+                        store.write_job(_job_row(job, status="skipped", adata_obs=adata.obs, sample_column=keys.sample,
+                                                 metrics={}, reasons={"skipped": str(reason)}, seconds=0.0, extra={}))
+                    done += len(batch)
                     continue
-                fold_prediction = predictions[index]
-                metrics, reasons = compute_metrics(labels[test], fold_prediction.probability)
-                extra.update({f"train_{k}": v for k, v in fold_prediction.info.items()})
-                row = _job_row(job, status="done", adata_obs=adata.obs, sample_column=keys.sample, metrics=metrics,
-                               reasons=reasons, seconds=seconds, extra=extra)
-                cells = pd.DataFrame({"cell": adata.obs_names[test].astype(str), "label": labels[test],
-                                      "probability": fold_prediction.probability})
-                store.write_job(row, cells)
-            done += len(group_jobs)
-            if progress:
-                progress("jobs", done, len(jobs), model_name)
+                except (ScDrugMapError, ValueError, RuntimeError) as err:
+                    predictions, failure = None, "".join(traceback.format_exception(err))
+                    log.error("jobs of %s failed: %s", batch[0].group, err)
+                seconds = (time.perf_counter() - batch_start) / len(batch)
+                for index, job in enumerate(batch):
+                    train, test = fold_sets[index]
+                    extra = {"embed_seconds": facts.get("seconds"),
+                             "embed_cells_per_second": facts.get("cells_per_second"),
+                             "n_dropped_cells": int((~valid[job.fold.test]).sum())}
+                    if failure is not None:
+                        store.write_job(_job_row(job, status="failed", adata_obs=adata.obs, sample_column=keys.sample,
+                                                 metrics={}, reasons={"error": failure}, seconds=seconds, extra=extra))
+                        continue
+                    probability, info = predictions[index]
+                    metrics, reasons = compute_metrics(labels[test], probability)
+                    extra.update({f"train_{k}": v for k, v in info.items()})
+                    row = _job_row(job, status="done", adata_obs=adata.obs, sample_column=keys.sample, metrics=metrics,
+                                   reasons=reasons, seconds=seconds, extra=extra)
+                    cells = pd.DataFrame({"cell": adata.obs_names[test].astype(str), "label": labels[test],
+                                          "probability": probability})
+                    store.write_job(row, cells)
+                done += len(batch)
+                if progress:
+                    progress("jobs", done, len(jobs), model_name)
     results = store.consolidate()
     if model_facts:
         facts_path = run_dir / "models.json"
