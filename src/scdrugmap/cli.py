@@ -194,6 +194,43 @@ def embed(
 
 
 @app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="Labelled .h5ad file to train on (every cell).")],
+    model: Annotated[str, typer.Option(help="Registry name of the model.")],
+    out: Annotated[Path, typer.Option(help="Folder for the head bundle.")],
+    strategy: Annotated[str, typer.Option(help="frozen (head on embeddings) or lora (adapters + head).")] = "frozen",
+    head: Annotated[str, typer.Option(help="Head of the frozen strategy: mlp or logistic.")] = "mlp",
+    weights: Annotated[Path | None, typer.Option(help="Local folder/file of the official weights.")] = None,
+    label_key: LabelKey = "response", sample_key: SampleKey = "sample", layer: Layer = None,
+    seed: Annotated[int, typer.Option(help="Seed of training.")] = 0,
+) -> None:
+    """Train a head (or LoRA adapters + head) on a labelled data set and save it for `predict`."""
+    from scdrugmap.commands import run_train
+
+    stdout.print(str(run_train(data, model=model, out=out, strategy=strategy, head=head, weights=weights,
+                               label_key=label_key, sample_key=sample_key, layer=layer, seed=seed)))
+
+
+@app.command()
+def predict(
+    data: Annotated[Path, typer.Argument(help="The .h5ad file of cells to predict.")],
+    model: Annotated[str, typer.Option(help="Registry name of the model the head was trained on.")],
+    head: Annotated[Path, typer.Option(help="Head bundle folder from `scdrugmap train`.")],
+    weights: Annotated[Path | None, typer.Option(help="Local folder/file of the official weights.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output .h5ad (default: DATA with predictions).")] = None,
+    csv: Annotated[Path | None, typer.Option(help="Output CSV (default: next to the output .h5ad).")] = None,
+    layer: Layer = None,
+    threshold: Annotated[float, typer.Option(help="Probability at or above which a cell is called sensitive.")] = 0.5,
+) -> None:
+    """Predict each cell's probability of sensitivity; write obs columns and a CSV."""
+    from scdrugmap.commands import run_predict
+
+    for path in run_predict(data, model=model, bundle=head, weights=weights, out=out, csv=csv, layer=layer,
+                            threshold=threshold, console=stdout):
+        stdout.print(str(path))
+
+
+@app.command()
 def benchmark(
     config: Annotated[Path | None, typer.Option(help="YAML run config; command-line options override it.")] = None,
     data: Annotated[str | None, typer.Option(help="An .h5ad file, or 'demo' for the simulated collection.")] = None,

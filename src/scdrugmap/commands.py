@@ -202,6 +202,65 @@ def run_embed(data: Path, *, model: str, weights: Path | None, out: Path | None,
     return write_h5ad_atomic(adata, out or data)
 
 
+def run_train(data: Path, *, model: str, out: Path, strategy: str, head: str, weights: Path | None, label_key: str,
+              sample_key: str, layer: str | None, seed: int) -> Path:
+    from scdrugmap.data.io import read_h5ad
+    from scdrugmap.data.schema import encode_labels
+    from scdrugmap.models.base import load_encoder
+    from scdrugmap.train.heads import HeadConfig
+    from scdrugmap.train.lora import LoRAConfig
+    from scdrugmap.train.predict import train_bundle
+
+    if strategy not in {"frozen", "lora"} or head not in {"mlp", "logistic"}:
+        msg = f"--strategy {strategy} --head {head}: choose frozen or lora, and mlp or logistic."
+        raise ConfigError(msg)
+    adata = read_h5ad(data)
+    if label_key not in adata.obs:
+        msg = f"{data}: obs has no {label_key!r} column; name the label column with --label-key."
+        raise ConfigError(msg)
+    labels = encode_labels(adata.obs[label_key].to_numpy(), column=label_key, source=str(data))
+    groups = adata.obs[sample_key].astype(str).to_numpy() if sample_key in adata.obs else None
+    encoder = load_encoder(model, weights)
+    encoder.check_input(adata, layer=layer)
+    return train_bundle(encoder, adata, labels, groups, out, strategy=strategy, head=head, layer=layer,
+                        head_config=HeadConfig(seed=seed), lora_config=LoRAConfig(seed=seed))
+
+
+def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, out: Path | None, csv: Path | None,
+                layer: str | None, threshold: float, console: Console) -> list[Path]:
+    import numpy as np
+    import pandas as pd
+
+    from scdrugmap.data.io import read_h5ad, write_h5ad_atomic
+    from scdrugmap.models.base import load_encoder
+    from scdrugmap.train.predict import predict_cells
+
+    adata = read_h5ad(data)
+    encoder = load_encoder(model, weights)
+    encoder.check_input(adata, layer=layer)
+    probability = predict_cells(encoder, adata, bundle, layer=layer)
+    missing = int(np.isnan(probability).sum())
+    if missing:
+        console.print(f"[yellow]{missing} of {adata.n_obs} cells could not be read by {model} (too few of their genes "
+                      "are in its vocabulary); their prediction is empty.[/yellow]")
+    key = f"scdrugmap_{model}"
+    adata.obs[f"{key}_prob_sensitive"] = probability
+    adata.obs[f"{key}_prediction"] = pd.Categorical(
+        np.where(np.isnan(probability), None, np.where(probability >= threshold, "sensitive", "resistant")))
+    adata.uns.setdefault("scdrugmap", {})[key] = {"model": model, "head": str(bundle), "threshold": threshold,
+                                                   "checkpoint_sha256": encoder.checkpoint_sha256 or ""}
+    out = out or data.with_name(f"{data.stem}.predicted.h5ad")
+    csv = csv or out.with_suffix(".csv")
+    write_h5ad_atomic(adata, out)
+    table = adata.obs[[f"{key}_prob_sensitive", f"{key}_prediction"]].rename_axis("cell")
+    tmp = csv.with_name(csv.name + ".tmp")
+    table.to_csv(tmp)
+    tmp.replace(csv)
+    called = table[f"{key}_prediction"].value_counts().to_dict()
+    console.print(f"{adata.n_obs} cells: {called.get('sensitive', 0)} sensitive, {called.get('resistant', 0)} resistant")
+    return [out, csv]
+
+
 def run_benchmark_command(config_path: Path | None, overrides: dict[str, Any], keys: dict[str, str], *, quiet: bool,
                           console: Console, progress_console: Console) -> None:
     import yaml

@@ -1,0 +1,52 @@
+import numpy as np
+import pandas as pd
+from conftest import make_adata
+from typer.testing import CliRunner
+
+from scdrugmap.cli import app
+
+runner = CliRunner()
+
+
+def test_train_then_predict_writes_probabilities_and_csv(tmp_path):
+    train_path, new_path = tmp_path / "train.h5ad", tmp_path / "new.h5ad"
+    make_adata(n_cells=120, n_samples=12, seed=0).write_h5ad(train_path)
+    make_adata(n_cells=40, n_samples=4, seed=1).write_h5ad(new_path)
+    trained = runner.invoke(app, ["train", str(train_path), "--model", "pca", "--out", str(tmp_path / "bundle")])
+    assert trained.exit_code == 0, trained.output
+    predicted = runner.invoke(app, ["predict", str(new_path), "--model", "pca", "--head", str(tmp_path / "bundle")])
+    assert predicted.exit_code == 0, predicted.output
+    table = pd.read_csv(tmp_path / "new.predicted.csv", index_col=0)
+    probability = table["scdrugmap_pca_prob_sensitive"]
+    assert len(table) == 40 and probability.between(0, 1).all()
+    assert set(table["scdrugmap_pca_prediction"]) <= {"sensitive", "resistant"}
+    assert ((probability >= 0.5) == (table["scdrugmap_pca_prediction"] == "sensitive")).all()
+
+
+def test_predict_refuses_a_head_of_another_model(tmp_path):
+    path = tmp_path / "d.h5ad"
+    make_adata().write_h5ad(path)
+    assert runner.invoke(app, ["train", str(path), "--model", "pca", "--out", str(tmp_path / "b"),
+                               "--head", "logistic"]).exit_code == 0
+    result = runner.invoke(app, ["predict", str(path), "--model", "hvg", "--head", str(tmp_path / "b")])
+    assert result.exit_code != 0
+    assert "trained on pca" in str(result.exception)
+
+
+def test_benchmark_command_prints_summary_and_resumes(tmp_path):
+    path = tmp_path / "d.h5ad"
+    make_adata(n_cells=120, n_samples=12).write_h5ad(path)
+    args = ["-q", "benchmark", "--data", str(path), "--models", "majority,pca", "--folds", "2",
+            "--categories", "tissue", "--out", str(tmp_path / "run")]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "AUROC" in first.output and "results.parquet" in first.output
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0
+    results = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    assert results["key"].is_unique and np.isfinite(results.loc[results.status == "done", "auroc"]).all()
+
+
+def test_unknown_model_is_one_clear_error(tmp_path):
+    result = runner.invoke(app, ["models", "info", "nonesuch"])
+    assert result.exit_code != 0 and "known models" in str(result.exception)
