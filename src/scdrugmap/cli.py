@@ -183,7 +183,7 @@ def embed(
     weights: Annotated[Path | None, typer.Option(help="Local folder/file of the official weights.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output .h5ad (default: overwrite DATA).")] = None,
     layer: Layer = None,
-    batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 32,
+    batch_size: Annotated[int | None, typer.Option(help="Cells per forward pass (default: the model's own).")] = None,
 ) -> None:
     """Embed every cell with a model and store it in obsm['X_<model>']."""
     from scdrugmap.commands import run_embed

@@ -65,3 +65,15 @@ def test_head_bundle_round_trips_without_pickle(tmp_path):
     restored.load_state_dict(tensors)
     x = torch.randn(3, 8)
     assert torch.equal(head(x), restored(x))
+
+
+def test_inner_validation_split_handles_tiny_and_grouped_folds():
+    from scdrugmap.train.validation import inner_validation_split
+
+    fit, val = inner_validation_split(np.array([0, 1, 0, 1, 1]), None, fraction=0.1)
+    assert val.size in (0, 2) and np.union1d(fit, val).size == 5
+    labels = np.tile([0, 1], 50)
+    groups = np.repeat(np.arange(20), 5)
+    fit, val = inner_validation_split(labels, groups, fraction=0.2, seed=0)
+    assert not set(groups[fit]) & set(groups[val])
+    assert val.size and fit.size + val.size == 100

@@ -64,7 +64,7 @@ class BenchmarkConfig:
     folds: int = 10
     seed: int = 0
     layer: str | None = None
-    batch_size: int = 32
+    batch_size: int | None = None
     device: str = "cpu"
     demo_cells: int = DEMO_CELLS
     demo_genes: int = DEMO_GENES

@@ -117,9 +117,14 @@ class Encoder(ABC):
 
     @abstractmethod
     def embed(
-        self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int = 32, progress: Progress | None = None
+        self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int | None = None,
+        progress: Progress | None = None
     ) -> npt.NDArray[np.float32]:
-        """Return (n_obs x embedding_dim) float32 embeddings; rows of dropped cells are NaN."""
+        """Return (n_obs x embedding_dim) float32 embeddings; rows of dropped cells are NaN.
+
+        ``batch_size`` None means the model's own default (`default_batch_size`); models whose
+        official outputs depend on the batch (cells attending to cells) batch as the official code.
+        """
 
     def describe(self) -> dict[str, Any]:
         """Return facts shown by ``scdrugmap models info``."""
@@ -131,6 +136,8 @@ class TorchEncoder(Encoder):
     """An encoder backed by a ``torch.nn.Module`` (`module`), split into tokenize / collate / encode."""
 
     module: torch.nn.Module
+    #: Cells per forward pass when the caller does not say.
+    default_batch_size: ClassVar[int] = 32
 
     @abstractmethod
     def tokenize(self, adata: ad.AnnData, *, layer: str | None = None) -> TokenizedCells:
@@ -154,11 +161,12 @@ class TorchEncoder(Encoder):
             yield rows, self.collate(tokens, rows)
 
     def embed_tokens(
-        self, tokens: TokenizedCells, *, batch_size: int = 32, progress: Progress | None = None
+        self, tokens: TokenizedCells, *, batch_size: int | None = None, progress: Progress | None = None
     ) -> npt.NDArray[np.float32]:
         """Return (tokens.n_cells x dim) embeddings in token order."""
         import torch
 
+        batch_size = batch_size or self.default_batch_size
         out = np.empty((tokens.n_cells, self.embedding_dim), dtype=np.float32)
         done = 0
         self.module.eval()
@@ -172,7 +180,8 @@ class TorchEncoder(Encoder):
         return out
 
     def embed(
-        self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int = 32, progress: Progress | None = None
+        self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int | None = None,
+        progress: Progress | None = None
     ) -> npt.NDArray[np.float32]:
         start = time.perf_counter()
         log.info("embedding %d cells with %s", adata.n_obs, self.name)

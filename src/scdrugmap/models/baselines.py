@@ -87,7 +87,7 @@ class HVGEncoder(_ExpressionBaseline):
     def embedding_dim(self) -> int:
         return self.n_top_genes
 
-    def embed(self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int = 32,
+    def embed(self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int | None = None,
               progress: Progress | None = None) -> npt.NDArray[np.float32]:
         return self._hvg_matrix(adata, layer).astype(np.float32)
 
@@ -106,7 +106,7 @@ class PCAEncoder(_ExpressionBaseline):
     def embedding_dim(self) -> int:
         return self.n_components
 
-    def embed(self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int = 32,
+    def embed(self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int | None = None,
               progress: Progress | None = None) -> npt.NDArray[np.float32]:
         from sklearn.decomposition import PCA
 
@@ -133,6 +133,6 @@ class MajorityEncoder(Encoder):
     def from_pretrained(cls, path_or_name: str | Path | None = None, **options: Any) -> Encoder:
         return cls()
 
-    def embed(self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int = 32,
+    def embed(self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int | None = None,
               progress: Progress | None = None) -> npt.NDArray[np.float32]:
         return np.zeros((adata.n_obs, 0), dtype=np.float32)

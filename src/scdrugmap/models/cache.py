@@ -28,12 +28,12 @@ log = logging.getLogger(__name__)
 def embedding_key(encoder: Encoder, data_fingerprint: str, *, layer: str | None, options: dict[str, Any]) -> str:
     """Return the cache key of ``encoder``'s embeddings of one data set."""
     facts = {"model": encoder.name, "weights": encoder.checkpoint_sha256, "layer": layer, "data": data_fingerprint,
-             "options": options, "dim": encoder.embedding_dim}
+             "options": options, "encoder": encoder.describe()}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def cached_embed(encoder: Encoder, adata: ad.AnnData, *, data_fingerprint: str, layer: str | None = None,
-                 batch_size: int = 32, options: dict[str, Any] | None = None,
+                 batch_size: int | None = None, options: dict[str, Any] | None = None,
                  progress: Progress | None = None) -> tuple[npt.NDArray[np.float32], dict[str, Any]]:
     """Return (embeddings, facts) from the cache, embedding and storing them on a miss.
 

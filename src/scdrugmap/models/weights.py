@@ -56,7 +56,10 @@ class RemoteFile:
 
 def hf_file(repo: str, path: str, *, revision: str = "main", filename: str | None = None,
             sha256: str | None = None, size: int | None = None) -> RemoteFile:
-    """Describe the file ``path`` of the Hugging Face repository ``repo`` (``owner/name``)."""
+    """Describe the file ``path`` of the Hugging Face repository ``repo`` (``owner/name``).
+
+    The file is cached under its base name unless ``filename`` gives another (e.g. ``1_Pooling/config.json``).
+    """
     return RemoteFile(filename=filename or Path(path).name, url=f"hf://{repo}/{revision}/{path}",
                       sha256=sha256, size=size)
 
@@ -84,10 +87,18 @@ def cache_path(source: WeightsSource) -> Path:
 def is_cached(source: WeightsSource) -> bool:
     """Return True when every file of ``source`` was downloaded and verified."""
     folder = cache_path(source)
-    manifest = folder / MANIFEST
-    if not manifest.exists():
-        return False
-    return all((folder / f.filename).exists() for f in source.files)
+    manifest_path = folder / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    for remote in source.files:
+        path = folder / remote.filename
+        if not path.exists():
+            return False
+        if remote.filename in manifest:
+            continue
+        # a file copied in by hand counts when it matches the published checksum
+        if remote.sha256 is None or _sha256(path) != remote.sha256:
+            return False
+    return True
 
 
 def _sha256(path: Path) -> str:
@@ -101,7 +112,8 @@ def _request(remote: RemoteFile, source: WeightsSource, start: int) -> urllib.re
     if start:
         request.add_header("Range", f"bytes={start}-")
     if source.token_env and (token := os.environ.get(source.token_env)):
-        request.add_header("Authorization", f"Bearer {token}")
+        # not copied onto redirects: the token must not reach the CDN host a hub redirects to
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
     return request
 
 
@@ -126,9 +138,16 @@ def _fetch_file(remote: RemoteFile, source: WeightsSource, folder: Path,
             raise WeightsNotFoundError(msg) from err
     except (urllib.error.URLError, TimeoutError, OSError) as err:
         msg = (f"{remote.resolved_url()}: cannot reach the server ({err}). Download {source.name} on a machine "
-               f"with internet (`scdrugmap models download`) and pass --weights PATH, or copy it to {folder}.")
+               "with internet (`scdrugmap models download`) and pass --weights PATH.")
         raise WeightsNotFoundError(msg) from err
     if response is not None:
+        content_type = response.headers.get("Content-Type", "")
+        if content_type.startswith("text/html") and not remote.filename.endswith((".html", ".htm")):
+            response.close()
+            msg = (f"{remote.resolved_url()}: the server sent a web page instead of {remote.filename} (file hosts such "
+                   f"as Google Drive or SharePoint ask for confirmation in a browser). Download it by hand from "
+                   f"{source.homepage or remote.resolved_url()} and pass --weights PATH.")
+            raise WeightsNotFoundError(msg)
         with response:
             resumed = start and response.status == 206
             total = response.length + (start if resumed else 0) if response.length is not None else remote.size
@@ -139,6 +158,10 @@ def _fetch_file(remote: RemoteFile, source: WeightsSource, folder: Path,
                     done += len(block)
                     if progress is not None:
                         progress(done, total)
+        if total is not None and done < total:  # the connection dropped: keep the part file to resume
+            msg = (f"{remote.resolved_url()}: the connection dropped after {done} of {total} bytes; "
+                   "rerun the same command to resume the download.")
+            raise WeightsNotFoundError(msg)
     size = part.stat().st_size
     if remote.size is not None and size != remote.size:
         part.unlink()

@@ -34,8 +34,9 @@ def inner_validation_split(labels: npt.NDArray, groups: npt.NDArray | None, *, f
                 in_val = np.isin(groups, chosen)
                 if 0 < in_val.sum() < labels.size and np.unique(labels[~in_val]).size == 2:
                     return positions[~in_val], positions[in_val]
-    if np.bincount(labels.astype(np.int64), minlength=2).min() < 2:
-        return positions, _empty()
-    splitter = StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    n_val = max(2, round(labels.size * fraction))
+    if np.bincount(labels.astype(np.int64), minlength=2).min() < 2 or labels.size - n_val < 2:
+        return positions, _empty()  # too few cells to hold some out: train on all, no early stopping
+    splitter = StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
     fit, val = next(splitter.split(np.zeros(labels.size), labels))
     return fit.astype(np.int64), val.astype(np.int64)
