@@ -204,6 +204,36 @@ def _write_run_config(config: BenchmarkConfig, run_dir: Path) -> None:
     os.replace(tmp, run_dir / "config.json")
 
 
+EMBEDDING_SAMPLE = 5000
+
+
+def _save_cells(run_dir: Path, obs: pd.DataFrame, keys: schema.ObsKeys) -> None:
+    """Write ``cells.parquet``: each cell's label and categories, for reports that only read the run."""
+    columns = {"response": keys.response, "study": keys.study, "sample": keys.sample, "dataset": keys.dataset,
+               **{kind: keys.category(kind) for kind in schema.CATEGORY_KINDS}}
+    frame = pd.DataFrame({"cell": obs.index.astype(str)})
+    for name, column in columns.items():
+        if column in obs:
+            frame[name] = obs[column].astype(str).to_numpy()
+    tmp = run_dir / "cells.parquet.tmp"
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, run_dir / "cells.parquet")
+
+
+def _save_embedding_sample(run_dir: Path, model: str, embeddings: np.ndarray, obs_names: pd.Index, *,
+                           seed: int) -> None:
+    """Write up to 5,000 cells' embeddings to ``embeddings/<model>.npz`` (for UMAPs in reports)."""
+    rng = np.random.default_rng(seed)
+    rows = np.arange(embeddings.shape[0])
+    if rows.size > EMBEDDING_SAMPLE:
+        rows = np.sort(rng.choice(rows, EMBEDDING_SAMPLE, replace=False))
+    folder = run_dir / "embeddings"
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f"{model}.tmp.npz"
+    np.savez_compressed(tmp, embedding=embeddings[rows], cell=np.asarray(obs_names[rows].astype(str)))
+    os.replace(tmp, folder / f"{model}.npz")
+
+
 class _NotApplicable(Exception):
     """A strategy does not apply to a model (e.g. LoRA on PCA); its jobs are stored as skipped."""
 
@@ -264,6 +294,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     store.check_data(fingerprint)
     _write_run_config(config, run_dir)
     folds = make_folds(adata, labels, config, run_dir)
+    _save_cells(run_dir, adata.obs, keys)
     jobs = [Job(model, strategy, head if strategy == "frozen" else "mlp", fold) for model in config.models
             for strategy in config.strategies for head in (config.heads if strategy == "frozen" else ["mlp"])
             for fold in folds]
@@ -300,6 +331,8 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
             if embeddings.shape[1]:
                 valid = ~np.isnan(embeddings).any(axis=1)
         model_facts[model_name] = {**facts, **{k: v for k, v in encoder.describe().items() if k != "name"}}
+        if embeddings is not None and embeddings.shape[1]:
+            _save_embedding_sample(run_dir, model_name, embeddings, adata.obs_names, seed=config.seed)
         grouped: dict[tuple, list[Job]] = {}
         for job in runnable:
             grouped.setdefault(job.group, []).append(job)
