@@ -50,3 +50,28 @@ def test_benchmark_command_prints_summary_and_resumes(tmp_path):
 def test_unknown_model_is_one_clear_error(tmp_path):
     result = runner.invoke(app, ["models", "info", "nonesuch"])
     assert result.exit_code != 0 and "known models" in str(result.exception)
+
+
+def test_baseline_bundle_maps_new_data_into_the_training_space(tmp_path):
+    """PCA fitted on the training data is stored in the bundle, so new cells get the same components."""
+    import anndata as ad
+
+    from scdrugmap.models.baselines import PCAEncoder
+
+    train_data = make_adata(n_cells=120, n_samples=12, seed=0)
+    train_path = tmp_path / "train.h5ad"
+    train_data.write_h5ad(train_path)
+    assert runner.invoke(app, ["train", str(train_path), "--model", "pca", "--out", str(tmp_path / "b")]).exit_code == 0
+    # predicting the training cells themselves, with genes shuffled, gives the training-space embedding
+    shuffled = train_data[:, np.random.default_rng(0).permutation(train_data.n_vars)].copy()
+    shuffled.write_h5ad(tmp_path / "shuffled.h5ad")
+    assert runner.invoke(app, ["predict", str(tmp_path / "shuffled.h5ad"), "--model", "pca", "--head",
+                               str(tmp_path / "b")]).exit_code == 0
+    again = runner.invoke(app, ["predict", str(train_path), "--model", "pca", "--head", str(tmp_path / "b")])
+    assert again.exit_code == 0
+    first = ad.read_h5ad(tmp_path / "shuffled.predicted.h5ad").obs["scdrugmap_pca_prob_sensitive"]
+    second = ad.read_h5ad(tmp_path / "train.predicted.h5ad").obs["scdrugmap_pca_prob_sensitive"]
+    np.testing.assert_allclose(first.to_numpy(), second.to_numpy(), atol=1e-5)
+    fitted = PCAEncoder().fit(train_data)
+    other = make_adata(n_cells=40, n_samples=4, seed=3)
+    assert fitted.embed(other).shape == (40, 50)

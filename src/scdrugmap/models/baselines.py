@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scdrugmap.data.schema import detect_value_kind, expression_matrix
+from scdrugmap.errors import ConfigError
 from scdrugmap.models.base import Encoder, Progress
 
 if TYPE_CHECKING:
@@ -57,25 +58,61 @@ def highly_variable(X: sp.csr_matrix | np.ndarray, n_top: int) -> npt.NDArray[np
 
 
 class _ExpressionBaseline(Encoder):
+    """Shared steps: log-normalise, pick highly variable genes, and remember them.
+
+    Embedding a data set with no fitted state fits on that data (the benchmark's
+    unsupervised, label-free use). `fit` fixes the genes (and components) on
+    training data so that `embed` maps new data into the same space, as
+    `scdrugmap predict` needs; `state`/`from_state` carry that into a head bundle.
+    """
+
     family = "baseline"
     input_kind = "any"
 
     def __init__(self, n_top_genes: int = N_TOP_GENES) -> None:
         self.n_top_genes = n_top_genes
+        self.genes_: np.ndarray | None = None
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path | None = None, **options: Any) -> Encoder:
         return cls(**options)
 
-    def _hvg_matrix(self, adata: ad.AnnData, layer: str | None) -> np.ndarray:
+    def _normalised(self, adata: ad.AnnData, layer: str | None) -> sp.csr_matrix | np.ndarray:
         X = expression_matrix(adata, layer)
         if hasattr(X, "to_memory"):
             X = X.to_memory()
-        kind = detect_value_kind(X)
-        normalised = log_normalise(X, kind)
-        genes = highly_variable(normalised, self.n_top_genes)
-        selected = normalised[:, genes]
-        return selected.toarray() if sp.issparse(selected) else np.asarray(selected)
+        return log_normalise(X, detect_value_kind(X))
+
+    def _select(self, adata: ad.AnnData, normalised, genes: np.ndarray) -> np.ndarray:
+        """Return the columns of ``genes`` (zeros for genes the data lacks, which are logged)."""
+        names = np.asarray(adata.var_names.astype(str))
+        position = {name: i for i, name in enumerate(names)}
+        columns = np.array([position.get(g, -1) for g in genes])
+        missing = int((columns < 0).sum())
+        if missing:
+            log.warning("%d of the %d fitted genes are absent from the data; they count as 0", missing, genes.size)
+        dense = normalised[:, np.maximum(columns, 0)]
+        dense = dense.toarray() if sp.issparse(dense) else np.asarray(dense)
+        dense[:, columns < 0] = 0.0
+        return dense.astype(np.float32)
+
+    def _hvg_matrix(self, adata: ad.AnnData, layer: str | None, *, refit: bool) -> np.ndarray:
+        normalised = self._normalised(adata, layer)
+        if refit or self.genes_ is None:
+            self.genes_ = np.asarray(adata.var_names.astype(str))[highly_variable(normalised, self.n_top_genes)]
+        return self._select(adata, normalised, self.genes_)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Return the fitted state (gene names as a fixed-width byte array, so safetensors can hold it)."""
+        if self.genes_ is None:
+            msg = f"{self.name} is not fitted; call fit(adata) first."
+            raise ConfigError(msg)
+        return {"genes": np.char.encode(self.genes_.astype(str), "utf-8").view(np.uint8).reshape(self.genes_.size, -1)}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        raw = np.asarray(state["genes"], dtype=np.uint8)
+        width = raw.shape[1]
+        self.genes_ = np.char.decode(raw.view(f"S{width}").ravel(), "utf-8").astype(str)
 
 
 class HVGEncoder(_ExpressionBaseline):
@@ -85,11 +122,19 @@ class HVGEncoder(_ExpressionBaseline):
 
     @property
     def embedding_dim(self) -> int:
-        return self.n_top_genes
+        return self.n_top_genes if self.genes_ is None else int(self.genes_.size)
+
+    def fit(self, adata: ad.AnnData, *, layer: str | None = None) -> HVGEncoder:
+        self._hvg_matrix(adata, layer, refit=True)
+        return self
 
     def embed(self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int | None = None,
               progress: Progress | None = None) -> npt.NDArray[np.float32]:
-        return self._hvg_matrix(adata, layer).astype(np.float32)
+        if self.genes_ is not None:
+            return self._hvg_matrix(adata, layer, refit=False)
+        out = self._hvg_matrix(adata, layer, refit=True)  # unfitted: select on this data, stay stateless
+        self.genes_ = None
+        return out
 
 
 class PCAEncoder(_ExpressionBaseline):
@@ -101,21 +146,47 @@ class PCAEncoder(_ExpressionBaseline):
         super().__init__(n_top_genes)
         self.n_components = n_components
         self.seed = seed
+        self.mean_: np.ndarray | None = None
+        self.components_: np.ndarray | None = None
 
     @property
     def embedding_dim(self) -> int:
         return self.n_components
 
-    def embed(self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int | None = None,
-              progress: Progress | None = None) -> npt.NDArray[np.float32]:
+    def fit(self, adata: ad.AnnData, *, layer: str | None = None) -> PCAEncoder:
         from sklearn.decomposition import PCA
 
-        X = self._hvg_matrix(adata, layer)
+        X = self._hvg_matrix(adata, layer, refit=True)
         n_components = min(self.n_components, X.shape[0] - 1, X.shape[1])
-        pca = PCA(n_components=n_components, svd_solver="randomized", random_state=self.seed)
-        out = np.zeros((adata.n_obs, self.n_components), dtype=np.float32)
-        out[:, :n_components] = pca.fit_transform(X)
+        pca = PCA(n_components=n_components, svd_solver="randomized", random_state=self.seed).fit(X)
+        self.mean_ = pca.mean_.astype(np.float32)
+        self.components_ = np.zeros((self.n_components, X.shape[1]), dtype=np.float32)
+        self.components_[:n_components] = pca.components_
+        return self
+
+    def embed(self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int | None = None,
+              progress: Progress | None = None) -> npt.NDArray[np.float32]:
+        if self.components_ is None:  # unfitted: fit on this data, without labels
+            self.fit(adata, layer=layer)
+            fitted_here = True
+        else:
+            fitted_here = False
+        X = self._hvg_matrix(adata, layer, refit=False)
+        out = ((X - self.mean_) @ self.components_.T).astype(np.float32)
+        if fitted_here:
+            self.mean_ = self.components_ = self.genes_ = None  # stay stateless between data sets
         return out
+
+    def state(self) -> dict[str, np.ndarray]:
+        if self.components_ is None:
+            msg = "pca is not fitted; call fit(adata) first."
+            raise ConfigError(msg)
+        return {**super().state(), "mean": self.mean_, "components": self.components_}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        super().load_state(state)
+        self.mean_ = np.asarray(state["mean"], dtype=np.float32)
+        self.components_ = np.asarray(state["components"], dtype=np.float32)
 
 
 class MajorityEncoder(Encoder):

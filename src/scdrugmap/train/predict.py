@@ -59,18 +59,23 @@ def train_bundle(encoder: Encoder, adata: ad.AnnData, labels: npt.NDArray, group
         return save_lora_bundle(out, fitted, model=encoder.name,
                                 meta={**meta, "lora": asdict(lora_config), "training": fitted.info})
     head_config = head_config or HeadConfig()
+    encoder_state: dict[str, Any] = {}
+    if hasattr(encoder, "fit") and hasattr(encoder, "state"):  # baselines: fix genes/components on training data
+        encoder.fit(adata, layer=layer)
+        encoder_state = {f"encoder.{k}": v for k, v in encoder.state().items()}
     embeddings = encoder.embed(adata, layer=layer)
+    meta["embedding_dim"] = int(embeddings.shape[1])
     keep = ~np.isnan(embeddings).any(axis=1) if embeddings.shape[1] else np.ones(adata.n_obs, dtype=bool)
     X, y = embeddings[keep], labels[keep]
     if head == "logistic":
         model = LogisticHead.fit(X, y, seed=head_config.seed)
-        return save_head_bundle(out, kind="logistic", tensors=asdict(model) | {"intercept": np.array([model.intercept])},
-                                meta=meta)
+        tensors = asdict(model) | {"intercept": np.array([model.intercept])} | encoder_state
+        return save_head_bundle(out, kind="logistic", tensors=tensors, meta=meta)
     fit, val = inner_validation_split(y, None if groups is None else groups[keep], fraction=head_config.val_fraction,
                                       seed=head_config.seed)
     heads, records = fit_mlp_heads(torch.as_tensor(X), torch.as_tensor(y, dtype=torch.float32), [(fit, val)],
                                    head_config)
-    return save_head_bundle(out, kind="mlp", tensors=heads.head_state(0),
+    return save_head_bundle(out, kind="mlp", tensors=heads.head_state(0) | encoder_state,
                             meta={**meta, "head": asdict(head_config), "training": records[0]})
 
 
@@ -102,6 +107,10 @@ def predict_cells(encoder: Encoder, adata: ad.AnnData, bundle: str | Path, *, la
         logits = predict_logits(encoder, head, tokens, np.arange(tokens.n_cells))
         probability[tokens.cell_index] = torch.sigmoid(logits).numpy()
         return probability
+    encoder_state = {k[len("encoder."):]: v.numpy() for k, v in tensors.items() if k.startswith("encoder.")}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("encoder.")}
+    if encoder_state:
+        encoder.load_state(encoder_state)
     embeddings = encoder.embed(adata, layer=layer)
     keep = ~np.isnan(embeddings).any(axis=1) if embeddings.shape[1] else np.ones(adata.n_obs, dtype=bool)
     probability = np.full(adata.n_obs, np.nan, dtype=np.float32)
