@@ -234,7 +234,7 @@ def predict(
 def benchmark(
     config: Annotated[Path | None, typer.Option(help="YAML run config; command-line options override it.")] = None,
     data: Annotated[str | None, typer.Option(help="An .h5ad file, or 'demo' for the simulated collection.")] = None,
-    models: Annotated[str | None, typer.Option(help="Comma-separated models (default pca,hvg,majority).")] = None,
+    models: Annotated[str | None, typer.Option(help="Comma-separated models (default pca,minilm,majority).")] = None,
     strategies: Annotated[str | None, typer.Option(help="Comma-separated strategies: frozen, lora.")] = None,
     heads: Annotated[str | None, typer.Option(help="Heads of the frozen strategy: mlp, logistic.")] = None,
     scenarios: Annotated[str | None, typer.Option(help="pooled, cross (leave-one-study-out).")] = None,

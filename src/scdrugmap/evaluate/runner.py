@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("frozen", "lora")
 SCENARIOS = ("pooled", "cross")
-DEFAULT_MODELS = ("pca", "hvg", "majority")
-DEMO_CELLS = 4000
+DEFAULT_MODELS = ("pca", "minilm", "majority")
+DEMO_CELLS = 1500
 DEMO_GENES = 2000
 #: Callback: (stage, done, total, detail).
 BenchmarkProgress = Callable[[str, int, int, str], None]
