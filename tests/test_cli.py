@@ -1,9 +1,9 @@
 import numpy as np
 import pandas as pd
-from conftest import make_adata
 from typer.testing import CliRunner
 
 from scdrugmap.cli import app
+from tests_helpers import make_adata
 
 runner = CliRunner()
 

@@ -235,7 +235,7 @@ def benchmark(
     config: Annotated[Path | None, typer.Option(help="YAML run config; command-line options override it.")] = None,
     data: Annotated[str | None, typer.Option(help="An .h5ad file, or 'demo' for the simulated collection.")] = None,
     models: Annotated[str | None, typer.Option(help="Comma-separated models (default pca,minilm,majority).")] = None,
-    strategies: Annotated[str | None, typer.Option(help="Comma-separated strategies: frozen, lora.")] = None,
+    strategies: Annotated[str | None, typer.Option(help="Comma-separated strategies: frozen, lora, prompt.")] = None,
     heads: Annotated[str | None, typer.Option(help="Heads of the frozen strategy: mlp, logistic.")] = None,
     scenarios: Annotated[str | None, typer.Option(help="pooled, cross (leave-one-study-out).")] = None,
     categories: Annotated[str | None, typer.Option(help="tissue, cancer_type, therapy, regimen.")] = None,
@@ -245,6 +245,19 @@ def benchmark(
     out: Annotated[Path | None, typer.Option(help="Run folder (rerunning resumes it).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     demo_cells: Annotated[int | None, typer.Option(help="Cells of the demo collection.")] = None,
+    api_base: Annotated[str | None, typer.Option(help="OpenAI-compatible API root for the prompt strategy (OpenAI, or a vLLM/llama.cpp/Ollama .../v1).")] = None,
+    llm_model: Annotated[str | None, typer.Option(help="Chat model of the prompt strategy (default gpt-4o-mini).")] = None,
+    shots: Annotated[int | None, typer.Option(help="Labelled training cells shown in each prompt (0: zero-shot, as in the paper).")] = None,
+    cells_per_request: Annotated[int | None, typer.Option(help="Cells per prompt (paper: 10).")] = None,
+    genes_per_cell: Annotated[int | None, typer.Option(help="Most expressed genes listed per cell (paper: 10).")] = None,
+    llm_concurrency: Annotated[int | None, typer.Option(help="Prompt requests in flight at once (default 4).")] = None,
+    llm_requests_per_minute: Annotated[float | None, typer.Option(help="Most prompt requests started per minute.")] = None,
+    llm_timeout: Annotated[float | None, typer.Option(help="Seconds to wait for the server (default 60).")] = None,
+    llm_max_retries: Annotated[int | None, typer.Option(help="Retries on 429, 5xx and timeouts (default 5).")] = None,
+    llm_max_tokens: Annotated[int | None, typer.Option(help="Cap on each answer's tokens (default none).")] = None,
+    logprobs: Annotated[bool | None, typer.Option("--logprobs/--no-logprobs", help="Ask for token log-probabilities (needed for AUROC).")] = None,
+    prompt_templates: Annotated[Path | None, typer.Option(help="Folder of replacement templates: user.txt, system.txt, few_shot.txt, example.txt, retry.txt.")] = None,
+    api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key (default OPENAI_API_KEY).")] = None,
     label_key: LabelKey = "response", study_key: StudyKey = "study", sample_key: SampleKey = "sample",
     tissue_key: TissueKey = "tissue", cancer_type_key: CancerKey = "cancer_type", therapy_key: TherapyKey = "therapy",
     regimen_key: RegimenKey = "regimen", layer: Layer = None,
@@ -256,6 +269,12 @@ def benchmark(
                  "heads": _split_list(heads), "scenarios": _split_list(scenarios),
                  "categories": _split_list(categories), "splits": _split_list(split), "folds": folds, "seed": seed,
                  "out": None if out is None else str(out), "device": device, "demo_cells": demo_cells, "layer": layer}
+    prompt = {"api_base": api_base, "model": llm_model, "shots": shots, "cells_per_request": cells_per_request,
+              "genes_per_cell": genes_per_cell, "max_concurrency": llm_concurrency,
+              "requests_per_minute": llm_requests_per_minute, "timeout": llm_timeout, "max_retries": llm_max_retries,
+              "max_tokens": llm_max_tokens, "logprobs": logprobs, "api_key_env": api_key_env,
+              "template_dir": None if prompt_templates is None else str(prompt_templates)}
+    overrides["prompt"] = {k: v for k, v in prompt.items() if v is not None} or None
     keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key)
     run_benchmark_command(config, overrides, keys, quiet=STATE["quiet"], console=stdout, progress_console=stderr)
 

@@ -8,9 +8,9 @@ import pytest
 import scipy.sparse as sp
 from typer.testing import CliRunner
 
-from conftest import make_adata
 from scdrugmap.cli import app
 from scdrugmap.data.check import check_adata
+from tests_helpers import make_adata
 
 runner = CliRunner()
 

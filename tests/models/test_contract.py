@@ -4,10 +4,10 @@ import inspect
 
 import numpy as np
 import pytest
-from conftest import make_adata
 
 from scdrugmap.models.base import BUILTIN_ENCODERS, Encoder, TorchEncoder, get_encoder_class, registry
 from scdrugmap.models.weights import WeightsSource
+from tests_helpers import make_adata
 
 NAMES = sorted(BUILTIN_ENCODERS)
 

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("frozen", "lora")
+STRATEGIES = ("frozen", "lora", "prompt")
 SCENARIOS = ("pooled", "cross")
 DEFAULT_MODELS = ("pca", "minilm", "majority")
 DEMO_CELLS = 1500
@@ -72,6 +72,7 @@ class BenchmarkConfig:
     keys: dict[str, str] = field(default_factory=dict)
     head: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
+    prompt: dict[str, Any] = field(default_factory=dict)
 
     def obs_keys(self) -> schema.ObsKeys:
         return schema.ObsKeys(**self.keys)
@@ -83,6 +84,11 @@ class BenchmarkConfig:
         from scdrugmap.train.lora import LoRAConfig
 
         return LoRAConfig(**{"seed": self.seed, **self.lora})
+
+    def prompt_config(self):
+        from scdrugmap.prompting import PromptConfig
+
+        return PromptConfig.from_dict({"seed": self.seed, "layer": self.layer, **self.prompt})
 
     def validate(self) -> None:
         """Refuse unknown strategies, scenarios, categories or split policies, naming the allowed ones."""
@@ -267,6 +273,58 @@ def _run_lora(encoder, adata: ad.AnnData, labels: np.ndarray, groups: np.ndarray
     return results
 
 
+def _run_prompt_jobs(jobs: list[Job], adata: ad.AnnData, labels: np.ndarray, keys: schema.ObsKeys, prompt_config,
+                     store: ResultStore, *, progress: BenchmarkProgress | None, done: int, total: int) -> int:
+    """Ask the language model for every pending prompt job, one category value (its folds) per call."""
+    from scdrugmap import config as paths
+    from scdrugmap.prompting import fit_predict_prompt
+
+    obs, sample_column = adata.obs, keys.sample
+    for job in (job for job in jobs if job.fold.skipped is not None):
+        store.write_job(_job_row(job, status="skipped", adata_obs=obs, sample_column=sample_column, metrics={},
+                                 reasons={"skipped": job.fold.skipped}, seconds=0.0, extra={}))
+        done += 1
+    grouped: dict[tuple, list[Job]] = {}
+    for job in (job for job in jobs if job.fold.skipped is None):
+        grouped.setdefault(job.group, []).append(job)
+    for batch in grouped.values():
+        start = time.perf_counter()
+        fold_sets = [(job.fold.train, job.fold.test) for job in batch]
+        report = None if progress is None else (
+            lambda answered, requests, m=batch[0].model: progress("prompt", answered, requests, m))
+        try:
+            predictions = fit_predict_prompt(adata, labels, fold_sets, keys=keys, config=prompt_config,
+                                             cache_dir=paths.home_dir() / "prompts", progress=report)
+            failure = None
+        except ConfigError:
+            raise  # a missing key, a refused model or URL: every prompt job would fail alike
+        except (ScDrugMapError, ValueError, RuntimeError) as err:  # e.g. PromptRequestError after all retries
+            predictions, failure = None, "".join(traceback.format_exception(err))
+            log.error("prompt jobs of %s failed: %s", batch[0].group, err)
+        seconds = (time.perf_counter() - start) / len(batch)
+        for index, job in enumerate(batch):
+            _, test = fold_sets[index]
+            if failure is not None:
+                store.write_job(_job_row(job, status="failed", adata_obs=obs, sample_column=sample_column,
+                                         metrics={}, reasons={"error": failure}, seconds=seconds, extra={}))
+                continue
+            probability, info = predictions[index]
+            metrics, reasons = compute_metrics(labels[test], probability)
+            if not info["has_probabilities"]:  # 0/1 answers rank nothing: no AUROC from them
+                metrics["auroc"] = float("nan")
+                reasons["auroc"] = info["auroc_reason"]
+            extra = {f"prompt_{name}": value for name, value in info.items()}
+            row = _job_row(job, status="done", adata_obs=obs, sample_column=sample_column, metrics=metrics,
+                           reasons=reasons, seconds=seconds, extra=extra)
+            cells = pd.DataFrame({"cell": obs.index[test].astype(str), "label": labels[test],
+                                  "probability": probability})
+            store.write_job(row, cells)
+        done += len(batch)
+        if progress:
+            progress("jobs", done, total, batch[0].model)
+    return done
+
+
 def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None = None) -> pd.DataFrame:
     """Run (or resume) the benchmark grid of ``config`` and return one row per job.
 
@@ -296,8 +354,11 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     folds = make_folds(adata, labels, config, run_dir)
     _save_cells(run_dir, adata.obs, keys)
     jobs = [Job(model, strategy, head if strategy == "frozen" else "mlp", fold) for model in config.models
-            for strategy in config.strategies for head in (config.heads if strategy == "frozen" else ["mlp"])
-            for fold in folds]
+            for strategy in config.strategies if strategy != "prompt"
+            for head in (config.heads if strategy == "frozen" else ["mlp"]) for fold in folds]
+    prompt_config = config.prompt_config() if "prompt" in config.strategies else None
+    if prompt_config is not None:  # the language model is its own "model": one job per fold, not per encoder
+        jobs += [Job(prompt_config.model, "prompt", f"{prompt_config.shots}-shot", fold) for fold in folds]
     finished = store.finished_keys()
     pending = [job for job in jobs if job.key not in finished]
     log.info("%d jobs in the grid, %d already finished, %d to run", len(jobs), len(jobs) - len(pending), len(pending))
@@ -306,10 +367,18 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
         progress("jobs", done, len(jobs), "")
     groups = np.asarray(adata.obs[keys.sample].astype(str)) if keys.sample in adata.obs else None
     head_config = config.head_config()
+    model_facts: dict[str, Any] = {}
+    prompt_jobs = [job for job in pending if job.strategy == "prompt"]
+    if prompt_jobs:
+        from scdrugmap.prompting import describe_config
+
+        done = _run_prompt_jobs(prompt_jobs, adata, labels, keys, prompt_config, store, progress=progress,
+                                done=done, total=len(jobs))
+        model_facts[prompt_config.model] = {"strategy": "prompt", **describe_config(prompt_config)}
     by_model: dict[str, list[Job]] = {}
     for job in pending:
-        by_model.setdefault(job.model, []).append(job)
-    model_facts: dict[str, Any] = {}
+        if job.strategy != "prompt":
+            by_model.setdefault(job.model, []).append(job)
     for model_name, model_jobs in by_model.items():
         skipped = [job for job in model_jobs if job.fold.skipped is not None]
         for job in skipped:
