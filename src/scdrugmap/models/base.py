@@ -95,6 +95,8 @@ class Encoder(ABC):
     family: ClassVar[Literal["scfm", "llm", "baseline"]] = "scfm"
     input_kind: ClassVar[Literal["counts", "nonnegative", "any"]] = "counts"
     lora_targets: ClassVar[tuple[str, ...]] = ()
+    #: Extra peft ``LoraConfig`` settings the architecture needs (e.g. GPT-2's Conv1D: fan_in_fan_out=True).
+    lora_options: ClassVar[Mapping[str, Any]] = {}
     #: Official weights per variant name; the first is the default (see `scdrugmap.models.weights`).
     weights_sources: ClassVar[Mapping[str, WeightsSource]] = {}
 

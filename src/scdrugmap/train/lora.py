@@ -51,7 +51,8 @@ class LoRAConfig:
     seed: int = 0
 
 
-def add_adapters(module: torch.nn.Module, targets: tuple[str, ...], config: LoRAConfig) -> torch.nn.Module:
+def add_adapters(module: torch.nn.Module, targets: tuple[str, ...], config: LoRAConfig,
+                 options: dict[str, Any] | None = None) -> torch.nn.Module:
     """Inject LoRA adapters into ``module`` (in place) on modules named ``targets``; freeze the rest.
 
     Raises
@@ -69,7 +70,8 @@ def add_adapters(module: torch.nn.Module, targets: tuple[str, ...], config: LoRA
     if missing:
         msg = f"LoRA targets {missing} are not modules of this network; modules named: {sorted(names)[:20]}."
         raise ConfigError(msg)
-    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(targets))
+    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(targets),
+                      **(options or {}))
     module = inject_adapter_in_model(lora, module)
     for name, parameter in module.named_parameters():
         parameter.requires_grad_("lora_" in name)
@@ -119,7 +121,7 @@ def fine_tune(encoder: TorchEncoder, tokens: TokenizedCells, labels: npt.NDArray
 
     config = config or LoRAConfig()
     torch.manual_seed(config.seed)
-    module = add_adapters(copy.deepcopy(encoder.module), encoder.lora_targets, config)
+    module = add_adapters(copy.deepcopy(encoder.module), encoder.lora_targets, config, dict(encoder.lora_options))
     head = make_mlp(encoder.embedding_dim, config.hidden).to(encoder.device)
     trainable = [p for p in module.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate)
@@ -224,7 +226,7 @@ def load_lora_bundle(encoder: TorchEncoder, tensors: dict[str, torch.Tensor], me
 
     settings = {k: v for k, v in meta.get("lora", {}).items() if k in LoRAConfig.__dataclass_fields__}
     config = LoRAConfig(**settings)
-    encoder.module = add_adapters(encoder.module, encoder.lora_targets, config)
+    encoder.module = add_adapters(encoder.module, encoder.lora_targets, config, dict(encoder.lora_options))
     parameters = dict(encoder.module.named_parameters())
     adapters = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
     expected = {name for name in parameters if "lora_" in name}
