@@ -245,6 +245,7 @@ def benchmark(
     out: Annotated[Path | None, typer.Option(help="Run folder (rerunning resumes it).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     demo_cells: Annotated[int | None, typer.Option(help="Cells of the demo collection.")] = None,
+    lora_epochs: Annotated[int | None, typer.Option(help="Epochs of LoRA fine-tuning per fold (default 5).")] = None,
     api_base: Annotated[str | None, typer.Option(help="OpenAI-compatible API root for the prompt strategy (OpenAI, or a vLLM/llama.cpp/Ollama .../v1).")] = None,
     llm_model: Annotated[str | None, typer.Option(help="Chat model of the prompt strategy (default gpt-4o-mini).")] = None,
     shots: Annotated[int | None, typer.Option(help="Labelled training cells shown in each prompt (0: zero-shot, as in the paper).")] = None,
@@ -275,6 +276,7 @@ def benchmark(
               "max_tokens": llm_max_tokens, "logprobs": logprobs, "api_key_env": api_key_env,
               "template_dir": None if prompt_templates is None else str(prompt_templates)}
     overrides["prompt"] = {k: v for k, v in prompt.items() if v is not None} or None
+    overrides["lora"] = None if lora_epochs is None else {"epochs": lora_epochs}
     keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key)
     run_benchmark_command(config, overrides, keys, quiet=STATE["quiet"], console=stdout, progress_console=stderr)
 

@@ -279,9 +279,12 @@ def run_benchmark_command(config_path: Path | None, overrides: dict[str, Any], k
             msg = f"{config_path}: unknown settings {unknown}; allowed: {sorted(known)}."
             raise ConfigError(msg)
     prompt_overrides = overrides.pop("prompt", None) or {}
+    lora_overrides = overrides.pop("lora", None) or {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     if prompt_overrides:
         values["prompt"] = {**values.get("prompt", {}), **prompt_overrides}
+    if lora_overrides:
+        values["lora"] = {**values.get("lora", {}), **lora_overrides}
     defaults = {"response": "response", "study": "study", "sample": "sample", "tissue": "tissue",
                 "cancer_type": "cancer_type", "therapy": "therapy", "regimen": "regimen"}
     values.setdefault("keys", {})
