@@ -281,6 +281,20 @@ def benchmark(
     run_benchmark_command(config, overrides, keys, quiet=STATE["quiet"], console=stdout, progress_console=stderr)
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="The --out folder of a `scdrugmap benchmark` run.")],
+    fmt: Annotated[str, typer.Option("--format", help="Comma-separated: html, png, svg, pdf.")] = "html,png",
+    out: Annotated[Path | None, typer.Option(help="Where to write (default RUN_DIR/report).")] = None,
+    projection: Annotated[str, typer.Option(help="Embedding maps: auto (UMAP, PCA if umap-learn is missing), umap, pca.")] = "auto",
+) -> None:
+    """Write figures, tables and a self-contained HTML report of a benchmark run."""
+    from scdrugmap.report import write_report
+
+    for path in write_report(run_dir, out, formats=_split_list(fmt) or [], projection=projection):
+        stdout.print(str(path))
+
+
 def main() -> None:
     """Entry point: run the app, turning expected errors into one line and exit code 1."""
     try:

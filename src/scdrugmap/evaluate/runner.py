@@ -236,7 +236,7 @@ def _save_embedding_sample(run_dir: Path, model: str, embeddings: np.ndarray, ob
     folder = run_dir / "embeddings"
     folder.mkdir(exist_ok=True)
     tmp = folder / f"{model}.tmp.npz"
-    np.savez_compressed(tmp, embedding=embeddings[rows], cell=np.asarray(obs_names[rows].astype(str)))
+    np.savez_compressed(tmp, embedding=embeddings[rows], cell=np.asarray(obs_names[rows], dtype=str))
     os.replace(tmp, folder / f"{model}.npz")
 
 

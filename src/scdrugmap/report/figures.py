@@ -1,0 +1,970 @@
+"""Figures of a benchmark report, drawn with matplotlib (Agg, no pyplot) from a run's stored results.
+
+Every builder takes plain frames read from a run directory (`scdrugmap.report.run`) and
+returns a `matplotlib.figure.Figure`; nothing here trains or embeds. Conventions shared by
+all figures:
+
+- one colour per model everywhere (`scdrugmap.report.style.model_colours`, Okabe-Ito based);
+  the training setting (strategy + head) is told apart by line style, hatch or panel;
+- only scored jobs (status ``done``) are drawn; a fold whose metric is NaN is left out of
+  means, SDs and counts (never drawn as 0);
+- legends sit outside the axes, so they never cover data;
+- the paper figures show the pooled scenario under the patient-grouped split
+  (``split=sample``) when the run has it; the leakage panel compares both splits.
+
+Artists carry a ``gid`` (``bar|<model>``, ``radar|<model>|<setting>``...) so tests can
+count what was drawn per model.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import textwrap
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from scdrugmap.errors import ConfigError
+from scdrugmap.report.run import (
+    RunData,
+    categories_order,
+    labelled_predictions,
+    reference_split,
+    scored,
+    settings_order,
+)
+from scdrugmap.report.stats import friedman_nemenyi
+from scdrugmap.report.style import (
+    RC_PARAMS,
+    RESPONSE_COLOURS,
+    SETTING_LINESTYLES,
+    UNKNOWN_COLOUR,
+    category_colours,
+    category_name,
+    metric_name,
+    model_colours,
+    model_name,
+    wrap_label,
+)
+from scdrugmap.report.tables import category_scores, scalability_table, value_scores
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    from matplotlib.axes import Axes
+    from matplotlib.projections.polar import PolarAxes
+
+log = logging.getLogger(__name__)
+
+Projection = Literal["auto", "umap", "pca"]
+EDGE = "#333333"
+#: UMAP is run on at most this many principal components (the usual scanpy practice).
+UMAP_INPUT_PCS = 50
+
+
+def styled(builder: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Draw a figure under the report's matplotlib settings (`RC_PARAMS`), leaving global ones alone."""
+
+    @functools.wraps(builder)
+    def wrapper(*args, **kwargs) -> Figure:
+        with mpl.rc_context(RC_PARAMS):
+            return builder(*args, **kwargs)
+
+    return wrapper
+
+
+def _figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(min(width, 40.0), min(height, 40.0)), layout="constrained")
+
+
+@styled
+def message_figure(title: str, message: str) -> Figure:
+    """Return a small figure that says why a plot could not be drawn (kept in the report, never silent)."""
+    figure = _figure(6, 1.6)
+    ax = figure.add_subplot()
+    ax.set_axis_off()
+    ax.set_title(title, loc="left")
+    ax.text(0.0, 0.6, wrap_label(message, 90), transform=ax.transAxes, va="top", ha="left", gid="message")
+    return figure
+
+
+def _models_in(frame: pd.DataFrame, colours: dict[str, str]) -> list[str]:
+    present = set(frame["model"])
+    return [m for m in colours if m in present] + sorted(present - set(colours))
+
+
+def _colour(colours: dict[str, str], model: str) -> str:
+    return colours.get(model, UNKNOWN_COLOUR)
+
+
+def _setting_styles(settings: Sequence[str]) -> dict[str, Any]:
+    return {s: SETTING_LINESTYLES[i % len(SETTING_LINESTYLES)] for i, s in enumerate(settings)}
+
+
+def _model_handles(models: Sequence[str], colours: dict[str, str], *, kind: str = "patch") -> list:
+    if kind == "line":
+        return [Line2D([], [], color=_colour(colours, m), marker="o", markersize=4, label=model_name(m))
+                for m in models]
+    return [Patch(facecolor=_colour(colours, m), edgecolor=EDGE, linewidth=0.4, label=model_name(m)) for m in models]
+
+
+def _setting_handles(settings: Sequence[str]) -> list:
+    styles = _setting_styles(settings)
+    return [Line2D([], [], color="#555555", linestyle=styles[s], label=s) for s in settings]
+
+
+def _legend(figure: Figure, handles: list, title: str) -> None:
+    figure.legend(handles=handles, loc="outside right upper", title=title, alignment="left")
+
+
+def _suptitle(figure: Figure, text: str, *, legend: bool = True) -> None:
+    """Set a left-aligned figure title, wrapped to the figure's width so it never runs into a right legend."""
+    characters = int(max(40, (figure.get_figwidth() - (2.2 if legend else 0.4)) * 11))
+    figure.suptitle(textwrap.fill(text, characters), x=0.01, ha="left")
+
+
+def _top(means: pd.Series, sds: pd.Series) -> float:
+    """Return the upper y limit of a 0-1 score axis: 1.1, raised to show the longest error bar."""
+    reach = (means + sds.fillna(0)).max() if len(means) else 1.0
+    return float(min(max(1.1, reach + 0.05), 1.6))
+
+
+def _mark_bar(ax: Axes, x: float, text: str, *, gid: str) -> None:
+    """Write a small vertical note at a bar position: "0" for a zero-height bar, "n/a" for no score."""
+    ax.text(x, 0.01, text, rotation=90, ha="center", va="bottom", fontsize=6, color="#555555", gid=gid)
+
+
+def _scope(split: str, scenario: str = "pooled") -> str:
+    split_text = "patient-grouped split" if split == "sample" else "cell-level split"
+    return f"{scenario} scenario, {split_text} (split = {split})"
+
+
+# --- 1. grouped bars of mean F1 per category value ---------------------------------------------------------
+
+@styled
+def plot_metric_bars(results: pd.DataFrame, colours: dict[str, str], *, split: str | None = None,
+                     metric: str = "f1") -> Figure:
+    """Grouped bars of mean ``metric`` per model for every category value, one panel per setting.
+
+    Bars are grouped by category value (tissue, cancer type, therapy, regimen, separated by
+    dashed lines); error bars are the SD over folds (NaN folds left out; none with one fold).
+    """
+    split = split or reference_split(results)
+    table = value_scores(results, split=split)
+    table = table[table[f"{metric}_mean"].notna()]
+    if table.empty:
+        return message_figure(f"Mean {metric_name(metric)} per category", f"No scored job under split = {split}.")
+    settings = [s for s in settings_order(results) if s in set(table["setting"])]
+    models = _models_in(table, colours)
+    groups = [(c, v) for c in categories_order(table)
+              for v in sorted(set(table.loc[table["category"] == c, "value"]))]
+    width = 0.8 / len(models)
+    figure = _figure(max(6.5, len(groups) * (0.16 * len(models) + 0.35) + 2.5), 2.3 * len(settings) + 1.3)
+    axes = figure.subplots(len(settings), 1, sharex=True, squeeze=False)[:, 0]
+    positions = {group: index for index, group in enumerate(groups)}
+    for ax, setting in zip(axes, settings, strict=True):
+        part = table[table["setting"] == setting]
+        for number, model in enumerate(models):
+            rows = part[part["model"] == model]
+            if rows.empty:
+                continue
+            x = [positions[(c, v)] - 0.4 + width * (number + 0.5) for c, v in zip(rows["category"], rows["value"],
+                                                                                   strict=True)]
+            scored_groups = set(zip(rows["category"], rows["value"], strict=True))
+            for group in groups:  # a model of this panel with no score for a value: say so, not a gap
+                if group not in scored_groups:
+                    _mark_bar(ax, positions[group] - 0.4 + width * (number + 0.5), "n/a", gid=f"missing|{model}")
+            for x_zero in np.asarray(x)[rows[f"{metric}_mean"].to_numpy() < 0.005]:
+                _mark_bar(ax, x_zero, "0", gid=f"zero|{model}")
+            ax.bar(x, rows[f"{metric}_mean"], width, yerr=rows[f"{metric}_sd"].to_numpy(), color=_colour(colours, model),
+                   edgecolor=EDGE, linewidth=0.4, label=model_name(model), gid=f"bar|{model}",
+                   error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": EDGE})
+        ax.set_ylim(0, _top(table[f"{metric}_mean"], table[f"{metric}_sd"]))
+        ax.set_yticks(np.linspace(0, 1, 6))
+        ax.set_ylabel(f"Mean {metric_name(metric)}\n(± SD over folds)")
+        ax.set_title(setting, loc="left", fontweight="bold")
+        bounds = [i for i in range(1, len(groups)) if groups[i][0] != groups[i - 1][0]]
+        for bound in bounds:
+            ax.axvline(bound - 0.5, color="#999999", linestyle="--", linewidth=0.7)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+    categories = list(dict.fromkeys(c for c, _ in groups))
+    centres = [np.mean([i for i, (c, _) in enumerate(groups) if c == category]) for category in categories]
+    top = axes[0].secondary_xaxis("top")
+    top.set_xticks(centres, labels=[category_name(c) for c in categories], fontweight="bold")
+    top.tick_params(length=0)
+    top.spines["top"].set_visible(False)
+    axes[-1].set_xticks(range(len(groups)), labels=[wrap_label(v) for _, v in groups], rotation=35, ha="right",
+                        rotation_mode="anchor")
+    axes[-1].set_xlabel(f"Category value ({_scope(split)})")
+    _legend(figure, _model_handles(models, colours), "Model")
+    _suptitle(figure, f"Mean {metric_name(metric)} per model across tissue, cancer type, therapy and regimen")
+    return figure
+
+
+# --- 2. radar plots --------------------------------------------------------------------------------------
+
+RADAR_MIN_SPOKES = 3
+
+
+def _polar_spokes(ax: PolarAxes, labels: Sequence[str]) -> np.ndarray:
+    angles = np.linspace(0, 2 * np.pi, len(labels), endpoint=False)
+    ax.set_theta_offset(np.pi / 2)
+    ax.set_theta_direction(-1)
+    ax.set_xticks(angles, labels=[wrap_label(label, 14) for label in labels])
+    ax.set_ylim(0, 1)
+    ax.set_yticks([0.2, 0.4, 0.6, 0.8, 1.0], labels=["0.2", "0.4", "0.6", "0.8", "1.0"], fontsize=7,
+                  color="#555555")
+    ax.set_rlabel_position(180 / len(labels))  # between the first two spokes, off the data lines
+    ax.tick_params(axis="x", pad=6)
+    return angles
+
+
+@styled
+def plot_radar(results: pd.DataFrame, colours: dict[str, str], *, split: str | None = None,
+               metrics: Sequence[str] = ("f1", "auroc")) -> Figure:
+    """Radar plots (radius 0-1) of mean F1 and AUROC: spokes are the categories, then each category's values.
+
+    The first column has one spoke per category (mean over all its scored folds); a column
+    follows for every category with at least three values (one spoke per value). Colour is
+    the model, line style the setting.
+    """
+    split = split or reference_split(results)
+    overall = category_scores(results, split=split)
+    per_value = value_scores(results, split=split)
+    if overall.empty:
+        return message_figure("Radar plots", f"No scored job under split = {split}.")
+    categories = categories_order(overall)
+    panels: list[tuple[str, str | None, list[str]]] = [("All categories", None, categories)]
+    for category in categories:
+        values = sorted(set(per_value.loc[per_value["category"] == category, "value"]))
+        if len(values) >= RADAR_MIN_SPOKES:
+            panels.append((category_name(category), category, values))
+    settings = [s for s in settings_order(results) if s in set(overall["setting"])]
+    styles = _setting_styles(settings)
+    models = _models_in(overall, colours)
+    figure = _figure(max(7.0, 3.2 * len(panels) + 2.2), 3.3 * len(metrics))
+    axes = figure.subplots(len(metrics), len(panels), squeeze=False, subplot_kw={"projection": "polar"})
+    for row, metric in enumerate(metrics):
+        for column, (title, panel_category, spokes) in enumerate(panels):
+            ax = axes[row, column]
+            angles = _polar_spokes(ax, [category_name(s) for s in spokes] if panel_category is None else spokes)
+            frame = overall if panel_category is None else per_value[per_value["category"] == panel_category]
+            key = "category" if panel_category is None else "value"
+            for setting in settings:
+                for model in models:
+                    rows = frame[(frame["setting"] == setting) & (frame["model"] == model)].set_index(key)
+                    if rows.empty or rows[f"{metric}_mean"].isna().all():
+                        continue
+                    radius = rows[f"{metric}_mean"].reindex(spokes).to_numpy(dtype=np.float64)
+                    ax.plot(np.append(angles, angles[0]), np.append(radius, radius[0]), color=_colour(colours, model),
+                            linestyle=styles[setting], linewidth=1.3, marker="o", markersize=3,
+                            gid=f"radar|{model}|{setting}")
+            ax.set_title(f"{metric_name(metric)}: {title}", pad=14)
+    handles = _model_handles(models, colours, kind="line")
+    if len(settings) > 1:
+        handles += [Line2D([], [], color="none", label=" ")] + _setting_handles(settings)
+    _legend(figure, handles, "Model / setting" if len(settings) > 1 else "Model")
+    _suptitle(figure, f"Mean F1 and AUROC per category (radius 0-1; {_scope(split)})")
+    return figure
+
+
+# --- 3. violins across cancer types -------------------------------------------------------------------------
+
+@styled
+def plot_violins(results: pd.DataFrame, colours: dict[str, str], *, split: str | None = None,
+                 category: str = "cancer_type", metric: str = "f1", seed: int = 0) -> Figure:
+    """Violins with inner box plots of fold-level ``metric`` across all values of ``category``, per model.
+
+    One panel per setting. Each dot is one scored fold of one category value; a violin needs
+    at least two distinct values (otherwise only the box and dots are drawn).
+    """
+    split = split or reference_split(results)
+    done = scored(results, scenario="pooled", split=split)
+    done = done[(done["category"] == category) & done[metric].notna()]
+    if done.empty:
+        return message_figure(f"{metric_name(metric)} across {category_name(category).lower()}s",
+                              f"No scored {category_name(category).lower()} job under split = {split}.")
+    settings = [s for s in settings_order(results) if s in set(done["setting"])]
+    models = _models_in(done, colours)
+    rng = np.random.default_rng(seed)
+    figure = _figure(max(5.0, 0.75 * len(models) * len(settings) + 2.5), 3.6)
+    axes = figure.subplots(1, len(settings), sharey=True, squeeze=False)[0]
+    n_values = done["value"].nunique()
+    for ax, setting in zip(axes, settings, strict=True):
+        part = done[done["setting"] == setting]
+        for position, model in enumerate(models):
+            values = part.loc[part["model"] == model, metric].to_numpy(dtype=np.float64)
+            if values.size == 0:
+                continue
+            colour = _colour(colours, model)
+            if values.size >= 2 and np.ptp(values) > 0:
+                parts = ax.violinplot([values], positions=[position], widths=0.8, showextrema=False)
+                for body in parts["bodies"]:
+                    body.set_facecolor(colour)
+                    body.set_edgecolor(EDGE)
+                    body.set_alpha(0.55)
+                    body.set_gid(f"violin|{model}")
+            boxes = ax.boxplot([values], positions=[position], widths=0.16, showfliers=False, patch_artist=True,
+                               medianprops={"color": "white", "linewidth": 1.2},
+                               boxprops={"facecolor": EDGE, "edgecolor": EDGE},
+                               whiskerprops={"color": EDGE}, capprops={"color": EDGE})
+            for box in boxes["boxes"]:
+                box.set_gid(f"box|{model}")
+            jitter = rng.uniform(-0.22, 0.22, values.size)
+            ax.scatter(position + jitter, values, s=7, color=colour, edgecolor=EDGE, linewidth=0.3, zorder=3,
+                       gid=f"points|{model}")
+        ax.set_xticks(range(len(models)), labels=[model_name(m) for m in models], rotation=30, ha="right",
+                      rotation_mode="anchor")
+        ax.set_xlim(-0.6, len(models) - 0.4)
+        ax.set_ylim(-0.03, 1.05)
+        ax.set_title(setting, loc="left", fontweight="bold")
+        ax.set_xlabel("Model")
+    axes[0].set_ylabel(f"{metric_name(metric)} per fold")
+    _suptitle(figure, f"{metric_name(metric)} across {n_values} {category_name(category).lower()}"
+                    f"{'s' if n_values != 1 else ''} (each dot a fold; {_scope(split)})", legend=False)
+    return figure
+
+
+# --- 4. circular bar charts per category --------------------------------------------------------------------
+
+CIRCULAR_MIN_SLOTS = 24
+
+
+@styled
+def plot_circular_bars(results: pd.DataFrame, colours: dict[str, str], *, split: str | None = None,
+                       metric: str = "f1") -> Figure:
+    """Circular bar charts of mean ``metric`` (radius 0-1): one per category (columns) and setting (rows).
+
+    Around each circle, the bars of one category value sit together, one bar per model.
+    """
+    split = split or reference_split(results)
+    table = value_scores(results, split=split)
+    table = table[table[f"{metric}_mean"].notna()]
+    if table.empty:
+        return message_figure("Circular bar charts", f"No scored job under split = {split}.")
+    categories = categories_order(table)
+    settings = [s for s in settings_order(results) if s in set(table["setting"])]
+    models = _models_in(table, colours)
+    figure = _figure(3.3 * len(categories) + 2.0, 3.5 * len(settings) + 0.6)
+    axes = figure.subplots(len(settings), len(categories), squeeze=False, subplot_kw={"projection": "polar"})
+    for row, setting in enumerate(settings):
+        for column, category in enumerate(categories):
+            ax = axes[row, column]
+            part = table[(table["setting"] == setting) & (table["category"] == category)]
+            values = sorted(set(table.loc[table["category"] == category, "value"]))
+            # groups spread evenly around the circle; a bar never wider than 1/CIRCULAR_MIN_SLOTS of it
+            spacing = 2 * np.pi / len(values)
+            step = min(spacing / (len(models) + 1), 2 * np.pi / CIRCULAR_MIN_SLOTS)
+            for number, model in enumerate(models):
+                rows = part[part["model"] == model].set_index("value")
+                if rows.empty:
+                    continue
+                theta = [values.index(v) * spacing + (number - (len(models) - 1) / 2) * step for v in rows.index]
+                ax.bar(theta, rows[f"{metric}_mean"], width=step * 0.92, bottom=0.0, color=_colour(colours, model),
+                       edgecolor=EDGE, linewidth=0.3, gid=f"circular|{model}")
+            ax.set_theta_offset(np.pi / 2)
+            ax.set_theta_direction(-1)
+            ax.set_xticks([i * spacing for i in range(len(values))], labels=[wrap_label(v, 14) for v in values])
+            ax.set_ylim(0, 1)
+            ax.set_rorigin(-0.3)
+            ax.set_yticks([0.25, 0.5, 0.75, 1.0], labels=["0.25", "0.5", "0.75", "1"], fontsize=7)
+            ax.set_rlabel_position(np.degrees(spacing / 2))  # in the gap between the first two groups
+            ax.grid(axis="x", visible=False)
+            ax.set_title(f"{category_name(category)}\n{setting}" if len(settings) > 1 else category_name(category),
+                         pad=12)
+    _legend(figure, _model_handles(models, colours), "Model")
+    _suptitle(figure, f"Mean {metric_name(metric)} per category value (bar length, 0-1; {_scope(split)})")
+    return figure
+
+
+# --- 5. embeddings (UMAP or PCA) ------------------------------------------------------------------------------
+
+def project_embedding(embedding: npt.NDArray[np.floating], *, method: Projection = "auto",
+                      seed: int = 0) -> tuple[npt.NDArray[np.float64], str]:
+    """Return 2-D coordinates of cells and the name of the method used.
+
+    The embedding is centred and reduced to at most 50 principal components; UMAP
+    (umap-learn) then maps those to 2-D. With ``method="auto"`` and umap-learn missing (or
+    fewer than 10 cells), the first two principal components are used instead, with the
+    fallback logged and named in the returned label. ``method="umap"`` refuses to fall back.
+
+    Raises
+    ------
+    ConfigError
+        When ``method="umap"`` and umap-learn is not installed.
+    """
+    data = np.asarray(embedding, dtype=np.float64)
+    data = data - data.mean(axis=0)
+    n_components = max(1, min(UMAP_INPUT_PCS, data.shape[0] - 1, data.shape[1]))
+    u, s, _ = np.linalg.svd(data, full_matrices=False)
+    components = u[:, :n_components] * s[:n_components]
+    if components.shape[1] < 2:
+        components = np.column_stack([components, np.zeros(components.shape[0])])
+    if method == "pca":
+        return components[:, :2], "PCA 2-D"
+    fallback = None
+    if data.shape[0] < 10:
+        fallback = "too few cells for UMAP"
+    else:
+        try:
+            import umap
+        except ImportError as err:
+            if method == "umap":
+                msg = "umap-learn is not installed; pip install 'scdrugmap[report]' or choose projection 'pca'."
+                raise ConfigError(msg) from err
+            fallback = "umap-learn is not installed"
+    if fallback is not None:
+        log.warning("embedding plots use PCA 2-D instead of UMAP: %s", fallback)
+        return components[:, :2], f"PCA 2-D (fallback: {fallback})"
+    with warnings.catch_warnings():  # umap warns that a fixed random_state turns off parallelism
+        warnings.simplefilter("ignore", UserWarning)
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, data.shape[0] - 1), random_state=seed)
+        coordinates = reducer.fit_transform(components)
+    return np.asarray(coordinates, dtype=np.float64), "UMAP"
+
+
+@styled
+def plot_embedding(coordinates: npt.NDArray[np.floating], cells: pd.DataFrame, *, model: str,
+                   method_label: str) -> Figure:
+    """Scatter a model's 2-D cell map twice: coloured by cancer type and by response.
+
+    ``cells`` has one row per point (columns ``cancer_type`` and ``response``; missing ones
+    are drawn as "unknown").
+    """
+    axis = "UMAP" if method_label == "UMAP" else "PC"
+    size = float(np.clip(6000 / max(len(cells), 1), 1.5, 14))
+    figure = _figure(9.5, 4.9)
+    axes = figure.subplots(1, 2)
+    for ax, (column, title) in zip(axes, (("cancer_type", "Cancer type"), ("response", "Response")), strict=True):
+        labels = cells[column].astype(str).to_numpy() if column in cells else np.full(len(cells), "unknown")
+        names = sorted(set(labels))
+        palette = ({n: RESPONSE_COLOURS.get(n, UNKNOWN_COLOUR) for n in names} if column == "response"
+                   else category_colours(names))
+        for name in names:
+            rows = labels == name
+            ax.scatter(coordinates[rows, 0], coordinates[rows, 1], s=size, color=palette[name], linewidth=0,
+                       alpha=0.8, rasterized=True, label=f"{name} ({int(rows.sum())})", gid=f"embedding|{column}|{name}")
+        ax.set_title(f"Coloured by {title.lower()}", loc="left")
+        ax.set_xlabel(f"{axis} 1 (arbitrary units)")
+        ax.set_ylabel(f"{axis} 2 (arbitrary units)")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(names)), markerscale=2.5,
+                  title=f"{title} (cells)")
+    _suptitle(figure, f"{model_name(model)} embeddings of {len(cells):,} cells: {method_label}", legend=False)
+    return figure
+
+
+def embedding_figures(run: RunData, *, projection: Projection = "auto", seed: int = 0) -> list[tuple[str, Figure]]:
+    """Return (model, figure) for every model with a saved embedding sample."""
+    figures = []
+    for model in run.embedding_models():
+        embedding, cell_names = run.embedding(model)
+        if embedding.ndim != 2 or embedding.shape[1] == 0 or embedding.shape[0] == 0:
+            continue
+        finite = np.isfinite(embedding).all(axis=1)
+        embedding, cell_names = embedding[finite], cell_names[finite]
+        coordinates, label = project_embedding(embedding, method=projection, seed=seed)
+        if run.cells is not None:
+            meta = run.cells.drop_duplicates("cell").set_index("cell").reindex(cell_names)
+            meta = meta.fillna("unknown")
+        else:
+            meta = pd.DataFrame(index=cell_names)
+        figures.append((model, plot_embedding(coordinates, meta.reset_index(drop=True), model=model,
+                                              method_label=label)))
+    return figures
+
+
+# --- 6. scalability ---------------------------------------------------------------------------------------------
+
+def format_si(value: float) -> str:
+    """Return a count with an SI suffix: 51,000,000 -> "51 M", 24527.5 -> "24.5 k"."""
+    for factor, suffix in ((1e12, " T"), (1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def format_seconds(value: float) -> str:
+    """Return a duration in s, ms or µs with three significant digits."""
+    if value >= 1:
+        return f"{value:.3g} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.3g} ms"
+    return f"{value * 1e6:.3g} µs"
+
+
+@styled
+def plot_scalability(table: pd.DataFrame, colours: dict[str, str]) -> Figure:
+    """Dot plots on log scales: inference speed, training time per fold, and parameters, each labelled.
+
+    Dots with their values (not bars: a bar's length means nothing on a log axis); models
+    without a value (e.g. no parameter count for PCA) are marked "n/a".
+    """
+    if table.empty:
+        return message_figure("Scalability", "No model facts (models.json) and no scored job.")
+    per_model = table.drop_duplicates("_model")
+    panels: list[tuple[str, pd.DataFrame, str, str, Callable[[float], str]]] = [
+        ("Inference (embedding every cell)", per_model, "inference (cells/s)", "Cells per second (log scale)",
+         lambda v: f"{format_si(v)} cells/s"),
+        ("Training + prediction, per fold", table, "training time per fold (s)", "Seconds per fold (log scale)",
+         format_seconds),
+    ]
+    if per_model["parameters"].notna().any():
+        panels.append(("Model size", per_model, "parameters", "Parameters (log scale)", format_si))
+    height = max(2.2, 0.3 * len(table) + 1.5)
+    figure = _figure(4.3 * len(panels) + 1.0, height)
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, frame, column, label, text) in zip(axes, panels, strict=True):
+        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+        names = [model_name(m) if column != "training time per fold (s)" or s in ("frozen", "—")
+                 else f"{model_name(m)} ({'LoRA' if s == 'lora' else s})"
+                 for m, s in zip(frame["_model"], frame["strategy"], strict=True)]
+        y = np.arange(len(frame))
+        known = np.isfinite(values) & (values > 0)
+        ax.set_yticks(y, labels=names)
+        ax.set_ylim(len(frame) - 0.5, -0.5)
+        ax.grid(axis="y", color="#eeeeee", linewidth=0.8)
+        if known.any():
+            low, high = values[known].min(), values[known].max()
+            ax.set_xscale("log")
+            ax.set_xlim(low / 3, high * 100)  # room for the value labels right of the dots
+            ax.scatter(values[known], y[known], s=40, color=[_colour(colours, m) for m in frame["_model"][known]],
+                       edgecolor=EDGE, linewidth=0.5, zorder=3, gid=f"scalability|{column}")
+            for value, row in zip(values[known], y[known], strict=True):
+                ax.annotate(text(value), (value, row), xytext=(6, 0), textcoords="offset points",
+                            va="center", fontsize=7)
+        for row in y[~known]:
+            ax.text(0.02, row, "n/a", transform=ax.get_yaxis_transform(), va="center", fontsize=7, color="#777777")
+        ax.set_xlabel(label)
+        ax.set_title(title, loc="left")
+    _suptitle(figure, "Scalability per model", legend=False)
+    return figure
+
+
+# --- 7. ROC and precision-recall curves, calibration ------------------------------------------------------------
+
+#: Chance / perfect-calibration reference lines: thin, dark and loosely dotted, unlike any model's line.
+CHANCE_STYLE = {"color": "#444444", "linestyle": (0, (1, 3)), "linewidth": 1.0}
+
+
+def _pooled_curves(predictions: pd.DataFrame, split: str) -> pd.DataFrame:
+    frame = predictions[(predictions["scenario"] == "pooled") & (predictions["split"] == split)]
+    return frame
+
+
+@styled
+def plot_roc_pr(predictions: pd.DataFrame | None, colours: dict[str, str], *, split: str = "sample",
+                settings: Sequence[str] | None = None) -> Figure:
+    """ROC and precision-recall curves per category (rows) and model, pooling the cells of all test folds.
+
+    The legend gives the pooled AUROC and average precision; the dashed grey lines are
+    chance (the diagonal, and the share of sensitive cells).
+    """
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    if predictions is None or predictions.empty:
+        return message_figure("ROC and precision-recall curves", "The run stored no predictions (predictions.parquet).")
+    frame = _pooled_curves(predictions, split)
+    if frame.empty:
+        return message_figure("ROC and precision-recall curves", f"No predictions under split = {split}.")
+    categories = categories_order(frame)
+    settings = [s for s in (settings or sorted(set(frame["setting"]))) if s in set(frame["setting"])]
+    styles = _setting_styles(settings)
+    models = _models_in(frame, colours)
+    figure = _figure(10.5, 3.1 * len(categories) + 0.6)
+    axes = figure.subplots(len(categories), 2, squeeze=False)
+    for row, category in enumerate(categories):
+        roc_ax, pr_ax = axes[row]
+        part = frame[frame["category"] == category]
+        prevalence = float(part.drop_duplicates("cell")["label"].mean()) if len(part) else float("nan")
+        roc_ax.plot([0, 1], [0, 1], gid="chance", **CHANCE_STYLE)
+        pr_ax.axhline(prevalence, gid="chance", **CHANCE_STYLE)
+        for setting in settings:
+            for model in models:
+                cells = part[(part["setting"] == setting) & (part["model"] == model)]
+                labels = cells["label"].to_numpy(dtype=np.int64)
+                scores = cells["probability"].to_numpy(dtype=np.float64)
+                if np.unique(labels).size < 2:
+                    continue
+                name = model_name(model) if len(settings) == 1 else f"{model_name(model)}, {setting}"
+                fpr, tpr, _ = roc_curve(labels, scores)
+                precision, recall, _ = precision_recall_curve(labels, scores)
+                style = {"color": _colour(colours, model), "linestyle": styles[setting], "linewidth": 1.3}
+                roc_ax.plot(fpr, tpr, label=f"{name}: {roc_auc_score(labels, scores):.2f}",
+                            gid=f"roc|{model}|{setting}", **style)
+                pr_ax.plot(recall, precision, label=f"{name}: {average_precision_score(labels, scores):.2f}",
+                           gid=f"pr|{model}|{setting}", drawstyle="steps-post", **style)
+        for ax, (xlabel, ylabel, kind) in zip(
+                (roc_ax, pr_ax), (("False positive rate", "True positive rate", "ROC"),
+                                  ("Recall (sensitive)", "Precision (sensitive)", "Precision-recall")), strict=True):
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.02)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{category_name(category)}: {kind}", loc="left")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                          title="AUROC" if kind == "ROC" else "Average precision")
+    _suptitle(figure, f"ROC and precision-recall curves, test cells of all folds pooled ({_scope(split)})",
+              legend=False)
+    return figure
+
+
+CALIBRATION_BINS = 10
+
+
+@styled
+def plot_calibration(predictions: pd.DataFrame | None, colours: dict[str, str], *, split: str = "sample",
+                     settings: Sequence[str] | None = None, n_bins: int = CALIBRATION_BINS) -> Figure:
+    """Reliability curves per category: observed share of sensitive cells per bin of predicted probability.
+
+    Bins are ``n_bins`` equal-width probability bins (empty bins are skipped); the legend
+    gives the Brier score. Points on the diagonal are perfectly calibrated.
+    """
+    if predictions is None or predictions.empty:
+        return message_figure("Calibration", "The run stored no predictions (predictions.parquet).")
+    frame = _pooled_curves(predictions, split)
+    if frame.empty:
+        return message_figure("Calibration", f"No predictions under split = {split}.")
+    categories = categories_order(frame)
+    settings = [s for s in (settings or sorted(set(frame["setting"]))) if s in set(frame["setting"])]
+    styles = _setting_styles(settings)
+    models = _models_in(frame, colours)
+    columns = min(2, len(categories))
+    rows = int(np.ceil(len(categories) / columns))
+    figure = _figure(5.2 * columns + 0.4, 3.6 * rows + 0.5)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    edges = np.linspace(0, 1, n_bins + 1)
+    for ax, category in zip(axes, categories, strict=False):
+        part = frame[frame["category"] == category]
+        ax.plot([0, 1], [0, 1], gid="diagonal", **CHANCE_STYLE)
+        for setting in settings:
+            for model in models:
+                cells = part[(part["setting"] == setting) & (part["model"] == model)]
+                if cells.empty:
+                    continue
+                probability = cells["probability"].to_numpy(dtype=np.float64)
+                labels = cells["label"].to_numpy(dtype=np.float64)
+                bins = np.clip(np.digitize(probability, edges[1:-1]), 0, n_bins - 1)
+                counts = np.bincount(bins, minlength=n_bins)
+                filled = counts > 0
+                predicted = np.bincount(bins, probability, n_bins)[filled] / counts[filled]
+                observed = np.bincount(bins, labels, n_bins)[filled] / counts[filled]
+                brier = float(np.mean((probability - labels) ** 2))
+                name = model_name(model) if len(settings) == 1 else f"{model_name(model)}, {setting}"
+                ax.plot(predicted, observed, color=_colour(colours, model), linestyle=styles[setting], marker="o",
+                        markersize=3, linewidth=1.2, label=f"{name}: {brier:.3f}", gid=f"calibration|{model}|{setting}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("Mean predicted probability of sensitive")
+        ax.set_ylabel("Observed share of sensitive cells")
+        ax.set_title(category_name(category), loc="left")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), title="Brier score")
+    for ax in axes[len(categories):]:
+        ax.set_axis_off()
+    _suptitle(figure, f"Calibration ({n_bins} probability bins; test cells of all folds pooled; {_scope(split)})",
+              legend=False)
+    return figure
+
+
+# --- 8. cross-study heatmap -----------------------------------------------------------------------------------
+
+@styled
+def plot_cross_study_heatmap(results: pd.DataFrame, colours: dict[str, str], *, metric: str = "f1") -> Figure:
+    """Heatmap of mean ``metric`` per model (rows) and held-out study (columns), one panel per category.
+
+    Each cell averages the scored leave-one-study-out jobs of that study over the category's
+    values; grey "n/a" cells had no scored job (skipped or failed).
+    """
+    cross = results[results["scenario"] == "cross"]
+    done = scored(results, scenario="cross")
+    done = done[done[metric].notna()]
+    if done.empty:
+        reasons = sorted({_short_reason(r) for r in cross.get("reasons", pd.Series(dtype=object)).dropna()})
+        detail = ("; ".join(reasons[:3]) if reasons else "the run has no cross-study jobs (--scenarios cross)")
+        return message_figure("Cross-study (leave-one-study-out) heatmap", f"No cross-study job was scored: {detail}.")
+    categories = categories_order(done)
+    settings = [s for s in settings_order(results) if s in set(done["setting"])]
+    models = _models_in(done, colours)
+    rows = [(m, s) for s in settings for m in models if not done[(done["model"] == m) & (done["setting"] == s)].empty]
+    columns = [(c, study) for c in categories for study in sorted(set(done.loc[done["category"] == c, "fold"]))]
+    table = done.groupby(["model", "setting", "category", "fold"], observed=True)[metric].mean()
+    matrix = np.array([[table.get((m, s, c, study), np.nan) for c, study in columns] for m, s in rows], dtype=float)
+    label_width = max(len(model_name(m) if len(settings) == 1 else f"{model_name(m)} · {s}") for m, s in rows)
+    figure = _figure(max(5.0, 0.62 * len(columns) + 0.075 * label_width + 2.2), 0.42 * len(rows) + 2.4)
+    ax = figure.add_subplot()
+    cmap = mpl.colormaps["viridis"].with_extremes(bad="#DDDDDD")
+    image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=1, cmap=cmap, aspect="auto", gid="heatmap")
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            value = matrix[i, j]
+            ax.text(j, i, "n/a" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if np.isnan(value) or value > 0.55 else "white")
+    ax.set_xticks(range(len(columns)), labels=[study for _, study in columns], rotation=35, ha="right",
+                  rotation_mode="anchor")
+    ax.set_yticks(range(len(rows)),
+                  labels=[model_name(m) if len(settings) == 1 else f"{model_name(m)} · {s}" for m, s in rows])
+    for index in range(1, len(columns)):
+        if columns[index][0] != columns[index - 1][0]:
+            ax.axvline(index - 0.5, color="white", linewidth=3)
+    centres = [np.mean([j for j, (c, _) in enumerate(columns) if c == category]) for category in categories]
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(centres, labels=[category_name(c) for c in categories], fontweight="bold")
+    top.tick_params(length=0)
+    ax.spines[:].set_visible(False)
+    top.spines[:].set_visible(False)
+    ax.set_xlabel("Held-out study")
+    figure.colorbar(image, ax=ax, label=f"Mean {metric_name(metric)} on the held-out study", shrink=0.9)
+    _suptitle(figure, f"Cross-study scenario (leave one study out): {metric_name(metric)} per model and held-out "
+              "study, averaged over each category's values", legend=False)
+    return figure
+
+
+def _short_reason(reasons: str) -> str:
+    import json
+
+    try:
+        parsed = json.loads(reasons)
+    except (TypeError, json.JSONDecodeError):
+        return str(reasons)
+    return "; ".join(str(v) for v in parsed.values()) if isinstance(parsed, dict) else str(parsed)
+
+
+# --- 9. rank / critical-difference plot ------------------------------------------------------------------------
+
+@styled
+def plot_critical_difference(results: pd.DataFrame, colours: dict[str, str], *, split: str | None = None,
+                             metric: str = "f1", alpha: float = 0.05) -> Figure:
+    """Critical-difference diagram (Demšar 2006) of the models' average ranks, one panel per setting.
+
+    Blocks are the category values (every model's mean ``metric`` over folds); blocks where
+    a model has no score are left out. Rank 1 is best. Models joined by a thick bar do not
+    differ by the Nemenyi test at ``alpha`` (their ranks differ by less than CD); the title
+    gives the Friedman test (`scdrugmap.report.stats`).
+    """
+    split = split or reference_split(results)
+    table = value_scores(results, split=split)
+    settings = [s for s in settings_order(results) if s in set(table["setting"])]
+    if table.empty:
+        return message_figure("Critical-difference diagram", f"No scored job under split = {split}.")
+    blocks = {}
+    for setting in settings:
+        part = table[table["setting"] == setting]
+        wide = part.pivot_table(index=["category", "value"], columns="model", values=f"{metric}_mean",
+                                aggfunc="first")
+        blocks[setting] = wide[[m for m in _models_in(part, colours) if m in wide.columns]].dropna(
+            axis=1, how="all").dropna()
+    heights = [0.6 if w.shape[0] < 2 or w.shape[1] < 2 else 0.3 * np.ceil(w.shape[1] / 2) + 1.4
+               for w in blocks.values()]
+    figure = _figure(9.0, sum(heights) + 0.7)
+    axes = figure.subplots(len(settings), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, setting in zip(axes, settings, strict=True):
+        wide = blocks[setting]
+        ax.set_axis_off()
+        if wide.shape[0] < 2 or wide.shape[1] < 2:
+            ax.set_title(setting, loc="left", fontsize=9)
+            ax.text(0, 0.5, f"Not ranked: needs two or more models scored on two or more category values; "
+                    f"{wide.shape[1]} model(s) on {wide.shape[0]} value(s).", transform=ax.transAxes, va="center",
+                    gid="message")
+            continue
+        test = friedman_nemenyi(wide, alpha=alpha)
+        _draw_cd(ax, test, colours)
+        ax.set_title(f"{setting}: Friedman χ² = {test.chi2:.2f} (p = {test.p_value:.3g}), "
+                     f"N = {test.n_blocks} category values, k = {len(test.models)} models; "
+                     f"Nemenyi CD (α = {alpha}) = {test.critical_difference:.2f}", loc="left", fontsize=9)
+    _suptitle(figure, f"Average rank of mean {metric_name(metric)} across category values "
+              f"(1 = best; {_scope(split)})", legend=False)
+    return figure
+
+
+def _draw_cd(ax: Axes, test, colours: dict[str, str]) -> None:
+    k = len(test.models)
+    order = np.argsort(test.average_ranks, kind="stable")
+    step = 0.28
+    half = int(np.ceil(k / 2))
+    bottom = -(max(half, k - half) + 1) * step - 0.2
+    margin = 0.15 * (k - 1)
+    ax.set_xlim(1 - margin, k + margin)
+    ax.set_ylim(bottom, 0.75)
+    ax.plot([1, k], [0, 0], color="black", linewidth=1.0)
+    for rank in range(1, k + 1):
+        ax.plot([rank, rank], [0, 0.07], color="black", linewidth=1.0)
+        ax.text(rank, 0.1, str(rank), ha="center", va="bottom", fontsize=8)
+    cd = test.critical_difference
+    ax.plot([1, 1 + cd], [0.5, 0.5], color="black", linewidth=1.5, gid="cd-bar")
+    ax.plot([1, 1], [0.45, 0.55], color="black", linewidth=1.0)
+    ax.plot([1 + cd, 1 + cd], [0.45, 0.55], color="black", linewidth=1.0)
+    ax.text(1 + cd / 2, 0.57, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=8)
+    for position, index in enumerate(order):
+        model, rank = test.models[index], test.average_ranks[index]
+        left = position < half
+        level = -(position + 1 if left else k - position) * step
+        end = 1 - margin if left else k + margin
+        colour = _colour(colours, model)
+        ax.plot([rank, rank, end], [0, level, level], color=colour if colour != "#BBBBBB" else "#888888",
+                linewidth=1.1)
+        ax.text(end - 0.02 * k if left else end + 0.02 * k, level, f"{model_name(model)} ({rank:.2f})", va="center",
+                ha="right" if left else "left", fontsize=8, gid=f"cd|{model}")
+    for number, clique in enumerate(test.cliques()):
+        ranks = [test.average_ranks[test.models.index(m)] for m in clique]
+        y = -0.06 - 0.06 * number
+        ax.plot([min(ranks) - 0.02, max(ranks) + 0.02], [y, y], color="black", linewidth=3.0,
+                solid_capstyle="butt", gid="clique")
+
+
+# --- 10. leakage: split=sample vs split=cell --------------------------------------------------------------------
+
+SPLIT_HATCH = {"sample": "", "cell": "////"}
+
+
+@styled
+def plot_leakage(results: pd.DataFrame, colours: dict[str, str], *, metric: str = "f1") -> Figure:
+    """Side-by-side bars of each model's category score under ``split=sample`` and ``split=cell``.
+
+    A cell-level split puts cells of one patient on both sides of a fold; the gap to the
+    patient-grouped split measures how much of the score such leakage buys. Bars are the
+    mean over all scored folds of the category (± SD); the tick label gives the difference
+    cell - sample (Δ). One panel per category (columns) and setting (rows).
+    """
+    done = scored(results, scenario="pooled")
+    done = done[done[metric].notna()]
+    if done.empty:
+        return message_figure("Leakage panel", "No scored pooled job.")
+    splits = [s for s in ("sample", "cell") if s in set(done["split"])]
+    table = pd.concat([category_scores(results, split=s).assign(split=s) for s in splits], ignore_index=True)
+    table = table[table[f"{metric}_mean"].notna()]
+    categories = categories_order(table)
+    settings = [s for s in settings_order(results) if s in set(table["setting"])]
+    models = _models_in(table, colours)
+    figure = _figure(max(6.0, (0.55 * len(models) + 0.8) * len(categories) + 2.5), 2.7 * len(settings) + 1.0)
+    axes = figure.subplots(len(settings), len(categories), sharey=True, squeeze=False)
+    top = _top(table[f"{metric}_mean"], table[f"{metric}_sd"])
+    for row, setting in enumerate(settings):
+        for column, category in enumerate(categories):
+            ax = axes[row, column]
+            part = table[(table["setting"] == setting) & (table["category"] == category)].set_index(["model", "split"])
+            tick_labels = []
+            for position, model in enumerate(models):
+                heights = {}
+                for offset, split in ((-0.2, "sample"), (0.2, "cell")):
+                    if (model, split) not in part.index:
+                        continue
+                    mean = float(part.loc[(model, split), f"{metric}_mean"])
+                    sd = float(part.loc[(model, split), f"{metric}_sd"])
+                    heights[split] = mean
+                    colour = _colour(colours, model)
+                    if mean < 0.005:
+                        _mark_bar(ax, position + offset, "0", gid=f"zero|{model}|{split}")
+                    ax.bar(position + offset, mean, 0.4, yerr=sd, color=colour, alpha=1.0 if split == "sample" else 0.6,
+                           hatch=SPLIT_HATCH[split], edgecolor=EDGE, linewidth=0.4, gid=f"leakage|{model}|{split}",
+                           error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": EDGE})
+                delta = f"Δ {heights['cell'] - heights['sample']:+.2f}" if len(heights) == 2 else "Δ n/a"
+                tick_labels.append(f"{model_name(model)}\n{delta}" if heights else model_name(model))
+            missing = [s for s in ("sample", "cell") if s not in splits]
+            if missing:
+                ax.text(0.5, 0.5, f"split = {missing[0]} is not in this run\n(rerun with --split sample,cell)",
+                        transform=ax.transAxes, ha="center", va="center", fontsize=8, color="#555555", gid="message")
+            ax.set_xticks(range(len(models)), labels=tick_labels, rotation=30 if len(models) > 4 else 0,
+                          ha="right" if len(models) > 4 else "center", rotation_mode="anchor", fontsize=7)
+            ax.set_xlim(-0.6, len(models) - 0.4)
+            ax.set_ylim(0, top)
+            ax.set_yticks(np.linspace(0, 1, 6))
+            ax.set_title(category_name(category) if len(settings) == 1 else f"{category_name(category)}\n{setting}",
+                         loc="left")
+        axes[row, 0].set_ylabel(f"Mean {metric_name(metric)} over folds (± SD)")
+    handles = [Patch(facecolor="#777777", edgecolor=EDGE, label="split = sample\n(patients never on both sides)"),
+               Patch(facecolor="#777777", alpha=0.6, hatch=SPLIT_HATCH["cell"], edgecolor=EDGE,
+                     label="split = cell\n(one patient's cells on both sides)")]
+    _legend(figure, handles + [Line2D([], [], color="none", label=" ")] + _model_handles(models, colours),
+            "Split / model")
+    _suptitle(figure, f"Leakage: {metric_name(metric)} under the patient-grouped vs the cell-level split "
+                    "(pooled scenario; Δ = cell - sample)")
+    return figure
+
+
+# --- all figures of a report -------------------------------------------------------------------------------------
+
+@dataclass
+class ReportFigure:
+    """One figure of a report: file stem, section title, caption and the figure."""
+
+    name: str
+    title: str
+    caption: str
+    figure: Figure
+    section: str = "Paper figures"
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def build_figures(run: RunData, *, projection: Projection = "auto", seed: int = 0) -> list[ReportFigure]:
+    """Return every figure of a run's report, in report order."""
+    results = run.results
+    colours = model_colours(run.model_list)
+    split = reference_split(results)
+    settings = settings_order(results)
+    predictions = labelled_predictions(run)
+    scope = _scope(split)
+    beyond = "Beyond the paper"
+    figures = [
+        ReportFigure("f1_bars", "Mean F1 per category value",
+                     f"Mean F1 per model for every tissue, cancer type, therapy and regimen ({scope}); error bars: SD "
+                     "over folds; folds with an undefined F1 and skipped or failed jobs are left out. One panel per "
+                     "training setting.", plot_metric_bars(results, colours, split=split)),
+        ReportFigure("radar", "Radar plots of F1 and AUROC",
+                     "Mean F1 and AUROC (radius 0-1). First column: one spoke per category (mean over all its scored "
+                     "folds); then one radar per category with at least three values. Line style: training setting.",
+                     plot_radar(results, colours, split=split)),
+        ReportFigure("violin_cancer_type", "F1 across cancer types",
+                     "Distribution of fold-level F1 over all cancer types per model: violin (kernel density), inner "
+                     "box plot (median, quartiles, whiskers at 1.5 IQR) and one dot per fold.",
+                     plot_violins(results, colours, split=split)),
+        ReportFigure("circular_bars", "Circular bar charts per category",
+                     "Mean F1 per category value (bar length from the inner ring, 0-1), one bar per model.",
+                     plot_circular_bars(results, colours, split=split)),
+    ]
+    for model, figure in embedding_figures(run, projection=projection, seed=seed):
+        figures.append(ReportFigure(f"embedding_{_safe_name(model)}", f"{model_name(model)} cell embeddings",
+                                    "2-D map of the saved embedding sample (up to 5,000 cells), coloured by cancer "
+                                    "type and by response. The method (UMAP, or PCA as fallback) is in the title.",
+                                    figure))
+    figures.append(ReportFigure("scalability", "Scalability",
+                                "Inference: cells embedded per second (models.json). Training: mean seconds per fold "
+                                "for fitting the head or LoRA and predicting the test fold. Log scales.",
+                                plot_scalability(scalability_table(run), colours)))
+    figures += [
+        ReportFigure("roc_pr", "ROC and precision-recall curves",
+                     f"Curves from the stored test-cell predictions of all folds and values of each category pooled "
+                     f"({scope}); pooled AUROC/average precision in the legends, so they differ slightly from the "
+                     "mean of per-fold AUROCs.", plot_roc_pr(predictions, colours, split=split, settings=settings),
+                     beyond),
+        ReportFigure("cross_study_heatmap", "Cross-study heatmap",
+                     "Leave-one-study-out: mean F1 when each study is held out, averaged over the category's values. "
+                     "Grey n/a: no scored job.", plot_cross_study_heatmap(results, colours), beyond),
+        ReportFigure("critical_difference", "Rank and critical-difference plot",
+                     "Average rank of each model's mean F1 over the category values (Friedman test; Nemenyi "
+                     "post-hoc test at α = 0.05, Demšar 2006). Models joined by a thick bar are not significantly "
+                     "different. Category values with identical cells (e.g. one tissue = one cancer type) count as "
+                     "separate blocks.", plot_critical_difference(results, colours, split=split), beyond),
+        ReportFigure("leakage", "Leakage: split = sample vs split = cell",
+                     "The same models scored with patient-grouped folds (solid) and with the paper's cell-level "
+                     "folds (hatched). Higher scores under split = cell come from cells of one patient being on both "
+                     "sides of a fold.", plot_leakage(results, colours), beyond),
+        ReportFigure("calibration", "Calibration curves",
+                     f"Reliability curves: share of truly sensitive cells per bin of predicted probability "
+                     f"({scope}); Brier score in the legend (lower is better).",
+                     plot_calibration(predictions, colours, split=split, settings=settings), beyond),
+    ]
+    return figures

@@ -1,0 +1,175 @@
+"""A self-contained HTML report: figures as data URIs, plotly.js inlined, nothing fetched from the network.
+
+`render_html` returns one HTML document: a SIMULATED banner when the run's cells came
+from the simulator, a summary (job counts, best model per category), every figure with
+its caption, the scalability table, the jobs that were not scored and why, and the run's
+config and environment.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import matplotlib as mpl
+import pandas as pd
+
+from scdrugmap.report.style import RC_PARAMS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from scdrugmap.report.figures import ReportFigure
+    from scdrugmap.report.run import RunData
+
+#: Resolution of figures embedded in the HTML (files on disk use the format's own setting).
+EMBED_DPI = 110
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1200px;
+       padding: 1rem 2rem 3rem; color: #222; line-height: 1.45; }
+h1 { margin-bottom: .2rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2.2rem; }
+.banner { background: #E69F00; color: #000; font-weight: 700; padding: .8rem 1rem; border: 3px solid #000;
+          margin: 1rem 0; font-size: 1.1rem; }
+.facts { color: #555; font-size: .9rem; }
+table { border-collapse: collapse; font-size: .85rem; margin: .5rem 0 1rem; }
+th, td { border-bottom: 1px solid #ddd; padding: .25rem .6rem; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+figure { margin: 1.2rem 0 2rem; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: .88rem; color: #444; margin-top: .3rem; }
+pre { background: #f7f7f7; padding: .8rem; overflow-x: auto; font-size: .8rem; }
+nav ul { columns: 2; font-size: .9rem; }
+"""
+
+
+def figure_data_uri(figure: Figure, *, fmt: str = "png", dpi: int = EMBED_DPI) -> str:
+    """Return a figure as a base64 data URI (``png`` or ``svg``)."""
+    buffer = io.BytesIO()
+    with mpl.rc_context(RC_PARAMS):
+        figure.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight")
+    mime = "image/svg+xml" if fmt == "svg" else f"image/{fmt}"
+    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+def _table(frame: pd.DataFrame, *, floats: str = "{:.3f}") -> str:
+    if frame.empty:
+        return "<p><em>None.</em></p>"
+    shown = frame[[c for c in frame.columns if not str(c).startswith("_")]].copy()
+    for column in shown.columns:
+        if pd.api.types.is_float_dtype(shown[column]):
+            shown[column] = shown[column].map(lambda v: "—" if pd.isna(v) else floats.format(v))
+    return shown.to_html(index=False, border=0, escape=True, na_rep="—")
+
+
+def _format_scalability(frame: pd.DataFrame) -> pd.DataFrame:
+    shown = frame.copy()
+
+    def number(value, digits=3):
+        if value is None or pd.isna(value):
+            return "—"
+        value = float(value)
+        return f"{value:,.0f}" if abs(value) >= 10 ** digits else f"{value:.{digits}g}"
+
+    for column in ("embedding time (s)", "inference (cells/s)", "training time per fold (s)", "training (cells/s)"):
+        if column in shown:
+            shown[column] = shown[column].map(number).astype(object)
+    for column in ("parameters", "cells embedded", "output dim"):
+        if column in shown:
+            shown[column] = shown[column].map(lambda v: "—" if v is None or pd.isna(v) else f"{int(v):,}")
+    return shown
+
+
+def _plotly_parts(interactive: Sequence[tuple[str, object]]) -> tuple[str, list[tuple[str, str]]]:
+    if not interactive:
+        return "", []
+    import plotly.io as pio
+    import plotly.offline as offline
+
+    script = f"<script>{offline.get_plotlyjs()}</script>"
+    divs = [(title, pio.to_html(figure, full_html=False, include_plotlyjs=False,
+                                config={"displaylogo": False, "responsive": True}))
+            for title, figure in interactive]
+    return script, divs
+
+
+def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataFrame, scalability: pd.DataFrame,
+                unscored: pd.DataFrame, counts: dict[str, int],
+                interactive: Sequence[tuple[str, object]] = ()) -> str:
+    """Return the report as one HTML document that works offline.
+
+    Parameters
+    ----------
+    run
+        The run read by `scdrugmap.report.run.read_run`.
+    figures
+        Figures in report order; each is embedded as a PNG data URI with its caption.
+    best, scalability, unscored
+        Tables from `scdrugmap.report.tables`.
+    counts
+        Jobs done, skipped and failed.
+    interactive
+        (title, plotly figure) pairs; plotly.js is inlined once, never loaded from a CDN.
+    """
+    escape = html.escape
+    config = run.config
+    title = f"scDrugMap benchmark report: {escape(run.run_dir.name)}"
+    plotly_script, plotly_divs = _plotly_parts(interactive)
+    parts: list[str] = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
+                        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+                        f"<title>{title}</title><style>{CSS}</style>", plotly_script, "</head><body>",
+                        f"<h1>{title}</h1>"]
+    if run.simulated:
+        parts.append("<div class='banner' id='simulated-banner'>SIMULATED DATA: the cells of this run come from "
+                     "scDrugMap's simulator (config data = \"demo\"). The scores show that the pipeline works; they "
+                     "say nothing about real drug response.</div>")
+    generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts.append(f"<p class='facts'>Data: <code>{escape(str(config.get('data', 'unknown')))}</code> · "
+                 f"models: {escape(', '.join(run.model_list))} · jobs: {counts['done']} scored, "
+                 f"{counts['skipped']} skipped, {counts['failed']} failed · run folder "
+                 f"<code>{escape(str(run.run_dir))}</code> · generated {generated}</p>")
+    sections = list(dict.fromkeys(f.section for f in figures))
+    parts.append("<nav><ul><li><a href='#summary'>Summary: best model per category</a></li>")
+    for section in sections:
+        parts.append(f"<li><a href='#{_anchor(section)}'>{escape(section)}</a></li>")
+    if plotly_divs:
+        parts.append("<li><a href='#interactive'>Interactive figures</a></li>")
+    parts.append("<li><a href='#scalability-table'>Scalability table</a></li><li><a href='#unscored'>Jobs not "
+                 "scored</a></li><li><a href='#config'>Config and environment</a></li></ul></nav>")
+    parts.append("<h2 id='summary'>Summary: best model per category</h2>"
+                 "<p>Pooled scenario; mean F1 over every scored fold of the category's values (SD over folds). "
+                 "The patient-grouped split (sample) is listed first; the cell-level split (cell) lets cells of "
+                 "one patient sit in both train and test.</p>")
+    parts.append(_table(best))
+    for section in sections:
+        parts.append(f"<h2 id='{_anchor(section)}'>{escape(section)}</h2>")
+        for item in (f for f in figures if f.section == section):
+            parts.append(f"<figure id='figure-{escape(item.name)}'><h3>{escape(item.title)}</h3>"
+                         f"<img src='{figure_data_uri(item.figure)}' alt='{escape(item.title)}'>"
+                         f"<figcaption>{escape(item.caption)}</figcaption></figure>")
+    if plotly_divs:
+        parts.append("<h2 id='interactive'>Interactive figures</h2>")
+        for name, div in plotly_divs:
+            parts.append(f"<figure><h3>{escape(name)}</h3>{div}<figcaption>Hover a bar for its mean, SD and number "
+                         "of scored folds; the buttons switch between F1 and AUROC; click a model in the legend to "
+                         "hide it.</figcaption></figure>")
+    parts.append("<h2 id='scalability-table'>Scalability table</h2><p>Parameters and output dimension of each "
+                 "model; inference is embedding every cell once (from models.json; a cache hit repeats the "
+                 "original timing); training is fitting the head or LoRA and predicting one test fold.</p>")
+    parts.append(_table(_format_scalability(scalability)))
+    parts.append("<h2 id='unscored'>Jobs not scored</h2><p>Skipped and failed jobs have no metrics and appear in "
+                 "no figure.</p>")
+    parts.append(_table(unscored))
+    parts.append("<h2 id='config'>Config and environment</h2>")
+    parts.append(f"<h3>Config</h3><pre>{escape(json.dumps(config, indent=1, default=str))}</pre>")
+    parts.append(f"<h3>Environment</h3><pre>{escape(json.dumps(run.environment, indent=1, default=str))}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _anchor(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower())

@@ -1,0 +1,142 @@
+"""Tables of a report: fold scores summarised, best model per category, scalability, unscored jobs.
+
+Two levels of summary are used throughout. A *value score* is the mean (and SD) of a
+metric over the folds of one category value (e.g. cancer type = Melanoma). A *category
+score* is the mean (and SD) over every scored fold of all values of a category. Folds
+where a metric is undefined (NaN, e.g. AUROC of a one-class fold) are left out of means,
+SDs and counts; skipped and failed jobs are never scored.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from scdrugmap.evaluate.metrics import METRICS
+from scdrugmap.report.run import RunData, categories_order, reference_split, scored
+from scdrugmap.report.style import category_name, model_name
+
+
+def _aggregate(done: pd.DataFrame, by: list[str], metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
+    aggregations: dict[str, tuple[str, str]] = {}
+    for name in metrics:
+        aggregations[f"{name}_mean"] = (name, "mean")
+        aggregations[f"{name}_sd"] = (name, "std")
+        aggregations[f"{name}_n"] = (name, "count")
+    if done.empty:
+        return pd.DataFrame(columns=[*by, *aggregations])
+    return done.groupby(by, observed=True, sort=False).agg(**aggregations).reset_index()
+
+
+def value_scores(results: pd.DataFrame, *, split: str, scenario: str = "pooled") -> pd.DataFrame:
+    """Return mean, SD and count of non-NaN folds of each metric per setting, model, category and value."""
+    return _aggregate(scored(results, scenario=scenario, split=split),
+                      ["setting", "model", "category", "value"])
+
+
+def category_scores(results: pd.DataFrame, *, split: str, scenario: str = "pooled") -> pd.DataFrame:
+    """Return mean, SD and count over all scored folds of each category, per setting and model."""
+    return _aggregate(scored(results, scenario=scenario, split=split), ["setting", "model", "category"])
+
+
+def best_models(results: pd.DataFrame) -> pd.DataFrame:
+    """Return the best model and setting per category and split by mean F1 (pooled scenario).
+
+    Ties on mean F1 are listed together. The runner-up column gives the next model and its F1,
+    so the margin is visible.
+    """
+    rows = []
+    done = scored(results, scenario="pooled")
+    splits = sorted(set(done["split"]), key=lambda s: (s != reference_split(results), s))
+    for split in splits:
+        table = category_scores(results, split=split)
+        for category in categories_order(table) if not table.empty else []:
+            part = table[(table["category"] == category) & table["f1_mean"].notna()]
+            if part.empty:
+                continue
+            part = part.sort_values("f1_mean", ascending=False, kind="stable")
+            top = part["f1_mean"].iloc[0]
+            best = part[np.isclose(part["f1_mean"], top)]
+            rest = part[~np.isclose(part["f1_mean"], top)]
+            runner = (f"{model_name(rest['model'].iloc[0])} ({rest['setting'].iloc[0]}): "
+                      f"{rest['f1_mean'].iloc[0]:.3f}") if not rest.empty else "—"
+            rows.append({
+                "category": category_name(category), "split": split,
+                "best model": ", ".join(model_name(m) for m in best["model"]),
+                "setting": ", ".join(dict.fromkeys(best["setting"])),
+                "mean F1": float(top), "SD F1": float(best["f1_sd"].iloc[0]),
+                "mean AUROC": float(best["auroc_mean"].iloc[0]), "scored folds": int(best["f1_n"].iloc[0]),
+                "runner-up": runner,
+            })
+    return pd.DataFrame(rows, columns=["category", "split", "best model", "setting", "mean F1", "SD F1",
+                                       "mean AUROC", "scored folds", "runner-up"])
+
+
+def scalability_table(run: RunData) -> pd.DataFrame:
+    """Return per model and strategy: parameters, output dim, embedding (inference) and training speed.
+
+    Inference facts come from ``models.json`` (embedding every cell once); training facts
+    from the scored jobs (``seconds`` per fold covers fitting the head or LoRA and
+    predicting the test fold; speed is training cells per second of that time, median over folds).
+    """
+    done = scored(run.results)
+    rows = []
+    for model in run.model_list:
+        facts = run.models.get(model, {})
+        strategies = sorted(set(done.loc[done["model"] == model, "strategy"])) or ["—"]
+        for strategy in strategies:
+            jobs = done[(done["model"] == model) & (done["strategy"] == strategy)]
+            seconds = jobs["seconds"].to_numpy(dtype=np.float64) if "seconds" in jobs else np.array([])
+            n_train = jobs["n_train"].to_numpy(dtype=np.float64) if "n_train" in jobs else np.array([])
+            positive = seconds > 0
+            parameters = facts.get("parameters")
+            rows.append({
+                "model": model_name(model), "family": facts.get("family", "—"),
+                "parameters": int(parameters) if parameters is not None else None,
+                "output dim": facts.get("embedding_dim", facts.get("dim")),
+                "embedding time (s)": facts.get("seconds"),
+                "inference (cells/s)": facts.get("cells_per_second"),
+                "cells embedded": facts.get("n_cells"),
+                "strategy": strategy,
+                "training time per fold (s)": float(np.mean(seconds)) if seconds.size else None,
+                "training (cells/s)": (float(np.median(n_train[positive] / seconds[positive]))
+                                       if positive.any() else None),
+                "folds": int(seconds.size),
+                "_model": model,
+            })
+    return pd.DataFrame(rows)
+
+
+def _reason_text(reasons: str | None, status: str) -> str:
+    try:
+        parsed = json.loads(reasons) if isinstance(reasons, str) else {}
+    except json.JSONDecodeError:
+        return str(reasons)
+    if not isinstance(parsed, dict):
+        return str(parsed)
+    if status == "failed" and "error" in parsed:
+        lines = [line for line in str(parsed["error"]).strip().splitlines() if line.strip()]
+        return lines[-1] if lines else "unknown error"
+    return "; ".join(str(v) for v in parsed.values()) or "no reason stored"
+
+
+def unscored_jobs(results: pd.DataFrame) -> pd.DataFrame:
+    """Return skipped and failed jobs grouped by status, model and reason (with counts)."""
+    missing = results[results["status"] != "done"]
+    if missing.empty:
+        return pd.DataFrame(columns=["status", "model", "scenario", "category", "reason", "jobs"])
+    reasons = missing["reasons"] if "reasons" in missing else pd.Series(None, index=missing.index)
+    frame = missing.assign(reason=[_reason_text(r, s) for r, s in zip(reasons, missing["status"], strict=True)])
+    table = (frame.groupby(["status", "model", "scenario", "category", "reason"], observed=True)
+             .size().rename("jobs").reset_index())
+    table["model"] = table["model"].map(model_name)
+    table["category"] = table["category"].map(category_name)
+    return table
+
+
+def job_counts(results: pd.DataFrame) -> dict[str, int]:
+    """Return how many jobs are done, skipped and failed."""
+    counts = results["status"].value_counts()
+    return {status: int(counts.get(status, 0)) for status in ("done", "skipped", "failed")}

@@ -1,0 +1,118 @@
+"""`write_report`: figures, tables and the HTML report of one run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from scdrugmap.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("html", "png", "svg", "pdf")
+IMAGE_FORMATS = ("png", "svg", "pdf")
+
+
+def _check_formats(formats: Sequence[str] | str) -> list[str]:
+    if isinstance(formats, str):
+        formats = formats.split(",")
+    chosen = [f.strip().lower().lstrip(".") for f in formats if f.strip()]
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown or not chosen:
+        msg = f"--format {','.join(unknown) or '(none)'} is not available; choose from {', '.join(FORMATS)}."
+        raise ConfigError(msg)
+    return list(dict.fromkeys(chosen))
+
+
+@contextlib.contextmanager
+def _quiet_font_subsetting() -> Iterator[None]:
+    """Keep fontTools' per-font INFO lines (written while saving PDF/SVG) out of the log; restore after."""
+    logger = logging.getLogger("fontTools")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
+                 formats: Sequence[str] | str = ("html", "png"), *, projection: str = "auto",
+                 seed: int = 0) -> list[Path]:
+    """Write a run's figures, tables and HTML report; return the paths written.
+
+    Parameters
+    ----------
+    run_dir
+        The ``--out`` folder of a `scdrugmap benchmark` run (only read).
+    out_dir
+        Where to write; defaults to ``run_dir/report``.
+    formats
+        Any of ``html`` (one self-contained ``report.html``), ``png``, ``svg``, ``pdf`` (one
+        file per figure, named after the figure). Tables are always written as CSV.
+    projection
+        2-D maps of embeddings: ``auto`` (UMAP, PCA if umap-learn is missing), ``umap`` or ``pca``.
+    seed
+        Seed of UMAP and of the jitter in dot plots.
+
+    Returns
+    -------
+    The files written: ``<figure>.<format>`` per figure and format, ``summary.csv``
+    (best model per category), ``scalability.csv``, ``unscored_jobs.csv`` and ``report.html``.
+
+    Raises
+    ------
+    ConfigError
+        When a format is unknown, the run has no results, or matplotlib is not installed.
+    """
+    try:
+        import matplotlib as mpl
+    except ImportError as err:
+        msg = "reports need matplotlib; install the report extra: pip install 'scdrugmap[report]'."
+        raise ConfigError(msg) from err
+
+    from scdrugmap.report.figures import build_figures
+    from scdrugmap.report.html import render_html
+    from scdrugmap.report.interactive import interactive_bars, plotly_available
+    from scdrugmap.report.run import read_run
+    from scdrugmap.report.style import RC_PARAMS, model_colours
+    from scdrugmap.report.tables import best_models, job_counts, scalability_table, unscored_jobs
+
+    chosen = _check_formats(formats)
+    if projection not in ("auto", "umap", "pca"):
+        msg = f"projection {projection!r} is not available; choose from auto, umap, pca."
+        raise ConfigError(msg)
+    start = time.perf_counter()
+    run = read_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else run.run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("writing the report of %s into %s (%s)", run.run_dir, out, ", ".join(chosen))
+    figures = build_figures(run, projection=projection, seed=seed)  # type: ignore[arg-type]
+    written: list[Path] = []
+    with mpl.rc_context(RC_PARAMS), _quiet_font_subsetting():
+        for fmt in (f for f in chosen if f in IMAGE_FORMATS):
+            for item in figures:
+                path = out / f"{item.name}.{fmt}"
+                item.figure.savefig(path, format=fmt, bbox_inches="tight")
+                written.append(path)
+    best, scalability, unscored = best_models(run.results), scalability_table(run), unscored_jobs(run.results)
+    for name, table in (("summary", best), ("scalability", scalability), ("unscored_jobs", unscored)):
+        path = out / f"{name}.csv"
+        table[[c for c in table.columns if not str(c).startswith("_")]].to_csv(path, index=False)
+        written.append(path)
+    if "html" in chosen:
+        interactive = []
+        if plotly_available():
+            bars = interactive_bars(run.results, model_colours(run.model_list))
+            if bars is not None:
+                interactive.append(("Mean F1 / AUROC per category value", bars))
+        document = render_html(run, figures, best=best, scalability=scalability, unscored=unscored,
+                               counts=job_counts(run.results), interactive=interactive)
+        path = out / "report.html"
+        path.write_text(document, encoding="utf-8")
+        written.append(path)
+    log.info("    finished the report (%d files) in %.1fs", len(written), time.perf_counter() - start)
+    return written
