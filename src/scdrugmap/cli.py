@@ -246,6 +246,7 @@ def benchmark(
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     demo_cells: Annotated[int | None, typer.Option(help="Cells of the demo collection.")] = None,
     lora_epochs: Annotated[int | None, typer.Option(help="Epochs of LoRA fine-tuning per fold (default 5).")] = None,
+    weights: Annotated[list[str] | None, typer.Option(help="MODEL=PATH: local official weights of a model (repeatable).")] = None,
     api_base: Annotated[str | None, typer.Option(help="OpenAI-compatible API root for the prompt strategy (OpenAI, or a vLLM/llama.cpp/Ollama .../v1).")] = None,
     llm_model: Annotated[str | None, typer.Option(help="Chat model of the prompt strategy (default gpt-4o-mini).")] = None,
     shots: Annotated[int | None, typer.Option(help="Labelled training cells shown in each prompt (0: zero-shot, as in the paper).")] = None,
@@ -277,6 +278,12 @@ def benchmark(
               "template_dir": None if prompt_templates is None else str(prompt_templates)}
     overrides["prompt"] = {k: v for k, v in prompt.items() if v is not None} or None
     overrides["lora"] = None if lora_epochs is None else {"epochs": lora_epochs}
+    if weights:
+        malformed = [w for w in weights if "=" not in w]
+        if malformed:
+            msg = f"--weights {malformed[0]}: expected MODEL=PATH, e.g. --weights scgpt=~/models/scGPT_human."
+            raise ConfigError(msg)
+        overrides["weights"] = dict(w.split("=", 1) for w in weights)
     keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key)
     run_benchmark_command(config, overrides, keys, quiet=STATE["quiet"], console=stdout, progress_console=stderr)
 

@@ -69,6 +69,7 @@ class BenchmarkConfig:
     demo_cells: int = DEMO_CELLS
     demo_genes: int = DEMO_GENES
     weights: dict[str, str] = field(default_factory=dict)
+    model_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
     head: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
@@ -388,7 +389,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
         runnable = [job for job in model_jobs if job.fold.skipped is None]
         if not runnable:
             continue
-        encoder = load_encoder(model_name, config.weights.get(model_name))
+        encoder = load_encoder(model_name, config.weights.get(model_name), **config.model_options.get(model_name, {}))
         if progress:
             progress("embed", 0, adata.n_obs, model_name)
         embeddings, facts = None, {}
