@@ -22,17 +22,42 @@ def _labelled(counts: np.ndarray, genes, *, copies: int = 4, seed: int = 0) -> a
 
 
 def _golden_case(shared, name):
-    if name == "scgpt":
-        inputs = np.load(shared("golden", "scgpt", "inputs.npz"))
-        return _labelled(inputs["counts"], inputs["genes"]), str(shared("golden", "scgpt", "checkpoint")), {}
-    if name == "tgpt":
-        inputs = np.load(shared("golden", "tgpt", "inputs.npz"), allow_pickle=False)
-        return _labelled(inputs["counts"], inputs["genes"]), str(shared("golden", "tgpt", "checkpoint")), {}
-    inputs = np.load(shared("golden", "cellplm", "inputs.npz"))
-    return _labelled(inputs["counts"], inputs["genes"]), str(shared("golden", "cellplm")), {"device": "cpu"}
+    """Return (labelled data, weights path, from_pretrained options) for a model's golden checkpoint."""
+    folder = shared("golden", name)
+    if name in {"scgpt", "tgpt"}:
+        inputs = np.load(folder / "inputs.npz")
+        return _labelled(inputs["counts"], inputs["genes"]), str(folder / "checkpoint"), {}
+    if name == "cellplm":
+        inputs = np.load(folder / "inputs.npz")
+        return _labelled(inputs["counts"], inputs["genes"]), str(folder), {"device": "cpu"}
+    if name == "geneformer":
+        cells = ad.read_h5ad(folder / "cells.h5ad")
+        vocab = shared("vocab", "geneformer_v1")
+        options = {"model_version": "V1", "token_dictionary_file": vocab / "geneformer_token_dictionary.pkl",
+                   "gene_median_file": vocab / "geneformer_gene_median_dictionary.pkl", "gene_mapping_file": None}
+        return _labelled(cells.X.toarray(), cells.var["ensembl_id"]), str(folder / "checkpoint"), options
+    if name == "scfoundation":
+        table = pd.read_csv(folder / "counts.csv", index_col=0)
+        return (_labelled(table.to_numpy(), table.columns), str(folder / "checkpoint.ckpt"),
+                {"gene_index_path": folder / "OS_scRNA_gene_index.200.tsv"})
+    if name == "uce":
+        cells = ad.read_h5ad(folder / "tiny_human.h5ad")
+        return (_labelled(cells.X.toarray(), cells.var_names), str(folder / "checkpoint.torch"),
+                {"nhead": 4, "chrom_token_offset": 264})
+    inputs = np.load(folder / "inputs.npz")
+    if name == "scbert":
+        from scdrugmap.models.scbert import ScBERTConfig
+
+        return (_labelled(inputs["counts"], inputs["genes"]), str(folder),
+                {"config": ScBERTConfig.from_official(folder / "tiny_config.json"), "min_genes": 5})
+    from scdrugmap.models.celllm import CellLMConfig
+
+    return (_labelled(inputs["counts"], inputs["genes"]), str(folder / "checkpoint.pth"),
+            {"config": CellLMConfig.from_official(folder / "config.json"), "genes": list(inputs["vocab_genes"]),
+             "min_genes": 5})
 
 
-@pytest.mark.parametrize("name", ["scgpt", "tgpt", "cellplm"])
+@pytest.mark.parametrize("name", ["geneformer", "tgpt", "scgpt", "scfoundation", "uce", "cellplm", "scbert", "celllm"])
 def test_foundation_model_runs_frozen_and_lora_in_the_benchmark(name, shared, tmp_path):
     adata, weights, options = _golden_case(shared, name)
     data = tmp_path / "data.h5ad"
