@@ -302,6 +302,31 @@ def report(
         stdout.print(str(path))
 
 
+@app.command()
+def serve(
+    db: Annotated[str | None, typer.Option("--db", envvar="SCDRUGMAP_DB",
+                                           help="Database URL, e.g. postgresql://user:password@host/scdrugmap "
+                                                "(default: a SQLite file under SCDRUGMAP_HOME/web).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    results: Annotated[list[Path] | None, typer.Option(
+        "--results", help="A `scdrugmap benchmark` run folder to import into the database (repeat for several).",
+        exists=True, file_okay=False)] = None,
+    bundles: Annotated[Path | None, typer.Option(
+        "--bundles", help="Folder whose sub-folders are head bundles (`scdrugmap train --out`) offered to every "
+                          "user (default: SCDRUGMAP_HOME/web/bundles).")] = None,
+    upload_dir: Annotated[Path | None, typer.Option(help="Where uploads are kept (never a served folder).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MiB.")] = 500.0,
+    max_concurrent_jobs: Annotated[int, typer.Option(help="Predictions running at once.")] = 1,
+) -> None:
+    """Run the web server: catalog, benchmark explorer, and predictions on uploaded data (JSON logs on stderr)."""
+    from scdrugmap.web import serve as run_server
+
+    options = {} if bundles is None else {"bundle_dir": bundles}
+    run_server(db, host=host, port=port, results=results or [], upload_dir=upload_dir, max_upload_mb=max_upload_mb,
+               max_concurrent_jobs=max_concurrent_jobs, **options)
+
+
 def main() -> None:
     """Entry point: run the app, turning expected errors into one line and exit code 1."""
     try:

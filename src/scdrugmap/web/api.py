@@ -1,0 +1,436 @@
+"""The REST API (``/api``, schema at ``/api/openapi.json``) and ``/health``.
+
+Jobs are created by uploading an ``.h5ad`` (``POST /api/jobs``), which answers with the job's
+token once the file passed its checks; every later call names the token in its path. There is
+no call that lists jobs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from scdrugmap import __version__
+from scdrugmap.errors import ConfigError
+from scdrugmap.web import jobs as job_service
+from scdrugmap.web import results as result_service
+from scdrugmap.web.app import get_session
+from scdrugmap.web.bundles import public_bundles
+from scdrugmap.web.db import BenchmarkResult, BenchmarkRun, PredictionJob
+from scdrugmap.web.storage import UploadRejected
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+DbSession = Annotated[Session, Depends(get_session)]
+NO_JOB = "no such job: the token is wrong or the job was removed."
+MAX_PAGE_ROWS = 1000
+
+
+# --- response models (they shape the OpenAPI schema) -------------------------------------------------------
+
+class Health(BaseModel):
+    status: str = Field(description="ok, or error when the database cannot be reached")
+    version: str
+    database: str
+    worker: str = Field(description="running, stopped (serving without a worker) or dead")
+    jobs_waiting: int
+    jobs_running: int
+
+
+class CatalogEntry(BaseModel):
+    dataset_id: str
+    collection: str
+    study: str | None = None
+    subgroup: str | None = None
+    tissue: str | None = None
+    cancer_type: str | None = None
+    therapy: str | None = None
+    regimen: str | None = None
+    n_samples: int | None = None
+
+
+class CategoryCells(BaseModel):
+    category: str
+    value: str
+    n_cells: int
+    n_sensitive: int
+    n_resistant: int
+
+
+class DatasetFacts(BaseModel):
+    facts: dict[str, Any]
+    cells: list[CategoryCells]
+
+
+class RunInfo(BaseModel):
+    id: int
+    name: str
+    n_jobs: int
+    imported_at: datetime
+    models: list[str]
+
+
+class RunSummary(BaseModel):
+    run: str
+    choices: dict[str, list[str]]
+    picked: dict[str, str | None]
+    by_model: list[dict[str, Any]]
+    by_value: list[dict[str, Any]]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    bundles: int
+
+
+class BundleInfo(BaseModel):
+    id: int
+    name: str
+    model: str
+    kind: str
+    strategy: str
+    sha256: str
+    meta: dict[str, Any]
+
+
+class Problem(BaseModel):
+    severity: str
+    where: str
+    message: str
+
+
+class CheckReport(BaseModel):
+    source: str
+    ok: bool
+    facts: dict[str, Any]
+    tables: list[dict[str, Any]]
+    problems: list[Problem]
+
+
+class JobBundle(BaseModel):
+    id: int
+    name: str
+    model: str
+    kind: str
+    strategy: str
+    uploaded: bool
+
+
+class JobView(BaseModel):
+    status: str = Field(description="checked, queued, running, done, failed or interrupted")
+    stage: str
+    progress: float
+    message: str | None
+    file: str
+    n_cells: int
+    n_genes: int
+    model: str | None
+    threshold: float
+    bundle: JobBundle | None
+    created_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    report: CheckReport
+    summary: dict[str, Any]
+
+
+class JobCreated(BaseModel):
+    token: str = Field(description="the only key to this job: keep it; it is shown once and not stored")
+    job: JobView
+    links: dict[str, str]
+
+
+class Rejection(BaseModel):
+    detail: str
+    report: CheckReport | None = None
+
+
+class PredictionRows(BaseModel):
+    total: int
+    offset: int
+    rows: list[dict[str, Any]]
+
+
+def _job_or_404(session: Session, token: str) -> PredictionJob:
+    job = job_service.find_job(session, token)
+    if job is None:
+        raise HTTPException(404, NO_JOB)
+    return job
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):
+        return _finite(value.item())
+    return value
+
+
+def records(frame: Any) -> list[dict[str, Any]]:
+    """Return a frame's rows as JSON-safe dicts (NaN and NA become null)."""
+    return [{k: _finite(None if v is None or (not isinstance(v, str) and _is_na(v)) else v) for k, v in row.items()}
+            for row in frame.to_dict("records")]
+
+
+def _is_na(value: Any) -> bool:
+    import pandas as pd
+
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+# --- health ------------------------------------------------------------------------------------------------
+
+@router.get("/health", response_model=Health, tags=["operations"])
+def health(request: Request, session: DbSession) -> Any:
+    """Report whether the database answers and the worker runs."""
+    worker = request.app.state.worker
+    settings = request.app.state.settings
+    worker_state = "running" if worker.alive else ("dead" if settings.run_worker else "stopped")
+    try:
+        session.execute(text("SELECT 1"))
+        counts = dict(session.execute(select(PredictionJob.status, func.count()).group_by(PredictionJob.status)).all())
+    except Exception:  # any database failure reads as unhealthy
+        log.exception("health check: database unreachable")
+        return JSONResponse({"status": "error", "version": __version__, "database": "unreachable",
+                             "worker": worker_state, "jobs_waiting": 0, "jobs_running": 0}, status_code=503)
+    return {"status": "ok", "version": __version__, "database": "ok", "worker": worker_state,
+            "jobs_waiting": int(counts.get("queued", 0)), "jobs_running": int(counts.get("running", 0))}
+
+
+# --- catalog -----------------------------------------------------------------------------------------------
+
+@router.get("/api/catalog", response_model=list[CatalogEntry], tags=["catalog"])
+def catalog(collection: str | None = None, tissue: str | None = None, cancer_type: str | None = None,
+            therapy: str | None = None, regimen: str | None = None) -> Any:
+    """List the curated data sets, filtered (case-insensitive substring) by any of the five fields."""
+    from scdrugmap.data.catalog import filter_catalog
+
+    table = filter_catalog(collection=collection or None, tissue=tissue or None, cancer_type=cancer_type or None,
+                           therapy=therapy or None, regimen=regimen or None)
+    return records(table[[c for c in CatalogEntry.model_fields if c in table.columns]])
+
+
+def dataset_facts(dataset_id: str) -> dict[str, Any]:
+    """Return one data set's catalog row and its cells per category value; 404 when unknown."""
+    from scdrugmap.data.catalog import get_dataset, load_category_counts
+
+    try:
+        row = get_dataset(dataset_id)
+    except ConfigError as err:
+        raise HTTPException(404, str(err)) from err
+    counts = load_category_counts()
+    holding = counts[counts["dataset_ids"].astype(str).str.split().apply(lambda ids: row["dataset_id"] in ids)]
+    cells = [{"category": str(c["category"]), "value": str(c["value"]), "n_cells": int(c["n_cells"]),
+              "n_sensitive": int(c["n_sensitive"]), "n_resistant": int(c["n_resistant"])}
+             for c in holding.to_dict("records")]
+    facts = {str(k): _finite(None if _is_na(v) else v) for k, v in row.items()}
+    if facts.get("pmid") is not None:
+        facts["pmid"] = str(facts["pmid"]).removesuffix(".0")
+    return {"facts": facts, "cells": cells}
+
+
+@router.get("/api/catalog/{dataset_id}", response_model=DatasetFacts, tags=["catalog"])
+def dataset(dataset_id: str) -> Any:
+    """Show every fact of one data set and its cells per category value."""
+    return dataset_facts(dataset_id)
+
+
+# --- benchmark results -------------------------------------------------------------------------------------
+
+@router.get("/api/runs", response_model=list[RunInfo], tags=["benchmarks"])
+def runs(session: DbSession) -> Any:
+    """List the imported benchmark runs."""
+    listed = []
+    for run in result_service.list_runs(session):
+        models = sorted(session.scalars(select(BenchmarkResult.model).where(BenchmarkResult.run_id == run.id)
+                                        .group_by(BenchmarkResult.model)))
+        listed.append({"id": run.id, "name": run.name, "n_jobs": run.n_jobs, "imported_at": run.imported_at,
+                       "models": models})
+    return listed
+
+
+def run_summary(session: Session, run_id: int, requested: dict[str, str | None]) -> dict[str, Any]:
+    """Return the explorer's data for one run: choices, the picked ones, and the two summary tables."""
+    run = session.get(BenchmarkRun, run_id)
+    if run is None:
+        raise HTTPException(404, f"no benchmark run {run_id}; see /api/runs.")
+    options = result_service.choices(session, run_id)
+    picked = result_service.pick(options, requested)
+    frame = result_service.run_frame(session, run_id, **picked)
+    by_model, by_value = result_service.explorer_tables(frame)
+    return {"run": run.name, "choices": options, "picked": picked, "by_model": records(by_model),
+            "by_value": records(by_value), "_by_model": by_model, "_by_value": by_value}
+
+
+ChoiceQuery = Annotated[str | None, Query(max_length=300)]
+
+
+@router.get("/api/runs/{run_id}/summary", response_model=RunSummary, tags=["benchmarks"])
+def summary(run_id: int, session: DbSession, category: ChoiceQuery = None, strategy: ChoiceQuery = None,
+            head: ChoiceQuery = None, scenario: ChoiceQuery = None, split: ChoiceQuery = None) -> Any:
+    """Mean and sd of every metric per model, and per model and category value, for one choice of
+    category, strategy, head, scenario and split (defaults: the first available, frozen/mlp/pooled/sample)."""
+    found = run_summary(session, run_id, {"category": category, "strategy": strategy, "head": head,
+                                          "scenario": scenario, "split": split})
+    return {k: v for k, v in found.items() if not k.startswith("_")}
+
+
+@router.get("/api/runs/{run_id}/summary.csv", tags=["benchmarks"],
+            responses={200: {"content": {"text/csv": {}}, "description": "the per model and value table"}})
+def summary_csv(run_id: int, session: DbSession, category: ChoiceQuery = None, strategy: ChoiceQuery = None,
+                head: ChoiceQuery = None, scenario: ChoiceQuery = None, split: ChoiceQuery = None) -> Response:
+    """Download the explorer's table (per model and category value) as CSV."""
+    found = run_summary(session, run_id, {"category": category, "strategy": strategy, "head": head,
+                                          "scenario": scenario, "split": split})
+    table = found["_by_value"]
+    for name, value in found["picked"].items():
+        table.insert(len(table.columns) if name != "category" else 0, name, value)
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False)
+    filename = f"scdrugmap-{found['run']}-{found['picked']['category']}.csv"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in filename)
+    return Response(buffer.getvalue(), media_type="text/csv",
+                    headers={"content-disposition": f'attachment; filename="{safe}"'})
+
+
+# --- models and bundles ------------------------------------------------------------------------------------
+
+@router.get("/api/models", response_model=list[ModelInfo], tags=["prediction"])
+def models(session: DbSession) -> Any:
+    """List the registered models and how many public head bundles each has."""
+    from scdrugmap.models.base import registry
+
+    counts: dict[str, int] = {}
+    for bundle in public_bundles(session):
+        counts[bundle.model] = counts.get(bundle.model, 0) + 1
+    return [{"name": name, "bundles": counts.get(name, 0)} for name in sorted(registry())]
+
+
+@router.get("/api/bundles", response_model=list[BundleInfo], tags=["prediction"])
+def bundles(session: DbSession) -> Any:
+    """List the head bundles every user may predict with."""
+    return [{"id": b.id, "name": b.name, "model": b.model, "kind": b.kind, "strategy": b.strategy, "sha256": b.sha256,
+             "meta": b.meta} for b in public_bundles(session)]
+
+
+# --- jobs --------------------------------------------------------------------------------------------------
+
+def links(token: str) -> dict[str, str]:
+    return {"page": f"/jobs/{token}", "api": f"/api/jobs/{token}", "run": f"/api/jobs/{token}/run",
+            "results": f"/jobs/{token}/results", "csv": f"/api/jobs/{token}/predictions.csv",
+            "h5ad": f"/api/jobs/{token}/predictions.h5ad"}
+
+
+@router.post("/api/jobs", status_code=201, response_model=JobCreated, tags=["prediction"],
+             responses={413: {"model": Rejection}, 415: {"model": Rejection}, 422: {"model": Rejection}})
+def create_job(request: Request, session: DbSession,
+               file: Annotated[UploadFile, File(description="an .h5ad file of cells x genes")]) -> Any:
+    """Upload an .h5ad and check it. Valid data becomes a job (its token is in the answer); data with errors
+    is refused with the check report, and nothing is kept."""
+    try:
+        token, job = job_service.create_job(session, request.app.state.storage, file.file, filename=file.filename,
+                                            content_type=file.content_type)
+    except UploadRejected as err:
+        return JSONResponse({"detail": err.message, "report": err.report}, status_code=err.status)
+    return {"token": token, "job": job_service.job_view(session, job), "links": links(token)}
+
+
+@router.get("/api/jobs/{token}", response_model=JobView, tags=["prediction"], responses={404: {"model": Rejection}})
+def get_job(token: str, session: DbSession) -> Any:
+    """Show a job: its state and progress, check report, choices and (when done) summary."""
+    return job_service.job_view(session, _job_or_404(session, token))
+
+
+def submit(request: Request, session: Session, token: str, *, model: str | None, bundle_id: int | None,
+           threshold: float, head_json: UploadFile | None, head_safetensors: UploadFile | None) -> PredictionJob:
+    """Queue a job (shared by the API and the page); raises HTTPException with a message to show."""
+    job = _job_or_404(session, token)
+    given = [part for part in (head_json, head_safetensors) if part is not None and part.filename]
+    if len(given) == 1:
+        raise HTTPException(422, "an uploaded bundle needs both head.json and head.safetensors.")
+    upload = None
+    if head_json is not None and head_safetensors is not None and len(given) == 2:
+        upload = (head_json.file, head_json.content_type, head_safetensors.file, head_safetensors.content_type)
+    try:
+        job_service.submit_job(session, request.app.state.storage, request.app.state.settings, job, model=model or None,
+                               bundle_id=bundle_id, threshold=threshold, bundle_upload=upload)
+    except (job_service.JobRefused, UploadRejected) as err:
+        raise HTTPException(err.status, err.message) from err
+    request.app.state.worker.wake()
+    return job
+
+
+@router.post("/api/jobs/{token}/run", status_code=202, response_model=JobView, tags=["prediction"],
+             responses={404: {"model": Rejection}, 409: {"model": Rejection}, 422: {"model": Rejection},
+                        429: {"model": Rejection}})
+def run_job(request: Request, token: str, session: DbSession,
+            model: Annotated[str | None, Form(max_length=100)] = None,
+            bundle_id: Annotated[int | None, Form()] = None,
+            threshold: Annotated[float, Form(gt=0, lt=1)] = 0.5,
+            head_json: Annotated[UploadFile | None, File(description="head.json of an own bundle")] = None,
+            head_safetensors: Annotated[UploadFile | None, File(description="head.safetensors")] = None) -> Any:
+    """Queue the prediction of a checked job with a model and a head bundle (listed, or uploaded here).
+    A failed or interrupted job can be submitted again."""
+    job = submit(request, session, token, model=model, bundle_id=bundle_id, threshold=threshold,
+                 head_json=head_json, head_safetensors=head_safetensors)
+    return job_service.job_view(session, job)
+
+
+def _finished_frame(request: Request, session: Session, token: str):
+    job = _job_or_404(session, token)
+    frame = job_service.predictions_frame(request.app.state.storage, job)
+    if frame is None:
+        raise HTTPException(409, f"the job is {job.status}; predictions exist once it is done.")
+    return job, frame
+
+
+@router.get("/api/jobs/{token}/predictions", response_model=PredictionRows, tags=["prediction"])
+def predictions(request: Request, token: str, session: DbSession, offset: Annotated[int, Query(ge=0)] = 0,
+                limit: Annotated[int, Query(ge=1, le=MAX_PAGE_ROWS)] = 100) -> Any:
+    """Per-cell predictions of a finished job, a page at a time."""
+    _, frame = _finished_frame(request, session, token)
+    return {"total": len(frame), "offset": offset, "rows": records(frame.iloc[offset : offset + limit])}
+
+
+@router.get("/api/jobs/{token}/samples", tags=["prediction"])
+def samples(request: Request, token: str, session: DbSession) -> list[dict[str, Any]]:
+    """Per sample: cells, cells predicted sensitive and resistant, mean probability, observed labels."""
+    _, frame = _finished_frame(request, session, token)
+    return records(job_service.sample_summary(frame))
+
+
+def _download(request: Request, session: Session, token: str, filename: str, suffix: str, media_type: str):
+    job = _job_or_404(session, token)
+    path = job_service.output_file(request.app.state.storage, job, filename)
+    if path is None:
+        raise HTTPException(409, f"the job is {job.status}; downloads exist once it is done.")
+    stem = job.display_name.rsplit(".", 1)[0] or "predictions"
+    return FileResponse(path, media_type=media_type, filename=f"{stem}.predicted{suffix}")
+
+
+@router.get("/api/jobs/{token}/predictions.csv", tags=["prediction"],
+            responses={200: {"content": {"text/csv": {}}, "description": "per-cell predictions"}})
+def predictions_csv(request: Request, token: str, session: DbSession) -> FileResponse:
+    """Download the per-cell predictions as CSV (cell, prob_sensitive, prediction, sample, observed)."""
+    return _download(request, session, token, job_service.PREDICTIONS_CSV, ".csv", "text/csv")
+
+
+@router.get("/api/jobs/{token}/predictions.h5ad", tags=["prediction"],
+            responses={200: {"content": {"application/x-hdf5": {}}, "description": "the upload with predictions"}})
+def predictions_h5ad(request: Request, token: str, session: DbSession) -> FileResponse:
+    """Download the uploaded data with predictions in obs and the embedding (and its 2-D view) in obsm."""
+    return _download(request, session, token, job_service.PREDICTIONS_H5AD, ".h5ad", "application/x-hdf5")

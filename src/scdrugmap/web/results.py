@@ -1,0 +1,149 @@
+"""Benchmark results in the database: import a run folder, and summarise it for the explorer.
+
+A run folder is what ``scdrugmap benchmark --out RUN_DIR`` writes (`scdrugmap.evaluate.store`).
+Importing the same folder again replaces its rows, so a re-import after a resumed run is safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.orm import Session
+
+from scdrugmap.errors import ConfigError
+from scdrugmap.evaluate.metrics import METRICS, summarise
+from scdrugmap.evaluate.store import read_results
+from scdrugmap.web.db import BenchmarkResult, BenchmarkRun, utcnow
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("key", "model", "strategy", "head", "scenario", "category", "value", "fold", "split", "status")
+NUMBER_COLUMNS = ("n_train", "n_test", "seconds", *METRICS)
+#: Explorer choices, in the order the page shows them.
+CHOICES = ("category", "strategy", "head", "scenario", "split")
+
+
+def _number(value: Any) -> float | int | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        return None if pd.isna(value) else value.item() if hasattr(value, "item") else value
+    except (TypeError, ValueError):
+        return None
+
+
+def import_results(session: Session, run_dir: str | Path) -> BenchmarkRun:
+    """Import (or re-import) the results store in ``run_dir``.
+
+    Raises
+    ------
+    ConfigError
+        When the folder holds no results, or its rows lack the columns of a results store.
+    """
+    run_dir = Path(run_dir).expanduser().resolve()
+    results = read_results(run_dir)
+    missing = [c for c in REQUIRED_COLUMNS if c not in results.columns]
+    if missing:
+        msg = f"{run_dir}: results lack the columns {missing}; is this a `scdrugmap benchmark` run folder?"
+        raise ConfigError(msg)
+    config_path = run_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    fingerprint_path = run_dir / "data_fingerprint.txt"
+    fingerprint = fingerprint_path.read_text().strip()[:64] if fingerprint_path.exists() else None
+    run = session.scalar(select(BenchmarkRun).where(BenchmarkRun.source == str(run_dir)))
+    if run is None:
+        run = BenchmarkRun(source=str(run_dir))
+        session.add(run)
+    else:
+        session.execute(delete(BenchmarkResult).where(BenchmarkResult.run_id == run.id))
+    run.name = run_dir.name
+    run.fingerprint = fingerprint
+    run.config = json.loads(json.dumps(config.get("config", config), default=str))
+    run.n_jobs = len(results)
+    run.imported_at = utcnow()
+    session.flush()
+    rows = []
+    for record in results.to_dict("records"):
+        row: dict[str, Any] = {"run_id": run.id, **{c: str(record[c]) for c in REQUIRED_COLUMNS}}
+        row.update({c: _number(record.get(c)) for c in NUMBER_COLUMNS})
+        reasons = record.get("reasons")
+        row["reasons"] = None if reasons is None or (isinstance(reasons, float) and math.isnan(reasons)) else str(reasons)
+        rows.append(row)
+    if rows:
+        session.execute(insert(BenchmarkResult), rows)
+    session.commit()
+    log.info("imported benchmark results", extra={"run": run.name, "jobs": len(rows)})
+    return run
+
+
+def list_runs(session: Session) -> list[BenchmarkRun]:
+    return list(session.scalars(select(BenchmarkRun).order_by(BenchmarkRun.imported_at.desc(), BenchmarkRun.id)))
+
+
+def run_frame(session: Session, run_id: int, **filters: str | None) -> pd.DataFrame:
+    """Return the result rows of one run (optionally only those matching ``filters``) as a frame."""
+    columns = [getattr(BenchmarkResult, c) for c in (*REQUIRED_COLUMNS, *NUMBER_COLUMNS)]
+    query = select(*columns).where(BenchmarkResult.run_id == run_id)
+    for name, value in filters.items():
+        if value is not None:
+            query = query.where(getattr(BenchmarkResult, name) == value)
+    rows = session.execute(query).all()
+    frame = pd.DataFrame(rows, columns=[*REQUIRED_COLUMNS, *NUMBER_COLUMNS])
+    for metric in METRICS:
+        frame[metric] = pd.to_numeric(frame[metric], errors="coerce")
+    return frame
+
+
+def choices(session: Session, run_id: int) -> dict[str, list[str]]:
+    """Return the values present in a run for each explorer choice (category, strategy, ...)."""
+    found = {}
+    for name in CHOICES:
+        column = getattr(BenchmarkResult, name)
+        found[name] = sorted(session.scalars(select(column).where(BenchmarkResult.run_id == run_id)
+                                             .group_by(column)))
+    return found
+
+
+def pick(options: dict[str, list[str]], requested: dict[str, str | None]) -> dict[str, str | None]:
+    """Return the requested choices where the run has them, else a sensible default for each."""
+    preferred = {"strategy": "frozen", "head": "mlp", "scenario": "pooled", "split": "sample"}
+    picked: dict[str, str | None] = {}
+    for name, values in options.items():
+        value = requested.get(name)
+        if value not in values:
+            value = preferred.get(name) if preferred.get(name) in values else (values[0] if values else None)
+        picked[name] = value
+    return picked
+
+
+def explorer_tables(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return (per model, per model and category value) mean and sd of every metric, with scored/unscored fold counts."""
+    tables = []
+    for by in (["model"], ["model", "value"]):
+        if frame.empty:
+            tables.append(pd.DataFrame(columns=[*by, "n_folds", "n_not_scored"]))
+            continue
+        table = summarise(frame, by)
+        unscored = frame[frame["status"] != "done"].groupby(by, observed=True).size().rename("n_not_scored")
+        table = table.merge(unscored.reset_index(), on=by, how="outer")
+        table = table.fillna({"n_folds": 0, "n_not_scored": 0}).astype({"n_folds": int, "n_not_scored": int})
+        tables.append(table.sort_values(by, ignore_index=True))
+    return tables[0], tables[1]
+
+
+def category_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Return mean and sd of every metric per model and category (over all values and folds)."""
+    if frame.empty:
+        return pd.DataFrame(columns=["model", "category", "n_folds"])
+    return summarise(frame, ["model", "category"])
+
+
+def count_results(session: Session, run_id: int) -> int:
+    return int(session.scalar(select(func.count()).select_from(BenchmarkResult)
+                              .where(BenchmarkResult.run_id == run_id)) or 0)

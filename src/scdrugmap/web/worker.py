@@ -1,0 +1,400 @@
+"""The job worker: runs queued predictions in background threads, outside any request.
+
+Jobs live in the database, so they outlast the server. A worker claims a queued job with one
+conditional UPDATE (``status='queued'`` -> ``running``, so two servers never run one job),
+marks its running jobs alive every few seconds, and writes the outcome only while it still
+owns the job. At start it resumes queued jobs and marks running jobs whose worker is gone (a
+dead process on this host, or no heartbeat for ``stale_seconds``) as ``interrupted``; a
+graceful stop marks its own unfinished jobs the same way. An interrupted job can be submitted
+again from its page.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import select, update
+
+from scdrugmap.errors import ScDrugMapError
+from scdrugmap.web.bundles import bundle_folder
+from scdrugmap.web.db import HeadBundle, PredictionJob, utcnow
+from scdrugmap.web.jobs import PREDICTIONS_CSV, PREDICTIONS_H5AD, PREDICTIONS_PARQUET
+
+if TYPE_CHECKING:
+    import anndata as ad
+    from sqlalchemy.orm import sessionmaker
+
+    from scdrugmap.models.base import Encoder
+    from scdrugmap.web.settings import Settings
+    from scdrugmap.web.storage import Storage
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED_MESSAGE = ("the server stopped while this job ran, so it did not finish; submit it again to rerun it "
+                       "from the start.")
+#: Seconds between two progress writes of one job.
+PROGRESS_INTERVAL = 0.5
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _worker_gone(worker_id: str | None) -> bool:
+    """Return True when ``worker_id`` names a process of this host that no longer runs it."""
+    if not worker_id:
+        return True
+    parts = worker_id.split("|")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    host, pid = parts[0], int(parts[1])
+    if host != socket.gethostname():
+        return False
+    return pid == os.getpid() or not _pid_alive(pid)
+
+
+class _Embedded:
+    """An encoder whose ``embed`` returns embeddings computed before (so a frozen head reuses them)."""
+
+    def __init__(self, encoder: Encoder, embeddings: np.ndarray) -> None:
+        self._encoder = encoder
+        self._embeddings = embeddings
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
+
+    def embed(self, adata: ad.AnnData, **_: Any) -> np.ndarray:
+        return self._embeddings
+
+
+def project(embeddings: np.ndarray, method: str, *, seed: int = 0) -> tuple[np.ndarray | None, str | None]:
+    """Return 2-D coordinates per cell (NaN where the embedding is missing) and the method used.
+
+    ``umap`` needs umap-learn and at least 20 cells; otherwise PCA is used and a warning names why.
+    """
+    if embeddings.ndim != 2 or embeddings.shape[1] < 2:
+        return None, None
+    valid = ~np.isnan(embeddings).any(axis=1)
+    if valid.sum() < 3:
+        return None, None
+    X = embeddings[valid].astype(np.float64)
+    coordinates = None
+    if method == "umap":
+        try:
+            import umap
+        except ImportError:
+            log.warning("umap-learn is not installed; the 2-D view uses PCA instead (pip install umap-learn)")
+            method = "pca"
+        else:
+            if X.shape[0] < 20:
+                log.warning("too few cells for UMAP; the 2-D view uses PCA", extra={"cells": int(X.shape[0])})
+                method = "pca"
+            else:
+                reducer = umap.UMAP(n_components=2, n_neighbors=min(15, X.shape[0] - 1), random_state=seed)
+                coordinates = reducer.fit_transform(X)
+    if coordinates is None:
+        from sklearn.decomposition import PCA
+
+        coordinates = PCA(n_components=2, random_state=seed).fit_transform(X)
+    xy = np.full((embeddings.shape[0], 2), np.nan, dtype=np.float32)
+    xy[valid] = coordinates
+    return xy, method
+
+
+def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights: str | None, threshold: float,
+                   out_dir: Path, projection: str, progress: Any) -> dict[str, Any]:
+    """Predict every cell of ``upload_path`` with ``model`` and the head in ``bundle_path``; write the outputs.
+
+    Writes ``predictions.parquet`` (cell, probability, prediction, x, y, sample, observed), ``predictions.csv``
+    and ``predictions.h5ad`` (the upload with obs columns ``scdrugmap_<model>_prob_sensitive`` and
+    ``scdrugmap_<model>_prediction``, obsm ``X_<model>`` and its 2-D view) into ``out_dir``.
+
+    Returns
+    -------
+    The summary shown on the results page (counts, mean probability, agreement with observed labels).
+    """
+    from scdrugmap.data import schema
+    from scdrugmap.data.io import read_h5ad, write_h5ad_atomic
+    from scdrugmap.evaluate.metrics import compute_metrics
+    from scdrugmap.models.base import load_encoder
+    from scdrugmap.train.heads import load_head_bundle
+    from scdrugmap.train.predict import predict_cells
+
+    progress("reading the data", 0.02)
+    adata = read_h5ad(upload_path)
+    progress("loading the model", 0.05)
+    encoder = load_encoder(model, weights)
+    encoder.check_input(adata)
+    kind = load_head_bundle(bundle_path)[0].get("kind")
+
+    def embed_progress(done: int, total: int) -> None:
+        progress("embedding cells", 0.1 + 0.6 * done / max(total, 1))
+
+    if kind == "lora":  # the adapters go into the encoder: predict first, then embed with them
+        progress("predicting", 0.1)
+        probability = predict_cells(encoder, adata, bundle_path)
+        embeddings = encoder.embed(adata, progress=embed_progress)
+    else:
+        progress("embedding cells", 0.1)
+        embeddings = encoder.embed(adata, progress=embed_progress)
+        progress("predicting", 0.75)
+        probability = predict_cells(_Embedded(encoder, embeddings), adata, bundle_path)  # type: ignore[arg-type]
+    progress("projecting to 2-D", 0.8)
+    xy, method = project(embeddings, projection)
+    progress("writing results", 0.9)
+    prediction = np.where(probability >= threshold, "sensitive", "resistant").astype(object)
+    prediction[np.isnan(probability)] = None  # cells the model could not read
+    frame = pd.DataFrame({"cell": adata.obs_names.astype(str), "probability": probability.astype(np.float32),
+                          "prediction": pd.array(prediction, dtype="string"),
+                          "x": np.nan if xy is None else xy[:, 0], "y": np.nan if xy is None else xy[:, 1]})
+    obs = adata.obs
+    if schema.SAMPLE in obs:
+        frame["sample"] = obs[schema.SAMPLE].astype(str).to_numpy()
+    summary: dict[str, Any] = {
+        "n_cells": int(adata.n_obs), "n_sensitive": int((prediction == "sensitive").sum()),
+        "n_resistant": int((prediction == "resistant").sum()), "n_missing": int(np.isnan(probability).sum()),
+        "mean_probability": None if np.isnan(probability).all() else float(np.nanmean(probability)),
+        "projection": method, "embedding_dim": int(embeddings.shape[1]),
+    }
+    if schema.RESPONSE in obs and obs[schema.RESPONSE].notna().all():
+        try:
+            labels = schema.encode_labels(obs[schema.RESPONSE].to_numpy())
+        except ScDrugMapError:
+            labels = None
+        if labels is not None:
+            frame["observed"] = np.where(labels == 1, schema.SENSITIVE, schema.RESISTANT)
+            metrics, reasons = compute_metrics(labels, probability, threshold=threshold)
+            summary["agreement"] = {k: (None if np.isnan(v) else float(v)) for k, v in metrics.items()}
+            summary["agreement_notes"] = reasons
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    frame.to_parquet(out_dir / PREDICTIONS_PARQUET, index=False)
+    csv = frame.drop(columns=["x", "y"]).rename(columns={"probability": "prob_sensitive"})
+    csv.to_csv(out_dir / PREDICTIONS_CSV, index=False)
+    key = f"scdrugmap_{model}"
+    adata.obs[f"{key}_prob_sensitive"] = probability
+    adata.obs[f"{key}_prediction"] = pd.Categorical(prediction)
+    if embeddings.shape[1]:
+        adata.obsm[f"X_{model}"] = embeddings
+    if xy is not None:
+        adata.obsm[f"X_{model}_{method}"] = xy
+    adata.uns.setdefault("scdrugmap", {})[key] = {"model": model, "threshold": threshold,
+                                                   "checkpoint_sha256": encoder.checkpoint_sha256 or ""}
+    write_h5ad_atomic(adata, out_dir / PREDICTIONS_H5AD)
+    return summary
+
+
+class JobWorker:
+    """Runs queued jobs, at most ``settings.max_concurrent_jobs`` at once, in daemon threads."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker, storage: Storage) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.storage = storage
+        self.worker_id = f"{socket.gethostname()}|{os.getpid()}|{secrets.token_hex(4)}"
+        self._running: dict[int, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._loop_thread: threading.Thread | None = None
+        self._last_beat = 0.0
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._loop_thread is not None and self._loop_thread.is_alive()
+
+    def start(self) -> None:
+        """Recover jobs left by a previous server, then poll for queued jobs in a background thread."""
+        self.recover(at_start=True)
+        self._stop.clear()
+        self._loop_thread = threading.Thread(target=self._loop, name="scdrugmap-worker", daemon=True)
+        self._loop_thread.start()
+        log.info("worker started", extra={"worker": self.worker_id,
+                                          "max_concurrent_jobs": self.settings.max_concurrent_jobs})
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop claiming jobs; jobs still running are marked interrupted (their threads die with the process)."""
+        self._stop.set()
+        self._wake.set()
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout)
+        with self._lock:
+            threads = list(self._running.values())
+        for thread in threads:
+            thread.join(max(0.0, timeout / max(1, len(threads))))
+        with self.sessions() as session:
+            result = session.execute(
+                update(PredictionJob)
+                .where(PredictionJob.status == "running", PredictionJob.worker_id == self.worker_id)
+                .values(status="interrupted", message=INTERRUPTED_MESSAGE, finished_at=utcnow(), stage="interrupted"))
+            session.commit()
+        if result.rowcount:
+            log.warning("stopped with jobs running; marked interrupted", extra={"jobs": result.rowcount})
+        log.info("worker stopped", extra={"worker": self.worker_id})
+
+    def wake(self) -> None:
+        """Look for queued jobs now rather than at the next poll."""
+        self._wake.set()
+
+    def recover(self, *, at_start: bool = False) -> int:
+        """Mark running jobs whose worker is gone as interrupted; return how many."""
+        cutoff = utcnow().timestamp() - self.settings.stale_seconds
+        marked = 0
+        with self.sessions() as session:
+            for job in session.scalars(select(PredictionJob).where(PredictionJob.status == "running")).all():
+                if job.worker_id == self.worker_id:
+                    continue
+                beat = job.heartbeat_at or job.started_at
+                stale = beat is None or beat.timestamp() < cutoff
+                if stale or (at_start and _worker_gone(job.worker_id)):
+                    result = session.execute(
+                        update(PredictionJob)
+                        .where(PredictionJob.id == job.id, PredictionJob.status == "running",
+                               PredictionJob.worker_id == job.worker_id)
+                        .values(status="interrupted", message=INTERRUPTED_MESSAGE, finished_at=utcnow(),
+                                stage="interrupted"))
+                    marked += result.rowcount
+            session.commit()
+        if marked:
+            log.warning("marked interrupted jobs", extra={"jobs": marked})
+        return marked
+
+    # --- claiming and running --------------------------------------------------------------------------
+
+    def claim(self) -> int | None:
+        """Take the oldest queued job for this worker; return its id, or None when none is waiting."""
+        with self.sessions() as session:
+            candidates = session.scalars(select(PredictionJob.id).where(PredictionJob.status == "queued")
+                                         .order_by(PredictionJob.queued_at, PredictionJob.id).limit(5)).all()
+            for job_id in candidates:
+                now = utcnow()
+                result = session.execute(
+                    update(PredictionJob).where(PredictionJob.id == job_id, PredictionJob.status == "queued")
+                    .values(status="running", worker_id=self.worker_id, started_at=now, heartbeat_at=now,
+                            stage="starting", progress=0.0))
+                session.commit()
+                if result.rowcount == 1:
+                    return job_id
+        return None
+
+    def run_pending(self) -> int:
+        """Run queued jobs one after another in this thread until none is left; return how many ran."""
+        count = 0
+        while (job_id := self.claim()) is not None:
+            self.execute(job_id)
+            count += 1
+        return count
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception:  # a database hiccup must not end the worker
+                log.exception("worker loop error")
+            self._wake.wait(self.settings.poll_seconds)
+            self._wake.clear()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_beat >= self.settings.heartbeat_seconds:
+            self._last_beat = now
+            self._beat()
+            self.recover()
+        while not self._stop.is_set():
+            with self._lock:
+                self._running = {k: t for k, t in self._running.items() if t.is_alive()}
+                if len(self._running) >= self.settings.max_concurrent_jobs:
+                    return
+            job_id = self.claim()
+            if job_id is None:
+                return
+            thread = threading.Thread(target=self.execute, args=(job_id,), name=f"scdrugmap-job-{job_id}",
+                                      daemon=True)
+            with self._lock:
+                self._running[job_id] = thread
+            thread.start()
+
+    def _beat(self) -> None:
+        with self._lock:
+            ids = list(self._running)
+        if not ids:
+            return
+        with self.sessions() as session:
+            session.execute(update(PredictionJob).where(PredictionJob.id.in_(ids), PredictionJob.status == "running",
+                                                        PredictionJob.worker_id == self.worker_id)
+                            .values(heartbeat_at=utcnow()))
+            session.commit()
+
+    def _update(self, job_id: int, **values: Any) -> bool:
+        """Write ``values`` to a job this worker still runs; return False when it no longer owns it."""
+        with self.sessions() as session:
+            result = session.execute(update(PredictionJob)
+                                     .where(PredictionJob.id == job_id, PredictionJob.status == "running",
+                                            PredictionJob.worker_id == self.worker_id)
+                                     .values(heartbeat_at=utcnow(), **values))
+            session.commit()
+        return result.rowcount == 1
+
+    def execute(self, job_id: int) -> None:
+        """Run one claimed job and store its outcome: done with a summary, or failed with a message."""
+        with self.sessions() as session:
+            job = session.get(PredictionJob, job_id)
+            bundle = session.get(HeadBundle, job.bundle_id) if job and job.bundle_id else None
+        if job is None or job.status != "running" or job.worker_id != self.worker_id:
+            return
+        start = time.perf_counter()
+        last = [0.0]
+
+        def progress(stage: str, fraction: float) -> None:
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_INTERVAL or fraction >= 0.9:
+                last[0] = now
+                self._update(job_id, stage=stage, progress=min(max(fraction, 0.0), 0.99))
+
+        upload_path = self.storage.upload_path(job.upload_name)
+        output_name = self.storage.new_name()
+        hidden: list[str] = [str(upload_path)]
+        try:
+            if bundle is None or not bundle.available:
+                raise ScDrugMapError("the head bundle of this job is no longer available; choose another one.")
+            bundle_path = bundle_folder(bundle, self.storage)
+            hidden.append(str(bundle_path))
+            log.info("job started", extra={"job": job_id, "model": job.model, "cells": job.n_cells})
+            summary = run_prediction(upload_path, bundle_path, model=str(job.model),
+                                     weights=self.settings.weights.get(str(job.model)), threshold=job.threshold,
+                                     out_dir=self.storage.output_dir(output_name),
+                                     projection=self.settings.projection, progress=progress)
+        except ScDrugMapError as err:
+            message = str(err)
+            for secret in sorted(hidden, key=len, reverse=True):
+                message = message.replace(secret, job.display_name if secret == hidden[0] else "the head bundle")
+            self._update(job_id, status="failed", message=message, stage="failed", finished_at=utcnow())
+            log.warning("job failed", extra={"job": job_id, "error": message})
+            return
+        except Exception:
+            reference = secrets.token_hex(4)
+            log.exception("job crashed", extra={"job": job_id, "reference": reference})
+            self._update(job_id, status="failed", stage="failed", finished_at=utcnow(),
+                         message=f"the prediction stopped on an internal error (reference {reference}); "
+                                 "the server's log has the details.")
+            return
+        summary["seconds"] = round(time.perf_counter() - start, 2)
+        if self._update(job_id, status="done", stage="done", progress=1.0, summary=summary, output_name=output_name,
+                        finished_at=utcnow()):
+            log.info("job done", extra={"job": job_id, "seconds": summary["seconds"]})
