@@ -380,7 +380,7 @@ def test_leakage_panel_says_when_a_split_is_missing(run, colours):
     figure = figures.plot_leakage(run.results[run.results["split"] == "sample"], colours)
     tissue = panel(figure, f"Tissue\n{FROZEN}")
     assert not gids(tissue, "leakage|scgpt|cell")
-    assert any("split = cell is not in this run" in t.get_text() for t in tissue.texts)
+    assert any("split = cell: not run" in t.get_text() for t in tissue.texts)
 
 
 # --- tables ------------------------------------------------------------------------------------------------------------------

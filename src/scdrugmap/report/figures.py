@@ -92,7 +92,7 @@ def message_figure(title: str, message: str) -> Figure:
     ax = figure.add_subplot()
     ax.set_axis_off()
     ax.set_title(title, loc="left")
-    ax.text(0.0, 0.6, wrap_label(message, 90), transform=ax.transAxes, va="top", ha="left", gid="message")
+    ax.text(0.0, 0.6, textwrap.fill(message, 90, break_long_words=False), transform=ax.transAxes, va="top", ha="left", gid="message")
     return figure
 
 
@@ -872,8 +872,9 @@ def plot_leakage(results: pd.DataFrame, colours: dict[str, str], *, metric: str 
                 tick_labels.append(f"{model_name(model)}\n{delta}" if heights else model_name(model))
             missing = [s for s in ("sample", "cell") if s not in splits]
             if missing:
-                ax.text(0.5, 0.5, f"split = {missing[0]} is not in this run\n(rerun with --split sample,cell)",
-                        transform=ax.transAxes, ha="center", va="center", fontsize=8, color="#555555", gid="message")
+                # above the plotting area, so it never covers bars or error bars
+                ax.text(1.0, 1.01, f"split = {missing[0]}: not run\n(--split sample,cell)",
+                        transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="#555555", gid="message")
             ax.set_xticks(range(len(models)), labels=tick_labels, rotation=30 if len(models) > 4 else 0,
                           ha="right" if len(models) > 4 else "center", rotation_mode="anchor", fontsize=7)
             ax.set_xlim(-0.6, len(models) - 0.4)

@@ -112,6 +112,12 @@ def setting_name(strategy: str, head: str) -> str:
     return f"{strategy_text} · {head_text} head"
 
 
+#: Longest category label drawn on an axis; longer ones (regimens) are cut with an ellipsis (full text in tables).
+MAX_LABEL = 40
+
+
 def wrap_label(text: str, width: int = 16) -> str:
     """Break a long tick label on spaces, keeping short ones on one line."""
+    if len(text) > MAX_LABEL:
+        text = text[: MAX_LABEL - 1].rstrip() + "…"
     return textwrap.fill(text, width=width, break_long_words=False) if len(text) > width else text
