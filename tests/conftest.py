@@ -44,3 +44,15 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 def adata():
     """A fresh tiny AnnData per test (80 cells, 8 samples, 2 studies, 2 tissues)."""
     return make_adata()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Undo the CLI's logging set-up (it configures the root logger, as a program should) after each test."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers

@@ -27,4 +27,4 @@ def test_two_setup_commands_are_marked_for_ci():
     assert first.index("torch==2.13.0") < first.index('-e ".[all]"')
     assert "pytest" in second
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "setup:1" in ci and "setup:2" in ci
+    assert "readme_block 1" in ci and "readme_block 2" in ci and "setup:$1" in ci
