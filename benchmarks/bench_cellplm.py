@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from _common import matmul_peak
 
 from scdrugmap.models.cellplm import GMVAE_HIDDEN, CellPLMConfig, CellPLMEncoder, CellPLMModel
 
@@ -52,20 +53,6 @@ def forward_flops(config: CellPLMConfig, n_cells: int, nnz: int) -> float:
     return float(embed + config.enc_layers * (projections + feed_forward + flow) + latent)
 
 
-def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """Best float32 GFLOP/s of a (size x size) @ (size x size) matmul."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import matmul_peak
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VOCAB = REPO.parent / "shared" / "vocab" / "geneformer_v1"
@@ -49,16 +50,6 @@ def simulate_counts(n_cells: int, genes: np.ndarray, mean_genes: float, seed: in
     return ad.AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame({"ensembl_id": genes}, index=genes))
 
 
-def matmul_peak(size: int = 2048, repeats: int = 20) -> float:
-    """Return the best float32 GFLOP/s of a square matmul."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
 
 
 def plain_hf_embed(bert, tokens, batch_size: int, pad_id: int) -> tuple[np.ndarray, float]:

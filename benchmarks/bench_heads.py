@@ -20,20 +20,9 @@ import time
 
 import numpy as np
 import torch
+from _common import matmul_peak
 
 from scdrugmap.train.heads import HeadConfig, fit_mlp_heads, mlp_flops_per_cell, predict_mlp_heads
-
-
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Return the best float32 GFLOP/s of an n x n matmul on this machine, now."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
-    return best
 
 
 def main() -> None:

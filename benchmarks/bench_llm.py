@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from _common import matmul_peak
 
 from scdrugmap.models.llm import GeneSentenceConfig, LLMEncoder, MiniLMEncoder
 
@@ -68,20 +69,6 @@ def forward_flops(config, batch: int, length: int) -> float:
     return n_layers * (projections + attention + mlp)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
-    """GFLOP/s of a square matmul, best of ``repeats``."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
 
 
 def build_encoder(args: argparse.Namespace, device: torch.device) -> LLMEncoder:

@@ -24,6 +24,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 import torch
+from _common import matmul_peak
 
 from scdrugmap.models._performer import performer_forward_flops
 from scdrugmap.models.scbert import ScBERTConfig, ScBERTEncoder, build_scbert_model, read_gene_list
@@ -60,18 +61,6 @@ def simulate_counts(n_cells: int, genes: np.ndarray, *, seed: int = 0, library: 
     return adata
 
 
-def matmul_peak(device: torch.device, size: int = 2048, seconds: float = 2.0) -> float:
-    """Return the float32 GFLOP/s of repeated square matmuls on ``device``."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    torch.matmul(a, b)
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.matmul(a, b)
-        runs += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size**3 * runs / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:

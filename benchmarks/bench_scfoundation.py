@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import matmul_peak
 
 DEFAULT_GENE_INDEX = Path(__file__).resolve().parents[2] / "shared" / "vocab" / "scfoundation" / \
     "OS_scRNA_gene_index.19264.tsv"
@@ -55,16 +56,6 @@ def forward_flops(lengths: np.ndarray, hidden: int, depth: int, bin_num: int, ff
     return float(np.sum(embedding + depth * (projections + attention)))
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """Return float32 matmul GFLOP/s on this machine."""
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:

@@ -25,21 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import matmul_peak
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "vocab" / "tgpt" / "tokenizer.json"
 
 
-def matmul_peak(size: int = 2048, repeats: int = 20) -> float:
-    """Return the best float32 GFLOP/s of a square matmul."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
 
 
 def simulate_counts(n_cells: int, symbols: np.ndarray, mean_genes: float, seed: int):

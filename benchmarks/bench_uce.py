@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from _common import matmul_peak
 
 from scdrugmap.models.uce import UCEConfig, UCEEncoder, UCEGeneTable, UCEModel
 
@@ -71,20 +72,6 @@ def forward_flops(config: UCEConfig, batch: int, length: int, unique_tokens: int
     return input_projection + (config.nlayers - 1) * full_layer + cls_layer + decoder
 
 
-def matmul_peak(device: torch.device, size: int = 4096, repeats: int = 5) -> float:
-    """GFLOP/s of a float32 square matmul, best of ``repeats``."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
 
 
 def main() -> None:
