@@ -249,7 +249,7 @@ def tiny_llama_dir(tmp_path_factory):
 def test_llm_encoder_loads_a_llama_folder_and_logs_the_unused_lm_head_once(tiny_llama_dir, caplog):
     with caplog.at_level(logging.INFO, logger="scdrugmap.models.llm"):
         encoder = LLMEncoder.from_pretrained(tiny_llama_dir)
-    head_lines = [r for r in caplog.records if "lm_head.weight" in r.getMessage()]
+    head_lines = [r for r in caplog.records if r.name.startswith("scdrugmap") and "lm_head.weight" in r.getMessage()]
     assert len(head_lines) == 1
     assert type(encoder.module).__name__ == "LlamaModel"
     assert encoder.embedding_dim == 16
