@@ -75,3 +75,11 @@ def test_baseline_bundle_maps_new_data_into_the_training_space(tmp_path):
     fitted = PCAEncoder().fit(train_data)
     other = make_adata(n_cells=40, n_samples=4, seed=3)
     assert fitted.embed(other).shape == (40, 50)
+
+
+def test_models_list_shows_sizes_inputs_and_weight_state():
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "scgpt" in line)
+    assert "51.3 M" in row and "512" in row and "out_proj" in row and "downloadable" in row
+    assert "built in" in next(line for line in result.output.splitlines() if " pca " in line)

@@ -123,9 +123,9 @@ def _weights_state(cls: Any) -> str:
 
 
 def show_models(console: Console) -> None:
-    from scdrugmap.models.base import get_encoder_class, registry
+    from scdrugmap.models.base import PUBLISHED_SIZES, get_encoder_class, registry
 
-    view = Table(title="models")
+    view = Table(title="models (sizes of the default published variant)")
     for name in ("name", "family", "parameters", "embedding dim", "input", "LoRA targets", "weights"):
         view.add_column(name)
     for name in sorted(registry()):
@@ -134,9 +134,10 @@ def show_models(console: Console) -> None:
         except ImportError as err:
             view.add_row(name, "?", "", "", "", "", f"unavailable ({err.name} missing)")
             continue
-        facts = getattr(cls, "published", {}) or {}
-        view.add_row(name, cls.family, str(facts.get("parameters", "")), str(facts.get("embedding_dim", "")),
-                     cls.input_kind, ",".join(cls.lora_targets), _weights_state(cls))
+        parameters, width, _ = PUBLISHED_SIZES.get(name, (None, None, ""))
+        view.add_row(name, cls.family, "-" if parameters is None else f"{parameters / 1e6:,.1f} M",
+                     "" if width is None else str(width), cls.input_kind, ",".join(cls.lora_targets),
+                     _weights_state(cls))
     console.print(view)
 
 
@@ -150,6 +151,12 @@ def show_model_info(console: Console, name: str) -> None:
     if module_doc:
         console.print(module_doc)
     console.print(f"family {cls.family}; input {cls.input_kind}; LoRA targets {', '.join(cls.lora_targets) or '-'}")
+    from scdrugmap.models.base import PUBLISHED_SIZES
+
+    if name.lower() in PUBLISHED_SIZES:
+        parameters, width, variant = PUBLISHED_SIZES[name.lower()]
+        size = "" if parameters is None else f"{parameters:,} parameters, "
+        console.print(f"default variant {variant}: {size}{width}-d embeddings")
     for variant, source in (getattr(cls, "weights_sources", {}) or {}).items():
         state = "cached" if is_cached(source) else "not cached"
         console.print(f"  weights {variant}: {state} at {cache_path(source)} ({source.homepage})")

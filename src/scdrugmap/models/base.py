@@ -233,6 +233,25 @@ BUILTIN_ENCODERS: dict[str, str] = {
 }
 ENTRY_POINT_GROUP = "scdrugmap.encoders"
 
+#: Size of each built-in model's default published variant: (parameters, embedding width, variant), from the
+#: state-dict key lists in ../shared/golden/*/keys_full.json and the model cards. Shown by `models list`
+#: without loading any weights; None where the size depends on the data (baselines).
+PUBLISHED_SIZES: dict[str, tuple[int | None, int | None, str]] = {
+    "geneformer": (10_288_722, 256, "Geneformer-V1-10M"),
+    "tgpt": (123_478_016, 1024, "transcriptome-gpt-1024-8-16-64"),
+    "scgpt": (51_330_049, 512, "scGPT_human"),
+    "scfoundation": (99_941_692, 3072, "models.ckpt (encoder path)"),
+    "uce": (106_066_177, 1280, "4layer (plus the 145,469 x 5,120 protein-token table)"),
+    "cellplm": (65_827_344, 512, "20230926_85M (without the pretraining decoder)"),
+    "scbert": (8_388_607, 200, "panglao_pretrain"),
+    "celllm": (51_926_536, 512, "CellLM"),
+    "minilm": (22_713_216, 384, "all-MiniLM-L6-v2"),
+    "llm": (8_030_261_248, 4096, "Meta-Llama-3-8B"),
+    "pca": (None, 50, "50 components of 2,000 HVGs"),
+    "hvg": (None, 2000, "2,000 HVGs"),
+    "majority": (None, 0, "class prior"),
+}
+
 
 def registry() -> dict[str, str]:
     """Return every known encoder: built-ins, then those other packages register by entry point."""
