@@ -117,6 +117,9 @@ def _weights_state(cls: Any) -> str:
     sources = getattr(cls, "weights_sources", {}) or {}
     if not sources:
         return "built in"
+    default_path = getattr(cls, "_default_path", None)
+    if default_path is not None and default_path(next(iter(sources))) is not None:
+        return "installed"  # shipped by a pip package (all-MiniLM-L6-v2)
     if any(is_cached(source) for source in sources.values()):
         return "cached"
     return "downloadable"
