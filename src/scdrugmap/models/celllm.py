@@ -46,10 +46,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 
 from scdrugmap.errors import CheckpointError, ConfigError
-from scdrugmap.models.base import TokenizedCells, TorchEncoder, length_buckets, sha256_file
+from scdrugmap.models.base import TokenizedCells, length_buckets, sha256_file
 from scdrugmap.models.scbert import (
     GENE_LIST_FILES,
     MIN_GENES,
+    PerformerEncoder,
     _checked_kwargs,
     _performer_kwargs,
     locate_official_files,
@@ -167,7 +168,7 @@ def build_celllm_model(config: CellLMConfig, *, seed: int = 0) -> PerformerLM:
 # --- encoder --------------------------------------------------------------------------------------------
 
 
-class CellLMEncoder(TorchEncoder):
+class CellLMEncoder(PerformerEncoder):
     """CellLM cell embeddings: the CLS state by default (see the module docstring).
 
     Parameters
@@ -227,18 +228,6 @@ class CellLMEncoder(TorchEncoder):
         self.min_genes = min_genes
         self.gene_key = gene_key
         self.key_max = key_max
-
-    @property
-    def key_max(self) -> KeyMax:
-        return self.module.performer.key_max
-
-    @key_max.setter
-    def key_max(self, value: KeyMax) -> None:
-        self.module.performer.key_max = value
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.config.dim
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path | None = None, *, config: CellLMConfig | None = None,

@@ -329,7 +329,26 @@ def resolve_official(source: WeightsSource, path_or_name: str | Path | None, sou
         raise WeightsNotFoundError(msg) from err
 
 
-class ScBERTEncoder(TorchEncoder):
+class PerformerEncoder(TorchEncoder):
+    """What the scBERT and CellLM encoders share: the switchable key max and the model width."""
+
+    module: PerformerLM
+
+    @property
+    def key_max(self) -> KeyMax:
+        """``"batch"`` (official: a cell's output depends on its batch) or ``"cell"`` (batch-independent)."""
+        return self.module.performer.key_max
+
+    @key_max.setter
+    def key_max(self, value: KeyMax) -> None:
+        self.module.performer.key_max = value
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.dim
+
+
+class ScBERTEncoder(PerformerEncoder):
     """scBERT cell embeddings: mean of the final hidden states over all genes (see the module docstring).
 
     Parameters
@@ -382,18 +401,6 @@ class ScBERTEncoder(TorchEncoder):
         self.min_genes = min_genes
         self.gene_key = gene_key
         self.key_max = key_max
-
-    @property
-    def key_max(self) -> KeyMax:
-        return self.module.performer.key_max
-
-    @key_max.setter
-    def key_max(self, value: KeyMax) -> None:
-        self.module.performer.key_max = value
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.config.dim
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path | None = None, *, config: ScBERTConfig | None = None,
