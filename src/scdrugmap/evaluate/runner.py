@@ -179,20 +179,44 @@ def make_folds(adata: ad.AnnData, labels: np.ndarray, config: BenchmarkConfig, r
     return folds
 
 
-def _job_row(job: Job, *, status: str, adata_obs: pd.DataFrame, sample_column: str, metrics: dict[str, float],
-             reasons: dict[str, str], seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
-    fold = job.fold
-    samples = adata_obs[sample_column].astype(str).to_numpy() if sample_column in adata_obs else None
-    row: dict[str, Any] = {
-        "key": job.key, "model": job.model, "strategy": job.strategy, "head": job.head, "scenario": fold.scenario,
-        "category": fold.category, "value": fold.value, "fold": fold.fold, "split": fold.split, "status": status,
-        "n_train": int(fold.train.size), "n_test": int(fold.test.size),
-        "n_train_samples": int(np.unique(samples[fold.train]).size) if samples is not None else None,
-        "n_test_samples": int(np.unique(samples[fold.test]).size) if samples is not None else None,
-        "seconds": seconds, "reasons": reasons, **{name: metrics.get(name, float("nan")) for name in METRICS},
-    }
-    row.update(extra)
-    return row
+class _JobWriter:
+    """Store job rows: one place that turns a job and its outcome into a results row (and its predictions).
+
+    The per-cell sample names are read once per run, not once per job.
+    """
+
+    def __init__(self, store: ResultStore, obs: pd.DataFrame, sample_column: str, labels: np.ndarray) -> None:
+        self.store, self.labels = store, labels
+        self.cells = obs.index.astype(str)
+        self.samples = obs[sample_column].astype(str).to_numpy() if sample_column in obs else None
+
+    def row(self, job: Job, *, status: str, metrics: dict[str, float], reasons: dict[str, Any], seconds: float,
+            extra: dict[str, Any]) -> dict[str, Any]:
+        fold, samples = job.fold, self.samples
+        row: dict[str, Any] = {
+            "key": job.key, "model": job.model, "strategy": job.strategy, "head": job.head, "scenario": fold.scenario,
+            "category": fold.category, "value": fold.value, "fold": fold.fold, "split": fold.split, "status": status,
+            "n_train": int(fold.train.size), "n_test": int(fold.test.size),
+            "n_train_samples": int(np.unique(samples[fold.train]).size) if samples is not None else None,
+            "n_test_samples": int(np.unique(samples[fold.test]).size) if samples is not None else None,
+            "seconds": seconds, "reasons": reasons, **{name: metrics.get(name, float("nan")) for name in METRICS},
+        }
+        row.update(extra)
+        return row
+
+    def skipped(self, job: Job, reason: str) -> None:
+        self.store.write_job(self.row(job, status="skipped", metrics={}, reasons={"skipped": reason}, seconds=0.0,
+                                      extra={}))
+
+    def failed(self, job: Job, error: str, *, seconds: float, extra: dict[str, Any]) -> None:
+        self.store.write_job(self.row(job, status="failed", metrics={}, reasons={"error": error}, seconds=seconds,
+                                      extra=extra))
+
+    def scored(self, job: Job, test: np.ndarray, probability: np.ndarray, *, metrics: dict[str, float],
+               reasons: dict[str, Any], seconds: float, extra: dict[str, Any]) -> None:
+        row = self.row(job, status="done", metrics=metrics, reasons=reasons, seconds=seconds, extra=extra)
+        cells = pd.DataFrame({"cell": self.cells[test], "label": self.labels[test], "probability": probability})
+        self.store.write_job(row, cells)
 
 
 def _write_run_config(config: BenchmarkConfig, run_dir: Path) -> None:
@@ -275,15 +299,13 @@ def _run_lora(encoder, adata: ad.AnnData, labels: np.ndarray, groups: np.ndarray
 
 
 def _run_prompt_jobs(jobs: list[Job], adata: ad.AnnData, labels: np.ndarray, keys: schema.ObsKeys, prompt_config,
-                     store: ResultStore, *, progress: BenchmarkProgress | None, done: int, total: int) -> int:
+                     writer: _JobWriter, *, progress: BenchmarkProgress | None, done: int, total: int) -> int:
     """Ask the language model for every pending prompt job, one category value (its folds) per call."""
     from scdrugmap import config as paths
     from scdrugmap.prompting import fit_predict_prompt
 
-    obs, sample_column = adata.obs, keys.sample
     for job in (job for job in jobs if job.fold.skipped is not None):
-        store.write_job(_job_row(job, status="skipped", adata_obs=obs, sample_column=sample_column, metrics={},
-                                 reasons={"skipped": job.fold.skipped}, seconds=0.0, extra={}))
+        writer.skipped(job, job.fold.skipped)
         done += 1
     grouped: dict[tuple, list[Job]] = {}
     for job in (job for job in jobs if job.fold.skipped is None):
@@ -306,20 +328,15 @@ def _run_prompt_jobs(jobs: list[Job], adata: ad.AnnData, labels: np.ndarray, key
         for index, job in enumerate(batch):
             _, test = fold_sets[index]
             if failure is not None:
-                store.write_job(_job_row(job, status="failed", adata_obs=obs, sample_column=sample_column,
-                                         metrics={}, reasons={"error": failure}, seconds=seconds, extra={}))
+                writer.failed(job, failure, seconds=seconds, extra={})
                 continue
             probability, info = predictions[index]
             metrics, reasons = compute_metrics(labels[test], probability)
             if not info["has_probabilities"]:  # 0/1 answers rank nothing: no AUROC from them
                 metrics["auroc"] = float("nan")
                 reasons["auroc"] = info["auroc_reason"]
-            extra = {f"prompt_{name}": value for name, value in info.items()}
-            row = _job_row(job, status="done", adata_obs=obs, sample_column=sample_column, metrics=metrics,
-                           reasons=reasons, seconds=seconds, extra=extra)
-            cells = pd.DataFrame({"cell": obs.index[test].astype(str), "label": labels[test],
-                                  "probability": probability})
-            store.write_job(row, cells)
+            writer.scored(job, test, probability, metrics=metrics, reasons=reasons, seconds=seconds,
+                          extra={f"prompt_{name}": value for name, value in info.items()})
         done += len(batch)
         if progress:
             progress("jobs", done, total, batch[0].model)
@@ -368,12 +385,13 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
         progress("jobs", done, len(jobs), "")
     groups = np.asarray(adata.obs[keys.sample].astype(str)) if keys.sample in adata.obs else None
     head_config = config.head_config()
+    writer = _JobWriter(store, adata.obs, keys.sample, labels)
     model_facts: dict[str, Any] = {}
     prompt_jobs = [job for job in pending if job.strategy == "prompt"]
     if prompt_jobs:
         from scdrugmap.prompting import describe_config
 
-        done = _run_prompt_jobs(prompt_jobs, adata, labels, keys, prompt_config, store, progress=progress,
+        done = _run_prompt_jobs(prompt_jobs, adata, labels, keys, prompt_config, writer, progress=progress,
                                 done=done, total=len(jobs))
         model_facts[prompt_config.model] = {"strategy": "prompt", **describe_config(prompt_config)}
     by_model: dict[str, list[Job]] = {}
@@ -383,8 +401,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     for model_name, model_jobs in by_model.items():
         skipped = [job for job in model_jobs if job.fold.skipped is not None]
         for job in skipped:
-            store.write_job(_job_row(job, status="skipped", adata_obs=adata.obs, sample_column=keys.sample,
-                                     metrics={}, reasons={"skipped": job.fold.skipped}, seconds=0.0, extra={}))
+            writer.skipped(job, job.fold.skipped)
         done += len(skipped)
         runnable = [job for job in model_jobs if job.fold.skipped is None]
         if not runnable:
@@ -426,8 +443,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
                 except _NotApplicable as reason:
                     predictions, failure = None, None
                     for job in batch:
-                        store.write_job(_job_row(job, status="skipped", adata_obs=adata.obs, sample_column=keys.sample,
-                                                 metrics={}, reasons={"skipped": str(reason)}, seconds=0.0, extra={}))
+                        writer.skipped(job, str(reason))
                     done += len(batch)
                     continue
                 except (ScDrugMapError, ValueError, RuntimeError) as err:
@@ -435,22 +451,18 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
                     log.error("jobs of %s failed: %s", batch[0].group, err)
                 seconds = (time.perf_counter() - batch_start) / len(batch)
                 for index, job in enumerate(batch):
-                    train, test = fold_sets[index]
+                    _, test = fold_sets[index]
                     extra = {"embed_seconds": facts.get("seconds"),
                              "embed_cells_per_second": facts.get("cells_per_second"),
                              "n_dropped_cells": int((~valid[job.fold.test]).sum())}
                     if failure is not None:
-                        store.write_job(_job_row(job, status="failed", adata_obs=adata.obs, sample_column=keys.sample,
-                                                 metrics={}, reasons={"error": failure}, seconds=seconds, extra=extra))
+                        writer.failed(job, failure, seconds=seconds, extra=extra)
                         continue
                     probability, info = predictions[index]
                     metrics, reasons = compute_metrics(labels[test], probability)
                     extra.update({f"train_{k}": v for k, v in info.items()})
-                    row = _job_row(job, status="done", adata_obs=adata.obs, sample_column=keys.sample, metrics=metrics,
-                                   reasons=reasons, seconds=seconds, extra=extra)
-                    cells = pd.DataFrame({"cell": adata.obs_names[test].astype(str), "label": labels[test],
-                                          "probability": probability})
-                    store.write_job(row, cells)
+                    writer.scored(job, test, probability, metrics=metrics, reasons=reasons, seconds=seconds,
+                                  extra=extra)
                 done += len(batch)
                 if progress:
                     progress("jobs", done, len(jobs), model_name)
