@@ -295,8 +295,9 @@ def run_benchmark_command(config_path: Path | None, overrides: dict[str, Any], k
         values["prompt"] = {**values.get("prompt", {}), **prompt_overrides}
     if lora_overrides:
         values["lora"] = {**values.get("lora", {}), **lora_overrides}
-    defaults = {"response": "response", "study": "study", "sample": "sample", "tissue": "tissue",
-                "cancer_type": "cancer_type", "therapy": "therapy", "regimen": "regimen"}
+    from scdrugmap.data.schema import ObsKeys
+
+    defaults = dataclasses.asdict(ObsKeys())  # the contract's own column names; only changed ones are kept
     values.setdefault("keys", {})
     values["keys"].update({k: v for k, v in keys.items() if v != defaults[k]})
     if "out" not in values:
