@@ -3,13 +3,14 @@
 import subprocess
 import sys
 
+import anndata
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from typer.testing import CliRunner
 
 from scdrugmap.cli import app
-from scdrugmap.data.check import check_adata
+from scdrugmap.data.check import check_adata, count_matrix
 from tests_helpers import make_adata
 
 runner = CliRunner()
@@ -143,3 +144,132 @@ def test_real_files_are_described_correctly(shared, name, kind, id_type, design)
     if name.startswith("GSE120575"):
         assert "log2(x+1)" in report.facts["value_detail"] and "TPM" in report.facts["value_detail"]
         assert len(report.tables["sample"]) == 19
+
+
+# --- streaming: the matrix is read once in blocks, so backed files of any size check in bounded memory ---
+
+def _awkward_counts():
+    """Counts with a NaN, an inf, a negative value, an empty cell, an empty gene and a stored zero."""
+    X = make_adata().X.toarray()
+    X[0, 0], X[1, 1], X[2, 2] = np.nan, np.inf, -3
+    X[3, :] = 0
+    X[:, 7] = 0
+    matrix = sp.csr_matrix(X)
+    row4 = slice(matrix.indptr[4], matrix.indptr[5])
+    matrix.data[row4][0] = 0  # stored but zero: not expressed
+    return matrix
+
+
+def _as_layout(X, layout):
+    return {"csr": sp.csr_matrix(X), "csc": sp.csc_matrix(X), "dense": X.toarray()}[layout]
+
+
+def _backed(X, tmp_path, name="backed.h5ad"):
+    adata = make_adata()
+    adata.X = X
+    path = tmp_path / name
+    adata.write_h5ad(path)
+    return anndata.read_h5ad(path, backed="r")
+
+
+class _Recording:
+    """A backed matrix that records every slice read from it."""
+
+    def __init__(self, X):
+        self.X, self.format, self.shape, self.reads = X, X.format, X.shape, []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.X[key]
+
+
+@pytest.mark.parametrize("backed", [False, True])
+@pytest.mark.parametrize("layout", ["csr", "csc", "dense"])
+def test_counts_read_in_small_blocks_equal_whole_matrix_counts(tmp_path, layout, backed):
+    whole = _awkward_counts()
+    X = _as_layout(whole, layout)
+    if backed:
+        adata = _backed(X, tmp_path)
+        X = adata.X
+        assert not isinstance(X, np.ndarray) and not sp.issparse(X)  # really on disk
+    counts = count_matrix(X, chunk_rows=7, head_rows=5)
+    dense = whole.toarray()
+    assert (counts.n_nan, counts.n_inf, counts.n_negative) == (1, 1, 1)
+    np.testing.assert_array_equal(counts.nonzero_per_cell, (dense != 0).sum(axis=1))
+    np.testing.assert_array_equal(counts.nonzero_per_gene, (dense != 0).sum(axis=0))
+    assert counts.nonzero_per_cell[3] == 0 and counts.nonzero_per_gene[7] == 0
+    assert counts.nonzero_per_cell[4] == np.diff(whole.indptr)[4] - 1  # the stored zero is not counted
+    head = counts.head.toarray() if sp.issparse(counts.head) else counts.head
+    np.testing.assert_array_equal(head, dense[:5])
+    default = count_matrix(X)  # one block
+    np.testing.assert_array_equal(default.nonzero_per_gene, counts.nonzero_per_gene)
+    np.testing.assert_array_equal(default.nonzero_per_cell, counts.nonzero_per_cell)
+
+
+def test_backed_matrices_are_read_a_block_at_a_time(tmp_path):
+    rows = _Recording(_backed(_awkward_counts(), tmp_path, "csr.h5ad").X)
+    count_matrix(rows, chunk_rows=7)
+    assert len(rows.reads) == -(-80 // 7)
+    assert all(isinstance(k, slice) and k.stop - k.start <= 7 for k in rows.reads)
+    columns = _Recording(_backed(sp.csc_matrix(_awkward_counts()), tmp_path, "csc.h5ad").X)
+    count_matrix(columns, chunk_rows=7)  # 7 rows of 75 genes: about 7 columns of 80 cells
+    assert all(k[0] == slice(None) and k[1].stop - k[1].start <= 7 for k in columns.reads)
+    assert sum(min(k[1].stop, 75) - k[1].start for k in columns.reads) == 75  # every gene read once
+
+
+def test_value_kind_of_a_backed_csc_matrix_is_sampled_by_column_blocks(tmp_path, monkeypatch):
+    from scdrugmap.data import schema
+
+    X = sp.csc_matrix(make_adata().X)
+    columns = _Recording(_backed(X, tmp_path).X)
+    monkeypatch.setattr(schema, "CSC_BLOCK_CELLS", 80 * 10)  # 10 genes per block
+    head = schema.head_rows(columns, 30)
+    np.testing.assert_array_equal(head.toarray(), X[:30].toarray())
+    assert len(columns.reads) == 8 and all(k[0] == slice(None) for k in columns.reads)
+    assert schema.detect_value_kind(columns) == schema.detect_value_kind(X) == "counts"
+
+
+def _report_view(report):
+    return (report.facts, [str(p) for p in report.problems], {k: t.to_dict() for k, t in report.tables.items()})
+
+
+@pytest.mark.parametrize("layout", ["csr", "csc"])
+def test_backed_file_gives_the_same_report_as_in_memory(tmp_path, layout):
+    adata = make_adata()
+    X = adata.X.toarray()
+    X[3, :] = 0
+    X[:, 7] = 0
+    adata.X = _as_layout(sp.csr_matrix(X), layout)
+    path = _write(adata, tmp_path)
+    in_memory = check_adata(anndata.read_h5ad(path), n_folds=2, needs="counts")
+    backed = anndata.read_h5ad(path, backed="r")
+    try:
+        streamed = check_adata(backed, n_folds=2, needs="counts", chunk_rows=7)
+    finally:
+        backed.file.close()
+    assert _report_view(streamed) == _report_view(in_memory)
+    assert any("1 cells have no expressed gene (e.g. cell3)" in str(p) for p in streamed.errors)
+    assert streamed.facts["value_kind"] == "counts"
+
+
+def test_backed_nan_and_negative_values_are_reported_like_in_memory(tmp_path):
+    adata = make_adata()
+    X = adata.X.toarray()
+    X[5, 2] = -1.5
+    adata.X = sp.csr_matrix(X)
+    path = _write(adata, tmp_path)
+    backed = anndata.read_h5ad(path, backed="r")
+    try:
+        report = check_adata(backed, n_folds=2, needs="nonnegative", chunk_rows=7)
+    finally:
+        backed.file.close()
+    assert _report_view(report) == _report_view(check_adata(anndata.read_h5ad(path), n_folds=2, needs="nonnegative"))
+    assert any("1 negative values" in str(p) for p in report.errors)
+
+
+def test_other_sparse_formats_are_counted_like_csr():
+    whole = _awkward_counts()
+    coo, csr = count_matrix(whole.tocoo(), chunk_rows=7), count_matrix(whole, chunk_rows=7)
+    assert (coo.n_nan, coo.n_inf, coo.n_negative) == (csr.n_nan, csr.n_inf, csr.n_negative)
+    np.testing.assert_array_equal(coo.nonzero_per_cell, csr.nonzero_per_cell)
+    np.testing.assert_array_equal(coo.nonzero_per_gene, csr.nonzero_per_gene)

@@ -2,10 +2,14 @@
 
 `check_adata` never raises for bad data: it collects `Problem` lines (errors and
 warnings) and facts, so a user sees every problem at once.
+
+The expression matrix is read once, in blocks (`count_matrix`), so a backed file
+(``read_h5ad(path, backed="r")``) is checked in bounded memory whatever its size.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,9 +23,17 @@ from scdrugmap.errors import SchemaError
 if TYPE_CHECKING:
     import anndata as ad
 
+log = logging.getLogger(__name__)
+
 Severity = Literal["error", "warning"]
 #: Inverse transforms tried to name the scale of log-transformed data.
 LOG_BASES = {"log1p (natural)": np.e, "log2(x+1)": 2.0, "log10(x+1)": 10.0}
+#: Rows read at a time by `count_matrix` (10,000 cells of a 20,000-gene count matrix: about 130 MB as CSR).
+CHUNK_ROWS = 10_000
+#: Most values of a dense block (rows are fewer where genes are many): 2**25 float32 values, 128 MiB.
+DENSE_BLOCK_VALUES = 2**25
+#: Rows `describe_values` and `schema.detect_value_kind` sample.
+HEAD_ROWS = 2000
 
 
 @dataclass(frozen=True)
@@ -57,10 +69,10 @@ class CheckReport:
         self.problems.append(Problem(severity, where, message))
 
 
-def describe_values(X: np.ndarray | sp.spmatrix, max_rows: int = 2000) -> dict[str, Any]:
-    """Return the value kind of ``X`` and a human detail (scale of log data, row totals)."""
+def describe_values(X: np.ndarray | sp.spmatrix, max_rows: int = HEAD_ROWS) -> dict[str, Any]:
+    """Return the value kind of ``X`` and a human detail (scale of log data, row totals), from its first rows."""
     kind = schema.detect_value_kind(X)
-    rows = X[: min(X.shape[0], max_rows)]
+    rows = schema.head_rows(X, max_rows)
     dense_sums = np.asarray(rows.sum(axis=1)).ravel().astype(np.float64)
     detail = ""
     if kind == "log":
@@ -84,6 +96,109 @@ def describe_values(X: np.ndarray | sp.spmatrix, max_rows: int = 2000) -> dict[s
     elif kind == "zscore":
         detail = "negative values with mean near 0: z-scored (not counts; only rank-free models can use it)"
     return {"value_kind": kind, "value_detail": detail}
+
+
+@dataclass
+class MatrixCounts:
+    """Facts about every value of an expression matrix, gathered in one pass by `count_matrix`."""
+
+    n_nan: int
+    n_inf: int
+    n_negative: int
+    #: Non-zero values per cell and per gene (NaN and inf count as non-zero; stored zeros do not).
+    nonzero_per_cell: np.ndarray
+    nonzero_per_gene: np.ndarray
+    #: The first rows, in memory (CSR or ndarray): what `describe_values` samples.
+    head: np.ndarray | sp.csr_matrix
+
+
+def _layout(X) -> str:
+    """Say how ``X`` is stored: ``csr``/``csc`` (scipy, or anndata's backed datasets) or ``dense``."""
+    if sp.issparse(X):
+        return X.format if X.format in ("csr", "csc") else "other sparse"
+    return X.format if getattr(X, "format", None) in ("csr", "csc") else "dense"
+
+
+def _nonzero_per_segment(nonzero: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """Count the True entries of each compressed row (or column) of a block, with temporaries only for the False."""
+    indptr = np.asarray(indptr, dtype=np.int64)
+    stored = np.diff(indptr)
+    zeros = np.flatnonzero(~nonzero)  # stored zeros: usually none
+    if zeros.size:
+        segment = np.searchsorted(indptr, zeros + indptr[0], side="right") - 1
+        stored -= np.bincount(segment, minlength=stored.size)
+    return stored
+
+
+def count_matrix(X, *, chunk_rows: int = CHUNK_ROWS, head_rows: int = HEAD_ROWS) -> MatrixCounts:
+    """Count NaN, inf, negative and non-zero values of ``X`` per cell and per gene, reading it once in blocks.
+
+    Parameters
+    ----------
+    X
+        Cells x genes, in memory (numpy, scipy sparse) or backed (an h5py dataset, or anndata's on-disk
+        CSR/CSC datasets from ``read_h5ad(path, backed="r")``). Only one block is in memory at a time.
+    chunk_rows
+        Rows per block. Dense blocks hold at most `DENSE_BLOCK_VALUES` values (fewer rows where genes are
+        many). CSC matrices (column-major, in memory or backed) are read in blocks of columns instead, as
+        many as hold about the same number of cells as ``chunk_rows`` rows: slicing the rows of a backed CSC
+        matrix would read all of it.
+    head_rows
+        Rows kept in memory for `describe_values`.
+    """
+    chunk_rows = max(1, int(chunk_rows))
+    layout = _layout(X)
+    if layout == "other sparse":  # COO, LIL, ... are in memory already and cannot be sliced by rows
+        X, layout = sp.csr_matrix(X), "csr"
+    n_cells, n_genes = (int(n) for n in X.shape)
+    n_head = min(n_cells, head_rows)
+    per_cell = np.zeros(n_cells, dtype=np.int64)
+    per_gene = np.zeros(n_genes, dtype=np.int64)
+    totals = {"nan": 0, "inf": 0, "negative": 0}
+    head_parts: list = []
+
+    def count_values(values: np.ndarray) -> np.ndarray:
+        if not np.isfinite(values).all():
+            totals["nan"] += int(np.count_nonzero(np.isnan(values)))
+            totals["inf"] += int(np.count_nonzero(np.isinf(values)))
+        totals["negative"] += int(np.count_nonzero(values < 0))
+        return values != 0
+
+    if layout == "csc":
+        step = max(1, -(-chunk_rows * n_genes // max(1, n_cells)))
+        log.debug("X is stored by column (CSC): reading it in blocks of %d genes", step)
+        for start in range(0, n_genes, step):
+            block = sp.csc_matrix(X[:, start : start + step])
+            nonzero = count_values(block.data)
+            per_gene[start : start + block.shape[1]] = _nonzero_per_segment(nonzero, block.indptr)
+            per_cell += np.bincount(block.indices if nonzero.all() else block.indices[nonzero], minlength=n_cells)
+            if n_head:
+                head_parts.append(block[:n_head])
+        head = sp.hstack(head_parts, format="csr") if head_parts else sp.csr_matrix((n_head, n_genes))
+        return MatrixCounts(totals["nan"], totals["inf"], totals["negative"], per_cell, per_gene,
+                            sp.csr_matrix(head))
+
+    if layout == "dense":
+        chunk_rows = min(chunk_rows, max(1, DENSE_BLOCK_VALUES // max(1, n_genes)))
+    for start in range(0, n_cells, chunk_rows):
+        block = X[start : start + chunk_rows]
+        if layout == "csr":
+            block = sp.csr_matrix(block)
+            nonzero = count_values(block.data)
+            per_cell[start : start + block.shape[0]] = _nonzero_per_segment(nonzero, block.indptr)
+            per_gene += np.bincount(block.indices if nonzero.all() else block.indices[nonzero], minlength=n_genes)
+        else:
+            block = np.asarray(block)
+            nonzero = count_values(block)
+            per_cell[start : start + block.shape[0]] = nonzero.sum(axis=1)
+            per_gene += nonzero.sum(axis=0)
+        if start < n_head:
+            head_parts.append(block[: n_head - start].copy())  # not a view pinning the whole block
+    if layout == "csr":
+        head = sp.csr_matrix(sp.vstack(head_parts, format="csr")) if head_parts else sp.csr_matrix((0, n_genes))
+    else:
+        head = np.concatenate(head_parts) if head_parts else np.zeros((0, n_genes))
+    return MatrixCounts(totals["nan"], totals["inf"], totals["negative"], per_cell, per_gene, head)
 
 
 def _label_problems(report: CheckReport, obs: pd.DataFrame, keys: schema.ObsKeys) -> np.ndarray | None:
@@ -116,26 +231,22 @@ def _balance_table(obs: pd.DataFrame, column: str, labels: np.ndarray) -> pd.Dat
     return table
 
 
-def _matrix_problems(report: CheckReport, adata: ad.AnnData, X, needs: str) -> None:
-    stored = X.data if sp.issparse(X) else np.asarray(X)
-    if not np.isfinite(stored).all():
-        n_nan = int(np.isnan(stored).sum())
-        n_inf = int(np.isinf(stored).sum())
-        report.add("error", "X", f"{n_nan} NaN and {n_inf} inf values. Replace them (e.g. with 0) or drop those cells.")
+def _matrix_problems(report: CheckReport, adata: ad.AnnData, counts: MatrixCounts, needs: str) -> None:
+    if counts.n_nan or counts.n_inf:
+        report.add("error", "X", f"{counts.n_nan} NaN and {counts.n_inf} inf values. Replace them (e.g. with 0) "
+                   "or drop those cells.")
         return
     kind = report.facts["value_kind"]
     if needs == "counts" and kind != "counts":
         report.add("error", "X", f"the model needs raw counts but the values look {kind}. Pass the raw counts (--layer).")
-    elif needs == "nonnegative" and (stored < 0).any():
-        report.add("error", "X", f"{int((stored < 0).sum())} negative values; the model ranks non-negative expression. "
+    elif needs == "nonnegative" and counts.n_negative:
+        report.add("error", "X", f"{counts.n_negative} negative values; the model ranks non-negative expression. "
                    "Pass counts or normalised expression (--layer).")
-    nonzero_per_cell = np.asarray((X != 0).sum(axis=1)).ravel()
-    empty_cells = np.flatnonzero(nonzero_per_cell == 0)
+    empty_cells = np.flatnonzero(counts.nonzero_per_cell == 0)
     if empty_cells.size:
         names = ", ".join(map(str, adata.obs_names[empty_cells[:3]]))
         report.add("error", "X", f"{empty_cells.size} cells have no expressed gene (e.g. {names}). Filter them out.")
-    nonzero_per_gene = np.asarray((X != 0).sum(axis=0)).ravel()
-    empty_genes = np.flatnonzero(nonzero_per_gene == 0)
+    empty_genes = np.flatnonzero(counts.nonzero_per_gene == 0)
     if empty_genes.size:
         names = ", ".join(map(str, adata.var_names[empty_genes[:3]]))
         report.add("warning", "var", f"{empty_genes.size} genes are zero in every cell (e.g. {names}); "
@@ -201,13 +312,15 @@ def _fold_problems(report: CheckReport, obs: pd.DataFrame, keys: schema.ObsKeys,
 
 def check_adata(adata: ad.AnnData, *, source: str = "data", keys: schema.ObsKeys | None = None,
                 layer: str | None = None, needs: Literal["counts", "nonnegative", "any"] = "any",
-                n_folds: int = 10, split: Literal["sample", "cell"] = "sample", strict: bool = False) -> CheckReport:
+                n_folds: int = 10, split: Literal["sample", "cell"] = "sample", strict: bool = False,
+                chunk_rows: int = CHUNK_ROWS) -> CheckReport:
     """Check ``adata`` against the data contract and describe it.
 
     Parameters
     ----------
     adata
-        The data (in memory or backed).
+        The data, in memory or backed (``read_h5ad(path, backed="r")``): the expression matrix is read once in
+        blocks of ``chunk_rows`` rows (`count_matrix`), so a backed file is checked in bounded memory.
     source
         Name shown in messages (usually the file path).
     keys
@@ -220,6 +333,8 @@ def check_adata(adata: ad.AnnData, *, source: str = "data", keys: schema.ObsKeys
         The intended pooled split, to flag categories it cannot serve.
     strict
         Count fold feasibility problems as errors rather than warnings.
+    chunk_rows
+        Rows read at a time (see `count_matrix`).
 
     Returns
     -------
@@ -237,15 +352,13 @@ def check_adata(adata: ad.AnnData, *, source: str = "data", keys: schema.ObsKeys
     except SchemaError as err:
         report.add("error", "layers", str(err))
         return report
-    if hasattr(X, "to_memory"):
-        X = X.to_memory()
-    X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
-    report.facts.update(describe_values(X))
+    counts = count_matrix(X, chunk_rows=chunk_rows)
+    report.facts.update(describe_values(counts.head))
     if adata.obs_names.duplicated().any():
         dup = adata.obs_names[adata.obs_names.duplicated()].unique()[:3].tolist()
         report.add("error", "obs_names", f"{int(adata.obs_names.duplicated().sum())} duplicate cell names (e.g. {dup}). "
                    "Make them unique (adata.obs_names_make_unique()).")
-    _matrix_problems(report, adata, X, needs)
+    _matrix_problems(report, adata, counts, needs)
     _gene_problems(report, adata)
     obs = adata.obs
     labels = _label_problems(report, obs, keys)

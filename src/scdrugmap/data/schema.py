@@ -85,11 +85,32 @@ def encode_labels(values: npt.ArrayLike, *, column: str = RESPONSE, source: str 
     return codes
 
 
+#: Cells (rows x columns) per column block read when sampling the first rows of a backed CSC matrix.
+CSC_BLOCK_CELLS = 2**26
+
+
+def head_rows(X, n_rows: int = 2000) -> np.ndarray | sp.csr_matrix:
+    """Return the first ``n_rows`` rows of ``X`` in memory (CSR when sparse), never reading all of a backed matrix.
+
+    ``X`` may be in memory (numpy, scipy sparse) or backed (h5py dataset, anndata's on-disk CSR/CSC).
+    Rows of a backed CSR or dense matrix are read as one slice. A backed CSC matrix would be read whole by a
+    row slice (anndata reads its data and indices to cut rows out), so it is read in blocks of columns
+    (about `CSC_BLOCK_CELLS` cells each), keeping only the entries of the first rows: one pass over the
+    file with bounded memory.
+    """
+    n = min(X.shape[0], n_rows)
+    if not sp.issparse(X) and getattr(X, "format", None) == "csc":
+        step = max(1, CSC_BLOCK_CELLS // max(1, X.shape[0]))
+        blocks = [sp.csc_matrix(X[:, start : start + step])[:n] for start in range(0, X.shape[1], step)]
+        return sp.csr_matrix(sp.hstack(blocks, format="csr")) if blocks else sp.csr_matrix((n, X.shape[1]))
+    rows = X[:n]
+    return sp.csr_matrix(rows) if sp.issparse(rows) else np.asarray(rows)
+
+
 def _sample_values(X: np.ndarray | sp.spmatrix, max_rows: int = 2000) -> tuple[np.ndarray, np.ndarray]:
     """Return (all stored values of the first rows, their row sums) without densifying a large matrix."""
-    rows = X[: min(X.shape[0], max_rows)]
+    rows = head_rows(X, max_rows)
     if sp.issparse(rows):
-        rows = sp.csr_matrix(rows)
         data = np.asarray(rows.data, dtype=np.float64)
         sums = np.asarray(rows.sum(axis=1), dtype=np.float64).ravel()
         if rows.nnz < rows.shape[0] * rows.shape[1]:
@@ -100,7 +121,7 @@ def _sample_values(X: np.ndarray | sp.spmatrix, max_rows: int = 2000) -> tuple[n
 
 
 def detect_value_kind(X: np.ndarray | sp.spmatrix) -> ValueKind:
-    """Say what kind of expression values ``X`` holds, from its first rows.
+    """Say what kind of expression values ``X`` holds, from its first rows (read with `head_rows`).
 
     Raw counts are non-negative integers; TPM rows sum to about one million;
     normalised rows share one total; log values are non-negative, non-integer

@@ -1028,6 +1028,7 @@ class GeneformerEncoder(TorchEncoder):
     family: ClassVar[Literal["scfm", "llm", "baseline"]] = "scfm"
     input_kind: ClassVar[Literal["counts", "nonnegative", "any"]] = "nonnegative"
     lora_targets: ClassVar[tuple[str, ...]] = ("query", "key", "value")
+    shardable: ClassVar[bool] = True  # each cell is its own sequence
     weights_sources: ClassVar[Mapping[str, WeightsSource]] = WEIGHTS_SOURCES
 
     def __init__(self, module: GeneformerModel, tokenizer: GeneformerTokenizer, *,
