@@ -1,5 +1,9 @@
 """Small helpers shared by tests (not fixtures)."""
 
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 
 
 def write_tiny_h5ad(folder, name="tiny.h5ad", seed=0):
@@ -40,3 +44,51 @@ def make_adata(n_cells: int = 80, n_samples: int = 8, seed: int = 0, n_studies: 
         "regimen": "anti-PD1",
     }, index=[f"cell{i}" for i in range(n_cells)])
     return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=list(GENE_SYMBOLS)))
+
+
+def labelled_copies(counts: np.ndarray, genes, *, copies: int = 4, seed: int = 0) -> ad.AnnData:
+    """Tile the golden cells into a small labelled collection: 2 studies x 4 samples, one label per sample."""
+    rng = np.random.default_rng(seed)
+    tiled = np.concatenate([rng.poisson(np.asarray(counts, dtype=np.float64) + 0.1) for _ in range(copies)])
+    n = tiled.shape[0]
+    samples = np.arange(n) % 8
+    obs = pd.DataFrame({"response": np.where(samples % 2, "sensitive", "resistant"), "sample": [f"P{s}" for s in samples],
+                        "study": [f"S{s // 4}" for s in samples], "tissue": "Tumor tissue", "cancer_type": "Melanoma",
+                        "therapy": "Immunotherapy", "regimen": "anti-PD1"}, index=[f"c{i}" for i in range(n)])
+    return ad.AnnData(sp.csr_matrix(tiled.astype(np.float32)), obs=obs, var=pd.DataFrame(index=[str(g) for g in genes]))
+
+
+def golden_case(shared, name):
+    """Return (labelled data, weights path, from_pretrained options) for a model's golden checkpoint."""
+    folder = shared("golden", name)
+    if name in {"scgpt", "tgpt"}:
+        inputs = np.load(folder / "inputs.npz")
+        return labelled_copies(inputs["counts"], inputs["genes"]), str(folder / "checkpoint"), {}
+    if name == "cellplm":
+        inputs = np.load(folder / "inputs.npz")
+        return labelled_copies(inputs["counts"], inputs["genes"]), str(folder), {"device": "cpu"}
+    if name == "geneformer":
+        cells = ad.read_h5ad(folder / "cells.h5ad")
+        vocab = shared("vocab", "geneformer_v1")
+        options = {"model_version": "V1", "token_dictionary_file": vocab / "geneformer_token_dictionary.pkl",
+                   "gene_median_file": vocab / "geneformer_gene_median_dictionary.pkl", "gene_mapping_file": None}
+        return labelled_copies(cells.X.toarray(), cells.var["ensembl_id"]), str(folder / "checkpoint"), options
+    if name == "scfoundation":
+        table = pd.read_csv(folder / "counts.csv", index_col=0)
+        return (labelled_copies(table.to_numpy(), table.columns), str(folder / "checkpoint.ckpt"),
+                {"gene_index_path": folder / "OS_scRNA_gene_index.200.tsv"})
+    if name == "uce":
+        cells = ad.read_h5ad(folder / "tiny_human.h5ad")
+        return (labelled_copies(cells.X.toarray(), cells.var_names), str(folder / "checkpoint.torch"),
+                {"nhead": 4, "chrom_token_offset": 264})
+    inputs = np.load(folder / "inputs.npz")
+    if name == "scbert":
+        from scdrugmap.models.scbert import ScBERTConfig
+
+        return (labelled_copies(inputs["counts"], inputs["genes"]), str(folder),
+                {"config": ScBERTConfig.from_official(folder / "tiny_config.json"), "min_genes": 5})
+    from scdrugmap.models.celllm import CellLMConfig
+
+    return (labelled_copies(inputs["counts"], inputs["genes"]), str(folder / "checkpoint.pth"),
+            {"config": CellLMConfig.from_official(folder / "config.json"), "genes": list(inputs["vocab_genes"]),
+             "min_genes": 5})

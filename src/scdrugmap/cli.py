@@ -181,15 +181,22 @@ def embed(
     data: Annotated[Path, typer.Argument(help="The .h5ad file.")],
     model: Annotated[str, typer.Option(help="Registry name of the model.")],
     weights: Annotated[Path | None, typer.Option(help="Local folder/file of the official weights.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output .h5ad (default: overwrite DATA).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output .h5ad, or .npy for the embeddings alone (default: add to DATA).")] = None,
     layer: Layer = None,
     batch_size: Annotated[int | None, typer.Option(help="Cells per forward pass (default: the model's own).")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when visible), cpu, cuda or cuda:N.")] = "auto",
+    executor: Annotated[str, typer.Option(help="local, or ray: row shards embedded on a Ray cluster's workers.")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to use (auto, HOST:PORT); default: start one here.")] = None,
+    shard_cells: Annotated[int, typer.Option(help="Cells per shard with --executor ray.")] = 20_000,
+    cpus_per_shard: Annotated[float, typer.Option(help="CPUs each shard's task asks for.")] = 1.0,
+    gpus_per_shard: Annotated[float, typer.Option(help="GPUs each shard's task asks for (1 on a GPU cluster).")] = 0.0,
 ) -> None:
     """Embed every cell with a model and store it in obsm['X_<model>']."""
     from scdrugmap.commands import run_embed
 
-    path = run_embed(data, model=model, weights=weights, out=out, layer=layer, batch_size=batch_size,
-                     quiet=STATE["quiet"], console=stderr)
+    path = run_embed(data, model=model, weights=weights, out=out, layer=layer, batch_size=batch_size, device=device,
+                     executor=executor, ray_address=ray_address, shard_cells=shard_cells, cpus=cpus_per_shard,
+                     gpus=gpus_per_shard, quiet=STATE["quiet"], console=stderr)
     stdout.print(str(path))
 
 
@@ -243,7 +250,12 @@ def benchmark(
     folds: Annotated[int | None, typer.Option(help="Folds of the pooled scenario (default 10).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of splits and training.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (rerunning resumes it).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (CUDA when visible; the default), cpu, cuda or cuda:N.")] = None,
+    executor: Annotated[str | None, typer.Option(help="local (default) or ray: one Ray task per unit of the grid.")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to use (auto, HOST:PORT, ray://...); default: start one here.")] = None,
+    cpus_per_job: Annotated[float | None, typer.Option(help="CPUs each Ray task asks for (default 1).")] = None,
+    gpus_per_job: Annotated[float | None, typer.Option(help="GPUs each Ray task asks for (default 0).")] = None,
+    shard_cells: Annotated[int | None, typer.Option(help="Cells per embedding shard on Ray (default 20,000).")] = None,
     demo_cells: Annotated[int | None, typer.Option(help="Cells of the demo collection.")] = None,
     lora_epochs: Annotated[int | None, typer.Option(help="Epochs of LoRA fine-tuning per fold (default 5).")] = None,
     weights: Annotated[list[str] | None, typer.Option(help="MODEL=PATH: local official weights of a model (repeatable).")] = None,
@@ -270,7 +282,9 @@ def benchmark(
     overrides = {"data": data, "models": _split_list(models), "strategies": _split_list(strategies),
                  "heads": _split_list(heads), "scenarios": _split_list(scenarios),
                  "categories": _split_list(categories), "splits": _split_list(split), "folds": folds, "seed": seed,
-                 "out": None if out is None else str(out), "device": device, "demo_cells": demo_cells, "layer": layer}
+                 "out": None if out is None else str(out), "device": device, "demo_cells": demo_cells, "layer": layer,
+                 "executor": executor, "ray_address": ray_address, "cpus_per_job": cpus_per_job,
+                 "gpus_per_job": gpus_per_job, "shard_cells": shard_cells}
     prompt = {"api_base": api_base, "model": llm_model, "shots": shots, "cells_per_request": cells_per_request,
               "genes_per_cell": genes_per_cell, "max_concurrency": llm_concurrency,
               "requests_per_minute": llm_requests_per_minute, "timeout": llm_timeout, "max_retries": llm_max_retries,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from rich.table import Table
 
 from scdrugmap.errors import ConfigError
@@ -49,9 +51,12 @@ def run_check(file: Path, *, keys: dict[str, str], layer: str | None, model: str
         from scdrugmap.models.base import get_encoder_class
 
         needs = get_encoder_class(model).input_kind
-    adata = read_h5ad(file)
-    report = check_adata(adata, source=str(file), keys=ObsKeys(**keys), layer=layer, needs=needs, n_folds=folds,
-                         split=split, strict=strict)
+    adata = read_h5ad(file, backed=True)  # the matrix is read in row chunks, never whole
+    try:
+        report = check_adata(adata, source=str(file), keys=ObsKeys(**keys), layer=layer, needs=needs,
+                             n_folds=folds, split=split, strict=strict)
+    finally:
+        adata.file.close()
     facts = report.facts
     console.print(f"[bold]{file}[/bold]")
     console.print(f"  shape        {facts['shape'][0]:,} cells x {facts['shape'][1]:,} genes")
@@ -195,21 +200,45 @@ def download_model(name: str, *, force: bool, quiet: bool, console: Console) -> 
         return download(source, force=force, progress=update)
 
 
-def run_embed(data: Path, *, model: str, weights: Path | None, out: Path | None, layer: str | None, batch_size: int,
-              quiet: bool, console: Console) -> Path:
-    from scdrugmap.data.io import read_h5ad, write_h5ad_atomic
+def run_embed(data: Path, *, model: str, weights: Path | None, out: Path | None, layer: str | None,
+              batch_size: int | None, device: str = "auto", executor: str = "local", ray_address: str | None = None,
+              shard_cells: int = 20_000, cpus: float = 1.0, gpus: float = 0.0, quiet: bool, console: Console) -> Path:
+    """Embed ``data`` here or in shards on a Ray cluster; add ``obsm['X_<model>']`` to a copy, or save a .npy."""
+    from scdrugmap.data.io import add_obsm_atomic, read_h5ad
     from scdrugmap.models.base import load_encoder
 
-    adata = read_h5ad(data)
-    encoder = load_encoder(model, weights)
+    if executor not in {"local", "ray"}:
+        msg = f"--executor {executor!r} is not available; choose from local, ray."
+        raise ConfigError(msg)
     with progress_bar(console, quiet=quiet) as update:
-        embeddings = encoder.embed(adata, layer=layer, batch_size=batch_size,
-                                   progress=None if update is None else (lambda d, t: update("embed", d, t, model)))
+        report = None if update is None else (lambda d, t: update("embed", d, t, model))
+        if executor == "ray":
+            from scdrugmap import cluster
+            from scdrugmap.models.sharded import EncoderSpec, embed_sharded
+
+            cluster.connect(ray_address)
+            backed = read_h5ad(data, backed=True)
+            n_obs = backed.n_obs
+            backed.file.close()
+            result = embed_sharded(EncoderSpec(model, None if weights is None else str(weights), {}, device),
+                                   data.resolve(), n_obs=n_obs, layer=layer, batch_size=batch_size,
+                                   shard_cells=shard_cells, resources=cluster.Resources(cpus=cpus, gpus=gpus),
+                                   progress=report)
+            embeddings, checkpoint = result.embeddings, result.checkpoint_sha256
+        else:
+            adata = read_h5ad(data)
+            encoder = load_encoder(model, weights, device=device)
+            embeddings = encoder.embed(adata, layer=layer, batch_size=batch_size, progress=report)
+            checkpoint = encoder.checkpoint_sha256
+    target = out or data
+    if target.suffix == ".npy":
+        tmp = target.with_name(target.name + ".tmp.npy")
+        np.save(tmp, embeddings, allow_pickle=False)
+        os.replace(tmp, target)
+        return target
     key = f"X_{model}"
-    adata.obsm[key] = embeddings
-    adata.uns.setdefault("scdrugmap", {})[key] = {"model": model, "checkpoint_sha256": encoder.checkpoint_sha256 or "",
-                                                   "layer": layer or "X"}
-    return write_h5ad_atomic(adata, out or data)
+    return add_obsm_atomic(data, target, key, embeddings,
+                           facts={"model": model, "checkpoint_sha256": checkpoint or "", "layer": layer or "X"})
 
 
 def run_train(data: Path, *, model: str, out: Path, strategy: str, head: str, weights: Path | None, label_key: str,

@@ -82,3 +82,12 @@ def test_labels_accept_both_codings_and_refuse_others():
     assert encode_labels(["sensitive", "Resistant", "1", 0]).tolist() == [1, 0, 1, 0]
     with pytest.raises(Exception, match="expected sensitive/resistant"):
         encode_labels(["sensitive", "partial"])
+
+
+def test_a_category_value_with_fewer_cells_per_class_than_folds_is_a_reason_not_a_crash():
+    from scdrugmap.evaluate.splits import assign_pooled_folds
+
+    labels = np.array([1, 0, 1, 0, 1, 0])
+    groups = np.array(["a", "b", "c", "d", "e", "f"])
+    assignment, reason = assign_pooled_folds(labels, groups, n_folds=5, seed=0)
+    assert assignment is None and "too few to stratify 5 folds" in reason

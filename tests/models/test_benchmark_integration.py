@@ -1,65 +1,15 @@
 """Foundation models inside the benchmark runner: frozen and LoRA jobs on their golden tiny checkpoints."""
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 from scdrugmap.evaluate.runner import BenchmarkConfig, run_benchmark
-
-
-def _labelled(counts: np.ndarray, genes, *, copies: int = 4, seed: int = 0) -> ad.AnnData:
-    """Tile the golden cells into a small labelled collection: 2 studies x 4 samples, one label per sample."""
-    rng = np.random.default_rng(seed)
-    tiled = np.concatenate([rng.poisson(np.asarray(counts, dtype=np.float64) + 0.1) for _ in range(copies)])
-    n = tiled.shape[0]
-    samples = np.arange(n) % 8
-    obs = pd.DataFrame({"response": np.where(samples % 2, "sensitive", "resistant"), "sample": [f"P{s}" for s in samples],
-                        "study": [f"S{s // 4}" for s in samples], "tissue": "Tumor tissue", "cancer_type": "Melanoma",
-                        "therapy": "Immunotherapy", "regimen": "anti-PD1"}, index=[f"c{i}" for i in range(n)])
-    return ad.AnnData(sp.csr_matrix(tiled.astype(np.float32)), obs=obs, var=pd.DataFrame(index=[str(g) for g in genes]))
-
-
-def _golden_case(shared, name):
-    """Return (labelled data, weights path, from_pretrained options) for a model's golden checkpoint."""
-    folder = shared("golden", name)
-    if name in {"scgpt", "tgpt"}:
-        inputs = np.load(folder / "inputs.npz")
-        return _labelled(inputs["counts"], inputs["genes"]), str(folder / "checkpoint"), {}
-    if name == "cellplm":
-        inputs = np.load(folder / "inputs.npz")
-        return _labelled(inputs["counts"], inputs["genes"]), str(folder), {"device": "cpu"}
-    if name == "geneformer":
-        cells = ad.read_h5ad(folder / "cells.h5ad")
-        vocab = shared("vocab", "geneformer_v1")
-        options = {"model_version": "V1", "token_dictionary_file": vocab / "geneformer_token_dictionary.pkl",
-                   "gene_median_file": vocab / "geneformer_gene_median_dictionary.pkl", "gene_mapping_file": None}
-        return _labelled(cells.X.toarray(), cells.var["ensembl_id"]), str(folder / "checkpoint"), options
-    if name == "scfoundation":
-        table = pd.read_csv(folder / "counts.csv", index_col=0)
-        return (_labelled(table.to_numpy(), table.columns), str(folder / "checkpoint.ckpt"),
-                {"gene_index_path": folder / "OS_scRNA_gene_index.200.tsv"})
-    if name == "uce":
-        cells = ad.read_h5ad(folder / "tiny_human.h5ad")
-        return (_labelled(cells.X.toarray(), cells.var_names), str(folder / "checkpoint.torch"),
-                {"nhead": 4, "chrom_token_offset": 264})
-    inputs = np.load(folder / "inputs.npz")
-    if name == "scbert":
-        from scdrugmap.models.scbert import ScBERTConfig
-
-        return (_labelled(inputs["counts"], inputs["genes"]), str(folder),
-                {"config": ScBERTConfig.from_official(folder / "tiny_config.json"), "min_genes": 5})
-    from scdrugmap.models.celllm import CellLMConfig
-
-    return (_labelled(inputs["counts"], inputs["genes"]), str(folder / "checkpoint.pth"),
-            {"config": CellLMConfig.from_official(folder / "config.json"), "genes": list(inputs["vocab_genes"]),
-             "min_genes": 5})
+from tests_helpers import golden_case
 
 
 @pytest.mark.parametrize("name", ["geneformer", "tgpt", "scgpt", "scfoundation", "uce", "cellplm", "scbert", "celllm"])
 def test_foundation_model_runs_frozen_and_lora_in_the_benchmark(name, shared, tmp_path):
-    adata, weights, options = _golden_case(shared, name)
+    adata, weights, options = golden_case(shared, name)
     data = tmp_path / "data.h5ad"
     adata.write_h5ad(data)
     config = BenchmarkConfig(data=str(data), out=str(tmp_path / "run"), models=[name], strategies=["frozen", "lora"],
@@ -73,3 +23,27 @@ def test_foundation_model_runs_frozen_and_lora_in_the_benchmark(name, shared, tm
     assert done["auroc"].between(0, 1).all()
     lora = done[done["strategy"] == "lora"]
     assert (lora["train_trainable_parameters"] > 0).all()
+
+
+
+@pytest.mark.parametrize("name", ["geneformer", "tgpt"])
+def test_a_shardable_model_embeds_a_shard_as_inside_the_whole_data(name, shared):
+    """`shardable` is a promise the sharded (Ray) embedding relies on: a cell's embedding ignores other cells.
+
+    Only padding differs between the two runs (other cells share a length bucket), hence 1e-5, not equality.
+    """
+    from scdrugmap.models.base import get_encoder_class, load_encoder
+
+    assert get_encoder_class(name).shardable
+    adata, weights, options = golden_case(shared, name)
+    whole = load_encoder(name, weights, **options).embed(adata)
+    shard = load_encoder(name, weights, **options).embed(adata[5:29].copy())
+    np.testing.assert_allclose(shard, whole[5:29], atol=1e-5, rtol=0)
+
+
+def test_models_that_depend_on_other_cells_are_not_shardable():
+    """Batch-wide statistics, cell-to-cell attention, a random stream over cells or a fit on the data."""
+    from scdrugmap.models.base import get_encoder_class
+
+    for name in ["scgpt", "scfoundation", "uce", "cellplm", "scbert", "celllm", "pca", "hvg"]:
+        assert not get_encoder_class(name).shardable, name

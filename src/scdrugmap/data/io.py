@@ -78,6 +78,50 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
     return path
 
 
+def add_obsm_atomic(source: str | Path, target: str | Path, key: str, values: np.ndarray, *,
+                    facts: dict[str, str] | None = None) -> Path:
+    """Write the ``.h5ad`` at ``source`` to ``target`` with ``obsm[key] = values``, without reading its matrix.
+
+    The file is copied, the embedding written into the copy (and ``facts`` into ``uns['scdrugmap'][key]``),
+    and the copy renamed over ``target``: a killed run leaves ``target`` as it was, and memory stays small
+    however large ``X`` is.
+    """
+    import shutil
+
+    import h5py
+    from anndata.io import read_elem, write_elem
+
+    source, target = Path(source), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=target.parent, suffix=".h5ad.tmp")
+    os.close(handle)
+    try:
+        shutil.copyfile(source, tmp)
+        with h5py.File(tmp, "a") as store:
+            obs = store["obs"]
+            n_obs = obs[obs.attrs["_index"]].shape[0]
+            if values.shape[0] != n_obs:
+                msg = f"{source}: {values.shape[0]} embeddings for {n_obs} cells."
+                raise SchemaError(msg)
+            if "obsm" not in store:
+                write_elem(store, "obsm", {})
+            if key in store["obsm"]:
+                del store["obsm"][key]
+            write_elem(store["obsm"], key, values)
+            if facts is not None:
+                if "uns" not in store:
+                    write_elem(store, "uns", {})
+                previous = read_elem(store["uns"]["scdrugmap"]) if "scdrugmap" in store["uns"] else {}
+                if "scdrugmap" in store["uns"]:
+                    del store["uns"]["scdrugmap"]
+                write_elem(store["uns"], "scdrugmap", {**previous, key: facts})
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
 def read_distribution_tsv(path: str | Path, *, catalog: pd.DataFrame | None = None) -> ad.AnnData:
     """Read one scDrugMap distribution file into the data contract.
 

@@ -23,7 +23,16 @@ import numpy as np
 import pandas as pd
 
 from scdrugmap.data import schema
+from scdrugmap.data.io import read_h5ad
 from scdrugmap.errors import ConfigError, ScDrugMapError
+from scdrugmap.evaluate.executors import (
+    LocalExecutor,
+    ModelInputs,
+    RayExecutor,
+    Unit,
+    UnitOutcome,
+    make_executor,
+)
 from scdrugmap.evaluate.metrics import METRICS, compute_metrics, summarise
 from scdrugmap.evaluate.splits import (
     Fold,
@@ -65,7 +74,12 @@ class BenchmarkConfig:
     seed: int = 0
     layer: str | None = None
     batch_size: int | None = None
-    device: str = "cpu"
+    device: str = "auto"
+    executor: str = "local"
+    ray_address: str | None = None
+    cpus_per_job: float = 1.0
+    gpus_per_job: float = 0.0
+    shard_cells: int = 20_000
     demo_cells: int = DEMO_CELLS
     demo_genes: int = DEMO_GENES
     weights: dict[str, str] = field(default_factory=dict)
@@ -126,12 +140,14 @@ class Job:
         return (self.model, self.strategy, self.head, f.scenario, f.category, f.value, f.split)
 
 
-def load_data(config: BenchmarkConfig) -> ad.AnnData:
-    """Return the benchmark's data: a file, or the simulated demo collection (cached)."""
-    from scdrugmap.data.io import read_h5ad
-
+def data_file(config: BenchmarkConfig) -> Path:
+    """Return the benchmark's data file: ``config.data``, or the simulated demo collection (made once)."""
     if config.data != "demo":
-        return read_h5ad(config.data)
+        path = Path(config.data)
+        if not path.exists():
+            msg = f"--data {config.data}: no such file. Pass an .h5ad path, or demo for the simulated collection."
+            raise ConfigError(msg)
+        return path
     from scdrugmap import config as paths
     from scdrugmap.data.simulate import simulate_collection
 
@@ -141,7 +157,12 @@ def load_data(config: BenchmarkConfig) -> ad.AnnData:
                  config.demo_genes, path)
         path.parent.mkdir(parents=True, exist_ok=True)
         simulate_collection(n_cells=config.demo_cells, n_genes=config.demo_genes, seed=config.seed, out_path=path)
-    return read_h5ad(path)
+    return path
+
+
+def load_data(config: BenchmarkConfig) -> ad.AnnData:
+    """Return the benchmark's data in memory (see `data_file`)."""
+    return read_h5ad(data_file(config))
 
 
 def make_folds(adata: ad.AnnData, labels: np.ndarray, config: BenchmarkConfig, run_dir: Path) -> list[Fold]:
@@ -265,39 +286,6 @@ def _save_embedding_sample(run_dir: Path, model: str, embeddings: np.ndarray, ob
     os.replace(tmp, folder / f"{model}.npz")
 
 
-class _NotApplicable(Exception):
-    """A strategy does not apply to a model (e.g. LoRA on PCA); its jobs are stored as skipped."""
-
-
-def _run_lora(encoder, adata: ad.AnnData, labels: np.ndarray, groups: np.ndarray | None,
-              fold_sets: list[tuple[np.ndarray, np.ndarray]], config: BenchmarkConfig,
-              state: dict[str, Any]) -> list[tuple[np.ndarray, dict[str, Any]]]:
-    """Fine-tune LoRA adapters per fold on the encoder's tokens (tokenized once per model)."""
-    from scdrugmap.models.base import TorchEncoder
-    from scdrugmap.train.lora import fit_predict_lora
-
-    if not isinstance(encoder, TorchEncoder) or not encoder.lora_targets:
-        msg = f"{encoder.name} has no network to adapt; LoRA applies to foundation models"
-        raise _NotApplicable(msg)
-    if "tokens" not in state:
-        state["tokens"] = encoder.tokenize(adata, layer=config.layer)
-        position = np.full(adata.n_obs, -1, dtype=np.int64)
-        position[state["tokens"].cell_index] = np.arange(state["tokens"].n_cells)
-        state["position"] = position
-    tokens, position = state["tokens"], state["position"]
-    token_labels = labels[tokens.cell_index]
-    token_groups = None if groups is None else groups[tokens.cell_index]
-    token_folds = [(position[train][position[train] >= 0], position[test][position[test] >= 0])
-                   for train, test in fold_sets]
-    fitted = fit_predict_lora(encoder, tokens, token_labels, token_groups, token_folds, config.lora_config())
-    results = []
-    for (_, test), (probability, info) in zip(fold_sets, fitted, strict=True):
-        full = np.full(test.size, np.nan, dtype=np.float32)  # cells the model could not tokenize stay missing
-        full[position[test] >= 0] = probability
-        results.append((full, info))
-    return results
-
-
 def _run_prompt_jobs(jobs: list[Job], adata: ad.AnnData, labels: np.ndarray, keys: schema.ObsKeys, prompt_config,
                      writer: _JobWriter, *, progress: BenchmarkProgress | None, done: int, total: int) -> int:
     """Ask the language model for every pending prompt job, one category value (its folds) per call."""
@@ -343,8 +331,95 @@ def _run_prompt_jobs(jobs: list[Job], adata: ad.AnnData, labels: np.ndarray, key
     return done
 
 
+class _InMemory:
+    """The data in memory, read from the backed file the first time something needs the expression."""
+
+    def __init__(self, adata: ad.AnnData) -> None:
+        self.adata, self._loaded = adata, None
+
+    def __call__(self) -> ad.AnnData:
+        if self._loaded is None:
+            self._loaded = self.adata.to_memory() if self.adata.isbacked else self.adata
+        return self._loaded
+
+
+def _units(jobs: list[Job], valid: np.ndarray) -> list[Unit]:
+    """Group runnable jobs into units: the folds of one category value (frozen), one job (LoRA)."""
+    grouped: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        grouped.setdefault(job.group, []).append(job)
+    units = []
+    for group_jobs in grouped.values():
+        batches = [group_jobs] if group_jobs[0].strategy == "frozen" else [[job] for job in group_jobs]
+        for batch in batches:
+            units.append(Unit(batch, [(job.fold.train[valid[job.fold.train]], job.fold.test[valid[job.fold.test]])
+                                      for job in batch]))
+    return units
+
+
+def _prepare_model(model: str, jobs: list[Job], config: BenchmarkConfig, adata: ad.AnnData, data_path: Path,
+                   memory: _InMemory, fingerprint: str, labels: np.ndarray, groups: np.ndarray | None,
+                   executor: LocalExecutor | RayExecutor, progress: BenchmarkProgress | None
+                   ) -> tuple[ModelInputs, dict[str, Any]]:
+    """Load a model and compute what its units need: embeddings (cached) for frozen heads, tokens for LoRA."""
+    from scdrugmap.models.base import TorchEncoder, load_encoder
+    from scdrugmap.models.cache import cached_embed
+    from scdrugmap.models.sharded import EncoderSpec, embed_sharded
+
+    options = dict(config.model_options.get(model, {}))
+    spec = EncoderSpec(model, config.weights.get(model), options, str(options.pop("device", config.device)))
+    on_cluster = isinstance(executor, RayExecutor)
+    # the driver of a cluster run only needs the model's facts and tokenizer: keep it off the GPU
+    encoder = load_encoder(model, spec.weights, device="cpu" if on_cluster else spec.device, **spec.options)
+    inputs = ModelInputs(model=model, labels=labels, groups=groups, head_config=config.head_config(),
+                         device=spec.device, spec=spec, lora_config=config.lora_config(),
+                         encoder=None if on_cluster else encoder)
+    facts: dict[str, Any] = {}
+    report = None if progress is None else (lambda d, t: progress("embed", d, t, model))
+    if any(job.strategy == "frozen" for job in jobs):
+        if progress:
+            progress("embed", 0, adata.n_obs, model)
+        if on_cluster:
+            def compute() -> np.ndarray:
+                return embed_sharded(spec, data_path, n_obs=adata.n_obs, layer=config.layer,
+                                     batch_size=config.batch_size, shard_cells=config.shard_cells,
+                                     resources=executor.resources, progress=report).embeddings
+        else:
+            def compute() -> np.ndarray:
+                return encoder.embed(memory(), layer=config.layer, batch_size=config.batch_size, progress=report)
+        inputs.embeddings, facts = cached_embed(encoder, adata, data_fingerprint=fingerprint, layer=config.layer,
+                                                batch_size=config.batch_size, compute=compute)
+    if (any(job.strategy == "lora" for job in jobs) and isinstance(encoder, TorchEncoder)
+            and encoder.lora_targets):
+        inputs.tokens = encoder.tokenize(memory(), layer=config.layer)
+    facts = {**facts, **{k: v for k, v in encoder.describe().items() if k != "name"}}
+    return inputs, facts
+
+
+def _store_outcome(writer: _JobWriter, unit: Unit, outcome: UnitOutcome, labels: np.ndarray,
+                   extra_of: dict[str, dict[str, Any]]) -> None:
+    """Write the jobs of one finished unit."""
+    seconds = outcome.seconds / len(unit.jobs)
+    for index, job in enumerate(unit.jobs):
+        if outcome.status == "skipped":
+            writer.skipped(job, outcome.reason)
+            continue
+        extra = {**extra_of[job.model], "n_dropped_cells": int(job.fold.test.size - unit.fold_sets[index][1].size)}
+        if outcome.status == "failed":
+            writer.failed(job, outcome.reason, seconds=seconds, extra=extra)
+            continue
+        _, test = unit.fold_sets[index]
+        probability, info = outcome.predictions[index]
+        metrics, reasons = compute_metrics(labels[test], probability)
+        extra.update({f"train_{k}": v for k, v in info.items()})
+        writer.scored(job, test, probability, metrics=metrics, reasons=reasons, seconds=seconds, extra=extra)
+
+
 def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None = None) -> pd.DataFrame:
     """Run (or resume) the benchmark grid of ``config`` and return one row per job.
+
+    The data is opened backed: expression is read in chunks for the fingerprint and loaded whole only
+    when a model must embed (not cached) or fine-tune, or a language model is prompted.
 
     Returns
     -------
@@ -352,14 +427,15 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     ``<out>/predictions.parquet``.
     """
     from scdrugmap.data.io import data_fingerprint
-    from scdrugmap.models.base import load_encoder
-    from scdrugmap.models.cache import cached_embed
-    from scdrugmap.train.frozen import fit_predict_frozen
 
     config.validate()
     run_dir = Path(config.out)
     start = time.perf_counter()
-    adata = load_data(config)
+    executor = make_executor(config.executor, address=config.ray_address, cpus_per_job=config.cpus_per_job,
+                             gpus_per_job=config.gpus_per_job)
+    data_path = data_file(config)
+    adata = read_h5ad(data_path, backed=True)
+    memory = _InMemory(adata)
     keys = config.obs_keys()
     if keys.response not in adata.obs:
         msg = f"{config.data}: obs has no {keys.response!r} column; name the label column with --label-key."
@@ -379,25 +455,35 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
         jobs += [Job(prompt_config.model, "prompt", f"{prompt_config.shots}-shot", fold) for fold in folds]
     finished = store.finished_keys()
     pending = [job for job in jobs if job.key not in finished]
-    log.info("%d jobs in the grid, %d already finished, %d to run", len(jobs), len(jobs) - len(pending), len(pending))
+    log.info("%d jobs in the grid, %d already finished, %d to run on the %s executor", len(jobs),
+             len(jobs) - len(pending), len(pending), executor.name)
     done = len(jobs) - len(pending)
     if progress:
         progress("jobs", done, len(jobs), "")
     groups = np.asarray(adata.obs[keys.sample].astype(str)) if keys.sample in adata.obs else None
-    head_config = config.head_config()
     writer = _JobWriter(store, adata.obs, keys.sample, labels)
     model_facts: dict[str, Any] = {}
     prompt_jobs = [job for job in pending if job.strategy == "prompt"]
-    if prompt_jobs:
+    if prompt_jobs:  # API calls, limited per key: they run here whatever the executor
         from scdrugmap.prompting import describe_config
 
-        done = _run_prompt_jobs(prompt_jobs, adata, labels, keys, prompt_config, writer, progress=progress,
+        done = _run_prompt_jobs(prompt_jobs, memory(), labels, keys, prompt_config, writer, progress=progress,
                                 done=done, total=len(jobs))
         model_facts[prompt_config.model] = {"strategy": "prompt", **describe_config(prompt_config)}
     by_model: dict[str, list[Job]] = {}
     for job in pending:
         if job.strategy != "prompt":
             by_model.setdefault(job.model, []).append(job)
+    extra_of: dict[str, dict[str, Any]] = {}
+
+    def store_finished(*, wait: bool) -> None:
+        nonlocal done
+        for unit, outcome in executor.finished(wait=wait):
+            _store_outcome(writer, unit, outcome, labels, extra_of)
+            done += len(unit.jobs)
+            if progress:
+                progress("jobs", done, len(jobs), unit.jobs[0].model)
+
     for model_name, model_jobs in by_model.items():
         skipped = [job for job in model_jobs if job.fold.skipped is not None]
         for job in skipped:
@@ -406,66 +492,20 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
         runnable = [job for job in model_jobs if job.fold.skipped is None]
         if not runnable:
             continue
-        encoder = load_encoder(model_name, config.weights.get(model_name), **config.model_options.get(model_name, {}))
-        if progress:
-            progress("embed", 0, adata.n_obs, model_name)
-        embeddings, facts = None, {}
+        inputs, facts = _prepare_model(model_name, runnable, config, adata, data_path, memory, fingerprint, labels,
+                                       groups, executor, progress)
+        model_facts[model_name] = facts
+        extra_of[model_name] = {"embed_seconds": facts.get("seconds"),
+                                "embed_cells_per_second": facts.get("cells_per_second")}
         valid = np.ones(adata.n_obs, dtype=bool)
-        if any(job.strategy == "frozen" for job in runnable):
-            embeddings, facts = cached_embed(
-                encoder, adata, data_fingerprint=fingerprint, layer=config.layer, batch_size=config.batch_size,
-                progress=None if progress is None else (lambda d, t, m=model_name: progress("embed", d, t, m)))
-            if embeddings.shape[1]:
-                valid = ~np.isnan(embeddings).any(axis=1)
-        model_facts[model_name] = {**facts, **{k: v for k, v in encoder.describe().items() if k != "name"}}
-        if embeddings is not None and embeddings.shape[1]:
-            _save_embedding_sample(run_dir, model_name, embeddings, adata.obs_names, seed=config.seed)
-        grouped: dict[tuple, list[Job]] = {}
-        for job in runnable:
-            grouped.setdefault(job.group, []).append(job)
-        lora_state: dict[str, Any] = {}
-        for group_jobs in grouped.values():
-            strategy = group_jobs[0].strategy
-            # frozen heads of one category value train together; LoRA jobs run one by one
-            batches = [group_jobs] if strategy == "frozen" else [[job] for job in group_jobs]
-            for batch in batches:
-                batch_start = time.perf_counter()
-                fold_sets = [(job.fold.train[valid[job.fold.train]], job.fold.test[valid[job.fold.test]])
-                             for job in batch]
-                try:
-                    if strategy == "frozen":
-                        predictions = [(p.probability, p.info) for p in fit_predict_frozen(
-                            embeddings, labels, groups, fold_sets, head=batch[0].head, config=head_config,
-                            device=config.device)]
-                    else:
-                        predictions = _run_lora(encoder, adata, labels, groups, fold_sets, config, lora_state)
-                    failure = None
-                except _NotApplicable as reason:
-                    predictions, failure = None, None
-                    for job in batch:
-                        writer.skipped(job, str(reason))
-                    done += len(batch)
-                    continue
-                except (ScDrugMapError, ValueError, RuntimeError) as err:
-                    predictions, failure = None, "".join(traceback.format_exception(err))
-                    log.error("jobs of %s failed: %s", batch[0].group, err)
-                seconds = (time.perf_counter() - batch_start) / len(batch)
-                for index, job in enumerate(batch):
-                    _, test = fold_sets[index]
-                    extra = {"embed_seconds": facts.get("seconds"),
-                             "embed_cells_per_second": facts.get("cells_per_second"),
-                             "n_dropped_cells": int((~valid[job.fold.test]).sum())}
-                    if failure is not None:
-                        writer.failed(job, failure, seconds=seconds, extra=extra)
-                        continue
-                    probability, info = predictions[index]
-                    metrics, reasons = compute_metrics(labels[test], probability)
-                    extra.update({f"train_{k}": v for k, v in info.items()})
-                    writer.scored(job, test, probability, metrics=metrics, reasons=reasons, seconds=seconds,
-                                  extra=extra)
-                done += len(batch)
-                if progress:
-                    progress("jobs", done, len(jobs), model_name)
+        if inputs.embeddings is not None and inputs.embeddings.shape[1]:
+            valid = ~np.isnan(inputs.embeddings).any(axis=1)
+            _save_embedding_sample(run_dir, model_name, inputs.embeddings, adata.obs_names, seed=config.seed)
+        shared = executor.share(inputs)
+        for unit in _units(runnable, valid):
+            executor.submit(shared, unit)
+        store_finished(wait=False)  # local: runs this model's units now; Ray: stores what is done so far
+    store_finished(wait=True)
     results = store.consolidate()
     if model_facts:
         facts_path = run_dir / "models.json"

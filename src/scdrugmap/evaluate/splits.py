@@ -75,6 +75,9 @@ def assign_pooled_folds(labels: npt.NDArray, groups: npt.NDArray | None, *, n_fo
         n_groups = np.unique(groups).size
         if n_groups < n_folds:
             return None, f"{n_groups} samples, fewer than {n_folds} folds (use fewer folds or --split cell)"
+        larger = max(n_pos, labels.size - n_pos)
+        if larger < n_folds:  # StratifiedGroupKFold refuses when every class is smaller than k
+            return None, f"{labels.size} cells ({n_pos} sensitive), too few to stratify {n_folds} folds"
         splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         with warnings.catch_warnings():  # the least-populated-class warning is reported per fold instead
             warnings.simplefilter("ignore", UserWarning)

@@ -100,6 +100,12 @@ class Encoder(ABC):
     #: Official weights per variant name; the first is the default (see `scdrugmap.models.weights`).
     weights_sources: ClassVar[Mapping[str, WeightsSource]] = {}
 
+    #: True when a cell's embedding depends only on that cell (no batch-wide statistics, no cell-to-cell
+    #: attention, no random stream shared across cells, nothing fitted on the data set), so the cells can be
+    #: embedded in shards on different workers with identical results (see `scdrugmap.models.sharded`).
+    #: Checked for every model in tests/models/test_benchmark_integration.py.
+    shardable: ClassVar[bool] = False
+
     #: sha256 of the loaded checkpoint (or of its main file), recorded in results and uns.
     checkpoint_sha256: str | None = None
 
@@ -128,6 +134,10 @@ class Encoder(ABC):
         official outputs depend on the batch (cells attending to cells) batch as the official code.
         """
 
+    def to_device(self, device: str) -> Encoder:
+        """Move the model to ``device`` ("cpu", "cuda", "cuda:1"); encoders without a network ignore it."""
+        return self
+
     def describe(self) -> dict[str, Any]:
         """Return facts shown by ``scdrugmap models info``."""
         return {"name": self.name, "family": self.family, "input": self.input_kind,
@@ -140,6 +150,11 @@ class TorchEncoder(Encoder):
     module: torch.nn.Module
     #: Cells per forward pass when the caller does not say.
     default_batch_size: ClassVar[int] = 32
+    #: Mixed precision the official inference uses on GPU ("float16", "bfloat16"), None for float32.
+    #: Applied by `to_device` on CUDA only: CPU results stay float32.
+    gpu_autocast: ClassVar[str | None] = None
+    #: Autocast dtype in use (set by `to_device`, or by a model's own option); None runs float32.
+    autocast_dtype: torch.dtype | None = None
 
     @abstractmethod
     def tokenize(self, adata: ad.AnnData, *, layer: str | None = None) -> TokenizedCells:
@@ -156,6 +171,27 @@ class TorchEncoder(Encoder):
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+    def to_device(self, device: str) -> TorchEncoder:
+        """Move the network to ``device``; on CUDA use the official inference's autocast (`gpu_autocast`)."""
+        import torch
+
+        target = torch.device(device)
+        self.module.to(target)
+        if target.type == "cuda" and self.gpu_autocast and self.autocast_dtype is None:
+            self.autocast_dtype = getattr(torch, self.gpu_autocast)
+        return self
+
+    def autocast(self):
+        """Return the autocast context of a forward pass: mixed precision on CUDA when set, else a no-op."""
+        import contextlib
+
+        import torch
+
+        device = self.device
+        if self.autocast_dtype is None or device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def iter_batches(self, tokens: TokenizedCells, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
         """Yield (rows, batch) in length buckets, longest first."""
@@ -175,7 +211,9 @@ class TorchEncoder(Encoder):
         with torch.inference_mode():
             for rows, batch in self.iter_batches(tokens, batch_size):
                 batch = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
-                out[rows] = self.encode(batch).float().cpu().numpy()
+                with self.autocast():
+                    pooled = self.encode(batch)
+                out[rows] = pooled.float().cpu().numpy()
                 done += rows.size
                 if progress is not None:
                     progress(done, tokens.n_cells)
@@ -278,6 +316,34 @@ def get_encoder_class(name: str) -> type[Encoder]:
     return getattr(import_module(module_name), class_name)
 
 
-def load_encoder(name: str, weights: str | Path | None = None, **options: Any) -> Encoder:
-    """Instantiate a registered encoder from its weights (a path, or the cache/download when None)."""
-    return get_encoder_class(name).from_pretrained(weights, **options)
+def resolve_device(device: str | None = "auto") -> str:
+    """Return the torch device to use: ``auto`` (or None) picks CUDA when a GPU is visible, else the CPU.
+
+    Raises
+    ------
+    ConfigError
+        When CUDA is asked for and no GPU is visible, or the name is not a device.
+    """
+    import torch
+
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        msg = f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N."
+        raise ConfigError(msg)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        msg = f"--device {device}: no CUDA GPU is visible to this process; use --device cpu (or auto)."
+        raise ConfigError(msg)
+    return name
+
+
+def load_encoder(name: str, weights: str | Path | None = None, *, device: str | None = None,
+                 **options: Any) -> Encoder:
+    """Instantiate a registered encoder from its weights (a path, or the cache/download when None).
+
+    ``device`` ("auto", "cpu", "cuda") moves the model there after loading; None leaves it where the
+    model's own loader put it.
+    """
+    encoder = get_encoder_class(name).from_pretrained(weights, **options)
+    return encoder if device is None else encoder.to_device(resolve_device(device))

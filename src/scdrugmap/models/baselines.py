@@ -193,6 +193,7 @@ class MajorityEncoder(Encoder):
     """No features: a head on it predicts the training fold's share of sensitive cells."""
 
     name: ClassVar[str] = "majority"
+    shardable: ClassVar[bool] = True  # no computation per cell at all
     family = "baseline"
     input_kind = "any"
 

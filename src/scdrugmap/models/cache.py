@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,9 +35,13 @@ def embedding_key(encoder: Encoder, data_fingerprint: str, *, layer: str | None,
 
 def cached_embed(encoder: Encoder, adata: ad.AnnData, *, data_fingerprint: str, layer: str | None = None,
                  batch_size: int | None = None, options: dict[str, Any] | None = None,
-                 progress: Progress | None = None) -> tuple[npt.NDArray[np.float32], dict[str, Any]]:
+                 progress: Progress | None = None,
+                 compute: Callable[[], npt.NDArray[np.float32]] | None = None,
+                 ) -> tuple[npt.NDArray[np.float32], dict[str, Any]]:
     """Return (embeddings, facts) from the cache, embedding and storing them on a miss.
 
+    ``adata`` may be backed: it is only read on a miss. ``compute`` replaces ``encoder.embed`` on a miss
+    (e.g. a sharded embedding on a cluster); the key is the same, so either way fills the same entry.
     ``facts`` holds ``cache`` ("hit"/"miss"), ``seconds`` and ``cells_per_second`` of the embedding.
     """
     key = embedding_key(encoder, data_fingerprint, layer=layer, options=options or {})
@@ -47,7 +52,10 @@ def cached_embed(encoder: Encoder, adata: ad.AnnData, *, data_fingerprint: str, 
         facts = json.loads(meta_path.read_text())
         return np.load(path, allow_pickle=False), {**facts, "cache": "hit"}
     start = time.perf_counter()
-    embeddings = encoder.embed(adata, layer=layer, batch_size=batch_size, progress=progress)
+    if compute is not None:
+        embeddings = compute()
+    else:
+        embeddings = encoder.embed(adata, layer=layer, batch_size=batch_size, progress=progress)
     seconds = time.perf_counter() - start
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npy")

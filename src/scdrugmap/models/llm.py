@@ -416,6 +416,7 @@ class LLMEncoder(TorchEncoder):
     family: ClassVar[Literal["scfm", "llm", "baseline"]] = "llm"
     input_kind: ClassVar[Literal["counts", "nonnegative", "any"]] = "nonnegative"
     lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj")  # Llama's attention projections
+    shardable: ClassVar[bool] = True  # each cell is its own sequence
     weights_sources: ClassVar[Mapping[str, WeightsSource]] = {LLAMA3_8B.name: LLAMA3_8B}
 
     def __init__(self, module: Any, tokenizer: Any, sentence_config: GeneSentenceConfig, *,

@@ -679,6 +679,8 @@ class ScGPTEncoder(TorchEncoder):
     input_kind: ClassVar[Literal["counts", "nonnegative", "any"]] = "nonnegative"
     lora_targets: ClassVar[tuple[str, ...]] = ("out_proj",)
     weights_sources: ClassVar[Mapping[str, WeightsSource]] = {"scGPT_human": SCGPT_HUMAN}
+    #: The official embedding runs under ``torch.cuda.amp.autocast`` (fp16) on GPU (golden README).
+    gpu_autocast: ClassVar[str | None] = "float16"
 
     def __init__(self, module: ScGPTModel, vocab: Mapping[str, int], *, normalize: bool = True,
                  max_length: int = MAX_LENGTH, sampling: bool = True, seed: int = 0, bin_ties: BinTies = "random",

@@ -405,6 +405,7 @@ class TGPTEncoder(TorchEncoder):
     family: ClassVar[Literal["scfm", "llm", "baseline"]] = "scfm"
     input_kind: ClassVar[Literal["counts", "nonnegative", "any"]] = "nonnegative"
     lora_targets: ClassVar[tuple[str, ...]] = ("c_attn",)
+    shardable: ClassVar[bool] = True  # each cell is its own sequence
     #: Extra LoraConfig arguments: GPT-2's c_attn is a transformers Conv1D with an (in x out) weight.
     lora_options: ClassVar[Mapping[str, Any]] = {"fan_in_fan_out": True}
     weights_sources: ClassVar[Mapping[str, WeightsSource]] = WEIGHTS_SOURCES
