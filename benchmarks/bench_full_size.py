@@ -1,0 +1,427 @@
+"""Benchmark memory at full size on one machine: simulate, check, tokenize and the frozen benchmark, stage by stage.
+
+The primary collection's full size (326,751 cells x 20,000 genes, about 4 GB on disk) is streamed to
+``--path`` by the simulator, then each stage runs on it, reading expression from disk in chunks:
+
+* ``simulate``: `simulate_collection` writes the file (skipped when ``--path`` exists with the right shape);
+* ``check``: ``read_h5ad(path, backed=True)`` and `check_adata` (row chunks), as ``scdrugmap check`` does;
+* ``tokenize``: Geneformer V2 tokenisation of the whole file with `GeneformerTokenizer.tokenize_h5ad`, the
+  official gc95M dictionaries from ``../shared/vocab/geneformer_v2`` (genes matched by ``var['ensembl_id']``,
+  which the simulator writes, through the official Ensembl mapping dictionary);
+* ``benchmark``: the frozen-head 10-fold pooled benchmark through the real runner (`run_benchmark`) on
+  CACHED embeddings. Embedding every cell with Geneformer on a CPU is out of reach (a few cells/s), so a
+  setup step (``cache``, reported on its own line) first fills the cache as a previous run, or
+  ``scdrugmap embed`` on a GPU cluster, would have: it writes a random-weight Geneformer-V1-10M checkpoint
+  folder (official layout, V1 dictionaries beside it), loads it as the runner does, computes the runner's
+  cache key from the chunked data fingerprint, and writes a (cells x 256) float32 embedding with a planted
+  signal (8 dimensions shifted by +-0.25 sd with the response) plus the cache's ``.json`` facts. The run
+  must then report cache ``hit`` in ``models.json``; its mean AUROC is printed.
+
+Every stage runs in a fresh child process (``--stage NAME``), so one stage's memory never counts for
+another. The child reports its wall time (the stage's work, after imports), its peak resident memory
+(``ru_maxrss``) and the largest ``VmRSS`` a thread read every 20 ms, next to its resident memory before
+the work (interpreter and imports). One JSON line is printed per stage, then a table; the goal of
+issue 8 is a peak under 8 GB (8e9 bytes) for ``check``, ``tokenize`` and ``benchmark``.
+
+``SCDRUGMAP_HOME`` points into the run folder (``--run-dir``, default beside ``--path``), so nothing
+leaks into the user's cache; the run folder and a file this run simulated are deleted at the end unless
+``--keep``.
+
+Usage::
+
+    python benchmarks/bench_full_size.py --cells 20000 --path /tmp/scdrugmap-full/small.h5ad   # a quick look
+    python benchmarks/bench_full_size.py --keep            # full size; keep the 4 GB file for later runs
+    python benchmarks/bench_full_size.py --stages benchmark --categories tissue,cancer_type --epochs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+FULL_CELLS = 326_751
+FULL_GENES = 20_000
+STAGES = ("simulate", "check", "tokenize", "benchmark")
+#: The limit issue 8 sets for every stage reading the full collection: 8 GB.
+LIMIT_BYTES = 8e9
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_VOCAB = REPO.parent / "shared" / "vocab"
+#: Planted signal of the cached embeddings: this many dimensions shifted by +-SIGNAL_SHIFT (unit noise).
+SIGNAL_DIMS = 8
+SIGNAL_SHIFT = 0.25
+EMBEDDING_DIM = 256  # Geneformer-V1-10M hidden size
+MIB = 2**20
+
+
+# --- measuring a child ------------------------------------------------------------------------------------
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakSampler:
+    """Track the largest VmRSS of this process, read every 20 ms by a daemon thread."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval, self.peak, self._done = interval, _rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def measured(stage: str, work, *args) -> dict:
+    """Run ``work(*args)`` (returning a dict of facts) and add wall/CPU time and memory figures."""
+    rss_before = _rss_bytes()
+    with PeakSampler() as sampler:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        facts = work(*args)
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"stage": stage, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
+            "rss_before_mib": round(rss_before / MIB, 1), "peak_rss_mib": round(peak / MIB, 1),
+            "peak_vmrss_sampled_mib": round(sampler.peak / MIB, 1), "under_8gb": bool(peak < LIMIT_BYTES),
+            **facts}
+
+
+# --- the stages (each in its own child process) -----------------------------------------------------------
+
+def _h5_shape(path: Path) -> tuple[int, int]:
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        node = handle["X"]
+        shape = node.shape if isinstance(node, h5py.Dataset) else node.attrs["shape"]  # dense, or CSR group
+        return int(shape[0]), int(shape[1])
+
+
+def stage_simulate(args: argparse.Namespace) -> dict:
+    from scdrugmap.data.simulate import simulate_collection
+
+    path = Path(args.path)
+    if path.exists():
+        shape = _h5_shape(path)
+        if shape != (args.cells, args.genes):
+            raise SystemExit(f"{path} holds {shape[0]} cells x {shape[1]} genes, not {args.cells} x {args.genes}; "
+                             "delete it or pass another --path.")
+        return {"skipped": "the file exists", "cells": shape[0], "genes": shape[1],
+                "file_gib": round(path.stat().st_size / 2**30, 3)}
+    simulate_collection(n_cells=args.cells, n_genes=args.genes, seed=args.seed, out_path=path)
+    return {"cells": args.cells, "genes": args.genes, "file_gib": round(path.stat().st_size / 2**30, 3),
+            "simulated": True}
+
+
+def stage_check(args: argparse.Namespace) -> dict:
+    from scdrugmap.data.check import check_adata
+    from scdrugmap.data.io import read_h5ad
+
+    adata = read_h5ad(args.path, backed=True)
+    report = check_adata(adata, source=str(args.path), n_folds=args.folds, chunk_rows=args.chunk_rows)
+    nnz = int(adata.X.group["indptr"][-1]) if hasattr(adata.X, "group") else None
+    adata.file.close()
+    n_cells = report.facts["shape"][0]
+    return {"cells": n_cells, "genes": report.facts["shape"][1], "nonzeros": nnz,
+            "value_kind": report.facts.get("value_kind"), "errors": len(report.errors),
+            "warnings": len(report.problems) - len(report.errors), "chunk_rows": args.chunk_rows}
+
+
+def _v2_vocabulary(vocab_dir: Path):
+    from scdrugmap.models.geneformer import GeneformerVocabulary
+
+    folder = vocab_dir / "geneformer_v2"
+    return GeneformerVocabulary.from_files(folder / "token_dictionary_gc95M.pkl",
+                                           folder / "gene_median_dictionary_gc95M.pkl",
+                                           folder / "ensembl_mapping_dict_gc95M.pkl", version="V2")
+
+
+def stage_tokenize(args: argparse.Namespace, tokenizer) -> dict:
+    tokens = tokenizer.tokenize_h5ad(args.path)
+    lengths = tokens.lengths
+    return {"cells": int(tokens.n_cells), "dropped_cells": len(tokens.dropped),
+            "tokens": int(tokens.arrays["input_ids"].size),
+            "token_bytes_mib": round(sum(a.nbytes for a in tokens.arrays.values()) / MIB, 1),
+            "mean_length": round(float(lengths.mean()), 1), "max_length": int(lengths.max()),
+            "chunk_size": tokenizer.chunk_size, "threads": tokenizer.n_threads}
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    return Path(args.run_dir) if args.run_dir else Path(args.path).with_name(Path(args.path).stem + "-bench")
+
+
+def _write_checkpoint(folder: Path, vocab_dir: Path, seed: int) -> None:
+    """A random-weight Geneformer-V1-10M folder in the official layout (config.json, model.safetensors, dictionaries)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from scdrugmap.models.geneformer import GeneformerConfig, build_geneformer_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    v1 = vocab_dir / "geneformer_v1"
+    shutil.copyfile(v1 / "config.json", folder / "config.json")  # the published Geneformer-V1-10M config
+    for name in ("geneformer_token_dictionary.pkl", "geneformer_gene_median_dictionary.pkl"):
+        shutil.copyfile(v1 / name, folder / name)
+    torch.manual_seed(seed)
+    module = build_geneformer_model(GeneformerConfig.from_official(folder))
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / "model.safetensors"))
+
+
+def stage_cache(args: argparse.Namespace) -> dict:
+    """Fill the embedding cache as a previous run would have: the runner's key, a planted signal."""
+    import numpy as np
+
+    from scdrugmap import config as paths
+    from scdrugmap.data import schema
+    from scdrugmap.data.io import data_fingerprint, read_h5ad
+    from scdrugmap.models.base import load_encoder
+    from scdrugmap.models.cache import embedding_key
+
+    run = _run_dir(args)
+    checkpoint = run / "Geneformer-V1-10M"
+    _write_checkpoint(checkpoint, Path(args.vocab), args.seed)
+    # exactly as the runner's _prepare_model: load_encoder(model, weights, device=..., **options minus device)
+    encoder = load_encoder("geneformer", str(checkpoint), device="cpu")
+    started = time.perf_counter()
+    adata = read_h5ad(args.path, backed=True)
+    fingerprint = data_fingerprint(adata, layer=None)
+    fingerprint_seconds = time.perf_counter() - started
+    labels = schema.encode_labels(adata.obs[schema.RESPONSE].to_numpy(), column=schema.RESPONSE, source=args.path)
+    n_cells = adata.n_obs
+    adata.file.close()
+    key = embedding_key(encoder, fingerprint, layer=None, options={})
+    folder = paths.embeddings_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{encoder.name}-{key}.npy"
+    # written in row chunks through a memory map: the planting never holds the whole array
+    out = np.lib.format.open_memmap(path.with_name(path.name + ".tmp.npy"), mode="w+", dtype=np.float32,
+                                    shape=(n_cells, encoder.embedding_dim))
+    rng = np.random.default_rng([args.seed, 8])
+    for start in range(0, n_cells, 65_536):
+        stop = min(start + 65_536, n_cells)
+        block = rng.standard_normal((stop - start, encoder.embedding_dim), dtype=np.float32)
+        block[:, :SIGNAL_DIMS] += np.where(labels[start:stop, None] == 1, SIGNAL_SHIFT, -SIGNAL_SHIFT)
+        out[start:stop] = block
+    out.flush()
+    del out
+    os.replace(path.with_name(path.name + ".tmp.npy"), path)
+    # the facts cache.py writes beside the array (seconds and cells/s of an embedding never run here are 0)
+    path.with_suffix(".json").write_text(json.dumps({"seconds": 0.0, "cells_per_second": 0.0, "n_cells": n_cells,
+                                                     "dim": encoder.embedding_dim}))
+    return {"cells": n_cells, "key": key, "checkpoint": str(checkpoint), "cache_file": str(path),
+            "cache_mib": round(path.stat().st_size / MIB, 1), "fingerprint_seconds": round(fingerprint_seconds, 2),
+            "signal": f"{SIGNAL_DIMS} dims shifted +-{SIGNAL_SHIFT} sd by response"}
+
+
+def stage_benchmark(args: argparse.Namespace) -> dict:
+    from scdrugmap.data.schema import CATEGORY_KINDS
+    from scdrugmap.evaluate.runner import BenchmarkConfig, run_benchmark
+
+    run = _run_dir(args)
+    out = run / "run"
+    if out.exists():  # a fresh run each time: the runner would otherwise skip finished jobs
+        shutil.rmtree(out)
+    categories = [c for c in args.categories.split(",") if c]
+    config = BenchmarkConfig(data=str(args.path), out=str(out), models=["geneformer"], strategies=["frozen"],
+                             scenarios=["pooled"], categories=categories, folds=args.folds, seed=args.seed,
+                             device="cpu", weights={"geneformer": str(run / "Geneformer-V1-10M")},
+                             model_options={"geneformer": {"device": "cpu"}}, head={"epochs": args.epochs})
+    events: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def progress(stage: str, done: int, total: int, detail: str) -> None:
+        now = time.perf_counter() - started
+        events.setdefault(f"first_{stage}", now)
+        events[f"last_{stage}"] = now
+
+    results = run_benchmark(config, progress=progress)
+    seconds = time.perf_counter() - started
+    facts = json.loads((out / "models.json").read_text())["geneformer"]
+    if facts.get("cache") != "hit":
+        raise SystemExit(f"the runner did not hit the embedding cache (cache={facts.get('cache')!r}); "
+                         "the planted key does not match the runner's.")
+    done = results[results["status"] == "done"]
+    by_category = {c: {"jobs": int((results["category"] == c).sum()),
+                       "done": int((done["category"] == c).sum()),
+                       "values": int(results.loc[results["category"] == c, "value"].nunique()),
+                       "mean_auroc": round(float(done.loc[done["category"] == c, "auroc"].mean()), 4)}
+                   for c in categories}
+    # the runner's fixed part (open, fingerprint, folds) ends when the model is prepared; heads train after
+    setup = events.get("first_embed", 0.0)
+    training = seconds - setup
+    per_category = training / max(1, len(categories))
+    return {"cells": int(facts.get("n_cells", 0)), "categories": categories, "epochs": args.epochs,
+            "folds": args.folds, "cache": facts["cache"], "jobs": len(results), "done": len(done),
+            "skipped": int((results["status"] == "skipped").sum()),
+            "failed": int((results["status"] == "failed").sum()),
+            "mean_auroc": round(float(done["auroc"].mean()), 4), "mean_f1": round(float(done["f1"].mean()), 4),
+            "by_category": by_category, "runner_setup_seconds": round(setup, 2), "heads_seconds": round(training, 2),
+            "heads_seconds_per_category": round(per_category, 2),
+            # every category splits all cells among its values, so each costs about the same head training
+            "estimated_four_categories_seconds": round(setup + len(CATEGORY_KINDS) * per_category, 1)}
+
+
+def child(args: argparse.Namespace) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="  [%(name)s] %(message)s")
+    # library imports are not part of the stage's work (their memory is shown as rss_before_mib)
+    import anndata  # noqa: F401
+    import h5py  # noqa: F401
+    import scipy.sparse  # noqa: F401
+
+    if args.stage == "tokenize":
+        from scdrugmap.models.geneformer import GeneformerTokenizer
+
+        tokenizer = GeneformerTokenizer(_v2_vocabulary(Path(args.vocab)), chunk_size=args.token_chunk,
+                                        n_threads=args.threads)
+        result = measured("tokenize", stage_tokenize, args, tokenizer)
+        result["cells_per_s"] = round(result["cells"] / result["seconds"], 1)
+        result["cells_per_cpu_s"] = round(result["cells"] / result["cpu_seconds"], 1)
+        result["vocabulary"] = "Geneformer V2 (gc95M)"
+        result["genes_matched"] = _matched_genes(args.path, tokenizer)
+    else:
+        if args.stage in ("cache", "benchmark"):
+            import torch  # noqa: F401
+        work = {"simulate": stage_simulate, "check": stage_check, "cache": stage_cache,
+                "benchmark": stage_benchmark}[args.stage]
+        result = measured(args.stage, work, args)
+        if "cells" in result and result["seconds"] and not result.get("skipped"):
+            result["cells_per_s"] = round(result["cells"] / result["seconds"], 1)
+    print(json.dumps(result), flush=True)
+
+
+def _matched_genes(path: str, tokenizer) -> int:
+    import h5py
+    import numpy as np
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as handle:
+        ids = np.asarray(read_elem(handle["var"]["ensembl_id"]), dtype=object)
+    return tokenizer.vocabulary.plan_genes(ids).n_matched
+
+
+# --- the parent -------------------------------------------------------------------------------------------
+
+def run_stage(name: str, args: argparse.Namespace, env: dict) -> dict:
+    command = [sys.executable, __file__, "--stage", name, "--cells", str(args.cells), "--genes", str(args.genes),
+               "--path", str(args.path), "--run-dir", str(_run_dir(args)), "--seed", str(args.seed),
+               "--folds", str(args.folds), "--epochs", str(args.epochs), "--categories", args.categories,
+               "--chunk-rows", str(args.chunk_rows), "--token-chunk", str(args.token_chunk),
+               "--vocab", str(args.vocab)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    started = time.perf_counter()
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"stage {name} failed (exit code {done.returncode}): {done.stdout[-2000:]}")
+    result = json.loads(lines[-1])
+    result["process_seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _table(results: list[dict]) -> str:
+    head = (f"{'stage':<12}{'wall s':>10}{'cells/s':>11}{'RSS before MiB':>16}{'peak RSS MiB':>14}"
+            f"{'peak sampled MiB':>18}{'< 8 GB':>8}")
+    rows = [head, "-" * len(head)]
+    for r in results:
+        rate = f"{r['cells_per_s']:,.0f}" if r.get("cells_per_s") else "-"
+        stage = "(cache)" if r["stage"] == "cache" else r["stage"]
+        rows.append(f"{stage:<12}{r['seconds']:>10,.1f}{rate:>11}{r['rss_before_mib']:>16,.0f}"
+                    f"{r['peak_rss_mib']:>14,.0f}{r['peak_vmrss_sampled_mib']:>18,.0f}"
+                    f"{'yes' if r['under_8gb'] else 'NO':>8}")
+    if any(r["stage"] == "cache" for r in results):
+        rows.append("(cache): setup of the benchmark stage, filling the embedding cache; not a stage of issue 8")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=int, default=FULL_CELLS)
+    parser.add_argument("--genes", type=int, default=FULL_GENES)
+    parser.add_argument("--path", type=Path, default=Path("/tmp/scdrugmap-full/full.h5ad"),
+                        help="the .h5ad; simulated there when missing")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the file this run simulated and the run folder (checkpoint, cache, results)")
+    parser.add_argument("--categories", default="tissue",
+                        help="benchmark categories (comma list of tissue, cancer_type, therapy, regimen)")
+    parser.add_argument("--epochs", type=int, default=10, help="MLP head epochs (the paper's 10)")
+    parser.add_argument("--folds", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="checkpoint, SCDRUGMAP_HOME and benchmark output (default: <path stem>-bench beside it)")
+    parser.add_argument("--chunk-rows", type=int, default=10_000, help="rows per chunk of the check")
+    parser.add_argument("--token-chunk", type=int, default=2048, help="cells per chunk of the tokenizer")
+    parser.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: its own)")
+    parser.add_argument("--vocab", type=Path, default=DEFAULT_VOCAB, help="folder with geneformer_v1/, geneformer_v2/")
+    parser.add_argument("--stage", choices=(*STAGES, "cache"), default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stage:
+        child(args)
+        return
+
+    stages = [s for s in args.stages.split(",") if s]
+    if unknown := [s for s in stages if s not in STAGES]:
+        raise SystemExit(f"--stages {','.join(unknown)}: choose from {', '.join(STAGES)}")
+    run = _run_dir(args)
+    run.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "SCDRUGMAP_HOME": str(run / "home"), "SCDRUGMAP_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)}
+    existed = args.path.exists()
+    if not existed and "simulate" not in stages:
+        raise SystemExit(f"{args.path}: no such file; add simulate to --stages")
+    print(json.dumps({"cells": args.cells, "genes": args.genes, "path": str(args.path), "run_dir": str(run),
+                      "stages": stages, "cpu_count": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2),
+                      "disk_free_gib": round(shutil.disk_usage(args.path.parent if args.path.parent.exists()
+                                                              else "/").free / 2**30, 1)}), flush=True)
+    results = []
+    for name in STAGES:
+        if name not in stages:
+            continue
+        if name == "benchmark":  # setup, reported on its own line (not one of the stages issue 8 limits)
+            setup = run_stage("cache", args, env)
+            print(json.dumps(setup), flush=True)
+            results.append(setup)
+        result = run_stage(name, args, env)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    print()
+    print(_table(results))
+    bench = next((r for r in results if r["stage"] == "benchmark"), None)
+    if bench is not None:
+        print(f"benchmark: cache {bench['cache']}, {bench['done']} of {bench['jobs']} jobs done "
+              f"({bench['skipped']} skipped, {bench['failed']} failed), mean AUROC {bench['mean_auroc']:.3f}; "
+              f"runner setup {bench['runner_setup_seconds']:.0f} s, heads {bench['heads_seconds']:.0f} s "
+              f"for {len(bench['categories'])} categor{'y' if len(bench['categories']) == 1 else 'ies'} "
+              f"({bench['epochs']} epochs); all four categories: about "
+              f"{bench['estimated_four_categories_seconds'] / 60:.0f} min")
+    if not args.keep:
+        shutil.rmtree(run, ignore_errors=True)
+        if not existed and args.path.exists():
+            args.path.unlink()
+
+
+if __name__ == "__main__":
+    main()
