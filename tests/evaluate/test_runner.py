@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -96,3 +98,19 @@ def test_leakage_shows_on_per_patient_labels(tmp_path, shared):
     grouped = results[(results["split"] == "sample") & (results["status"] == "done")]
     assert (grouped["n_test_samples"] >= 1).all()
     assert np.isfinite(mean).all()
+
+
+def test_the_ray_executor_without_ray_installed_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the ray extra were not installed
+    config = BenchmarkConfig(data="demo", demo_cells=200, out=str(tmp_path / "run"), models=["majority"],
+                             executor="ray")
+    with pytest.raises(ConfigError, match=r'pip install "scdrugmap\[ray\]"'):
+        run_benchmark(config)
+
+
+def test_an_unknown_executor_or_device_is_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="--executor spark is not available; choose from local, ray"):
+        run_benchmark(BenchmarkConfig(data="demo", demo_cells=200, out=str(tmp_path / "a"), executor="spark"))
+    with pytest.raises(ConfigError, match="--device tpu is not a device"):
+        run_benchmark(BenchmarkConfig(data="demo", demo_cells=200, out=str(tmp_path / "b"), models=["pca"],
+                                      device="tpu"))

@@ -219,5 +219,5 @@ def make_executor(name: str, *, address: str | None = None, cpus_per_job: float 
         return LocalExecutor()
     if name == "ray":
         return RayExecutor(address, cluster.Resources(cpus=cpus_per_job, gpus=gpus_per_job))
-    msg = f"--executor {name!r} is not available; choose from {', '.join(EXECUTORS)}."
+    msg = f"--executor {name} is not available; choose from {', '.join(EXECUTORS)}."
     raise ConfigError(msg)
