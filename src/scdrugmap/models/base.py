@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from scdrugmap.data.schema import require_value_kind
-from scdrugmap.errors import ConfigError
+from scdrugmap.data.schema import expression_matrix, require_value_kind
+from scdrugmap.errors import ConfigError, SchemaError
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -62,6 +62,9 @@ class TokenizedCells:
         Reason per dropped cell: ``{row: reason}``.
     n_genes_matched
         How many of the data's genes the model's vocabulary knows.
+    gene_known
+        One entry per var column of the input: True where the model's vocabulary knows that column's gene
+        (the matching that gives ``n_genes_matched``). `gene_overlap` turns it into a fraction per cell.
     """
 
     cell_index: npt.NDArray[np.int64]
@@ -69,10 +72,85 @@ class TokenizedCells:
     arrays: dict[str, Any] = field(default_factory=dict)
     dropped: dict[int, str] = field(default_factory=dict)
     n_genes_matched: int | None = None
+    gene_known: npt.NDArray[np.bool_] | None = None
 
     @property
     def n_cells(self) -> int:
         return int(self.cell_index.shape[0])
+
+
+#: Values per dense block read by `gene_overlap` (fewer rows per block where genes are many): 256 MiB of float64.
+DENSE_BLOCK_VALUES = 2**25
+
+
+def gene_overlap(adata: ad.AnnData, known: npt.ArrayLike, *, layer: str | None = None,
+                 chunk_rows: int = 10_000) -> npt.NDArray[np.float32]:
+    """Return, per cell, the fraction of its expressed genes that a model's vocabulary knows.
+
+    Parameters
+    ----------
+    adata
+        The cells, in memory or backed (``read_h5ad(path, backed=True)``): the matrix is read in blocks.
+    known
+        One bool per var column: True where the model knows the column's gene (`TokenizedCells.gene_known`).
+    layer
+        Expression to read (``adata.X`` when None).
+    chunk_rows
+        Rows per block (dense blocks hold at most `DENSE_BLOCK_VALUES` values). A CSC matrix is read in
+        blocks of as many columns as hold about the same number of values, since slicing the rows of a
+        backed CSC matrix reads all of it.
+
+    Returns
+    -------
+    float32 array of ``n_obs``: expressed genes (value != 0) the vocabulary knows / expressed genes;
+    NaN for a cell that expresses no gene.
+
+    Raises
+    ------
+    SchemaError
+        When ``known`` does not have one entry per var column.
+    """
+    import scipy.sparse as sp
+
+    known = np.asarray(known, dtype=bool).ravel()
+    if known.shape[0] != adata.n_vars:
+        msg = f"gene_overlap: {known.shape[0]} vocabulary flags for {adata.n_vars} var columns; give one per column."
+        raise SchemaError(msg)
+    X = expression_matrix(adata, layer)
+    n_cells, n_genes = adata.n_obs, adata.n_vars
+    expressed = np.zeros(n_cells, dtype=np.int64)
+    hits = np.zeros(n_cells, dtype=np.int64)
+    chunk_rows = max(1, int(chunk_rows))
+    # scipy or anndata's backed CSR/CSC datasets have a format; numpy and h5py datasets are dense
+    layout = getattr(X, "format", None) if sp.issparse(X) or hasattr(X, "format") else "dense"
+    if layout == "csc":
+        step = max(1, -(-chunk_rows * n_genes // max(1, n_cells)))
+        for start in range(0, n_genes, step):
+            block = sp.csc_matrix(X[:, start : start + step])
+            nonzero = block.data != 0
+            rows = block.indices[nonzero]
+            expressed += np.bincount(rows, minlength=n_cells)
+            column_known = np.repeat(known[start : start + block.shape[1]], np.diff(block.indptr))[nonzero]
+            hits += np.bincount(rows[column_known], minlength=n_cells)
+    else:
+        if layout == "dense":
+            chunk_rows = min(chunk_rows, max(1, DENSE_BLOCK_VALUES // max(1, n_genes)))
+        for start in range(0, n_cells, chunk_rows):
+            block = X[start : start + chunk_rows]
+            stop = start + block.shape[0]
+            if sp.issparse(block):
+                block = sp.csr_matrix(block)
+                nonzero = block.data != 0
+                rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))[nonzero]
+                expressed[start:stop] = np.bincount(rows, minlength=block.shape[0])
+                hits[start:stop] = np.bincount(rows[known[block.indices[nonzero]]], minlength=block.shape[0])
+            else:
+                nonzero = np.asarray(block) != 0
+                expressed[start:stop] = nonzero.sum(axis=1)
+                hits[start:stop] = nonzero[:, known].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        overlap = hits / expressed
+    return np.where(expressed > 0, overlap, np.nan).astype(np.float32)
 
 
 def length_buckets(lengths: npt.NDArray[np.int64], batch_size: int) -> list[npt.NDArray[np.int64]]:
@@ -108,6 +186,11 @@ class Encoder(ABC):
 
     #: sha256 of the loaded checkpoint (or of its main file), recorded in results and uns.
     checkpoint_sha256: str | None = None
+
+    #: Set by `embed`: per input cell, the fraction of its expressed genes the model's vocabulary knows
+    #: (float32, NaN for a cell with no expressed gene; see `gene_overlap`). None before a call, and for
+    #: models that read every gene (baselines).
+    gene_overlap_: npt.NDArray[np.float32] | None = None
 
     @property
     @abstractmethod
@@ -226,7 +309,9 @@ class TorchEncoder(Encoder):
         start = time.perf_counter()
         log.info("embedding %d cells with %s", adata.n_obs, self.name)
         self.check_input(adata, layer=layer)
+        self.gene_overlap_ = None
         tokens = self.tokenize(adata, layer=layer)
+        self.measure_gene_overlap(adata, tokens, layer=layer)
         if tokens.dropped:
             log.warning("%s dropped %d of %d cells (e.g. %s)", self.name, len(tokens.dropped), adata.n_obs,
                         next(iter(tokens.dropped.values())))
@@ -234,6 +319,18 @@ class TorchEncoder(Encoder):
         embeddings[tokens.cell_index] = self.embed_tokens(tokens, batch_size=batch_size, progress=progress)
         log.info("    finished embedding with %s in %.1fs", self.name, time.perf_counter() - start)
         return embeddings
+
+    def measure_gene_overlap(self, adata: ad.AnnData, tokens: TokenizedCells | None = None, *,
+                             layer: str | None = None) -> npt.NDArray[np.float32] | None:
+        """Set and return `gene_overlap_` for ``adata`` from ``tokens.gene_known`` (tokenizing when not given).
+
+        None when the tokenizer reports no per-gene matching.
+        """
+        if tokens is None:
+            tokens = self.tokenize(adata, layer=layer)
+        known = tokens.gene_known
+        self.gene_overlap_ = None if known is None else gene_overlap(adata, known, layer=layer)
+        return self.gene_overlap_
 
     def describe(self) -> dict[str, Any]:
         facts = super().describe()
@@ -330,7 +427,7 @@ def resolve_device(device: str | None = "auto") -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name != "cpu" and not name.startswith("cuda"):
-        msg = f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N."
+        msg = f"--device {device} is not a device; use auto, cpu, cuda or cuda:N."
         raise ConfigError(msg)
     if name.startswith("cuda") and not torch.cuda.is_available():
         msg = f"--device {device}: no CUDA GPU is visible to this process; use --device cpu (or auto)."
