@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from scdrugmap.cli import app
@@ -83,3 +84,77 @@ def test_models_list_shows_sizes_inputs_and_weight_state():
     row = next(line for line in result.output.splitlines() if "scgpt" in line)
     assert "51.3 M" in row and "512" in row and "out_proj" in row and "downloadable" in row
     assert "built in" in next(line for line in result.output.splitlines() if " pca " in line)
+
+
+def _golden_scgpt(shared, tmp_path):
+    """The scGPT golden cells (labelled), a copy with every other gene renamed to no known gene, and the weights."""
+    from tests_helpers import golden_case
+
+    adata, weights, _ = golden_case(shared, "scgpt")
+    renamed = adata.copy()
+    names = np.array(renamed.var_names, dtype=object)  # a copy: the Index is shared with adata
+    names[::2] = [f"NOT_A_GENE_{j}" for j in range(0, names.size, 2)]
+    renamed.var_names = names.astype(str)
+    paths = tmp_path / "cells.h5ad", tmp_path / "renamed.h5ad"
+    adata.write_h5ad(paths[0])
+    renamed.write_h5ad(paths[1])
+    return *paths, weights
+
+
+def test_embed_writes_each_cells_gene_overlap_and_warns_about_low_overlap(shared, tmp_path):
+    import anndata as ad
+
+    from scdrugmap.commands import LOW_OVERLAP
+    from scdrugmap.models.base import load_encoder
+
+    cells, renamed, weights = _golden_scgpt(shared, tmp_path)
+    result = runner.invoke(app, ["--quiet", "embed", str(renamed), "--model", "scgpt", "--weights", weights,
+                                 "--out", str(tmp_path / "embedded.h5ad")])
+    assert result.exit_code == 0, result.output
+    written = ad.read_h5ad(tmp_path / "embedded.h5ad")
+    encoder = load_encoder("scgpt", weights)
+    expected = encoder.embed(ad.read_h5ad(renamed))
+    np.testing.assert_allclose(written.obsm["X_scgpt"], expected, atol=1e-6)
+    np.testing.assert_array_equal(written.obs["scgpt_gene_overlap"].to_numpy(), encoder.gene_overlap_)
+    assert list(written.obs.columns[:-1]) == list(ad.read_h5ad(renamed).obs.columns), "other columns are kept"
+    low = int((encoder.gene_overlap_ < LOW_OVERLAP).sum())
+    assert 0 < low < written.n_obs
+    median = float(np.median(encoder.gene_overlap_))
+    line = f"{low} of {written.n_obs} cells have less than 50% of their expressed genes in scgpt's vocabulary"
+    assert line in result.output and f"(median overlap {median:.2f};" in result.output, result.output
+
+    clean = runner.invoke(app, ["--quiet", "embed", str(cells), "--model", "scgpt", "--weights", weights])
+    assert clean.exit_code == 0, clean.output
+    assert "0 of 48 cells have less than 50%" in clean.output
+    assert ad.read_h5ad(cells).obs["scgpt_gene_overlap"].min() > 0.8
+
+
+def test_embed_with_a_baseline_writes_no_gene_overlap(tmp_path):
+    import anndata as ad
+
+    path = tmp_path / "cells.h5ad"
+    make_adata(n_cells=40).write_h5ad(path)
+    result = runner.invoke(app, ["--quiet", "embed", str(path), "--model", "pca"])
+    assert result.exit_code == 0, result.output
+    assert "pca_gene_overlap" not in ad.read_h5ad(path).obs and "vocabulary" not in result.output
+
+
+@pytest.mark.parametrize("strategy", ["frozen", "lora"])
+def test_predict_adds_gene_overlap_to_obs_and_csv(strategy, shared, tmp_path):
+    import anndata as ad
+
+    cells, renamed, weights = _golden_scgpt(shared, tmp_path)
+    trained = runner.invoke(app, ["train", str(cells), "--model", "scgpt", "--weights", weights, "--strategy",
+                                  strategy, "--head", "logistic" if strategy == "frozen" else "mlp",
+                                  "--out", str(tmp_path / "bundle")])
+    assert trained.exit_code == 0, trained.output
+    predicted = runner.invoke(app, ["predict", str(renamed), "--model", "scgpt", "--weights", weights,
+                                    "--head", str(tmp_path / "bundle")])
+    assert predicted.exit_code == 0, predicted.output
+    table = pd.read_csv(tmp_path / "renamed.predicted.csv", index_col=0)
+    written = ad.read_h5ad(tmp_path / "renamed.predicted.h5ad")
+    overlap = written.obs["scgpt_gene_overlap"].to_numpy()
+    np.testing.assert_allclose(table["gene_overlap"].to_numpy(), overlap, rtol=1e-6)
+    assert ((overlap > 0) & (overlap < 1)).all()
+    low = int((overlap < 0.5).sum())
+    assert f"{low} of 48 cells have less than 50% of their expressed genes in scgpt's vocabulary" in predicted.output

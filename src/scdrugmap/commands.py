@@ -18,6 +18,28 @@ if TYPE_CHECKING:
 
     from rich.console import Console
 
+#: A cell with fewer than this fraction of its expressed genes in a model's vocabulary is counted as barely
+#: overlapping in the warning `embed` and `predict` print (its embedding rests on a minority of its genes).
+LOW_OVERLAP = 0.5
+
+
+def overlap_column(model: str) -> str:
+    """Return the obs column that holds each cell's gene overlap with ``model``'s vocabulary."""
+    return f"{model}_gene_overlap"
+
+
+def overlap_warning(model: str, overlap: np.ndarray) -> str:
+    """Return one line: how many cells overlap ``model``'s vocabulary below `LOW_OVERLAP`, and the median."""
+    low = int(np.count_nonzero(overlap < LOW_OVERLAP))  # NaN (no expressed gene) compares False
+    expressed = overlap[~np.isnan(overlap)]
+    median = f"{float(np.median(expressed)):.2f}" if expressed.size else "n/a"
+    line = (f"{low} of {overlap.size} cells have less than {LOW_OVERLAP:.0%} of their expressed genes in {model}'s "
+            f"vocabulary (median overlap {median}; per cell in obs['{overlap_column(model)}'])")
+    silent = overlap.size - expressed.size
+    if silent:
+        line += f"; {silent} cells express no gene"
+    return f"[yellow]{line}[/yellow]" if low else line
+
 
 @contextmanager
 def progress_bar(console: Console, *, quiet: bool) -> Iterator[Any]:
@@ -225,11 +247,14 @@ def run_embed(data: Path, *, model: str, weights: Path | None, out: Path | None,
                                    shard_cells=shard_cells, resources=cluster.Resources(cpus=cpus, gpus=gpus),
                                    progress=report)
             embeddings, checkpoint = result.embeddings, result.checkpoint_sha256
+            overlap = result.gene_overlap
         else:
             adata = read_h5ad(data)
             encoder = load_encoder(model, weights, device=device)
             embeddings = encoder.embed(adata, layer=layer, batch_size=batch_size, progress=report)
-            checkpoint = encoder.checkpoint_sha256
+            checkpoint, overlap = encoder.checkpoint_sha256, encoder.gene_overlap_
+    if overlap is not None:
+        console.print(overlap_warning(model, overlap), soft_wrap=True)
     target = out or data
     if target.suffix == ".npy":
         tmp = target.with_name(target.name + ".tmp.npy")
@@ -238,7 +263,8 @@ def run_embed(data: Path, *, model: str, weights: Path | None, out: Path | None,
         return target
     key = f"X_{model}"
     return add_obsm_atomic(data, target, key, embeddings,
-                           facts={"model": model, "checkpoint_sha256": checkpoint or "", "layer": layer or "X"})
+                           facts={"model": model, "checkpoint_sha256": checkpoint or "", "layer": layer or "X"},
+                           obs_columns=None if overlap is None else {overlap_column(model): overlap})
 
 
 def run_train(data: Path, *, model: str, out: Path, strategy: str, head: str, weights: Path | None, label_key: str,
@@ -271,27 +297,37 @@ def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, o
     import pandas as pd
 
     from scdrugmap.data.io import read_h5ad, write_h5ad_atomic
-    from scdrugmap.models.base import load_encoder
+    from scdrugmap.models.base import TorchEncoder, load_encoder
     from scdrugmap.train.predict import predict_cells
 
     adata = read_h5ad(data)
     encoder = load_encoder(model, weights)
     encoder.check_input(adata, layer=layer)
+    encoder.gene_overlap_ = None
     probability = predict_cells(encoder, adata, bundle, layer=layer)
+    overlap = encoder.gene_overlap_
+    if overlap is None and isinstance(encoder, TorchEncoder):  # a LoRA head tokenizes without `embed`
+        overlap = encoder.measure_gene_overlap(adata, layer=layer)
     missing = int(np.isnan(probability).sum())
     if missing:
         console.print(f"[yellow]{missing} of {adata.n_obs} cells could not be read by {model} (too few of their genes "
                       "are in its vocabulary); their prediction is empty.[/yellow]")
+    if overlap is not None:
+        console.print(overlap_warning(model, overlap), soft_wrap=True)
     key = f"scdrugmap_{model}"
     adata.obs[f"{key}_prob_sensitive"] = probability
     adata.obs[f"{key}_prediction"] = pd.Categorical(
         np.where(np.isnan(probability), None, np.where(probability >= threshold, "sensitive", "resistant")))
+    columns = [f"{key}_prob_sensitive", f"{key}_prediction"]
+    if overlap is not None:
+        adata.obs[overlap_column(model)] = overlap
+        columns.append(overlap_column(model))
     adata.uns.setdefault("scdrugmap", {})[key] = {"model": model, "head": str(bundle), "threshold": threshold,
                                                    "checkpoint_sha256": encoder.checkpoint_sha256 or ""}
     out = out or data.with_name(f"{data.stem}.predicted.h5ad")
     csv = csv or out.with_suffix(".csv")
     write_h5ad_atomic(adata, out)
-    table = adata.obs[[f"{key}_prob_sensitive", f"{key}_prediction"]].rename_axis("cell")
+    table = adata.obs[columns].rename(columns={overlap_column(model): "gene_overlap"}).rename_axis("cell")
     tmp = csv.with_name(csv.name + ".tmp")
     table.to_csv(tmp)
     tmp.replace(csv)

@@ -186,4 +186,8 @@ def test_sharded_embedding_writes_cells_in_order_like_a_local_embedding(ray_addr
     assert written.obsm["X_minilm"].shape == expected.shape == (45, 384)
     np.testing.assert_allclose(written.obsm["X_minilm"], expected, atol=1e-5, rtol=0)
     assert written.uns["scdrugmap"]["X_minilm"]["model"] == "minilm"
+    local_h5ad = runner.invoke(app, ["embed", str(data), "--model", "minilm", "--out", str(tmp_path / "local.h5ad")])
+    assert local_h5ad.exit_code == 0, local_h5ad.output
+    np.testing.assert_array_equal(written.obs["minilm_gene_overlap"],  # per-cell overlap, also in cell order
+                                  ad.read_h5ad(tmp_path / "local.h5ad").obs["minilm_gene_overlap"])
     np.testing.assert_array_equal(written.X.toarray(), adata.X.toarray())  # the rest of the file is untouched

@@ -79,12 +79,12 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
 
 
 def add_obsm_atomic(source: str | Path, target: str | Path, key: str, values: np.ndarray, *,
-                    facts: dict[str, str] | None = None) -> Path:
+                    facts: dict[str, str] | None = None, obs_columns: dict[str, np.ndarray] | None = None) -> Path:
     """Write the ``.h5ad`` at ``source`` to ``target`` with ``obsm[key] = values``, without reading its matrix.
 
-    The file is copied, the embedding written into the copy (and ``facts`` into ``uns['scdrugmap'][key]``),
-    and the copy renamed over ``target``: a killed run leaves ``target`` as it was, and memory stays small
-    however large ``X`` is.
+    The file is copied, the embedding written into the copy (and ``facts`` into ``uns['scdrugmap'][key]``,
+    ``obs_columns`` into ``obs``, replacing columns of the same name), and the copy renamed over ``target``:
+    a killed run leaves ``target`` as it was, and memory stays small however large ``X`` is.
     """
     import shutil
 
@@ -103,6 +103,15 @@ def add_obsm_atomic(source: str | Path, target: str | Path, key: str, values: np
             if values.shape[0] != n_obs:
                 msg = f"{source}: {values.shape[0]} embeddings for {n_obs} cells."
                 raise SchemaError(msg)
+            if obs_columns:
+                frame = read_elem(obs)
+                for column, column_values in obs_columns.items():
+                    if len(column_values) != n_obs:
+                        msg = f"{source}: {len(column_values)} values for obs[{column!r}] but {n_obs} cells."
+                        raise SchemaError(msg)
+                    frame[column] = np.asarray(column_values)
+                del store["obs"]
+                write_elem(store, "obs", frame)
             if "obsm" not in store:
                 write_elem(store, "obsm", {})
             if key in store["obsm"]:

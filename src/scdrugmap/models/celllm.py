@@ -53,6 +53,7 @@ from scdrugmap.models.scbert import (
     PerformerEncoder,
     _checked_kwargs,
     _performer_kwargs,
+    known_gene_columns,
     locate_official_files,
     preprocessed_cells,
     read_gene_list,
@@ -306,6 +307,7 @@ class CellLMEncoder(PerformerEncoder):
                     "tokens": tokens},
             dropped=dropped,
             n_genes_matched=n_matched,
+            gene_known=known_gene_columns(adata, self.genes, gene_key=self.gene_key),
         )
 
     def collate(self, tokens: TokenizedCells, rows: npt.NDArray[np.int64]) -> dict[str, torch.Tensor]:

@@ -275,6 +275,7 @@ def tokenize_counts(
             "group": _group_codes(adata, group_key),
         },
         n_genes_matched=int(keep.size),
+        gene_known=gene_ids >= 0,
     )
 
 

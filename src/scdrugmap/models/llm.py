@@ -558,9 +558,10 @@ class LLMEncoder(TorchEncoder):
         if n_truncated:
             log.info("%s: %d of %d gene sentences reach the %d-token limit and are truncated", self.name,
                      n_truncated, kept.size, limit)
-        n_matched = int(sum(s is not None for s in gene_symbols(adata)))
+        # the sentence's vocabulary is any gene symbol: a gene is known when it has a usable one
+        gene_known = np.array([s is not None for s in gene_symbols(adata)], dtype=bool)
         return TokenizedCells(cell_index=kept, lengths=lengths, arrays={"input_ids": flat, "offsets": offsets},
-                              dropped=dropped, n_genes_matched=n_matched)
+                              dropped=dropped, n_genes_matched=int(gene_known.sum()), gene_known=gene_known)
 
     def collate(self, tokens: TokenizedCells, rows: npt.NDArray[np.int64]) -> dict[str, torch.Tensor]:
         """Right-pad the chosen cells' tokens: ``input_ids`` and ``attention_mask``, (cells x longest) int64."""

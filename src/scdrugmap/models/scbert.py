@@ -205,6 +205,14 @@ def reference_selection(data_genes: npt.NDArray[np.str_], reference: npt.NDArray
     return sp.csr_matrix((ones, (source, present)), shape=(data_genes.size, reference.size))
 
 
+def known_gene_columns(adata: ad.AnnData, reference: npt.NDArray[np.str_], *,
+                       gene_key: str | None = None) -> npt.NDArray[np.bool_]:
+    """Return, per var column, whether preprocess.py copies it into the reference genes (`reference_selection`:
+    the first column of each reference gene; a repeated column is not read)."""
+    selection = reference_selection(data_gene_names(adata, gene_key), reference)
+    return np.diff(selection.indptr) > 0
+
+
 def preprocess_log2(
     counts: Any, selection: sp.csr_matrix, *, min_genes: int = MIN_GENES, target_sum: float = TARGET_SUM
 ) -> tuple[sp.csr_matrix, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -463,6 +471,7 @@ class ScBERTEncoder(PerformerEncoder):
         """Preprocess as preprocess.py and bin as predict.py; store the non-zero bins per cell (CSR)."""
         matrix, kept, dropped, n_matched = preprocessed_cells(
             adata, self.genes, layer=layer, gene_key=self.gene_key, min_genes=self.min_genes, model=self.name)
+        known = known_gene_columns(adata, self.genes, gene_key=self.gene_key)
         bins = bin_values(matrix.data, self.config.bin_num)
         nonzero = bins > 0
         row_of_entry = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
@@ -476,6 +485,7 @@ class ScBERTEncoder(PerformerEncoder):
                     "bins": bins[nonzero]},
             dropped=dropped,
             n_genes_matched=n_matched,
+            gene_known=known,
         )
 
     def collate(self, tokens: TokenizedCells, rows: npt.NDArray[np.int64]) -> dict[str, torch.Tensor]:

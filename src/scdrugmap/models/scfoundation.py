@@ -233,9 +233,7 @@ def align_genes(matrix: Any, genes: npt.ArrayLike, vocabulary: list[str], *,
                    f"but this one has {genes.size} (the official script crashes on it). Use gene_alignment='by_name'.")
             raise SchemaError(msg)
         return sp.csr_matrix(matrix, dtype=np.float64).sorted_indices(), n_vocab
-    import pandas as pd
-
-    lookup = pd.Index(vocabulary).get_indexer(genes)
+    lookup = vocabulary_positions(genes, vocabulary)
     matched = np.flatnonzero(lookup >= 0)
     if matched.size == 0:
         msg = (f"none of the {genes.size} genes (e.g. {', '.join(genes[:3])}) is in the scFoundation gene index "
@@ -250,6 +248,23 @@ def align_genes(matrix: Any, genes: npt.ArrayLike, vocabulary: list[str], *,
     selector = sp.csr_matrix((np.ones(matched.size), (matched, lookup[matched])), shape=(genes.size, n_vocab))
     aligned = sp.csr_matrix(sp.csr_matrix(matrix, dtype=np.float64) @ selector)
     return aligned.sorted_indices(), int(matched.size)
+
+
+def vocabulary_positions(genes: npt.ArrayLike, vocabulary: list[str]) -> npt.NDArray[np.int64]:
+    """Return each data gene's position in the gene index by name (-1 where the index lacks it)."""
+    import pandas as pd
+
+    return np.asarray(pd.Index(vocabulary).get_indexer(np.asarray(genes).astype(str)), dtype=np.int64)
+
+
+def known_genes(genes: npt.ArrayLike, vocabulary: list[str], *,
+                alignment: GeneAlignment = "by_name") -> npt.NDArray[np.bool_]:
+    """Return, per data column, whether `align_genes` maps it onto the gene index (every column when
+    ``alignment="official"`` takes the matrix as already in index order)."""
+    genes = np.asarray(genes).astype(str)
+    if alignment == "official" and genes.size == len(vocabulary):
+        return np.ones(genes.size, dtype=bool)
+    return vocabulary_positions(genes, vocabulary) >= 0
 
 
 def parse_target_resolution(tgthighres: str) -> tuple[str, float]:
@@ -747,7 +762,8 @@ class ScFoundationEncoder(TorchEncoder):
         Cells left with too few tokens to pool (no expressed gene of the index) are dropped with a reason.
         """
         options = self.options
-        aligned, n_matched = align_genes(expression_matrix(adata, layer), self._gene_names(adata), self.genes,
+        genes = self._gene_names(adata)
+        aligned, n_matched = align_genes(expression_matrix(adata, layer), genes, self.genes,
                                          alignment=options.gene_alignment)
         total_counts = None
         if options.pre_normalized == "A":
@@ -778,6 +794,7 @@ class ScFoundationEncoder(TorchEncoder):
             arrays={"values": values.astype(np.float32), "positions": positions, "offsets": offsets},
             dropped=dropped,
             n_genes_matched=n_matched,
+            gene_known=known_genes(genes, self.genes, alignment=options.gene_alignment),
         )
 
     def collate(self, tokens: TokenizedCells, rows: npt.NDArray[np.int64]) -> dict[str, torch.Tensor]:

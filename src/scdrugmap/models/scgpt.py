@@ -792,7 +792,8 @@ class ScGPTEncoder(TorchEncoder):
         return TokenizedCells(
             cell_index=out["rows"].astype(np.int64), lengths=np.diff(out["offsets"]),
             arrays={k: out[k] for k in ("gene_ids", "values", "offsets")},
-            dropped={int(row): reason for row in out["empty_rows"]}, n_genes_matched=n_matched)
+            dropped={int(row): reason for row in out["empty_rows"]}, n_genes_matched=n_matched,
+            gene_known=ids >= 0)
 
     def collate(self, tokens: TokenizedCells, rows: npt.NDArray[np.int64]) -> dict[str, torch.Tensor]:
         """Pad the chosen cells to the longest of them with ``<pad>`` / ``pad_value`` (official collator)."""

@@ -63,19 +63,26 @@ def shard_bounds(n_obs: int, shard_cells: int) -> list[tuple[int, int]]:
 
 @dataclass
 class ShardedEmbedding:
-    """Embeddings in cell order, with the checkpoint that made them and how the work was split."""
+    """Embeddings in cell order, with the checkpoint that made them and how the work was split.
+
+    ``gene_overlap`` is each cell's fraction of expressed genes the model's vocabulary knows, in cell order
+    (`Encoder.gene_overlap_`); None for a model that gives none (baselines read every gene).
+    """
 
     embeddings: npt.NDArray[np.float32]
     checkpoint_sha256: str | None
     n_shards: int
     seconds: float
+    gene_overlap: npt.NDArray[np.float32] | None = None
 
 
 def embed_rows(spec: EncoderSpec, path: str, start: int, stop: int, layer: str | None,
-               batch_size: int | None) -> tuple[npt.NDArray[np.float32], str | None]:
+               batch_size: int | None
+               ) -> tuple[npt.NDArray[np.float32], str | None, npt.NDArray[np.float32] | None]:
     """Embed rows ``start:stop`` of the ``.h5ad`` at ``path`` (a Ray task; reads only those rows).
 
-    Returns the embeddings and the sha256 of the checkpoint the worker loaded.
+    Returns the embeddings, the sha256 of the checkpoint the worker loaded and the shard's gene overlap
+    (`Encoder.gene_overlap_`, None for models that give none).
     """
     import socket
 
@@ -94,7 +101,8 @@ def embed_rows(spec: EncoderSpec, path: str, start: int, stop: int, layer: str |
     finally:
         backed.file.close()
     encoder = spec.load()
-    return encoder.embed(part, layer=layer, batch_size=batch_size), encoder.checkpoint_sha256
+    embeddings = encoder.embed(part, layer=layer, batch_size=batch_size)
+    return embeddings, encoder.checkpoint_sha256, encoder.gene_overlap_
 
 
 def embed_sharded(spec: EncoderSpec, path: str | Path, *, n_obs: int, layer: str | None = None,
@@ -120,6 +128,7 @@ def embed_sharded(spec: EncoderSpec, path: str | Path, *, n_obs: int, layer: str
     refs = {cluster.submit(embed_rows, spec, str(path), start, stop, layer, batch_size, resources=resources,
                            name=f"embed-{spec.name}-{start}"): (start, stop) for start, stop in bounds}
     out: np.ndarray | None = None
+    overlap: np.ndarray | None = np.full(n_obs, np.nan, dtype=np.float32)
     checkpoints: set[str | None] = set()
     done = 0
     for ref, result in cluster.as_completed(refs):
@@ -127,11 +136,15 @@ def embed_sharded(spec: EncoderSpec, path: str | Path, *, n_obs: int, layer: str
         if isinstance(result, BaseException):
             msg = f"embedding rows {start}:{stop} of {path} with {spec.name} failed on the cluster: {result}"
             raise ScDrugMapError(msg)
-        embeddings, checkpoint = result
+        embeddings, checkpoint, shard_overlap = result
         checkpoints.add(checkpoint)
         if out is None:
             out = np.empty((n_obs, embeddings.shape[1]), dtype=np.float32)
         out[start:stop] = embeddings
+        if shard_overlap is None:
+            overlap = None
+        elif overlap is not None:
+            overlap[start:stop] = shard_overlap
         done += stop - start
         if progress is not None:
             progress(done, n_obs)
@@ -142,4 +155,5 @@ def embed_sharded(spec: EncoderSpec, path: str | Path, *, n_obs: int, layer: str
     seconds = time.perf_counter() - start_time
     log.info("    embedded %d cells with %s in %d shards in %.1fs", n_obs, spec.name, len(bounds), seconds)
     return ShardedEmbedding(out if out is not None else np.zeros((0, 0), dtype=np.float32),
-                            checkpoints.pop() if checkpoints else None, len(bounds), seconds)
+                            checkpoints.pop() if checkpoints else None, len(bounds), seconds,
+                            gene_overlap=overlap if bounds else None)

@@ -213,8 +213,11 @@ class TGPTTokenizer:
             symbols = np.asarray(adata.var_names, dtype=object)
         gene_flat, gene_offsets = self.encode_genes(symbols)
         n_tokens = np.diff(gene_offsets)
-        known = np.add.reduceat(gene_flat != self.unk_id, gene_offsets[:-1]) if gene_flat.size else n_tokens
-        matched = int(np.sum((n_tokens > 0) & (known == n_tokens)))
+        # a gene is known when it has tokens and none of them is <unk> (a symbol with no token is unknown)
+        gene_of_token = np.repeat(np.arange(n_tokens.size), n_tokens)
+        unknown_tokens = np.bincount(gene_of_token[gene_flat == self.unk_id], minlength=n_tokens.size)
+        gene_known = (n_tokens > 0) & (unknown_tokens == 0)
+        matched = int(gene_known.sum())
         if matched == 0:
             msg = (f"none of the {len(symbols)} genes (e.g. {', '.join(map(str, symbols[:3]))}) is in the tGPT "
                    f"vocabulary; tGPT reads gene symbols. Put them in var['{gene_symbol_key}'] or var_names.")
@@ -240,7 +243,7 @@ class TGPTTokenizer:
                  time.perf_counter() - start_time)
         return TokenizedCells(cell_index=cell_index, lengths=lengths,
                               arrays={"input_ids": flat, "offsets": offsets}, dropped=dropped,
-                              n_genes_matched=matched)
+                              n_genes_matched=matched, gene_known=gene_known)
 
     def _tokenize_chunk(self, csr: sp.csr_matrix, gene_flat: np.ndarray, gene_offsets: np.ndarray, start: int,
                         obs_names: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

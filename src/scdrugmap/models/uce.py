@@ -972,7 +972,8 @@ class UCEEncoder(TorchEncoder):
         return TokenizedCells(cell_index=cells.astype(np.int64), lengths=padded.astype(np.int64),
                               arrays={"token_ids": flat, "offsets": offsets.astype(np.int64),
                                       "sentence_lengths": lengths_all.astype(np.int64)},
-                              dropped=dict(sorted(dropped.items())), n_genes_matched=n_matched)
+                              dropped=dict(sorted(dropped.items())), n_genes_matched=n_matched,
+                              gene_known=where >= 0)
 
     def collate(self, tokens: TokenizedCells, rows: npt.NDArray[np.int64]) -> dict[str, torch.Tensor]:
         """Pad the chosen sentences to the longest (official) length among them.

@@ -103,6 +103,7 @@ def predict_cells(encoder: Encoder, adata: ad.AnnData, bundle: str | Path, *, la
 
         head = load_lora_bundle(encoder, tensors, meta)
         tokens = encoder.tokenize(adata, layer=layer)
+        encoder.measure_gene_overlap(adata, tokens, layer=layer)  # reported with the predictions, no second pass
         probability = np.full(adata.n_obs, np.nan, dtype=np.float32)
         logits = predict_logits(encoder, head, tokens, np.arange(tokens.n_cells))
         probability[tokens.cell_index] = torch.sigmoid(logits).numpy()
