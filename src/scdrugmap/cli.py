@@ -210,12 +210,13 @@ def train(
     weights: Annotated[Path | None, typer.Option(help="Local folder/file of the official weights.")] = None,
     label_key: LabelKey = "response", sample_key: SampleKey = "sample", layer: Layer = None,
     seed: Annotated[int, typer.Option(help="Seed of training.")] = 0,
+    device: Annotated[str, typer.Option(help="Where the model runs: auto (CUDA when visible), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Train a head (or LoRA adapters + head) on a labelled data set and save it for `predict`."""
     from scdrugmap.commands import run_train
 
     stdout.print(str(run_train(data, model=model, out=out, strategy=strategy, head=head, weights=weights,
-                               label_key=label_key, sample_key=sample_key, layer=layer, seed=seed)))
+                               label_key=label_key, sample_key=sample_key, layer=layer, seed=seed, device=device)))
 
 
 @app.command()
@@ -228,12 +229,13 @@ def predict(
     csv: Annotated[Path | None, typer.Option(help="Output CSV (default: next to the output .h5ad).")] = None,
     layer: Layer = None,
     threshold: Annotated[float, typer.Option(help="Probability at or above which a cell is called sensitive.")] = 0.5,
+    device: Annotated[str, typer.Option(help="Where the model runs: auto (CUDA when visible), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Predict each cell's probability of sensitivity; write obs columns and a CSV."""
     from scdrugmap.commands import run_predict
 
     for path in run_predict(data, model=model, bundle=head, weights=weights, out=out, csv=csv, layer=layer,
-                            threshold=threshold, console=stdout):
+                            threshold=threshold, device=device, console=stdout):
         stdout.print(str(path))
 
 

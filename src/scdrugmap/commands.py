@@ -268,7 +268,7 @@ def run_embed(data: Path, *, model: str, weights: Path | None, out: Path | None,
 
 
 def run_train(data: Path, *, model: str, out: Path, strategy: str, head: str, weights: Path | None, label_key: str,
-              sample_key: str, layer: str | None, seed: int) -> Path:
+              sample_key: str, layer: str | None, seed: int, device: str = "auto") -> Path:
     from scdrugmap.data.io import read_h5ad
     from scdrugmap.data.schema import encode_labels
     from scdrugmap.models.base import load_encoder
@@ -285,14 +285,14 @@ def run_train(data: Path, *, model: str, out: Path, strategy: str, head: str, we
         raise ConfigError(msg)
     labels = encode_labels(adata.obs[label_key].to_numpy(), column=label_key, source=str(data))
     groups = adata.obs[sample_key].astype(str).to_numpy() if sample_key in adata.obs else None
-    encoder = load_encoder(model, weights)
+    encoder = load_encoder(model, weights, device=device)
     encoder.check_input(adata, layer=layer)
     return train_bundle(encoder, adata, labels, groups, out, strategy=strategy, head=head, layer=layer,
                         head_config=HeadConfig(seed=seed), lora_config=LoRAConfig(seed=seed))
 
 
 def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, out: Path | None, csv: Path | None,
-                layer: str | None, threshold: float, console: Console) -> list[Path]:
+                layer: str | None, threshold: float, console: Console, device: str = "auto") -> list[Path]:
     import numpy as np
     import pandas as pd
 
@@ -301,7 +301,7 @@ def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, o
     from scdrugmap.train.predict import predict_cells
 
     adata = read_h5ad(data)
-    encoder = load_encoder(model, weights)
+    encoder = load_encoder(model, weights, device=device)
     encoder.check_input(adata, layer=layer)
     encoder.gene_overlap_ = None
     probability = predict_cells(encoder, adata, bundle, layer=layer)

@@ -106,7 +106,7 @@ def predict_cells(encoder: Encoder, adata: ad.AnnData, bundle: str | Path, *, la
         encoder.measure_gene_overlap(adata, tokens, layer=layer)  # reported with the predictions, no second pass
         probability = np.full(adata.n_obs, np.nan, dtype=np.float32)
         logits = predict_logits(encoder, head, tokens, np.arange(tokens.n_cells))
-        probability[tokens.cell_index] = torch.sigmoid(logits).numpy()
+        probability[tokens.cell_index] = torch.sigmoid(logits.float()).cpu().numpy()
         return probability
     encoder_state = {k[len("encoder."):]: v.numpy() for k, v in tensors.items() if k.startswith("encoder.")}
     tensors = {k: v for k, v in tensors.items() if not k.startswith("encoder.")}
