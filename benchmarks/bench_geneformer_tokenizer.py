@@ -1,8 +1,8 @@
 """Benchmark the Geneformer tokenizer end to end: an .h5ad on disk -> token ids.
 
-Writes a CSR ``.h5ad`` of simulated counts (default 20,000 cells x 20,000 real V1 Ensembl ids, ~1,600
-expressed genes per cell) into a temporary folder, then, each in a fresh child process so that peak RSS
-is the tokenizer's own:
+Writes a CSR ``.h5ad`` of simulated counts (default 20,000 cells x 20,000 real Ensembl ids of the V1
+dictionary, or of V2 with ``--version V2``; ~1,600 expressed genes per cell) into a temporary folder,
+then, each in a fresh child process so that peak RSS is the tokenizer's own:
 
 * ``stream``: `GeneformerTokenizer.tokenize_h5ad` (chunked h5py reads, vectorised ranking);
 * ``official-style``: the official algorithm as written in ``tokenizer.py`` (``read_h5ad`` of the whole
@@ -14,6 +14,7 @@ Usage::
 
     python benchmarks/bench_geneformer_tokenizer.py                     # 20k cells, plus the 100k RSS run
     python benchmarks/bench_geneformer_tokenizer.py --cells 5000 --rss-cells 0
+    python benchmarks/bench_geneformer_tokenizer.py --version V2 --rss-cells 0   # 4,096 tokens, <cls>/<eos>
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VOCAB = REPO.parent / "shared" / "vocab" / "geneformer_v1"
+VOCAB_DIRS = {"V1": REPO.parent / "shared" / "vocab" / "geneformer_v1",
+              "V2": REPO.parent / "shared" / "vocab" / "geneformer_v2"}
+DEFAULT_VOCAB = VOCAB_DIRS["V1"]
 OFFICIAL_CELLS_PER_SECOND = 1_400  # the official tokenizer's throughput quoted in the brief
 
 
@@ -76,17 +79,22 @@ def write_counts_h5ad(path: Path, n_cells: int, genes: np.ndarray, mean_nnz: flo
             "file_mb": path.stat().st_size / 2**20}
 
 
-def vocabulary(vocab_dir: Path):
+def vocabulary(vocab_dir: Path, version: str = "V1"):
+    """The V1 (gc30M, 2,048 tokens) or V2 (gc95M, 4,096 tokens with <cls>/<eos>) dictionaries."""
     from scdrugmap.models.geneformer import GeneformerVocabulary
 
+    if version == "V2":
+        return GeneformerVocabulary.from_files(vocab_dir / "token_dictionary_gc95M.pkl",
+                                               vocab_dir / "gene_median_dictionary_gc95M.pkl",
+                                               vocab_dir / "ensembl_mapping_dict_gc95M.pkl", version="V2")
     return GeneformerVocabulary.from_files(vocab_dir / "geneformer_token_dictionary.pkl",
                                            vocab_dir / "geneformer_gene_median_dictionary.pkl", None, version="V1")
 
 
-def run_stream(path: Path, vocab_dir: Path, chunk_size: int, threads: int | None) -> dict:
+def run_stream(path: Path, vocab_dir: Path, chunk_size: int, threads: int | None, version: str) -> dict:
     from scdrugmap.models.geneformer import GeneformerTokenizer
 
-    tokenizer = GeneformerTokenizer(vocabulary(vocab_dir), chunk_size=chunk_size, n_threads=threads)
+    tokenizer = GeneformerTokenizer(vocabulary(vocab_dir, version), chunk_size=chunk_size, n_threads=threads)
     start, cpu = time.perf_counter(), time.process_time()
     tokens = tokenizer.tokenize_h5ad(path)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -96,12 +104,13 @@ def run_stream(path: Path, vocab_dir: Path, chunk_size: int, threads: int | None
             "checksum": int(tokens.arrays["input_ids"][::997].astype(np.int64).sum())}
 
 
-def run_official_style(path: Path, vocab_dir: Path, n_cells: int) -> dict:
+def run_official_style(path: Path, vocab_dir: Path, n_cells: int, version: str) -> dict:
     """The algorithm of the official tokenize_anndata (h5ad path), minus the datasets library."""
     import anndata as ad
     import scipy.sparse as sp
 
-    vocab = vocabulary(vocab_dir)
+    vocab = vocabulary(vocab_dir, version)
+    max_genes = 2048 if version == "V1" else 4094
     start, cpu = time.perf_counter(), time.process_time()
     adata = ad.read_h5ad(path, backed="r")[:n_cells].to_memory()
     ids = adata.var["ensembl_id"].str.upper().map(vocab.mapping)
@@ -113,7 +122,7 @@ def run_official_style(path: Path, vocab_dir: Path, n_cells: int) -> dict:
         n_counts = adata.obs["n_counts"].values[i:i + 512, None]
         x = adata.X[i:i + 512][:, loc]
         x_norm = sp.csr_matrix(x / n_counts * 10_000 / norm)
-        cells += [tokens_of[np.argsort(-x_norm[j].data)][:2048] for j in range(x_norm.shape[0])]
+        cells += [tokens_of[np.argsort(-x_norm[j].data)][:max_genes] for j in range(x_norm.shape[0])]
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"cells": len(cells), "seconds": seconds, "cells_per_s": len(cells) / seconds,
             "cells_per_cpu_s": len(cells) / cpu}
@@ -125,16 +134,17 @@ def child(args: argparse.Namespace) -> None:
     import scipy.sparse  # noqa: F401
 
     if args.mode == "stream":
-        result = run_stream(Path(args.path), Path(args.vocab), args.chunk_size, args.threads)
+        result = run_stream(Path(args.path), Path(args.vocab), args.chunk_size, args.threads, args.version)
     else:
-        result = run_official_style(Path(args.path), Path(args.vocab), args.baseline_cells)
+        result = run_official_style(Path(args.path), Path(args.vocab), args.baseline_cells, args.version)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
 
 def in_child(mode: str, path: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--child", mode, "--path", str(path), "--vocab", str(args.vocab),
-               "--chunk-size", str(args.chunk_size), "--baseline-cells", str(args.baseline_cells)]
+               "--chunk-size", str(args.chunk_size), "--baseline-cells", str(args.baseline_cells),
+               "--version", args.version]
     if args.threads:
         command += ["--threads", str(args.threads)]
     out = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -150,20 +160,23 @@ def main() -> None:
     parser.add_argument("--baseline-cells", type=int, default=2_000, help="cells for the official-style run (0: skip)")
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--vocab", type=Path, default=DEFAULT_VOCAB, help="folder with the V1 dictionaries")
+    parser.add_argument("--version", choices=["V1", "V2"], default="V1",
+                        help="dictionaries and input size: V1 (2,048 tokens) or V2 (4,096 tokens, <cls>/<eos>)")
+    parser.add_argument("--vocab", type=Path, default=None, help="folder with the dictionaries (default: ../shared)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", choices=["stream", "official"], dest="mode", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.vocab = args.vocab or VOCAB_DIRS[args.version]
     if args.mode:
         child(args)
         return
-    vocab = vocabulary(args.vocab)
+    vocab = vocabulary(args.vocab, args.version)
     genes = np.array(sorted(g for g in vocab.token_ids if g.startswith("ENSG")))
     genes = np.random.default_rng(args.seed).choice(genes, args.genes, replace=False)
     report: dict = {"official_cells_per_s": OFFICIAL_CELLS_PER_SECOND, "cpus": os.cpu_count(),
-                    "load_average": os.getloadavg()[0]}
+                    "version": args.version, "load_average": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cells.h5ad"
         start = time.perf_counter()
@@ -181,6 +194,7 @@ def main() -> None:
             big = Path(tmp) / "big.h5ad"
             report["rss_data"] = write_counts_h5ad(big, args.rss_cells, genes, args.nnz, args.seed + 1)
             report["rss_stream"] = in_child("stream", big, args)
+    report["load_average_after"] = os.getloadavg()
     print(json.dumps(report, indent=1))
     rows = [(f"stream, best of {args.repeats}", report["stream"])]
     if "official_style" in report:
