@@ -1,15 +1,33 @@
-"""Helpers shared by the benchmark scripts: the matmul peak every throughput figure is compared with."""
+"""Helpers shared by the benchmark scripts: the full collection's size, resident memory, and the matmul
+peak every throughput figure is compared with."""
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+#: The paper's primary collection: cells x genes of the full-size benchmarks.
+FULL_CELLS = 326_751
+FULL_GENES = 20_000
+
+
+def rss_mib() -> float:
+    """Return this process's resident memory now (VmRSS), in MiB."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def matmul_peak(device: torch.device | str | None = None, dtype: torch.dtype | None = None, size: int = 2048,
                 repeats: int = 10) -> float:
     """Return the best GFLOP/s of a square ``size`` matmul on ``device`` (default CPU, float32), measured now."""
+    import torch
+
     device = torch.device(device or "cpu")
     dtype = dtype or torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)

@@ -24,16 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-FULL_CELLS = 326_751
-FULL_GENES = 20_000
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from _common import FULL_CELLS, FULL_GENES, rss_mib
 
 
 def _simulate(cells: int, genes: int, seed: int, path: str) -> None:
@@ -46,13 +37,13 @@ def _check(path: str, mode: str, chunk_rows: int, queue: multiprocessing.Queue) 
     from scdrugmap.data.check import check_adata
     from scdrugmap.data.io import read_h5ad
 
-    rss_before = _rss_mib()
+    rss_before = rss_mib()
     peak = {"rss": rss_before}
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.02):
-            peak["rss"] = max(peak["rss"], _rss_mib())
+            peak["rss"] = max(peak["rss"], rss_mib())
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -75,7 +66,7 @@ def _check(path: str, mode: str, chunk_rows: int, queue: multiprocessing.Queue) 
         "cells_per_s": round(report.facts["shape"][0] / seconds, 1),
         "rss_before_mib": round(rss_before, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_vmrss_sampled_mib": round(max(peak["rss"], _rss_mib()), 1),
+        "peak_vmrss_sampled_mib": round(max(peak["rss"], rss_mib()), 1),
     })
 
 

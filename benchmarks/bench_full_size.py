@@ -47,8 +47,8 @@ import threading
 import time
 from pathlib import Path
 
-FULL_CELLS = 326_751
-FULL_GENES = 20_000
+from _common import FULL_CELLS, FULL_GENES
+
 STAGES = ("simulate", "check", "tokenize", "benchmark")
 #: The limit issue 8 sets for every stage reading the full collection: 8 GB.
 LIMIT_BYTES = 8e9

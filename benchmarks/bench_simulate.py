@@ -19,16 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-FULL_CELLS = 326_751
-FULL_GENES = 20_000
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from _common import FULL_CELLS, FULL_GENES, rss_mib
 
 
 def main() -> None:
@@ -52,7 +43,7 @@ def main() -> None:
     if out is None:
         workdir = tempfile.TemporaryDirectory(prefix="bench_simulate_")
         out = Path(workdir.name) / "simulated.h5ad"
-    rss_before = _rss_mib()
+    rss_before = rss_mib()
     load_before = os.getloadavg()[0]
     started, cpu_started = time.perf_counter(), time.process_time()
     simulate_collection(args.cells, n_genes=args.genes, seed=args.seed, catalog_path=args.catalog, out_path=out,
