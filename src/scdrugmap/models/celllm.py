@@ -45,19 +45,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from scdrugmap.errors import CheckpointError, ConfigError
+from scdrugmap.errors import ConfigError
 from scdrugmap.models.base import TokenizedCells, length_buckets, sha256_file
 from scdrugmap.models.scbert import (
-    GENE_LIST_FILES,
     MIN_GENES,
     PerformerEncoder,
     _checked_kwargs,
     _performer_kwargs,
     known_gene_columns,
-    locate_official_files,
     preprocessed_cells,
-    read_gene_list,
-    resolve_official,
 )
 from scdrugmap.models.weights import RemoteFile, WeightsSource
 
@@ -230,6 +226,33 @@ class CellLMEncoder(PerformerEncoder):
         self.gene_key = gene_key
         self.key_max = key_max
 
+    CHECKPOINT_FILE: ClassVar[str] = CHECKPOINT_FILE
+    REFERENCE_H5AD: ClassVar[str] = REFERENCE_H5AD
+    MODEL_LABEL: ClassVar[str] = "CellLM"
+
+    @staticmethod
+    def _default_config(config_path: Path) -> CellLMConfig:
+        return CellLMConfig.from_official(config_path) if config_path.exists() else CellLMConfig()
+
+    @staticmethod
+    def _build(config: CellLMConfig) -> PerformerLM:
+        return build_celllm_model(config)
+
+    @staticmethod
+    def _missing_genes_message(folder: Path, config: CellLMConfig) -> str:
+        return (f"{folder}: no gene list ({REFERENCE_H5AD} or genes.txt) beside the checkpoint. "
+                f"Pass genes=PATH: the var_names of OpenBioMed's CTC data, {config.gene_num} genes.")
+
+    @staticmethod
+    def _gene_count_message(genes: Any, n_genes: int, config: CellLMConfig) -> str:
+        shown = genes if isinstance(genes, str | Path) else "genes"
+        return (f"{shown}: {n_genes} genes, but the model has gene_num={config.gene_num}. "
+                "Pass the gene order the checkpoint was trained on.")
+
+    @staticmethod
+    def _checkpoint_fix(config: CellLMConfig) -> str:
+        return "Pass config=CellLMConfig.from_official(the cellLM.json it was trained with)."
+
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path | None = None, *, config: CellLMConfig | None = None,
                         genes: str | Path | Sequence[str] | None = None, key_max: KeyMax = "batch",
@@ -248,40 +271,8 @@ class CellLMEncoder(PerformerEncoder):
         WeightsNotFoundError
             When nothing is given and nothing is cached.
         """
-        if options:
-            msg = f"unknown celllm options {sorted(options)}."
-            raise ConfigError(msg)
-        from scdrugmap.models._performer import load_state_dict_strict, read_checkpoint
-
-        default = next(iter(cls.weights_sources.values()))
-        path = resolve_official(default, path_or_name, cls.weights_sources, cls.MANUAL_STEPS)
-        checkpoint, reference = locate_official_files(Path(path), CHECKPOINT_FILE, (REFERENCE_H5AD, *GENE_LIST_FILES))
-        if config is None:
-            config_path = checkpoint.parent / "config.json"
-            config = CellLMConfig.from_official(config_path) if config_path.exists() else CellLMConfig()
-        if genes is None:
-            if reference is None:
-                msg = (f"{checkpoint.parent}: no gene list ({REFERENCE_H5AD} or genes.txt) beside the checkpoint. "
-                       f"Pass genes=PATH: the var_names of OpenBioMed's CTC data, {config.gene_num} genes.")
-                raise CheckpointError(msg)
-            genes = reference
-        gene_list = read_gene_list(genes)
-        if gene_list.size != config.gene_num:
-            shown = genes if isinstance(genes, str | Path) else "genes"
-            msg = (f"{shown}: {gene_list.size} genes, but the model has gene_num={config.gene_num}. "
-                   "Pass the gene order the checkpoint was trained on.")
-            raise CheckpointError(msg)
-
-        module = build_celllm_model(config)
-        state = read_checkpoint(checkpoint, model="CellLM")
-        missing_head = load_state_dict_strict(
-            module, state, source=str(checkpoint), optional_prefixes=("to_out.",),
-            fix="Pass config=CellLMConfig.from_official(the cellLM.json it was trained with).")
-        if missing_head:
-            module.to_out = None
-        if device is not None:
-            module.to(device)
-        module.eval()
+        module, gene_list, config, checkpoint = cls._load_official(path_or_name, config=config, genes=genes,
+                                                                   device=device, options=options)
         encoder = cls(module, gene_list, config, key_max=key_max, pooling=pooling,
                       compress_padding=compress_padding, min_genes=min_genes, gene_key=gene_key)
         encoder.checkpoint_sha256 = sha256_file(checkpoint)

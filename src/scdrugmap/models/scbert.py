@@ -355,6 +355,43 @@ class PerformerEncoder(TorchEncoder):
     def embedding_dim(self) -> int:
         return self.config.dim
 
+    @classmethod
+    def _load_official(cls, path_or_name: str | Path | None, *, config: Any, genes: Any, device: str | None,
+                       options: Mapping[str, Any]) -> tuple[PerformerLM, npt.NDArray[np.str_], Any, Path]:
+        """Resolve, read and strictly load an official checkpoint; return (module, genes, config, checkpoint).
+
+        The models differ only in their files, config class, network builder and messages: the hooks
+        `_default_config`, `_build`, `_missing_genes_message`, `_gene_count_message` and `_checkpoint_fix`.
+        """
+        if options:
+            msg = f"unknown {cls.name} options {sorted(options)}."
+            raise ConfigError(msg)
+        from scdrugmap.models._performer import load_state_dict_strict, read_checkpoint
+
+        default = next(iter(cls.weights_sources.values()))
+        path = resolve_official(default, path_or_name, cls.weights_sources, cls.MANUAL_STEPS)
+        checkpoint, reference = locate_official_files(Path(path), cls.CHECKPOINT_FILE,
+                                                      (cls.REFERENCE_H5AD, *GENE_LIST_FILES))
+        if config is None:
+            config = cls._default_config(checkpoint.parent / "config.json")
+        if genes is None:
+            if reference is None:
+                raise CheckpointError(cls._missing_genes_message(checkpoint.parent, config))
+            genes = reference
+        gene_list = read_gene_list(genes)
+        if gene_list.size != config.gene_num:
+            raise CheckpointError(cls._gene_count_message(genes, gene_list.size, config))
+        module = cls._build(config)
+        state = read_checkpoint(checkpoint, model=cls.MODEL_LABEL)
+        missing_head = load_state_dict_strict(module, state, source=str(checkpoint), optional_prefixes=("to_out.",),
+                                              fix=cls._checkpoint_fix(config))
+        if missing_head:
+            module.to_out = None  # a fine-tuned head (finetune.py's Identity) or none: embeddings do not use it
+        if device is not None:
+            module.to(device)
+        module.eval()
+        return module, gene_list, config, checkpoint
+
 
 class ScBERTEncoder(PerformerEncoder):
     """scBERT cell embeddings: mean of the final hidden states over all genes (see the module docstring).
@@ -401,6 +438,33 @@ class ScBERTEncoder(PerformerEncoder):
         "into the cache folder named above)."
     )
 
+    CHECKPOINT_FILE: ClassVar[str] = CHECKPOINT_FILE
+    REFERENCE_H5AD: ClassVar[str] = REFERENCE_H5AD
+    MODEL_LABEL: ClassVar[str] = "scBERT"
+
+    @staticmethod
+    def _default_config(config_path: Path) -> ScBERTConfig:
+        return ScBERTConfig.from_official(config_path) if config_path.exists() else ScBERTConfig()
+
+    @staticmethod
+    def _build(config: ScBERTConfig) -> PerformerLM:
+        return build_scbert_model(config)
+
+    @staticmethod
+    def _missing_genes_message(folder: Path, config: ScBERTConfig) -> str:
+        return (f"{folder}: no reference gene list ({REFERENCE_H5AD} or genes.txt) beside the "
+                "checkpoint. Pass genes=PATH (the panglao_10000.h5ad of the scBERT data share).")
+
+    @staticmethod
+    def _gene_count_message(genes: Any, n_genes: int, config: ScBERTConfig) -> str:
+        return (f"{genes}: {n_genes} reference genes, but the model embeds {config.gene_num} "
+                "(max_seq_len - 1). Pass the gene list the checkpoint was trained on.")
+
+    @staticmethod
+    def _checkpoint_fix(config: ScBERTConfig) -> str:
+        return ("Pass config=ScBERTConfig(...) (or ScBERTConfig.from_official(json)) matching the checkpoint."
+                if config == ScBERTConfig() else "Check that config matches the checkpoint.")
+
     def __init__(self, module: PerformerLM, genes: Sequence[str] | npt.NDArray[np.str_], config: ScBERTConfig, *,
                  key_max: KeyMax = "batch", min_genes: int = MIN_GENES, gene_key: str | None = None) -> None:
         self.module = module
@@ -428,40 +492,8 @@ class ScBERTEncoder(PerformerEncoder):
         WeightsNotFoundError
             When nothing is given and nothing is cached.
         """
-        if options:
-            msg = f"unknown scbert options {sorted(options)}."
-            raise ConfigError(msg)
-        from scdrugmap.models._performer import load_state_dict_strict, read_checkpoint
-
-        default = next(iter(cls.weights_sources.values()))
-        path = resolve_official(default, path_or_name, cls.weights_sources, cls.MANUAL_STEPS)
-        checkpoint, reference = locate_official_files(Path(path), CHECKPOINT_FILE, (REFERENCE_H5AD, *GENE_LIST_FILES))
-        if config is None:
-            config_path = checkpoint.parent / "config.json"
-            config = ScBERTConfig.from_official(config_path) if config_path.exists() else ScBERTConfig()
-        if genes is None:
-            if reference is None:
-                msg = (f"{checkpoint.parent}: no reference gene list ({REFERENCE_H5AD} or genes.txt) beside the "
-                       "checkpoint. Pass genes=PATH (the panglao_10000.h5ad of the scBERT data share).")
-                raise CheckpointError(msg)
-            genes = reference
-        gene_list = read_gene_list(genes)
-        if gene_list.size != config.gene_num:
-            msg = (f"{genes}: {gene_list.size} reference genes, but the model embeds {config.gene_num} "
-                   "(max_seq_len - 1). Pass the gene list the checkpoint was trained on.")
-            raise CheckpointError(msg)
-
-        module = build_scbert_model(config)
-        state = read_checkpoint(checkpoint, model="scBERT")
-        fix = ("Pass config=ScBERTConfig(...) (or ScBERTConfig.from_official(json)) matching the checkpoint."
-               if config == ScBERTConfig() else "Check that config matches the checkpoint.")
-        missing_head = load_state_dict_strict(module, state, source=str(checkpoint), optional_prefixes=("to_out.",),
-                                              fix=fix)
-        if missing_head:
-            module.to_out = None  # a fine-tuned head (finetune.py's Identity) or none: embeddings do not use it
-        if device is not None:
-            module.to(device)
-        module.eval()
+        module, gene_list, config, checkpoint = cls._load_official(path_or_name, config=config, genes=genes,
+                                                                   device=device, options=options)
         encoder = cls(module, gene_list, config, key_max=key_max, min_genes=min_genes, gene_key=gene_key)
         encoder.checkpoint_sha256 = sha256_file(checkpoint)
         log.info("loaded scBERT from %s (%d genes, key_max=%s)", checkpoint, gene_list.size, key_max)
