@@ -160,11 +160,6 @@ def data_file(config: BenchmarkConfig) -> Path:
     return path
 
 
-def load_data(config: BenchmarkConfig) -> ad.AnnData:
-    """Return the benchmark's data in memory (see `data_file`)."""
-    return read_h5ad(data_file(config))
-
-
 def make_folds(adata: ad.AnnData, labels: np.ndarray, config: BenchmarkConfig, run_dir: Path) -> list[Fold]:
     """Return every fold of the run, reusing the pooled assignments saved in ``run_dir/splits.parquet``."""
     keys = config.obs_keys()
