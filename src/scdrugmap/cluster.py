@@ -105,12 +105,17 @@ def submit(function: Callable[..., Any], *args: Any, resources: Resources, name:
     return remote.remote(*args)
 
 
-def as_completed(refs: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
-    """Yield ``(ref, result)`` as tasks finish; a result is the task's exception when it failed for good."""
+def as_completed(refs: Iterable[Any], *, wait: bool = True) -> Iterator[tuple[Any, Any]]:
+    """Yield ``(ref, result)`` as tasks finish; a result is the task's exception when it failed for good.
+
+    With ``wait=False``, stop at the first moment no further task has finished instead of waiting.
+    """
     ray = require_ray()
     waiting = list(refs)
     while waiting:
-        ready, waiting = ray.wait(waiting, num_returns=1)
+        ready, waiting = ray.wait(waiting, num_returns=1, timeout=None if wait else 0)
+        if not ready:
+            return
         for ref in ready:
             try:
                 yield ref, ray.get(ref)

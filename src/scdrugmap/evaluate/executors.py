@@ -181,7 +181,7 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, resources: cluster.Resources | None = None) -> None:
         self.resources = resources or cluster.Resources()
-        self.ray = cluster.connect(address)
+        cluster.connect(address)
         self._running: dict[Any, Unit] = {}
 
     def share(self, inputs: ModelInputs) -> Any:
@@ -194,19 +194,13 @@ class RayExecutor:
 
     def finished(self, *, wait: bool) -> Iterator[tuple[Unit, UnitOutcome]]:
         """Yield outcomes of finished tasks: all of them when ``wait``, else those done by now."""
-        while self._running:
-            ready, _ = self.ray.wait(list(self._running), num_returns=1, timeout=None if wait else 0)
-            if not ready:
-                return
-            for ref in ready:
-                unit = self._running.pop(ref)
-                try:
-                    outcome = self.ray.get(ref)
-                except self.ray.exceptions.RayError as err:  # the worker died on every try
-                    log.error("task %s failed on the cluster: %s", unit.name, err)
-                    outcome = UnitOutcome("failed", reason=f"the Ray task failed after {cluster.TASK_RETRIES} "
-                                                           f"retries: {err}")
-                yield unit, outcome
+        for ref, outcome in cluster.as_completed(list(self._running), wait=wait):
+            unit = self._running.pop(ref)
+            if isinstance(outcome, BaseException):  # the worker died on every try
+                log.error("task %s failed on the cluster: %s", unit.name, outcome)
+                outcome = UnitOutcome("failed", reason=f"the Ray task failed after {cluster.TASK_RETRIES} "
+                                                       f"retries: {outcome}")
+            yield unit, outcome
 
 
 def make_executor(name: str, *, address: str | None = None, cpus_per_job: float = 1.0,
