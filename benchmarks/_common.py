@@ -42,3 +42,11 @@ def matmul_peak(device: torch.device | str | None = None, dtype: torch.dtype | N
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
+
+
+def print_table(results: dict, float_format: str = ".4g") -> None:
+    """Print ``results`` as aligned ``key  value`` lines, floats in ``float_format``."""
+    width = max(map(len, results))
+    for key, value in results.items():
+        shown = f"{value:{float_format}}" if isinstance(value, float) else str(value)
+        print(f"{key:<{width}}  {shown}")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_scbert import matmul_peak, simulate_counts, stand_in_genes
+from _common import matmul_peak, print_table
+from bench_scbert import simulate_counts, stand_in_genes
 
 from scdrugmap.models._performer import performer_forward_flops
 from scdrugmap.models.celllm import CellLMConfig, CellLMEncoder, build_celllm_model
@@ -93,9 +94,7 @@ def main() -> None:
         "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "finite": bool(np.isfinite(embeddings).all()),
     }
-    width = max(map(len, results))
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -24,7 +24,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 import torch
-from _common import matmul_peak
+from _common import matmul_peak, print_table
 
 from scdrugmap.models._performer import performer_forward_flops
 from scdrugmap.models.scbert import ScBERTConfig, ScBERTEncoder, build_scbert_model, read_gene_list
@@ -117,9 +117,7 @@ def main() -> None:
         "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "finite": bool(np.isfinite(embeddings).all()),
     }
-    width = max(map(len, results))
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import matmul_peak
+from _common import matmul_peak, print_table
 
 DEFAULT_GENE_INDEX = Path(__file__).resolve().parents[2] / "shared" / "vocab" / "scfoundation" / \
     "OS_scRNA_gene_index.19264.tsv"
@@ -110,9 +110,7 @@ def main() -> None:
         "achieved_gflop_per_s": flops / embed_s / 1e9, "matmul_peak_gflop_per_s": peak,
         "embedding_shape": list(embeddings.shape),
     }
-    width = max(map(len, results))
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    print_table(results)
     print(json.dumps(results))
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from _common import matmul_peak
+from _common import matmul_peak, print_table
 
 from scdrugmap.models.uce import UCEConfig, UCEEncoder, UCEGeneTable, UCEModel
 
@@ -141,10 +141,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=1))
         return
-    width = max(map(len, results))
-    for key, value in results.items():
-        shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
-        print(f"{key:<{width}}  {shown}")
+    print_table(results, ",.2f")
 
 
 if __name__ == "__main__":
