@@ -23,18 +23,13 @@ if TYPE_CHECKING:
 LOW_OVERLAP = 0.5
 
 
-def overlap_column(model: str) -> str:
-    """Return the obs column that holds each cell's gene overlap with ``model``'s vocabulary."""
-    return f"{model}_gene_overlap"
-
-
 def overlap_warning(model: str, overlap: np.ndarray) -> str:
     """Return one line: how many cells overlap ``model``'s vocabulary below `LOW_OVERLAP`, and the median."""
     low = int(np.count_nonzero(overlap < LOW_OVERLAP))  # NaN (no expressed gene) compares False
     expressed = overlap[~np.isnan(overlap)]
     median = f"{float(np.median(expressed)):.2f}" if expressed.size else "n/a"
     line = (f"{low} of {overlap.size} cells have less than {LOW_OVERLAP:.0%} of their expressed genes in {model}'s "
-            f"vocabulary (median overlap {median}; per cell in obs['{overlap_column(model)}'])")
+            f"vocabulary (median overlap {median}; per cell in obs['{model}_gene_overlap'])")
     silent = overlap.size - expressed.size
     if silent:
         line += f"; {silent} cells express no gene"
@@ -70,9 +65,9 @@ def run_check(file: Path, *, keys: dict[str, str], layer: str | None, model: str
 
     needs = "any"
     if model is not None:
-        from scdrugmap.models.base import get_encoder_class
+        from scdrugmap.registry import input_kind
 
-        needs = get_encoder_class(model).input_kind
+        needs = input_kind(model)
     adata = read_h5ad(file, backed=True)  # the matrix is read in row chunks, never whole
     try:
         report = check_adata(adata, source=str(file), keys=ObsKeys(**keys), layer=layer, needs=needs,
@@ -138,77 +133,42 @@ def show_dataset(console: Console, dataset_id: str) -> None:
     console.print(view)
 
 
-def _weights_state(cls: Any) -> str:
-    from scdrugmap.models.weights import is_cached
-
-    sources = getattr(cls, "weights_sources", {}) or {}
-    if not sources:
-        return "built in"
-    default_path = getattr(cls, "_default_path", None)
-    if default_path is not None and default_path(next(iter(sources))) is not None:
-        return "installed"  # shipped by a pip package (all-MiniLM-L6-v2)
-    if any(is_cached(source) for source in sources.values()):
-        return "cached"
-    return "downloadable"
-
-
 def show_models(console: Console) -> None:
-    from scdrugmap.models.base import PUBLISHED_SIZES, get_encoder_class, registry
+    from scdrugmap.registry import models
 
     view = Table(title="models (sizes of the default published variant)")
     for name in ("name", "family", "parameters", "embedding dim", "input", "LoRA targets", "weights"):
         view.add_column(name)
-    for name in sorted(registry()):
-        try:
-            cls = get_encoder_class(name)
-        except ImportError as err:
-            view.add_row(name, "?", "", "", "", "", f"unavailable ({err.name} missing)")
-            continue
-        parameters, width, _ = PUBLISHED_SIZES.get(name, (None, None, ""))
-        view.add_row(name, cls.family, "-" if parameters is None else f"{parameters / 1e6:,.1f} M",
-                     "" if width is None else str(width), cls.input_kind, ",".join(cls.lora_targets),
-                     _weights_state(cls))
+    for card in models():
+        view.add_row(card.name, card.family, "-" if card.parameters is None else f"{card.parameters / 1e6:,.1f} M",
+                     "" if card.embedding_dim is None else str(card.embedding_dim), card.input_kind,
+                     ",".join(card.lora_targets), card.weights_state)
     console.print(view)
 
 
 def show_model_info(console: Console, name: str) -> None:
-    from scdrugmap.models.base import get_encoder_class
-    from scdrugmap.models.weights import cache_path, is_cached
+    from scdrugmap.registry import model_card
 
-    cls = get_encoder_class(name)
-    console.print(f"[bold]{name}[/bold]: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
-    module_doc = (__import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip()
-    if module_doc:
-        console.print(module_doc)
-    console.print(f"family {cls.family}; input {cls.input_kind}; LoRA targets {', '.join(cls.lora_targets) or '-'}")
-    from scdrugmap.models.base import PUBLISHED_SIZES
-
-    if name.lower() in PUBLISHED_SIZES:
-        parameters, width, variant = PUBLISHED_SIZES[name.lower()]
-        size = "" if parameters is None else f"{parameters:,} parameters, "
-        console.print(f"default variant {variant}: {size}{width}-d embeddings")
-    for variant, source in (getattr(cls, "weights_sources", {}) or {}).items():
-        state = "cached" if is_cached(source) else "not cached"
-        console.print(f"  weights {variant}: {state} at {cache_path(source)} ({source.homepage})")
-        for remote in source.files:
-            console.print(f"    {remote.filename} <- {remote.resolved_url()}")
+    card = model_card(name)
+    console.print(f"[bold]{name}[/bold]: {card.summary}")
+    if card.description:
+        console.print(card.description)
+    console.print(f"family {card.family}; input {card.input_kind}; LoRA targets {', '.join(card.lora_targets) or '-'}")
+    if card.variant:
+        size = "" if card.parameters is None else f"{card.parameters:,} parameters, "
+        console.print(f"default variant {card.variant}: {size}{card.embedding_dim}-d embeddings")
+    for weights in card.weights:
+        state = "cached" if weights.cached else "not cached"
+        console.print(f"  weights {weights.variant}: {state} at {weights.cache_path} ({weights.homepage})")
+        for filename, url in weights.files:
+            console.print(f"    {filename} <- {url}")
 
 
 def download_model(name: str, *, force: bool, quiet: bool, console: Console) -> Path:
-    from scdrugmap.models.base import get_encoder_class
-    from scdrugmap.models.weights import download
+    from scdrugmap.registry import download_weights
 
-    model, _, variant = name.partition(":")
-    sources = getattr(get_encoder_class(model), "weights_sources", {}) or {}
-    if not sources:
-        msg = f"{model} has no weights to download (it is computed from the data)."
-        raise ConfigError(msg)
-    if variant and variant not in sources:
-        msg = f"{model} has no variant {variant!r}; variants: {', '.join(sources)}."
-        raise ConfigError(msg)
-    source = sources[variant] if variant else next(iter(sources.values()))
     if quiet:
-        return download(source, force=force)
+        return download_weights(name, force=force)
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
     with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), console=console) as bars:
@@ -219,40 +179,34 @@ def download_model(name: str, *, force: bool, quiet: bool, console: Console) -> 
                 tasks[filename] = bars.add_task(filename, total=total)
             bars.update(tasks[filename], completed=done, total=total)
 
-        return download(source, force=force, progress=update)
+        return download_weights(name, force=force, progress=update)
 
 
 def run_embed(data: Path, *, model: str, weights: Path | None, out: Path | None, layer: str | None,
               batch_size: int | None, device: str = "auto", executor: str = "local", ray_address: str | None = None,
               shard_cells: int = 20_000, cpus: float = 1.0, gpus: float = 0.0, quiet: bool, console: Console) -> Path:
     """Embed ``data`` here or in shards on a Ray cluster; add ``obsm['X_<model>']`` to a copy, or save a .npy."""
+    from scdrugmap import tl
     from scdrugmap.data.io import add_obsm_atomic, read_h5ad
-    from scdrugmap.models.base import load_encoder
 
     if executor not in {"local", "ray"}:
         msg = f"--executor {executor!r} is not available; choose from local, ray."
         raise ConfigError(msg)
+    key = tl.embedding_key(model)
     with progress_bar(console, quiet=quiet) as update:
         report = None if update is None else (lambda d, t: update("embed", d, t, model))
         if executor == "ray":
-            from scdrugmap import cluster
-            from scdrugmap.models.sharded import EncoderSpec, embed_sharded
-
-            cluster.connect(ray_address)
-            backed = read_h5ad(data, backed=True)
-            n_obs = backed.n_obs
-            backed.file.close()
-            result = embed_sharded(EncoderSpec(model, None if weights is None else str(weights), {}, device),
-                                   data.resolve(), n_obs=n_obs, layer=layer, batch_size=batch_size,
-                                   shard_cells=shard_cells, resources=cluster.Resources(cpus=cpus, gpus=gpus),
-                                   progress=report)
-            embeddings, checkpoint = result.embeddings, result.checkpoint_sha256
-            overlap = result.gene_overlap
+            embeddings, facts, overlap = tl.embed_file(data, model, weights=weights, layer=layer,
+                                                       batch_size=batch_size, device=device,
+                                                       ray_address=ray_address, shard_cells=shard_cells, cpus=cpus,
+                                                       gpus=gpus, progress=report)
         else:
             adata = read_h5ad(data)
-            encoder = load_encoder(model, weights, device=device)
-            embeddings = encoder.embed(adata, layer=layer, batch_size=batch_size, progress=report)
-            checkpoint, overlap = encoder.checkpoint_sha256, encoder.gene_overlap_
+            tl.embed(adata, model, weights=weights, layer=layer, batch_size=batch_size, device=device,
+                     progress=report)
+            embeddings, facts = adata.obsm[key], adata.uns["scdrugmap"][key]
+            column = tl.overlap_key(model)
+            overlap = adata.obs[column].to_numpy(dtype=np.float32) if column in adata.obs else None
     if overlap is not None:
         console.print(overlap_warning(model, overlap), soft_wrap=True)
     target = out or data
@@ -261,20 +215,14 @@ def run_embed(data: Path, *, model: str, weights: Path | None, out: Path | None,
         np.save(tmp, embeddings, allow_pickle=False)
         os.replace(tmp, target)
         return target
-    key = f"X_{model}"
-    return add_obsm_atomic(data, target, key, embeddings,
-                           facts={"model": model, "checkpoint_sha256": checkpoint or "", "layer": layer or "X"},
-                           obs_columns=None if overlap is None else {overlap_column(model): overlap})
+    return add_obsm_atomic(data, target, key, embeddings, facts=facts,
+                           obs_columns=None if overlap is None else {tl.overlap_key(model): overlap})
 
 
 def run_train(data: Path, *, model: str, out: Path, strategy: str, head: str, weights: Path | None, label_key: str,
               sample_key: str, layer: str | None, seed: int, device: str = "auto") -> Path:
+    from scdrugmap import tl
     from scdrugmap.data.io import read_h5ad
-    from scdrugmap.data.schema import encode_labels
-    from scdrugmap.models.base import load_encoder
-    from scdrugmap.train.heads import HeadConfig
-    from scdrugmap.train.lora import LoRAConfig
-    from scdrugmap.train.predict import train_bundle
 
     if strategy not in {"frozen", "lora"} or head not in {"mlp", "logistic"}:
         msg = f"--strategy {strategy} --head {head}: choose frozen or lora, and mlp or logistic."
@@ -283,55 +231,43 @@ def run_train(data: Path, *, model: str, out: Path, strategy: str, head: str, we
     if label_key not in adata.obs:
         msg = f"{data}: obs has no {label_key!r} column; name the label column with --label-key."
         raise ConfigError(msg)
-    labels = encode_labels(adata.obs[label_key].to_numpy(), column=label_key, source=str(data))
-    groups = adata.obs[sample_key].astype(str).to_numpy() if sample_key in adata.obs else None
-    encoder = load_encoder(model, weights, device=device)
-    encoder.check_input(adata, layer=layer)
-    return train_bundle(encoder, adata, labels, groups, out, strategy=strategy, head=head, layer=layer,
-                        head_config=HeadConfig(seed=seed), lora_config=LoRAConfig(seed=seed))
+    trained = tl.train(adata, model, strategy=strategy, head=head, label_key=label_key,  # type: ignore[arg-type]
+                       sample_key=sample_key, layer=layer, weights=weights, device=device, seed=seed)
+    return trained.save(out)
 
 
 def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, out: Path | None, csv: Path | None,
                 layer: str | None, threshold: float, console: Console, device: str = "auto") -> list[Path]:
-    import numpy as np
-    import pandas as pd
-
+    from scdrugmap import tl
     from scdrugmap.data.io import read_h5ad, write_h5ad_atomic
-    from scdrugmap.models.base import TorchEncoder, load_encoder
-    from scdrugmap.train.predict import predict_cells
+    from scdrugmap.readwrite import read_head
 
+    head = read_head(bundle)
+    if head.model != model:
+        msg = f"{bundle}: the head was trained on {head.model} embeddings, not {model}. Use --model {head.model}."
+        raise ConfigError(msg)
     adata = read_h5ad(data)
-    encoder = load_encoder(model, weights, device=device)
-    encoder.check_input(adata, layer=layer)
-    encoder.gene_overlap_ = None
-    probability = predict_cells(encoder, adata, bundle, layer=layer)
-    overlap = encoder.gene_overlap_
-    if overlap is None and isinstance(encoder, TorchEncoder):  # a LoRA head tokenizes without `embed`
-        overlap = encoder.measure_gene_overlap(adata, layer=layer)
+    tl.predict(adata, head, weights=weights, layer=layer, threshold=threshold, device=device)
+    key = tl.prediction_key(model)
+    probability = adata.obs[tl.probability_column(key)].to_numpy(dtype=np.float32)
     missing = int(np.isnan(probability).sum())
     if missing:
         console.print(f"[yellow]{missing} of {adata.n_obs} cells could not be read by {model} (too few of their genes "
                       "are in its vocabulary); their prediction is empty.[/yellow]")
-    if overlap is not None:
-        console.print(overlap_warning(model, overlap), soft_wrap=True)
-    key = f"scdrugmap_{model}"
-    adata.obs[f"{key}_prob_sensitive"] = probability
-    adata.obs[f"{key}_prediction"] = pd.Categorical(
-        np.where(np.isnan(probability), None, np.where(probability >= threshold, "sensitive", "resistant")))
-    columns = [f"{key}_prob_sensitive", f"{key}_prediction"]
-    if overlap is not None:
-        adata.obs[overlap_column(model)] = overlap
-        columns.append(overlap_column(model))
-    adata.uns.setdefault("scdrugmap", {})[key] = {"model": model, "head": str(bundle), "threshold": threshold,
-                                                   "checkpoint_sha256": encoder.checkpoint_sha256 or ""}
+    columns = [tl.probability_column(key), tl.label_column(key)]
+    overlap = tl.overlap_key(model)
+    if overlap in adata.obs:
+        console.print(overlap_warning(model, adata.obs[overlap].to_numpy(dtype=np.float32)), soft_wrap=True)
+        columns.append(overlap)
+    adata.uns["scdrugmap"][key]["head"] = str(bundle)
     out = out or data.with_name(f"{data.stem}.predicted.h5ad")
     csv = csv or out.with_suffix(".csv")
     write_h5ad_atomic(adata, out)
-    table = adata.obs[columns].rename(columns={overlap_column(model): "gene_overlap"}).rename_axis("cell")
+    table = adata.obs[columns].rename(columns={overlap: "gene_overlap"}).rename_axis("cell")
     tmp = csv.with_name(csv.name + ".tmp")
     table.to_csv(tmp)
     tmp.replace(csv)
-    called = table[f"{key}_prediction"].value_counts().to_dict()
+    called = table[tl.label_column(key)].value_counts().to_dict()
     console.print(f"{adata.n_obs} cells: {called.get('sensitive', 0)} sensitive, {called.get('resistant', 0)} resistant")
     return [out, csv]
 

@@ -1,8 +1,9 @@
 import numpy as np
 import torch
 
+from scdrugmap.train.bundle import Head
 from scdrugmap.train.frozen import fit_predict_frozen
-from scdrugmap.train.heads import HeadConfig, fit_mlp_heads, load_head_bundle, make_mlp, save_head_bundle
+from scdrugmap.train.heads import HeadConfig, fit_mlp_heads, make_mlp
 
 
 def _data(n=300, d=16, seed=0):
@@ -56,15 +57,19 @@ def test_logistic_head_runs():
     assert ((prediction.probability >= 0.5) == y[200:]).mean() > 0.8
 
 
-def test_head_bundle_round_trips_without_pickle(tmp_path):
+def test_head_bundle_round_trips_without_pickle_and_numpy_matches_torch(tmp_path):
     head = make_mlp(8, hidden=4)
-    save_head_bundle(tmp_path / "b", kind="mlp", tensors=head.state_dict(), meta={"model": "pca", "in_dim": 8})
-    meta, tensors = load_head_bundle(tmp_path / "b")
-    assert meta["kind"] == "mlp" and meta["model"] == "pca"
-    restored = make_mlp(8, hidden=4)
-    restored.load_state_dict(tensors)
-    x = torch.randn(3, 8)
-    assert torch.equal(head(x), restored(x))
+    tensors = {k: v.detach().numpy() for k, v in head.state_dict().items()}
+    Head(meta={"kind": "mlp", "model": "pca", "embedding_dim": 8}, tensors=tensors).save(tmp_path / "b")
+    restored = Head.read(tmp_path / "b")
+    assert restored.kind == "mlp" and restored.model == "pca" and restored.path == tmp_path / "b"
+    assert not any(p.suffix in {".pt", ".pkl", ".bin"} for p in (tmp_path / "b").iterdir())
+    x = torch.randn(50, 8)
+    with torch.no_grad():
+        expected = torch.sigmoid(head(x)).reshape(-1).numpy()
+    assert np.abs(restored.predict_proba(x.numpy()) - expected).max() <= 1e-6
+    x[3] = float("nan")
+    assert np.isnan(restored.predict_proba(x.numpy())[3])
 
 
 def test_inner_validation_split_handles_tiny_and_grouped_folds():

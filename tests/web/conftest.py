@@ -145,15 +145,10 @@ def db_url(postgres_url, tmp_path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def bundle_root(tmp_path_factory) -> Path:
     """A bundle folder with one head trained on PCA embeddings of a tiny data set (logistic, instant)."""
-    from scdrugmap.data.schema import encode_labels
-    from scdrugmap.models.base import load_encoder
-    from scdrugmap.train.predict import train_bundle
+    import scdrugmap as sdm
 
     root = tmp_path_factory.mktemp("bundles")
-    adata = tiny_adata(seed=1)
-    labels = encode_labels(adata.obs["response"].to_numpy())
-    train_bundle(load_encoder("pca"), adata, labels, adata.obs["sample"].to_numpy(), root / "pca-demo",
-                 head="logistic")
+    sdm.tl.train(tiny_adata(seed=1), "pca", head="logistic").save(root / "pca-demo")
     return root
 
 

@@ -435,9 +435,9 @@ def test_cells_the_model_cannot_read_have_no_prediction(client, upload, good_h5a
     real = predict.predict_cells
 
     def partly(*args, **kwargs):
-        probability = real(*args, **kwargs)
+        probability, embeddings = real(*args, **kwargs)
         probability[:3] = np.nan
-        return probability
+        return probability, embeddings
 
     monkeypatch.setattr(predict, "predict_cells", partly)
     token = upload(client, good_h5ad).json()["token"]

@@ -10,17 +10,12 @@ into a few large ones.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-
-from scdrugmap.errors import CheckpointError
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -222,39 +217,6 @@ class LogisticHead:
     def predict_proba(self, X: npt.NDArray) -> npt.NDArray[np.float32]:
         z = ((X - self.mean) / self.scale) @ self.coef + self.intercept
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
-
-
-# --- bundles: a trained head saved for `scdrugmap predict` -------------------------------------------------
-
-BUNDLE_META = "head.json"
-BUNDLE_WEIGHTS = "head.safetensors"
-
-
-def save_head_bundle(path: str | Path, *, kind: str, tensors: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Save a trained head (tensors as safetensors, facts as JSON) into folder ``path`` atomically."""
-    import torch
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v).contiguous()
-               for k, v in tensors.items()}
-    save_file(tensors, str(path / (BUNDLE_WEIGHTS + ".tmp")))
-    os.replace(path / (BUNDLE_WEIGHTS + ".tmp"), path / BUNDLE_WEIGHTS)
-    (path / (BUNDLE_META + ".tmp")).write_text(json.dumps({"kind": kind, **meta}, indent=1, default=str))
-    os.replace(path / (BUNDLE_META + ".tmp"), path / BUNDLE_META)
-    return path
-
-
-def load_head_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a head bundle: (facts, tensors). No pickle is involved."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not (path / BUNDLE_META).exists() or not (path / BUNDLE_WEIGHTS).exists():
-        msg = f"{path}: not a head bundle (needs {BUNDLE_META} and {BUNDLE_WEIGHTS}); train one with `scdrugmap train`."
-        raise CheckpointError(msg)
-    return json.loads((path / BUNDLE_META).read_text()), load_file(str(path / BUNDLE_WEIGHTS))
 
 
 def head_config_dict(config: HeadConfig) -> dict[str, Any]:

@@ -9,13 +9,10 @@ a bundle of safetensors + JSON, reloadable without pickle.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -197,22 +194,6 @@ def fit_predict_lora(encoder: TorchEncoder, tokens: TokenizedCells, labels: npt.
 
 
 # --- bundles ------------------------------------------------------------------------------------------------
-
-def save_lora_bundle(path: str | Path, fitted: LoRAFit, *, model: str, meta: dict[str, Any]) -> Path:
-    """Save adapters + head (safetensors) and their settings (JSON) into folder ``path``."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"adapter.{k}": v.contiguous() for k, v in adapter_state(fitted.module).items()}
-    tensors.update({f"head.{k}": v.contiguous() for k, v in fitted.head.state_dict().items()})
-    save_file(tensors, str(path / "head.safetensors.tmp"))
-    os.replace(path / "head.safetensors.tmp", path / "head.safetensors")
-    facts = {"kind": "lora", "model": model, **meta}
-    (path / "head.json.tmp").write_text(json.dumps(facts, indent=1, default=str))
-    os.replace(path / "head.json.tmp", path / "head.json")
-    return path
-
 
 def load_lora_bundle(encoder: TorchEncoder, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.nn.Module:
     """Put a saved bundle's adapters into ``encoder`` (in place) and return its head.

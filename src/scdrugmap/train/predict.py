@@ -1,7 +1,8 @@
-"""Train a head on a whole labelled data set, save it as a bundle, and predict new cells with it.
+"""Train a head on a whole labelled data set, and predict new cells with it.
 
-A bundle is a folder with ``head.json`` (model, weights sha256, strategy, settings) and
-``head.safetensors`` (head weights, and LoRA adapters for the lora strategy); no pickle.
+`fit_head` returns a `Head` (see `scdrugmap.train.bundle`); `predict_cells` applies one to new
+cells through the same encoder. These are the only implementation of "train, embed, predict":
+the public API (`scdrugmap.tl`), the command line and the web server all call them.
 """
 
 from __future__ import annotations
@@ -9,20 +10,14 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from scdrugmap.data.schema import encode_labels
 from scdrugmap.errors import CheckpointError
-from scdrugmap.train.heads import (
-    HeadConfig,
-    LogisticHead,
-    fit_mlp_heads,
-    load_head_bundle,
-    make_mlp,
-    save_head_bundle,
-)
+from scdrugmap.train.bundle import ENCODER_PREFIX, Head
+from scdrugmap.train.heads import HeadConfig, LogisticHead, fit_mlp_heads
 from scdrugmap.train.validation import inner_validation_split
 
 if TYPE_CHECKING:
@@ -34,94 +29,154 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def train_bundle(encoder: Encoder, adata: ad.AnnData, labels: npt.NDArray, groups: npt.NDArray | None, out: str | Path,
-                 *, strategy: Literal["frozen", "lora"] = "frozen", head: Literal["mlp", "logistic"] = "mlp",
-                 layer: str | None = None, head_config: HeadConfig | None = None, lora_config: Any = None) -> Path:
-    """Train on every labelled cell of ``adata`` and save a bundle for `predict_cells`."""
-    import torch
+def is_fitted_baseline(encoder: Encoder) -> bool:
+    """True for encoders whose embedding is fitted to data (genes, components) and travels with a head."""
+    return hasattr(encoder, "fit") and hasattr(encoder, "state") and hasattr(encoder, "load_state")
 
+
+def fit_head(encoder: Encoder, adata: ad.AnnData, labels: npt.ArrayLike, groups: npt.ArrayLike | None = None, *,
+             strategy: Literal["frozen", "lora"] = "frozen", head: Literal["mlp", "logistic"] = "mlp",
+             layer: str | None = None, embeddings: npt.NDArray[np.float32] | None = None,
+             encoder_state: dict[str, np.ndarray] | None = None, head_config: HeadConfig | None = None,
+             lora_config: Any = None) -> Head:
+    """Train a head on every labelled cell of ``adata``.
+
+    Parameters
+    ----------
+    encoder
+        The model the head sits on (a baseline is fitted on ``adata`` first, without labels).
+    labels
+        Per cell: sensitive/resistant, 1/0, booleans or a categorical of those (`encode_labels`).
+    groups
+        Per cell sample names: the inner validation split for early stopping holds out whole samples.
+    embeddings
+        Embeddings already computed for ``adata`` with ``encoder`` (frozen strategy only); with a
+        baseline, ``encoder_state`` must give the fitted state they came from.
+    """
     from scdrugmap import __version__
 
+    y = encode_labels(labels)
+    group_names = None if groups is None else np.asarray(groups).astype(str)
     meta: dict[str, Any] = {"model": encoder.name, "checkpoint_sha256": encoder.checkpoint_sha256,
                             "embedding_dim": encoder.embedding_dim, "strategy": strategy, "layer": layer,
-                            "n_cells": int(adata.n_obs), "n_sensitive": int(labels.sum()),
+                            "n_cells": int(adata.n_obs), "n_sensitive": int(y.sum()),
                             "created": datetime.now(timezone.utc).isoformat(), "scdrugmap": __version__}
     if strategy == "lora":
-        from scdrugmap.train.lora import LoRAConfig, fine_tune, save_lora_bundle
+        from scdrugmap.train.lora import LoRAConfig, fine_tune
 
+        if embeddings is not None:
+            msg = "a LoRA head fine-tunes the network on tokens; it cannot start from precomputed embeddings."
+            raise CheckpointError(msg)
         lora_config = lora_config or LoRAConfig()
-        tokens = encoder.tokenize(adata, layer=layer)
-        token_labels = labels[tokens.cell_index]
-        token_groups = None if groups is None else groups[tokens.cell_index]
+        tokens = encoder.tokenize(adata, layer=layer)  # type: ignore[attr-defined]
+        token_labels = y[tokens.cell_index]
+        token_groups = None if group_names is None else group_names[tokens.cell_index]
         fit, val = inner_validation_split(token_labels, token_groups, fraction=lora_config.val_fraction,
                                           seed=lora_config.seed)
-        fitted = fine_tune(encoder, tokens, token_labels, fit, val, lora_config)
-        return save_lora_bundle(out, fitted, model=encoder.name,
-                                meta={**meta, "lora": asdict(lora_config), "training": fitted.info})
+        fitted = fine_tune(encoder, tokens, token_labels, fit, val, lora_config)  # type: ignore[arg-type]
+        tensors = {f"adapter.{k}": v.detach().cpu().numpy() for k, v in fitted.module.named_parameters()
+                   if "lora_" in k}
+        tensors.update({f"head.{k}": v.detach().cpu().numpy() for k, v in fitted.head.state_dict().items()})
+        return Head(meta={"kind": "lora", **meta, "lora": asdict(lora_config), "training": fitted.info},
+                    tensors=tensors)
     head_config = head_config or HeadConfig()
-    encoder_state: dict[str, Any] = {}
-    if hasattr(encoder, "fit") and hasattr(encoder, "state"):  # baselines: fix genes/components on training data
-        encoder.fit(adata, layer=layer)
-        encoder_state = {f"encoder.{k}": v for k, v in encoder.state().items()}
-    embeddings = encoder.embed(adata, layer=layer)
+    state: dict[str, np.ndarray] = {}
+    if is_fitted_baseline(encoder):  # baselines: fix genes/components on the training data
+        if embeddings is None:
+            encoder.fit(adata, layer=layer)  # type: ignore[attr-defined]
+            state = encoder.state()  # type: ignore[attr-defined]
+        elif encoder_state:
+            state = encoder_state
+        else:
+            msg = (f"{encoder.name} embeddings are fitted to their data; without the fitted genes and components "
+                   "a head trained on them cannot be applied to new cells. Embed with scdrugmap.tl.embed (which "
+                   "records them) or let train embed the cells.")
+            raise CheckpointError(msg)
+    if embeddings is None:
+        embeddings = encoder.embed(adata, layer=layer)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
     meta["embedding_dim"] = int(embeddings.shape[1])
     keep = ~np.isnan(embeddings).any(axis=1) if embeddings.shape[1] else np.ones(adata.n_obs, dtype=bool)
-    X, y = embeddings[keep], labels[keep]
+    X, y_kept = embeddings[keep], y[keep]
+    encoder_tensors = {f"{ENCODER_PREFIX}{k}": np.asarray(v) for k, v in state.items()}
     if head == "logistic":
-        model = LogisticHead.fit(X, y, seed=head_config.seed)
-        tensors = asdict(model) | {"intercept": np.array([model.intercept])} | encoder_state
-        return save_head_bundle(out, kind="logistic", tensors=tensors, meta=meta)
-    fit, val = inner_validation_split(y, None if groups is None else groups[keep], fraction=head_config.val_fraction,
-                                      seed=head_config.seed)
-    heads, records = fit_mlp_heads(torch.as_tensor(X), torch.as_tensor(y, dtype=torch.float32), [(fit, val)],
+        model = LogisticHead.fit(X, y_kept, seed=head_config.seed)
+        tensors = {"mean": model.mean, "scale": model.scale, "coef": model.coef,
+                   "intercept": np.array([model.intercept])}
+        return Head(meta={"kind": "logistic", **meta}, tensors=tensors | encoder_tensors)
+    import torch
+
+    fit, val = inner_validation_split(y_kept, None if group_names is None else group_names[keep],
+                                      fraction=head_config.val_fraction, seed=head_config.seed)
+    heads, records = fit_mlp_heads(torch.as_tensor(X), torch.as_tensor(y_kept, dtype=torch.float32), [(fit, val)],
                                    head_config)
-    return save_head_bundle(out, kind="mlp", tensors=heads.head_state(0) | encoder_state,
-                            meta={**meta, "head": asdict(head_config), "training": records[0]})
+    tensors = {k: v.numpy() for k, v in heads.head_state(0).items()}
+    return Head(meta={"kind": "mlp", **meta, "head": asdict(head_config), "training": records[0]},
+                tensors=tensors | encoder_tensors)
 
 
-def predict_cells(encoder: Encoder, adata: ad.AnnData, bundle: str | Path, *, layer: str | None = None,
-                  allow_other_weights: bool = False) -> npt.NDArray[np.float32]:
-    """Return the probability of sensitivity per cell (NaN where the model could not read a cell).
+def check_head_fits(head: Head, encoder: Encoder, *, allow_other_weights: bool = False) -> None:
+    """Refuse a head trained for another model or other weights.
 
     Raises
     ------
     CheckpointError
-        When the bundle was trained for another model or other weights.
+        Naming both models, or both weights digests, and the option that fixes it.
     """
-    import torch
-
-    meta, tensors = load_head_bundle(bundle)
-    if meta["model"] != encoder.name:
-        msg = f"{bundle}: the head was trained on {meta['model']} embeddings, not {encoder.name}. Use --model {meta['model']}."
+    where = f"{head.path}: " if head.path is not None else ""
+    if head.model != encoder.name:
+        msg = f"{where}the head was trained on {head.model} embeddings, not {encoder.name}. Use --model {head.model}."
         raise CheckpointError(msg)
-    if (meta.get("checkpoint_sha256") != encoder.checkpoint_sha256) and not allow_other_weights:
-        msg = (f"{bundle}: trained with weights sha256 {meta.get('checkpoint_sha256')}, but the loaded weights are "
+    if head.checkpoint_sha256 != encoder.checkpoint_sha256 and not allow_other_weights:
+        msg = (f"{where}trained with weights sha256 {head.checkpoint_sha256}, but the loaded weights are "
                f"{encoder.checkpoint_sha256}. Pass the same --weights.")
         raise CheckpointError(msg)
-    if meta["kind"] == "lora":
+
+
+def predict_cells(encoder: Encoder, adata: ad.AnnData, head: Head, *, layer: str | None = None,
+                  embeddings: npt.NDArray[np.float32] | None = None, return_embeddings: bool = False,
+                  allow_other_weights: bool = False, batch_size: int | None = None,
+                  progress: Any = None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+    """Return (probability of sensitivity per cell, embeddings or None); NaN where the model could not read a cell.
+
+    A frozen head embeds the cells with ``encoder`` (a baseline in the head's fitted genes and
+    components) unless ``embeddings`` are given; a LoRA head puts its adapters into ``encoder``
+    (in place) and scores the tokens, embedding with the adapted network only when
+    ``return_embeddings`` asks for them.
+
+    Raises
+    ------
+    CheckpointError
+        When the head was trained for another model or other weights.
+    """
+    check_head_fits(head, encoder, allow_other_weights=allow_other_weights)
+    if head.kind == "lora":
+        import torch
+
         from scdrugmap.train.lora import load_lora_bundle, predict_logits
 
-        head = load_lora_bundle(encoder, tensors, meta)
-        tokens = encoder.tokenize(adata, layer=layer)
-        encoder.measure_gene_overlap(adata, tokens, layer=layer)  # reported with the predictions, no second pass
+        tensors = {k: torch.from_numpy(np.array(v)) for k, v in head.tensors.items()}
+        network_head = load_lora_bundle(encoder, tensors, head.meta)  # type: ignore[arg-type]
+        tokens = encoder.tokenize(adata, layer=layer)  # type: ignore[attr-defined]
+        encoder.measure_gene_overlap(adata, tokens, layer=layer)  # type: ignore[attr-defined]
         probability = np.full(adata.n_obs, np.nan, dtype=np.float32)
-        logits = predict_logits(encoder, head, tokens, np.arange(tokens.n_cells))
+        logits = predict_logits(encoder, network_head, tokens, np.arange(tokens.n_cells),  # type: ignore[arg-type]
+                                batch_size or 32)
         probability[tokens.cell_index] = torch.sigmoid(logits.float()).cpu().numpy()
-        return probability
-    encoder_state = {k[len("encoder."):]: v.numpy() for k, v in tensors.items() if k.startswith("encoder.")}
-    tensors = {k: v for k, v in tensors.items() if not k.startswith("encoder.")}
-    if encoder_state:
-        encoder.load_state(encoder_state)
-    embeddings = encoder.embed(adata, layer=layer)
-    keep = ~np.isnan(embeddings).any(axis=1) if embeddings.shape[1] else np.ones(adata.n_obs, dtype=bool)
-    probability = np.full(adata.n_obs, np.nan, dtype=np.float32)
-    if meta["kind"] == "logistic":
-        model = LogisticHead(tensors["mean"].numpy(), tensors["scale"].numpy(), tensors["coef"].numpy(),
-                             float(tensors["intercept"].numpy()[0]))
-        probability[keep] = model.predict_proba(embeddings[keep])
-        return probability
-    head = make_mlp(meta["embedding_dim"], tensors["0.weight"].shape[0])
-    head.load_state_dict(tensors)
-    with torch.inference_mode():
-        probability[keep] = torch.sigmoid(head(torch.as_tensor(embeddings[keep]))).reshape(-1).numpy()
-    return probability
+        if not return_embeddings:
+            return probability, None
+        overlap = encoder.gene_overlap_
+        embedded = encoder.embed(adata, layer=layer, batch_size=batch_size, progress=progress)
+        encoder.gene_overlap_ = overlap
+        return probability, embedded
+    if embeddings is None:
+        state = head.encoder_state
+        if state:
+            encoder.load_state(state)  # type: ignore[attr-defined]
+        elif is_fitted_baseline(encoder):
+            msg = (f"the {head.model} head carries no fitted genes or components, so new cells cannot be put in "
+                   "its space; retrain it with this version.")
+            raise CheckpointError(msg)
+        embeddings = encoder.embed(adata, layer=layer, batch_size=batch_size, progress=progress)
+    probability = head.predict_proba(embeddings)
+    return probability, (embeddings if return_embeddings else None)

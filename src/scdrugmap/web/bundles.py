@@ -16,7 +16,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from scdrugmap.train.heads import BUNDLE_META, BUNDLE_WEIGHTS
+from scdrugmap.readwrite import META_FILE as BUNDLE_META
+from scdrugmap.readwrite import WEIGHTS_FILE as BUNDLE_WEIGHTS
 from scdrugmap.web.db import HeadBundle
 from scdrugmap.web.storage import Storage
 

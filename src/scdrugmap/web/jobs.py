@@ -119,13 +119,13 @@ def submit_job(session: Session, storage: Storage, settings: Settings, job: Pred
     UploadRejected
         When an uploaded bundle is not a bundle.
     """
-    from scdrugmap.models.base import registry
+    from scdrugmap.registry import model_names
 
     if job.status not in SUBMITTABLE:
         raise JobRefused(409, f"this job is {job.status}; only a checked, failed or interrupted job can be submitted.")
     if not 0.0 < threshold < 1.0:
         raise JobRefused(422, f"threshold {threshold}: choose a probability between 0 and 1.")
-    known = set(registry())
+    known = set(model_names())
     if model is not None and model not in known:
         raise JobRefused(422, f"unknown model {model!r}; known models: {', '.join(sorted(known))}.")
     if active_jobs(session) >= settings.max_queued_jobs:
@@ -170,13 +170,13 @@ def submit_job(session: Session, storage: Storage, settings: Settings, job: Pred
 
 def _check_choice(job: PredictionJob, bundle: HeadBundle, model: str) -> str:
     """Return ``model`` when it fits the bundle and can read the checked data; refuse otherwise."""
-    from scdrugmap.models.base import get_encoder_class
+    from scdrugmap.registry import input_kind as model_input_kind
 
     if bundle.model != model:
         raise JobRefused(422, f"the head bundle was trained on {bundle.model} embeddings, not {model}; choose "
                               f"model {bundle.model} or another bundle.")
     try:
-        input_kind = get_encoder_class(model).input_kind
+        input_kind = model_input_kind(model)
     except (ImportError, ConfigError) as err:
         raise JobRefused(422, f"model {model} is not available on this server.") from err
     problem = model_input_problem(job.report, model=model, input_kind=input_kind)

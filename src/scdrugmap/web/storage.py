@@ -21,7 +21,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from scdrugmap.data.io import HDF5_SIGNATURE, read_h5ad
 from scdrugmap.errors import SchemaError
-from scdrugmap.train.heads import BUNDLE_META, BUNDLE_WEIGHTS
+from scdrugmap.readwrite import META_FILE as BUNDLE_META
+from scdrugmap.readwrite import WEIGHTS_FILE as BUNDLE_WEIGHTS
 
 if TYPE_CHECKING:
     import anndata as ad

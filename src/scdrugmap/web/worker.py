@@ -30,10 +30,8 @@ from scdrugmap.web.db import HeadBundle, PredictionJob, utcnow
 from scdrugmap.web.jobs import PREDICTIONS_CSV, PREDICTIONS_H5AD, PREDICTIONS_PARQUET
 
 if TYPE_CHECKING:
-    import anndata as ad
     from sqlalchemy.orm import sessionmaker
 
-    from scdrugmap.models.base import Encoder
     from scdrugmap.web.settings import Settings
     from scdrugmap.web.storage import Storage
 
@@ -66,20 +64,6 @@ def _worker_gone(worker_id: str | None) -> bool:
     if host != socket.gethostname():
         return False
     return pid == os.getpid() or not _pid_alive(pid)
-
-
-class _Embedded:
-    """An encoder whose ``embed`` returns embeddings computed before (so a frozen head reuses them)."""
-
-    def __init__(self, encoder: Encoder, embeddings: np.ndarray) -> None:
-        self._encoder = encoder
-        self._embeddings = embeddings
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._encoder, name)
-
-    def embed(self, adata: ad.AnnData, **_: Any) -> np.ndarray:
-        return self._embeddings
 
 
 def project(embeddings: np.ndarray, method: str, *, seed: int = 0) -> tuple[np.ndarray | None, str | None]:
@@ -118,7 +102,7 @@ def project(embeddings: np.ndarray, method: str, *, seed: int = 0) -> tuple[np.n
 
 def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights: str | None, threshold: float,
                    out_dir: Path, projection: str, progress: Any) -> dict[str, Any]:
-    """Predict every cell of ``upload_path`` with ``model`` and the head in ``bundle_path``; write the outputs.
+    """Predict every cell of ``upload_path`` with the head in ``bundle_path`` (through `scdrugmap.tl.predict`).
 
     Writes ``predictions.parquet`` (cell, probability, prediction, x, y, sample, observed), ``predictions.csv``
     and ``predictions.h5ad`` (the upload with obs columns ``scdrugmap_<model>_prob_sensitive`` and
@@ -128,38 +112,33 @@ def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights:
     -------
     The summary shown on the results page (counts, mean probability, agreement with observed labels).
     """
+    from scdrugmap import read_head, tl
     from scdrugmap.data import schema
     from scdrugmap.data.io import read_h5ad, write_h5ad_atomic
     from scdrugmap.evaluate.metrics import compute_metrics
-    from scdrugmap.models.base import load_encoder
-    from scdrugmap.train.heads import load_head_bundle
-    from scdrugmap.train.predict import predict_cells
 
     progress("reading the data", 0.02)
     adata = read_h5ad(upload_path)
-    progress("loading the model", 0.05)
-    encoder = load_encoder(model, weights)
-    encoder.check_input(adata)
-    kind = load_head_bundle(bundle_path)[0].get("kind")
+    head = read_head(bundle_path)
+    if head.model != model:
+        msg = f"the head bundle was trained on {head.model} embeddings, not {model}; choose a {model} head."
+        raise ScDrugMapError(msg)
 
     def embed_progress(done: int, total: int) -> None:
         progress("embedding cells", 0.1 + 0.6 * done / max(total, 1))
 
-    if kind == "lora":  # the adapters go into the encoder: predict first, then embed with them
-        progress("predicting", 0.1)
-        probability = predict_cells(encoder, adata, bundle_path)
-        embeddings = encoder.embed(adata, progress=embed_progress)
-    else:
-        progress("embedding cells", 0.1)
-        embeddings = encoder.embed(adata, progress=embed_progress)
-        progress("predicting", 0.75)
-        probability = predict_cells(_Embedded(encoder, embeddings), adata, bundle_path)  # type: ignore[arg-type]
+    progress("embedding and predicting", 0.1)
+    key, basis = tl.prediction_key(model), tl.embedding_key(model)
+    tl.predict(adata, head, weights=weights, threshold=threshold, embedding_key=basis, device="auto",
+               progress=embed_progress)
+    probability = adata.obs[tl.probability_column(key)].to_numpy(dtype=np.float32)
+    embeddings = np.asarray(adata.obsm[basis]) if basis in adata.obsm else np.zeros((adata.n_obs, 0), np.float32)
     progress("projecting to 2-D", 0.8)
     xy, method = project(embeddings, projection)
     progress("writing results", 0.9)
-    prediction = np.where(probability >= threshold, "sensitive", "resistant").astype(object)
+    prediction = adata.obs[tl.label_column(key)].astype(object).to_numpy()
     prediction[np.isnan(probability)] = None  # cells the model could not read
-    frame = pd.DataFrame({"cell": adata.obs_names.astype(str), "probability": probability.astype(np.float32),
+    frame = pd.DataFrame({"cell": adata.obs_names.astype(str), "probability": probability,
                           "prediction": pd.array(prediction, dtype="string"),
                           "x": np.nan if xy is None else xy[:, 0], "y": np.nan if xy is None else xy[:, 1]})
     obs = adata.obs
@@ -185,15 +164,10 @@ def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights:
     frame.to_parquet(out_dir / PREDICTIONS_PARQUET, index=False)
     csv = frame.drop(columns=["x", "y"]).rename(columns={"probability": "prob_sensitive"})
     csv.to_csv(out_dir / PREDICTIONS_CSV, index=False)
-    key = f"scdrugmap_{model}"
-    adata.obs[f"{key}_prob_sensitive"] = probability
-    adata.obs[f"{key}_prediction"] = pd.Categorical(prediction)
-    if embeddings.shape[1]:
-        adata.obsm[f"X_{model}"] = embeddings
+    if basis in adata.obsm and not embeddings.shape[1]:
+        del adata.obsm[basis]
     if xy is not None:
-        adata.obsm[f"X_{model}_{method}"] = xy
-    adata.uns.setdefault("scdrugmap", {})[key] = {"model": model, "threshold": threshold,
-                                                   "checkpoint_sha256": encoder.checkpoint_sha256 or ""}
+        adata.obsm[f"{basis}_{method}"] = xy
     write_h5ad_atomic(adata, out_dir / PREDICTIONS_H5AD)
     return summary
 
