@@ -15,8 +15,10 @@ def test_python_quickstart_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
-    assert "auroc_mean" in printed and "pca" in printed and "majority" in printed
+    assert "sensitive" in printed and "resistant" in printed and "auroc" in printed
+    assert "pca" in printed and "majority" in printed
     assert (tmp_path / "runs" / "demo" / "results.parquet").exists()
+    assert (tmp_path / "heads" / "pca" / "head.json").exists()
 
 
 def test_two_setup_commands_are_marked_for_ci():

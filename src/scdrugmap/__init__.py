@@ -18,8 +18,7 @@ from scdrugmap import datasets, pl, tl
 from scdrugmap.errors import CheckpointError, ConfigError, ScDrugMapError, SchemaError
 from scdrugmap.readwrite import Head, read_head, read_run
 from scdrugmap.registry import download_weights, model_card, models
-
-__version__ = "0.1.0"
+from scdrugmap.version import __version__
 
 __all__ = ["CheckpointError", "ConfigError", "Head", "ScDrugMapError", "SchemaError", "__version__", "datasets",
            "download_weights", "model_card", "models", "pl", "read_head", "read_run", "tl"]

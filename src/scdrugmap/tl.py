@@ -411,6 +411,13 @@ def predict(adata: ad.AnnData, head: Head | str | Path, *, weights: str | Path |
         adata.obs[overlap_key(head.model)] = encoder.gene_overlap_
     if embedding_key is not None and used is not None:
         adata.obsm[embedding_key] = used
+        facts: dict[str, Any] = {"model": head.model, "variant": str(getattr(encoder, "variant", "") or ""),
+                                 "checkpoint_sha256": encoder.checkpoint_sha256 or "", "layer": layer or "X"}
+        if head.encoder_state:  # made in the head's basis: a later predict(use_rep=...) may reuse it
+            facts.update(encoder_state=head.encoder_state, encoder_state_sha256=head.encoder_state_sha256)
+        if head.kind == "lora":
+            facts["adapters"] = str(head.path or "in memory")
+        _params(adata, embedding_key, facts)
     _params(adata, key, {"model": head.model, "head": str(head.path or ""), "head_kind": head.kind,
                          "threshold": float(threshold), "checkpoint_sha256": encoder.checkpoint_sha256 or "",
                          "layer": layer or "X"})

@@ -53,7 +53,7 @@ def fit_head(encoder: Encoder, adata: ad.AnnData, labels: npt.ArrayLike, groups:
         Embeddings already computed for ``adata`` with ``encoder`` (frozen strategy only); with a
         baseline, ``encoder_state`` must give the fitted state they came from.
     """
-    from scdrugmap import __version__
+    from scdrugmap.version import __version__
 
     y = encode_labels(labels)
     group_names = None if groups is None else np.asarray(groups).astype(str)
