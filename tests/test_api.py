@@ -130,7 +130,7 @@ def test_plots_draw_from_what_the_tools_wrote(cells):
 
 
 def test_model_registry_cards_list_every_model():
-    cards = {card.name: card for card in sdm.models()}
+    cards = {card.name: card for card in sdm.list_models()}
     assert len(cards) == 13 and cards["geneformer"].embedding_dim == 256 and cards["pca"].weights_state == "built in"
     assert cards["scgpt"].weights and cards["scgpt"].weights[0].files
     with pytest.raises(ConfigError, match="no weights to download"):

@@ -17,8 +17,8 @@ Nothing here imports torch: models load only when a tool runs.
 from scdrugmap import datasets, pl, tl
 from scdrugmap.errors import CheckpointError, ConfigError, ScDrugMapError, SchemaError
 from scdrugmap.readwrite import Head, read_head, read_run
-from scdrugmap.registry import download_weights, model_card, models
+from scdrugmap.registry import download_weights, list_models, model_card
 from scdrugmap.version import __version__
 
 __all__ = ["CheckpointError", "ConfigError", "Head", "ScDrugMapError", "SchemaError", "__version__", "datasets",
-           "download_weights", "model_card", "models", "pl", "read_head", "read_run", "tl"]
+           "download_weights", "list_models", "model_card", "pl", "read_head", "read_run", "tl"]

@@ -134,12 +134,12 @@ def show_dataset(console: Console, dataset_id: str) -> None:
 
 
 def show_models(console: Console) -> None:
-    from scdrugmap.registry import models
+    from scdrugmap.registry import list_models
 
     view = Table(title="models (sizes of the default published variant)")
     for name in ("name", "family", "parameters", "embedding dim", "input", "LoRA targets", "weights"):
         view.add_column(name)
-    for card in models():
+    for card in list_models():
         view.add_row(card.name, card.family, "-" if card.parameters is None else f"{card.parameters / 1e6:,.1f} M",
                      "" if card.embedding_dim is None else str(card.embedding_dim), card.input_kind,
                      ",".join(card.lora_targets), card.weights_state)

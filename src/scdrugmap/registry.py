@@ -1,4 +1,4 @@
-"""The models scDrugMap knows, their published sizes and official weights (``sdm.models()``, ``sdm.download_weights``).
+"""The models scDrugMap knows, their published sizes and official weights (``sdm.list_models()``, ``sdm.download_weights``).
 
 Listing never imports torch: a model's class is imported only to read its flags.
 """
@@ -92,7 +92,7 @@ def model_card(name: str) -> ModelCard:
                      description=(import_module(cls.__module__).__doc__ or "").strip(), weights=weights)
 
 
-def models() -> list[ModelCard]:
+def list_models() -> list[ModelCard]:
     """Return the card of every registered model (built-in and from entry points), sorted by name.
 
     A model whose optional dependencies are missing gets a card whose ``weights_state`` says so.
