@@ -10,7 +10,6 @@ import gzip
 import logging
 import secrets
 import time
-from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from sqlalchemy.orm import Session
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -162,12 +160,6 @@ def plotly_js_path() -> Path:
     import plotly
 
     return Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
-
-
-def get_session(request: Request) -> Iterator[Session]:
-    """FastAPI dependency: one database session per request."""
-    with request.app.state.sessions() as session:
-        yield session
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from fastapi import HTTPException
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
@@ -147,3 +148,64 @@ def category_table(frame: pd.DataFrame) -> pd.DataFrame:
 def count_results(session: Session, run_id: int) -> int:
     return int(session.scalar(select(func.count()).select_from(BenchmarkResult)
                               .where(BenchmarkResult.run_id == run_id)) or 0)
+
+
+# --- view helpers shared by the API and the pages ------------------------------------------------------------
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):
+        return _finite(value.item())
+    return value
+
+
+def _is_na(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def records(frame: Any) -> list[dict[str, Any]]:
+    """Return a frame's rows as JSON-safe dicts (NaN and NA become null)."""
+    return [{k: _finite(None if v is None or (not isinstance(v, str) and _is_na(v)) else v) for k, v in row.items()}
+            for row in frame.to_dict("records")]
+
+
+def dataset_facts(dataset_id: str) -> dict[str, Any]:
+    """Return one data set's catalog row and its cells per category value; 404 when unknown."""
+    from scdrugmap.data.catalog import get_dataset, load_category_counts
+
+    try:
+        row = get_dataset(dataset_id)
+    except ConfigError as err:
+        raise HTTPException(404, str(err)) from err
+    counts = load_category_counts()
+    holding = counts[counts["dataset_ids"].astype(str).str.split().apply(lambda ids: row["dataset_id"] in ids)]
+    cells = [{"category": str(c["category"]), "value": str(c["value"]), "n_cells": int(c["n_cells"]),
+              "n_sensitive": int(c["n_sensitive"]), "n_resistant": int(c["n_resistant"])}
+             for c in holding.to_dict("records")]
+    facts = {str(k): _finite(None if _is_na(v) else v) for k, v in row.items()}
+    if facts.get("pmid") is not None:
+        facts["pmid"] = str(facts["pmid"]).removesuffix(".0")
+    return {"facts": facts, "cells": cells}
+
+
+def run_summary(session: Session, run_id: int, requested: dict[str, str | None]) -> dict[str, Any]:
+    """Return the explorer's data for one run: choices, the picked ones, and the two summary tables.
+
+    Raises
+    ------
+    HTTPException
+        404 when there is no run ``run_id``.
+    """
+    run = session.get(BenchmarkRun, run_id)
+    if run is None:
+        raise HTTPException(404, f"no benchmark run {run_id}; see /api/runs.")
+    options = choices(session, run_id)
+    picked = pick(options, requested)
+    frame = run_frame(session, run_id, **picked)
+    by_model, by_value = explorer_tables(frame)
+    return {"run": run.name, "choices": options, "picked": picked, "by_model": records(by_model),
+            "by_value": records(by_value), "_by_model": by_model, "_by_value": by_value}
