@@ -7,11 +7,12 @@ from a CDN.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from scdrugmap.report.serialise import make_json_safe
 
 METRIC_LABELS = {"f1": "F1", "auroc": "AUROC", "accuracy": "accuracy", "precision": "precision", "recall": "recall"}
 PALETTE = ("#3b6ea8", "#d1793b", "#4c9a5b", "#b34a5a", "#7d62a8", "#8c6d46", "#c36fa8", "#6f7f8f", "#a8a23b",
@@ -21,8 +22,8 @@ _LAYOUT: dict[str, Any] = {"template": "plotly_white", "margin": {"l": 60, "r": 
 
 
 def _as_dict(figure: Any) -> dict[str, Any]:
-    """Return a figure as JSON-safe data (plotly's encoder turns numpy arrays into lists)."""
-    return json.loads(figure.to_json())
+    """Return a figure as JSON-safe data (NaN becomes null, numpy values plain Python)."""
+    return make_json_safe(figure.to_plotly_json())
 
 
 def metric_bar(by_model: pd.DataFrame, metric: str, subtitle: str) -> dict[str, Any]:

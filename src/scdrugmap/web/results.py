@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from scdrugmap.errors import ConfigError
 from scdrugmap.evaluate.metrics import METRICS, summarise
 from scdrugmap.evaluate.store import read_results
+from scdrugmap.report.serialise import make_json_safe
 from scdrugmap.web.db import BenchmarkResult, BenchmarkRun, utcnow
 
 log = logging.getLogger(__name__)
@@ -152,25 +153,9 @@ def count_results(session: Session, run_id: int) -> int:
 
 # --- view helpers shared by the API and the pages ------------------------------------------------------------
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item"):
-        return _finite(value.item())
-    return value
-
-
-def _is_na(value: Any) -> bool:
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
-
-
 def records(frame: Any) -> list[dict[str, Any]]:
     """Return a frame's rows as JSON-safe dicts (NaN and NA become null)."""
-    return [{k: _finite(None if v is None or (not isinstance(v, str) and _is_na(v)) else v) for k, v in row.items()}
-            for row in frame.to_dict("records")]
+    return [make_json_safe(row) for row in frame.to_dict("records")]
 
 
 def dataset_facts(dataset_id: str) -> dict[str, Any]:
@@ -186,7 +171,7 @@ def dataset_facts(dataset_id: str) -> dict[str, Any]:
     cells = [{"category": str(c["category"]), "value": str(c["value"]), "n_cells": int(c["n_cells"]),
               "n_sensitive": int(c["n_sensitive"]), "n_resistant": int(c["n_resistant"])}
              for c in holding.to_dict("records")]
-    facts = {str(k): _finite(None if _is_na(v) else v) for k, v in row.items()}
+    facts = make_json_safe(dict(row))
     if facts.get("pmid") is not None:
         facts["pmid"] = str(facts["pmid"]).removesuffix(".0")
     return {"facts": facts, "cells": cells}
