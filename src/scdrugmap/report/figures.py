@@ -21,10 +21,9 @@ from __future__ import annotations
 import functools
 import logging
 import textwrap
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import matplotlib as mpl
 import numpy as np
@@ -33,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from scdrugmap.errors import ConfigError
+from scdrugmap.report.projection import Projection, project_embedding, umap_fallback_reason
 from scdrugmap.report.run import (
     RunData,
     categories_order,
@@ -64,10 +63,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Projection = Literal["auto", "umap", "pca"]
 EDGE = "#333333"
-#: UMAP is run on at most this many principal components (the usual scanpy practice).
-UMAP_INPUT_PCS = 50
 
 
 def styled(builder: Callable[..., Figure]) -> Callable[..., Figure]:
@@ -387,50 +383,6 @@ def plot_circular_bars(results: pd.DataFrame, colours: dict[str, str], *, split:
 
 # --- 5. embeddings (UMAP or PCA) ------------------------------------------------------------------------------
 
-def project_embedding(embedding: npt.NDArray[np.floating], *, method: Projection = "auto",
-                      seed: int = 0) -> tuple[npt.NDArray[np.float64], str]:
-    """Return 2-D coordinates of cells and the name of the method used.
-
-    The embedding is centred and reduced to at most 50 principal components; UMAP
-    (umap-learn) then maps those to 2-D. With ``method="auto"`` and umap-learn missing (or
-    fewer than 10 cells), the first two principal components are used instead, with the
-    fallback logged and named in the returned label. ``method="umap"`` refuses to fall back.
-
-    Raises
-    ------
-    ConfigError
-        When ``method="umap"`` and umap-learn is not installed.
-    """
-    data = np.asarray(embedding, dtype=np.float64)
-    data = data - data.mean(axis=0)
-    n_components = max(1, min(UMAP_INPUT_PCS, data.shape[0] - 1, data.shape[1]))
-    u, s, _ = np.linalg.svd(data, full_matrices=False)
-    components = u[:, :n_components] * s[:n_components]
-    if components.shape[1] < 2:
-        components = np.column_stack([components, np.zeros(components.shape[0])])
-    if method == "pca":
-        return components[:, :2], "PCA 2-D"
-    fallback = None
-    if data.shape[0] < 10:
-        fallback = "too few cells for UMAP"
-    else:
-        try:
-            import umap
-        except ImportError as err:
-            if method == "umap":
-                msg = "umap-learn is not installed; pip install 'scdrugmap[report]' or choose projection 'pca'."
-                raise ConfigError(msg) from err
-            fallback = "umap-learn is not installed"
-    if fallback is not None:
-        log.warning("embedding plots use PCA 2-D instead of UMAP: %s", fallback)
-        return components[:, :2], f"PCA 2-D (fallback: {fallback})"
-    with warnings.catch_warnings():  # umap warns that a fixed random_state turns off parallelism
-        warnings.simplefilter("ignore", UserWarning)
-        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, data.shape[0] - 1), random_state=seed)
-        coordinates = reducer.fit_transform(components)
-    return np.asarray(coordinates, dtype=np.float64), "UMAP"
-
-
 @styled
 def plot_embedding(coordinates: npt.NDArray[np.floating], cells: pd.DataFrame, *, model: str,
                    method_label: str) -> Figure:
@@ -472,7 +424,12 @@ def embedding_figures(run: RunData, *, projection: Projection = "auto", seed: in
             continue
         finite = np.isfinite(embedding).all(axis=1)
         embedding, cell_names = embedding[finite], cell_names[finite]
-        coordinates, label = project_embedding(embedding, method=projection, seed=seed)
+        coordinates, method = project_embedding(embedding, method=projection, seed=seed)
+        if coordinates is None:
+            continue
+        label = "UMAP" if method == "umap" else "PCA 2-D"
+        if method == "pca" and projection != "pca":
+            label += f" (fallback: {umap_fallback_reason(len(embedding))})"
         if run.cells is not None:
             meta = run.cells.drop_duplicates("cell").set_index("cell").reindex(cell_names)
             meta = meta.fillna("unknown")

@@ -25,6 +25,7 @@ import pandas as pd
 from sqlalchemy import select, update
 
 from scdrugmap.errors import ScDrugMapError
+from scdrugmap.report.projection import project_embedding
 from scdrugmap.web.bundles import bundle_folder
 from scdrugmap.web.db import HeadBundle, PredictionJob, utcnow
 from scdrugmap.web.jobs import PREDICTIONS_CSV, PREDICTIONS_H5AD, PREDICTIONS_PARQUET
@@ -82,40 +83,6 @@ class _Embedded:
         return self._embeddings
 
 
-def project(embeddings: np.ndarray, method: str, *, seed: int = 0) -> tuple[np.ndarray | None, str | None]:
-    """Return 2-D coordinates per cell (NaN where the embedding is missing) and the method used.
-
-    ``umap`` needs umap-learn and at least 20 cells; otherwise PCA is used and a warning names why.
-    """
-    if embeddings.ndim != 2 or embeddings.shape[1] < 2:
-        return None, None
-    valid = ~np.isnan(embeddings).any(axis=1)
-    if valid.sum() < 3:
-        return None, None
-    X = embeddings[valid].astype(np.float64)
-    coordinates = None
-    if method == "umap":
-        try:
-            import umap
-        except ImportError:
-            log.warning("umap-learn is not installed; the 2-D view uses PCA instead (pip install umap-learn)")
-            method = "pca"
-        else:
-            if X.shape[0] < 20:
-                log.warning("too few cells for UMAP; the 2-D view uses PCA", extra={"cells": int(X.shape[0])})
-                method = "pca"
-            else:
-                reducer = umap.UMAP(n_components=2, n_neighbors=min(15, X.shape[0] - 1), random_state=seed)
-                coordinates = reducer.fit_transform(X)
-    if coordinates is None:
-        from sklearn.decomposition import PCA
-
-        coordinates = PCA(n_components=2, random_state=seed).fit_transform(X)
-    xy = np.full((embeddings.shape[0], 2), np.nan, dtype=np.float32)
-    xy[valid] = coordinates
-    return xy, method
-
-
 def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights: str | None, threshold: float,
                    out_dir: Path, projection: str, progress: Any) -> dict[str, Any]:
     """Predict every cell of ``upload_path`` with ``model`` and the head in ``bundle_path``; write the outputs.
@@ -155,7 +122,7 @@ def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights:
         progress("predicting", 0.75)
         probability = predict_cells(_Embedded(encoder, embeddings), adata, bundle_path)  # type: ignore[arg-type]
     progress("projecting to 2-D", 0.8)
-    xy, method = project(embeddings, projection)
+    xy, method = project_embedding(embeddings, method="auto" if projection == "umap" else "pca")  # "umap": PCA fallback
     progress("writing results", 0.9)
     prediction = np.where(probability >= threshold, "sensitive", "resistant").astype(object)
     prediction[np.isnan(probability)] = None  # cells the model could not read
