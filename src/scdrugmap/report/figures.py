@@ -43,6 +43,7 @@ from scdrugmap.report.run import (
 )
 from scdrugmap.report.stats import friedman_nemenyi
 from scdrugmap.report.style import (
+    EDGE_COLOUR,
     RC_PARAMS,
     RESPONSE_COLOURS,
     SETTING_LINESTYLES,
@@ -63,7 +64,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EDGE = "#333333"
 
 
 def styled(builder: Callable[..., Figure]) -> Callable[..., Figure]:
@@ -109,7 +109,7 @@ def _model_handles(models: Sequence[str], colours: dict[str, str], *, kind: str 
     if kind == "line":
         return [Line2D([], [], color=_colour(colours, m), marker="o", markersize=4, label=model_name(m))
                 for m in models]
-    return [Patch(facecolor=_colour(colours, m), edgecolor=EDGE, linewidth=0.4, label=model_name(m)) for m in models]
+    return [Patch(facecolor=_colour(colours, m), edgecolor=EDGE_COLOUR, linewidth=0.4, label=model_name(m)) for m in models]
 
 
 def _setting_handles(settings: Sequence[str]) -> list:
@@ -181,8 +181,8 @@ def plot_metric_bars(results: pd.DataFrame, colours: dict[str, str], *, split: s
             for x_zero in np.asarray(x)[rows[f"{metric}_mean"].to_numpy() < 0.005]:
                 _mark_bar(ax, x_zero, "0", gid=f"zero|{model}")
             ax.bar(x, rows[f"{metric}_mean"], width, yerr=rows[f"{metric}_sd"].to_numpy(), color=_colour(colours, model),
-                   edgecolor=EDGE, linewidth=0.4, label=model_name(model), gid=f"bar|{model}",
-                   error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": EDGE})
+                   edgecolor=EDGE_COLOUR, linewidth=0.4, label=model_name(model), gid=f"bar|{model}",
+                   error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": EDGE_COLOUR})
         ax.set_ylim(0, _top(table[f"{metric}_mean"], table[f"{metric}_sd"]))
         ax.set_yticks(np.linspace(0, 1, 6))
         ax.set_ylabel(f"Mean {metric_name(metric)}\n(± SD over folds)")
@@ -305,17 +305,17 @@ def plot_violins(results: pd.DataFrame, colours: dict[str, str], *, split: str |
                 parts = ax.violinplot([values], positions=[position], widths=0.8, showextrema=False)
                 for body in parts["bodies"]:
                     body.set_facecolor(colour)
-                    body.set_edgecolor(EDGE)
+                    body.set_edgecolor(EDGE_COLOUR)
                     body.set_alpha(0.55)
                     body.set_gid(f"violin|{model}")
             boxes = ax.boxplot([values], positions=[position], widths=0.16, showfliers=False, patch_artist=True,
                                medianprops={"color": "white", "linewidth": 1.2},
-                               boxprops={"facecolor": EDGE, "edgecolor": EDGE},
-                               whiskerprops={"color": EDGE}, capprops={"color": EDGE})
+                               boxprops={"facecolor": EDGE_COLOUR, "edgecolor": EDGE_COLOUR},
+                               whiskerprops={"color": EDGE_COLOUR}, capprops={"color": EDGE_COLOUR})
             for box in boxes["boxes"]:
                 box.set_gid(f"box|{model}")
             jitter = rng.uniform(-0.22, 0.22, values.size)
-            ax.scatter(position + jitter, values, s=7, color=colour, edgecolor=EDGE, linewidth=0.3, zorder=3,
+            ax.scatter(position + jitter, values, s=7, color=colour, edgecolor=EDGE_COLOUR, linewidth=0.3, zorder=3,
                        gid=f"points|{model}")
         ax.set_xticks(range(len(models)), labels=[model_name(m) for m in models], rotation=30, ha="right",
                       rotation_mode="anchor")
@@ -365,7 +365,7 @@ def plot_circular_bars(results: pd.DataFrame, colours: dict[str, str], *, split:
                     continue
                 theta = [values.index(v) * spacing + (number - (len(models) - 1) / 2) * step for v in rows.index]
                 ax.bar(theta, rows[f"{metric}_mean"], width=step * 0.92, bottom=0.0, color=_colour(colours, model),
-                       edgecolor=EDGE, linewidth=0.3, gid=f"circular|{model}")
+                       edgecolor=EDGE_COLOUR, linewidth=0.3, gid=f"circular|{model}")
             ax.set_theta_offset(np.pi / 2)
             ax.set_theta_direction(-1)
             ax.set_xticks([i * spacing for i in range(len(values))], labels=[wrap_label(v, 14) for v in values])
@@ -495,7 +495,7 @@ def plot_scalability(table: pd.DataFrame, colours: dict[str, str]) -> Figure:
             ax.set_xscale("log")
             ax.set_xlim(low / 3, high * 100)  # room for the value labels right of the dots
             ax.scatter(values[known], y[known], s=40, color=[_colour(colours, m) for m in frame["_model"][known]],
-                       edgecolor=EDGE, linewidth=0.5, zorder=3, gid=f"scalability|{column}")
+                       edgecolor=EDGE_COLOUR, linewidth=0.5, zorder=3, gid=f"scalability|{column}")
             for value, row in zip(values[known], y[known], strict=True):
                 ax.annotate(text(value), (value, row), xytext=(6, 0), textcoords="offset points",
                             va="center", fontsize=7)
@@ -823,8 +823,8 @@ def plot_leakage(results: pd.DataFrame, colours: dict[str, str], *, metric: str 
                     if mean < 0.005:
                         _mark_bar(ax, position + offset, "0", gid=f"zero|{model}|{split}")
                     ax.bar(position + offset, mean, 0.4, yerr=sd, color=colour, alpha=1.0 if split == "sample" else 0.6,
-                           hatch=SPLIT_HATCH[split], edgecolor=EDGE, linewidth=0.4, gid=f"leakage|{model}|{split}",
-                           error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": EDGE})
+                           hatch=SPLIT_HATCH[split], edgecolor=EDGE_COLOUR, linewidth=0.4, gid=f"leakage|{model}|{split}",
+                           error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": EDGE_COLOUR})
                 delta = f"Δ {heights['cell'] - heights['sample']:+.2f}" if len(heights) == 2 else "Δ n/a"
                 tick_labels.append(f"{model_name(model)}\n{delta}" if heights else model_name(model))
             missing = [s for s in ("sample", "cell") if s not in splits]
@@ -840,8 +840,8 @@ def plot_leakage(results: pd.DataFrame, colours: dict[str, str], *, metric: str 
             ax.set_title(category_name(category) if len(settings) == 1 else f"{category_name(category)}\n{setting}",
                          loc="left")
         axes[row, 0].set_ylabel(f"Mean {metric_name(metric)} over folds (± SD)")
-    handles = [Patch(facecolor="#777777", edgecolor=EDGE, label="split = sample\n(patients never on both sides)"),
-               Patch(facecolor="#777777", alpha=0.6, hatch=SPLIT_HATCH["cell"], edgecolor=EDGE,
+    handles = [Patch(facecolor="#777777", edgecolor=EDGE_COLOUR, label="split = sample\n(patients never on both sides)"),
+               Patch(facecolor="#777777", alpha=0.6, hatch=SPLIT_HATCH["cell"], edgecolor=EDGE_COLOUR,
                      label="split = cell\n(one patient's cells on both sides)")]
     _legend(figure, handles + [Line2D([], [], color="none", label=" ")] + _model_handles(models, colours),
             "Split / model")

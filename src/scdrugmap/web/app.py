@@ -23,6 +23,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scdrugmap import __version__
+from scdrugmap.report.style import RESPONSE_COLOURS, UNKNOWN_COLOUR
 from scdrugmap.web.bundles import register_bundle_dir
 from scdrugmap.web.db import init_db
 from scdrugmap.web.logs import redact_path
@@ -188,6 +189,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
     templates.env.globals["version"] = __version__
     templates.env.globals["max_upload_mb"] = settings.max_upload_mb
+    templates.env.globals["colours"] = {**RESPONSE_COLOURS, "unknown": UNKNOWN_COLOUR}  # CSS variables of base.html
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
