@@ -72,7 +72,7 @@ def embedding(adata: ad.AnnData, basis: str, *, color: str | None = "response", 
     """
     import pandas as pd
 
-    from scdrugmap.report.figures import project_embedding
+    from scdrugmap.report.projection import project_embedding
     from scdrugmap.report.style import RESPONSE_COLOURS, UNKNOWN_COLOUR, category_colours
 
     if basis not in adata.obsm:
@@ -89,7 +89,11 @@ def embedding(adata: ad.AnnData, basis: str, *, color: str | None = "response", 
         if method not in ("auto", "umap", "pca"):
             msg = f"method={method!r}: choose auto, umap or pca."
             raise ConfigError(msg)
-        xy, label = project_embedding(values[valid], method=method, seed=seed)  # type: ignore[arg-type]
+        xy, used = project_embedding(values[valid], method=method, seed=seed)  # type: ignore[arg-type]
+        if xy is None:
+            msg = f"obsm[{basis!r}] is narrower than 2 dimensions; nothing to map."
+            raise SchemaError(msg)
+        label = "UMAP" if used == "umap" else "PC"
     ax = _axes(ax)
     size = size if size is not None else float(np.clip(6000 / max(int(valid.sum()), 1), 1.5, 14))
     if color is None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -13,7 +11,6 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from scipy import stats
 
-from scdrugmap.errors import ConfigError
 from scdrugmap.report import figures
 from scdrugmap.report.run import labelled_predictions, read_run
 from scdrugmap.report.stats import friedman_nemenyi, nemenyi_q
@@ -189,46 +186,10 @@ def test_embedding_maps_colour_every_sampled_cell_by_cancer_type_and_response(ru
     assert by_type.get_xlabel().startswith("PC 1")
 
 
-def test_projection_falls_back_to_pca_without_umap_and_says_so(monkeypatch, caplog):
+def test_embedding_map_title_names_the_pca_fallback_and_why(run, monkeypatch):
     monkeypatch.setitem(sys.modules, "umap", None)  # import umap -> ImportError
-    embedding = np.random.default_rng(0).normal(size=(40, 6))
-    with caplog.at_level(logging.WARNING, logger="scdrugmap.report.figures"):
-        coordinates, label = figures.project_embedding(embedding, method="auto")
-    assert coordinates.shape == (40, 2)
-    assert label == "PCA 2-D (fallback: umap-learn is not installed)"
-    assert "instead of UMAP" in caplog.text
-    with pytest.raises(ConfigError, match="umap-learn is not installed"):
-        figures.project_embedding(embedding, method="umap")
-
-
-def test_umap_runs_on_the_principal_components_with_a_fixed_seed(monkeypatch):
-    calls = {}
-
-    class FakeUMAP:
-        def __init__(self, **options):
-            calls["options"] = options
-
-        def fit_transform(self, data):
-            calls["shape"] = data.shape
-            return data[:, :2] * 2
-
-    monkeypatch.setitem(sys.modules, "umap", SimpleNamespace(UMAP=FakeUMAP))
-    embedding = np.random.default_rng(0).normal(size=(80, 120))
-    coordinates, label = figures.project_embedding(embedding, method="auto", seed=7)
-    assert label == "UMAP"
-    assert calls["shape"] == (80, 50)  # at most 50 principal components go into UMAP
-    assert calls["options"] == {"n_components": 2, "n_neighbors": 15, "random_state": 7}
-    assert coordinates.shape == (80, 2)
-
-
-def test_pca_projection_gives_the_top_two_principal_components():
-    rng = np.random.default_rng(1)
-    embedding = rng.normal(size=(50, 4)) * np.array([10.0, 3.0, 0.1, 0.1])
-    coordinates, label = figures.project_embedding(embedding, method="pca")
-    assert label == "PCA 2-D"
-    variances = coordinates.var(axis=0)
-    assert variances[0] > variances[1] > 1.0
-    assert np.allclose(np.abs(np.corrcoef(coordinates[:, 0], embedding[:, 0])[0, 1]), 1.0, atol=1e-2)
+    made = dict(figures.embedding_figures(run, projection="auto"))
+    assert "PCA 2-D (fallback: umap-learn is not installed)" in made["scgpt"].get_suptitle()
 
 
 # --- 6. scalability ---------------------------------------------------------------------------------------------------

@@ -67,6 +67,24 @@ def test_benchmarks_redirects_to_the_only_run_and_draws_bar_and_radar(site):
     assert "cdn" not in html.lower()
 
 
+def test_charts_and_pages_take_the_report_palette(site, upload, good_h5ad):
+    from scdrugmap.report.style import PROBABILITY_COLOURSCALE, RESPONSE_COLOURS, model_colours
+
+    explorer = site.get("/benchmarks", follow_redirects=False).headers["location"]
+    html = site.get(explorer, params={"category": "regimen"}).text
+    bar, radar = _figure(html, "bar"), _figure(html, "radar")
+    colours = model_colours(bar["data"][0]["x"])
+    assert bar["data"][0]["marker"]["color"] == list(colours.values())
+    assert {t["name"]: t["line"]["color"] for t in radar["data"]} == colours  # one colour per model in both
+    assert f"--sensitive: {RESPONSE_COLOURS['sensitive']}; --resistant: {RESPONSE_COLOURS['resistant']}" in html
+    token = upload(site, good_h5ad).json()["token"]
+    bundle_id = site.get("/api/bundles").json()[0]["id"]
+    site.post(f"/api/jobs/{token}/run", data={"model": "pca", "bundle_id": str(bundle_id)})
+    site.app.state.worker.run_pending()
+    scatter = _figure(site.get(f"/jobs/{token}/results").text, "scatter")
+    assert scatter["data"][0]["marker"]["colorscale"] == [list(stop) for stop in PROBABILITY_COLOURSCALE]
+
+
 def test_benchmarks_page_without_runs_explains_how_to_import(client):
     html = client.get("/benchmarks").text
     assert "--results RUN_DIR" in html

@@ -21,10 +21,9 @@ from __future__ import annotations
 import functools
 import logging
 import textwrap
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import matplotlib as mpl
 import numpy as np
@@ -33,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from scdrugmap.errors import ConfigError
+from scdrugmap.report.projection import Projection, project_embedding, umap_fallback_reason
 from scdrugmap.report.run import (
     RunData,
     categories_order,
@@ -44,6 +43,7 @@ from scdrugmap.report.run import (
 )
 from scdrugmap.report.stats import friedman_nemenyi
 from scdrugmap.report.style import (
+    EDGE_COLOUR,
     RC_PARAMS,
     RESPONSE_COLOURS,
     SETTING_LINESTYLES,
@@ -64,10 +64,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Projection = Literal["auto", "umap", "pca"]
-EDGE = "#333333"
-#: UMAP is run on at most this many principal components (the usual scanpy practice).
-UMAP_INPUT_PCS = 50
 
 
 def styled(builder: Callable[..., Figure]) -> Callable[..., Figure]:
@@ -113,7 +109,7 @@ def _model_handles(models: Sequence[str], colours: dict[str, str], *, kind: str 
     if kind == "line":
         return [Line2D([], [], color=_colour(colours, m), marker="o", markersize=4, label=model_name(m))
                 for m in models]
-    return [Patch(facecolor=_colour(colours, m), edgecolor=EDGE, linewidth=0.4, label=model_name(m)) for m in models]
+    return [Patch(facecolor=_colour(colours, m), edgecolor=EDGE_COLOUR, linewidth=0.4, label=model_name(m)) for m in models]
 
 
 def _setting_handles(settings: Sequence[str]) -> list:
@@ -185,8 +181,8 @@ def plot_metric_bars(results: pd.DataFrame, colours: dict[str, str], *, split: s
             for x_zero in np.asarray(x)[rows[f"{metric}_mean"].to_numpy() < 0.005]:
                 _mark_bar(ax, x_zero, "0", gid=f"zero|{model}")
             ax.bar(x, rows[f"{metric}_mean"], width, yerr=rows[f"{metric}_sd"].to_numpy(), color=_colour(colours, model),
-                   edgecolor=EDGE, linewidth=0.4, label=model_name(model), gid=f"bar|{model}",
-                   error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": EDGE})
+                   edgecolor=EDGE_COLOUR, linewidth=0.4, label=model_name(model), gid=f"bar|{model}",
+                   error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": EDGE_COLOUR})
         ax.set_ylim(0, _top(table[f"{metric}_mean"], table[f"{metric}_sd"]))
         ax.set_yticks(np.linspace(0, 1, 6))
         ax.set_ylabel(f"Mean {metric_name(metric)}\n(± SD over folds)")
@@ -309,17 +305,17 @@ def plot_violins(results: pd.DataFrame, colours: dict[str, str], *, split: str |
                 parts = ax.violinplot([values], positions=[position], widths=0.8, showextrema=False)
                 for body in parts["bodies"]:
                     body.set_facecolor(colour)
-                    body.set_edgecolor(EDGE)
+                    body.set_edgecolor(EDGE_COLOUR)
                     body.set_alpha(0.55)
                     body.set_gid(f"violin|{model}")
             boxes = ax.boxplot([values], positions=[position], widths=0.16, showfliers=False, patch_artist=True,
                                medianprops={"color": "white", "linewidth": 1.2},
-                               boxprops={"facecolor": EDGE, "edgecolor": EDGE},
-                               whiskerprops={"color": EDGE}, capprops={"color": EDGE})
+                               boxprops={"facecolor": EDGE_COLOUR, "edgecolor": EDGE_COLOUR},
+                               whiskerprops={"color": EDGE_COLOUR}, capprops={"color": EDGE_COLOUR})
             for box in boxes["boxes"]:
                 box.set_gid(f"box|{model}")
             jitter = rng.uniform(-0.22, 0.22, values.size)
-            ax.scatter(position + jitter, values, s=7, color=colour, edgecolor=EDGE, linewidth=0.3, zorder=3,
+            ax.scatter(position + jitter, values, s=7, color=colour, edgecolor=EDGE_COLOUR, linewidth=0.3, zorder=3,
                        gid=f"points|{model}")
         ax.set_xticks(range(len(models)), labels=[model_name(m) for m in models], rotation=30, ha="right",
                       rotation_mode="anchor")
@@ -369,7 +365,7 @@ def plot_circular_bars(results: pd.DataFrame, colours: dict[str, str], *, split:
                     continue
                 theta = [values.index(v) * spacing + (number - (len(models) - 1) / 2) * step for v in rows.index]
                 ax.bar(theta, rows[f"{metric}_mean"], width=step * 0.92, bottom=0.0, color=_colour(colours, model),
-                       edgecolor=EDGE, linewidth=0.3, gid=f"circular|{model}")
+                       edgecolor=EDGE_COLOUR, linewidth=0.3, gid=f"circular|{model}")
             ax.set_theta_offset(np.pi / 2)
             ax.set_theta_direction(-1)
             ax.set_xticks([i * spacing for i in range(len(values))], labels=[wrap_label(v, 14) for v in values])
@@ -386,50 +382,6 @@ def plot_circular_bars(results: pd.DataFrame, colours: dict[str, str], *, split:
 
 
 # --- 5. embeddings (UMAP or PCA) ------------------------------------------------------------------------------
-
-def project_embedding(embedding: npt.NDArray[np.floating], *, method: Projection = "auto",
-                      seed: int = 0) -> tuple[npt.NDArray[np.float64], str]:
-    """Return 2-D coordinates of cells and the name of the method used.
-
-    The embedding is centred and reduced to at most 50 principal components; UMAP
-    (umap-learn) then maps those to 2-D. With ``method="auto"`` and umap-learn missing (or
-    fewer than 10 cells), the first two principal components are used instead, with the
-    fallback logged and named in the returned label. ``method="umap"`` refuses to fall back.
-
-    Raises
-    ------
-    ConfigError
-        When ``method="umap"`` and umap-learn is not installed.
-    """
-    data = np.asarray(embedding, dtype=np.float64)
-    data = data - data.mean(axis=0)
-    n_components = max(1, min(UMAP_INPUT_PCS, data.shape[0] - 1, data.shape[1]))
-    u, s, _ = np.linalg.svd(data, full_matrices=False)
-    components = u[:, :n_components] * s[:n_components]
-    if components.shape[1] < 2:
-        components = np.column_stack([components, np.zeros(components.shape[0])])
-    if method == "pca":
-        return components[:, :2], "PCA 2-D"
-    fallback = None
-    if data.shape[0] < 10:
-        fallback = "too few cells for UMAP"
-    else:
-        try:
-            import umap
-        except ImportError as err:
-            if method == "umap":
-                msg = "umap-learn is not installed; pip install 'scdrugmap[report]' or choose projection 'pca'."
-                raise ConfigError(msg) from err
-            fallback = "umap-learn is not installed"
-    if fallback is not None:
-        log.warning("embedding plots use PCA 2-D instead of UMAP: %s", fallback)
-        return components[:, :2], f"PCA 2-D (fallback: {fallback})"
-    with warnings.catch_warnings():  # umap warns that a fixed random_state turns off parallelism
-        warnings.simplefilter("ignore", UserWarning)
-        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, data.shape[0] - 1), random_state=seed)
-        coordinates = reducer.fit_transform(components)
-    return np.asarray(coordinates, dtype=np.float64), "UMAP"
-
 
 @styled
 def plot_embedding(coordinates: npt.NDArray[np.floating], cells: pd.DataFrame, *, model: str,
@@ -472,7 +424,12 @@ def embedding_figures(run: RunData, *, projection: Projection = "auto", seed: in
             continue
         finite = np.isfinite(embedding).all(axis=1)
         embedding, cell_names = embedding[finite], cell_names[finite]
-        coordinates, label = project_embedding(embedding, method=projection, seed=seed)
+        coordinates, method = project_embedding(embedding, method=projection, seed=seed)
+        if coordinates is None:
+            continue
+        label = "UMAP" if method == "umap" else "PCA 2-D"
+        if method == "pca" and projection != "pca":
+            label += f" (fallback: {umap_fallback_reason(len(embedding))})"
         if run.cells is not None:
             meta = run.cells.drop_duplicates("cell").set_index("cell").reindex(cell_names)
             meta = meta.fillna("unknown")
@@ -538,7 +495,7 @@ def plot_scalability(table: pd.DataFrame, colours: dict[str, str]) -> Figure:
             ax.set_xscale("log")
             ax.set_xlim(low / 3, high * 100)  # room for the value labels right of the dots
             ax.scatter(values[known], y[known], s=40, color=[_colour(colours, m) for m in frame["_model"][known]],
-                       edgecolor=EDGE, linewidth=0.5, zorder=3, gid=f"scalability|{column}")
+                       edgecolor=EDGE_COLOUR, linewidth=0.5, zorder=3, gid=f"scalability|{column}")
             for value, row in zip(values[known], y[known], strict=True):
                 ax.annotate(text(value), (value, row), xytext=(6, 0), textcoords="offset points",
                             va="center", fontsize=7)
@@ -866,8 +823,8 @@ def plot_leakage(results: pd.DataFrame, colours: dict[str, str], *, metric: str 
                     if mean < 0.005:
                         _mark_bar(ax, position + offset, "0", gid=f"zero|{model}|{split}")
                     ax.bar(position + offset, mean, 0.4, yerr=sd, color=colour, alpha=1.0 if split == "sample" else 0.6,
-                           hatch=SPLIT_HATCH[split], edgecolor=EDGE, linewidth=0.4, gid=f"leakage|{model}|{split}",
-                           error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": EDGE})
+                           hatch=SPLIT_HATCH[split], edgecolor=EDGE_COLOUR, linewidth=0.4, gid=f"leakage|{model}|{split}",
+                           error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": EDGE_COLOUR})
                 delta = f"Δ {heights['cell'] - heights['sample']:+.2f}" if len(heights) == 2 else "Δ n/a"
                 tick_labels.append(f"{model_name(model)}\n{delta}" if heights else model_name(model))
             missing = [s for s in ("sample", "cell") if s not in splits]
@@ -883,8 +840,8 @@ def plot_leakage(results: pd.DataFrame, colours: dict[str, str], *, metric: str 
             ax.set_title(category_name(category) if len(settings) == 1 else f"{category_name(category)}\n{setting}",
                          loc="left")
         axes[row, 0].set_ylabel(f"Mean {metric_name(metric)} over folds (± SD)")
-    handles = [Patch(facecolor="#777777", edgecolor=EDGE, label="split = sample\n(patients never on both sides)"),
-               Patch(facecolor="#777777", alpha=0.6, hatch=SPLIT_HATCH["cell"], edgecolor=EDGE,
+    handles = [Patch(facecolor="#777777", edgecolor=EDGE_COLOUR, label="split = sample\n(patients never on both sides)"),
+               Patch(facecolor="#777777", alpha=0.6, hatch=SPLIT_HATCH["cell"], edgecolor=EDGE_COLOUR,
                      label="split = cell\n(one patient's cells on both sides)")]
     _legend(figure, handles + [Line2D([], [], color="none", label=" ")] + _model_handles(models, colours),
             "Split / model")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import matplotlib as mpl
 import pandas as pd
 
+from scdrugmap.report.serialise import make_json_safe
 from scdrugmap.report.style import RC_PARAMS
 
 if TYPE_CHECKING:
@@ -165,8 +166,8 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
                  "no figure.</p>")
     parts.append(_table(unscored))
     parts.append("<h2 id='config'>Config and environment</h2>")
-    parts.append(f"<h3>Config</h3><pre>{escape(json.dumps(config, indent=1, default=str))}</pre>")
-    parts.append(f"<h3>Environment</h3><pre>{escape(json.dumps(run.environment, indent=1, default=str))}</pre>")
+    parts.append(f"<h3>Config</h3><pre>{escape(json.dumps(make_json_safe(config), indent=1, default=str))}</pre>")
+    parts.append(f"<h3>Environment</h3><pre>{escape(json.dumps(make_json_safe(run.environment), indent=1, default=str))}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

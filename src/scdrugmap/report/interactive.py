@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from scdrugmap.report.run import categories_order, reference_split, settings_order
-from scdrugmap.report.style import UNKNOWN_COLOUR, category_name, metric_name, model_name
+from scdrugmap.report.style import EDGE_COLOUR, UNKNOWN_COLOUR, category_name, metric_name, model_name
 from scdrugmap.report.tables import value_scores
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def interactive_bars(results: pd.DataFrame, colours: dict[str, str], *, split: s
                     x=[[category_name(c) for c in rows["category"]], list(rows["value"])],
                     y=rows[f"{metric}_mean"], error_y={"type": "data", "array": rows[f"{metric}_sd"].fillna(0)},
                     name=model_name(model), legendgroup=model, showlegend=row == 1,
-                    marker={"color": colours.get(model, UNKNOWN_COLOUR), "line": {"color": "#333333", "width": 0.5}},
+                    marker={"color": colours.get(model, UNKNOWN_COLOUR), "line": {"color": EDGE_COLOUR, "width": 0.5}},
                     customdata=rows[[f"{metric}_sd", f"{metric}_n"]].to_numpy(),
                     hovertemplate=(f"<b>{model_name(model)}</b><br>%{{x}}<br>{metric_name(metric)} = %{{y:.3f}}"
                                    " ± %{customdata[0]:.3f} (SD)<br>scored folds: %{customdata[1]}<extra></extra>"),

@@ -1,4 +1,8 @@
-"""Colours, names and matplotlib settings shared by every figure of a report.
+"""Colours, names and matplotlib settings shared by every figure of a report and of the web pages.
+
+This is the one palette of scDrugMap: the report's matplotlib and plotly figures and the web
+server's charts and pages (`scdrugmap.web.charts`, the CSS variables of ``base.html``) take
+their model, response and probability colours from here.
 
 Each model keeps one colour in every figure (`model_colours`). Colours come from the
 Okabe-Ito palette (Okabe & Ito 2008, "Color Universal Design"), which stays distinct
@@ -44,7 +48,15 @@ METRIC_NAMES: dict[str, str] = {
 }
 #: Response colours (Okabe-Ito blue and orange: safe for red-green colour blindness).
 RESPONSE_COLOURS: dict[str, str] = {"sensitive": "#0072B2", "resistant": "#E69F00"}
+#: A missing response, an unknown model or value.
 UNKNOWN_COLOUR = "#BBBBBB"
+#: The probability of sensitivity as a plotly colour scale: 0 resistant, 0.5 undecided (grey), 1 sensitive.
+PROBABILITY_COLOURSCALE: tuple[tuple[float, str], ...] = (
+    (0.0, RESPONSE_COLOURS["resistant"]), (0.5, UNKNOWN_COLOUR), (1.0, RESPONSE_COLOURS["sensitive"]))
+#: Outlines and reference marks that stand for no model or response (bar edges, a decision threshold).
+EDGE_COLOUR = "#333333"
+#: Data of no model and no response (the bars of a histogram over all cells).
+NEUTRAL_COLOUR = "#999999"
 #: Line styles telling training settings (strategy + head) apart; colour is kept for the model.
 SETTING_LINESTYLES = ("-", "--", ":", "-.")
 

@@ -9,30 +9,27 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from scdrugmap import __version__
-from scdrugmap.errors import ConfigError
 from scdrugmap.web import jobs as job_service
 from scdrugmap.web import results as result_service
-from scdrugmap.web.app import get_session
 from scdrugmap.web.bundles import public_bundles
-from scdrugmap.web.db import BenchmarkResult, BenchmarkRun, PredictionJob
+from scdrugmap.web.db import BenchmarkResult, PredictionJob
+from scdrugmap.web.deps import DbSession, job_or_404, submit
+from scdrugmap.web.results import dataset_facts, records, run_summary
 from scdrugmap.web.storage import UploadRejected
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
-DbSession = Annotated[Session, Depends(get_session)]
-NO_JOB = "no such job: the token is wrong or the job was removed."
 MAX_PAGE_ROWS = 1000
 
 
@@ -162,36 +159,6 @@ class PredictionRows(BaseModel):
     rows: list[dict[str, Any]]
 
 
-def _job_or_404(session: Session, token: str) -> PredictionJob:
-    job = job_service.find_job(session, token)
-    if job is None:
-        raise HTTPException(404, NO_JOB)
-    return job
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item"):
-        return _finite(value.item())
-    return value
-
-
-def records(frame: Any) -> list[dict[str, Any]]:
-    """Return a frame's rows as JSON-safe dicts (NaN and NA become null)."""
-    return [{k: _finite(None if v is None or (not isinstance(v, str) and _is_na(v)) else v) for k, v in row.items()}
-            for row in frame.to_dict("records")]
-
-
-def _is_na(value: Any) -> bool:
-    import pandas as pd
-
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
-
-
 # --- health ------------------------------------------------------------------------------------------------
 
 @router.get("/health", response_model=Health, tags=["operations"])
@@ -224,25 +191,6 @@ def catalog(collection: str | None = None, tissue: str | None = None, cancer_typ
     return records(table[[c for c in CatalogEntry.model_fields if c in table.columns]])
 
 
-def dataset_facts(dataset_id: str) -> dict[str, Any]:
-    """Return one data set's catalog row and its cells per category value; 404 when unknown."""
-    from scdrugmap.data.catalog import get_dataset, load_category_counts
-
-    try:
-        row = get_dataset(dataset_id)
-    except ConfigError as err:
-        raise HTTPException(404, str(err)) from err
-    counts = load_category_counts()
-    holding = counts[counts["dataset_ids"].astype(str).str.split().apply(lambda ids: row["dataset_id"] in ids)]
-    cells = [{"category": str(c["category"]), "value": str(c["value"]), "n_cells": int(c["n_cells"]),
-              "n_sensitive": int(c["n_sensitive"]), "n_resistant": int(c["n_resistant"])}
-             for c in holding.to_dict("records")]
-    facts = {str(k): _finite(None if _is_na(v) else v) for k, v in row.items()}
-    if facts.get("pmid") is not None:
-        facts["pmid"] = str(facts["pmid"]).removesuffix(".0")
-    return {"facts": facts, "cells": cells}
-
-
 @router.get("/api/catalog/{dataset_id}", response_model=DatasetFacts, tags=["catalog"])
 def dataset(dataset_id: str) -> Any:
     """Show every fact of one data set and its cells per category value."""
@@ -261,19 +209,6 @@ def runs(session: DbSession) -> Any:
         listed.append({"id": run.id, "name": run.name, "n_jobs": run.n_jobs, "imported_at": run.imported_at,
                        "models": models})
     return listed
-
-
-def run_summary(session: Session, run_id: int, requested: dict[str, str | None]) -> dict[str, Any]:
-    """Return the explorer's data for one run: choices, the picked ones, and the two summary tables."""
-    run = session.get(BenchmarkRun, run_id)
-    if run is None:
-        raise HTTPException(404, f"no benchmark run {run_id}; see /api/runs.")
-    options = result_service.choices(session, run_id)
-    picked = result_service.pick(options, requested)
-    frame = result_service.run_frame(session, run_id, **picked)
-    by_model, by_value = result_service.explorer_tables(frame)
-    return {"run": run.name, "choices": options, "picked": picked, "by_model": records(by_model),
-            "by_value": records(by_value), "_by_model": by_model, "_by_value": by_value}
 
 
 ChoiceQuery = Annotated[str | None, Query(max_length=300)]
@@ -312,12 +247,12 @@ def summary_csv(run_id: int, session: DbSession, category: ChoiceQuery = None, s
 @router.get("/api/models", response_model=list[ModelInfo], tags=["prediction"])
 def models(session: DbSession) -> Any:
     """List the registered models and how many public head bundles each has."""
-    from scdrugmap.models.base import registry
+    from scdrugmap.registry import model_names
 
     counts: dict[str, int] = {}
     for bundle in public_bundles(session):
         counts[bundle.model] = counts.get(bundle.model, 0) + 1
-    return [{"name": name, "bundles": counts.get(name, 0)} for name in sorted(registry())]
+    return [{"name": name, "bundles": counts.get(name, 0)} for name in model_names()]
 
 
 @router.get("/api/bundles", response_model=list[BundleInfo], tags=["prediction"])
@@ -352,26 +287,7 @@ def create_job(request: Request, session: DbSession,
 @router.get("/api/jobs/{token}", response_model=JobView, tags=["prediction"], responses={404: {"model": Rejection}})
 def get_job(token: str, session: DbSession) -> Any:
     """Show a job: its state and progress, check report, choices and (when done) summary."""
-    return job_service.job_view(session, _job_or_404(session, token))
-
-
-def submit(request: Request, session: Session, token: str, *, model: str | None, bundle_id: int | None,
-           threshold: float, head_json: UploadFile | None, head_safetensors: UploadFile | None) -> PredictionJob:
-    """Queue a job (shared by the API and the page); raises HTTPException with a message to show."""
-    job = _job_or_404(session, token)
-    given = [part for part in (head_json, head_safetensors) if part is not None and part.filename]
-    if len(given) == 1:
-        raise HTTPException(422, "an uploaded bundle needs both head.json and head.safetensors.")
-    upload = None
-    if head_json is not None and head_safetensors is not None and len(given) == 2:
-        upload = (head_json.file, head_json.content_type, head_safetensors.file, head_safetensors.content_type)
-    try:
-        job_service.submit_job(session, request.app.state.storage, request.app.state.settings, job, model=model or None,
-                               bundle_id=bundle_id, threshold=threshold, bundle_upload=upload)
-    except (job_service.JobRefused, UploadRejected) as err:
-        raise HTTPException(err.status, err.message) from err
-    request.app.state.worker.wake()
-    return job
+    return job_service.job_view(session, job_or_404(session, token))
 
 
 @router.post("/api/jobs/{token}/run", status_code=202, response_model=JobView, tags=["prediction"],
@@ -391,7 +307,7 @@ def run_job(request: Request, token: str, session: DbSession,
 
 
 def _finished_frame(request: Request, session: Session, token: str):
-    job = _job_or_404(session, token)
+    job = job_or_404(session, token)
     frame = job_service.predictions_frame(request.app.state.storage, job)
     if frame is None:
         raise HTTPException(409, f"the job is {job.status}; predictions exist once it is done.")
@@ -414,7 +330,7 @@ def samples(request: Request, token: str, session: DbSession) -> list[dict[str, 
 
 
 def _download(request: Request, session: Session, token: str, filename: str, suffix: str, media_type: str):
-    job = _job_or_404(session, token)
+    job = job_or_404(session, token)
     path = job_service.output_file(request.app.state.storage, job, filename)
     if path is None:
         raise HTTPException(409, f"the job is {job.status}; downloads exist once it is done.")

@@ -10,7 +10,6 @@ import gzip
 import logging
 import secrets
 import time
-from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from sqlalchemy.orm import Session
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scdrugmap import __version__
+from scdrugmap.report.style import RESPONSE_COLOURS, UNKNOWN_COLOUR
 from scdrugmap.web.bundles import register_bundle_dir
 from scdrugmap.web.db import init_db
 from scdrugmap.web.logs import redact_path
@@ -164,12 +163,6 @@ def plotly_js_path() -> Path:
     return Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """FastAPI dependency: one database session per request."""
-    with request.app.state.sessions() as session:
-        yield session
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the web application.
 
@@ -196,6 +189,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
     templates.env.globals["version"] = __version__
     templates.env.globals["max_upload_mb"] = settings.max_upload_mb
+    templates.env.globals["colours"] = {**RESPONSE_COLOURS, "unknown": UNKNOWN_COLOUR}  # CSS variables of base.html
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

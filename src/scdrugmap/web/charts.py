@@ -2,27 +2,28 @@
 
 The page embeds each dict in a ``<script type="application/json">`` block and ``static/app.js``
 hands it to the plotly.js the server ships, so no page runs inline script and nothing comes
-from a CDN.
+from a CDN. Colours are the report's (`scdrugmap.report.style`): a model, and a response, looks
+the same in the HTML report and on every page.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from scdrugmap.report.serialise import make_json_safe
+from scdrugmap.report.style import EDGE_COLOUR, NEUTRAL_COLOUR, PROBABILITY_COLOURSCALE, model_colours
+
 METRIC_LABELS = {"f1": "F1", "auroc": "AUROC", "accuracy": "accuracy", "precision": "precision", "recall": "recall"}
-PALETTE = ("#3b6ea8", "#d1793b", "#4c9a5b", "#b34a5a", "#7d62a8", "#8c6d46", "#c36fa8", "#6f7f8f", "#a8a23b",
-           "#3ba8a1")
 _LAYOUT: dict[str, Any] = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 50, "b": 60}, "height": 420,
            "font": {"family": "system-ui, sans-serif", "size": 13}}
 
 
 def _as_dict(figure: Any) -> dict[str, Any]:
-    """Return a figure as JSON-safe data (plotly's encoder turns numpy arrays into lists)."""
-    return json.loads(figure.to_json())
+    """Return a figure as JSON-safe data (NaN becomes null, numpy values plain Python)."""
+    return make_json_safe(figure.to_plotly_json())
 
 
 def metric_bar(by_model: pd.DataFrame, metric: str, subtitle: str) -> dict[str, Any]:
@@ -31,10 +32,12 @@ def metric_bar(by_model: pd.DataFrame, metric: str, subtitle: str) -> dict[str, 
 
     label = METRIC_LABELS.get(metric, metric)
     frame = by_model.dropna(subset=[f"{metric}_mean"]) if f"{metric}_mean" in by_model else by_model.iloc[0:0]
+    models = frame["model"].astype(str).tolist() if len(frame) else []
+    colours = model_colours(models)
     figure = go.Figure(go.Bar(
         x=frame["model"].tolist() if len(frame) else [], y=frame[f"{metric}_mean"].tolist() if len(frame) else [],
         error_y={"type": "data", "array": frame[f"{metric}_sd"].fillna(0).tolist() if len(frame) else []},
-        marker_color=[PALETTE[i % len(PALETTE)] for i in range(len(frame))],
+        marker_color=[colours[model] for model in models],
         hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
     figure.update_layout(**{**_LAYOUT, "margin": {**_LAYOUT["margin"], "t": 70}},
                          title={"text": f"mean {label} per model", "subtitle": {"text": subtitle}},
@@ -61,12 +64,13 @@ def metric_radar(by_value: pd.DataFrame, metric: str, *, category: str,
     figure = go.Figure()
     if column in table and len(table):
         axes = sorted(table[axis].astype(str).unique())
-        for index, (model, rows) in enumerate(table.groupby("model", sort=True)):
+        colours = model_colours(table["model"].astype(str))
+        for model, rows in table.groupby("model", sort=True):
             means = rows.set_index(rows[axis].astype(str))[column].reindex(axes)
             radius = [None if pd.isna(v) else float(v) for v in [*means.tolist(), means.iloc[0]]]
             figure.add_trace(go.Scatterpolar(
                 r=radius, theta=[*axes, axes[0]], name=str(model), fill="toself", opacity=0.55,
-                line_color=PALETTE[index % len(PALETTE)],
+                line_color=colours[str(model)],
                 hovertemplate="%{theta}: %{r:.3f}<extra>" + str(model) + "</extra>"))
     figure.update_layout(**_LAYOUT, title=title, polar={"radialaxis": {"range": [0, 1]}}, showlegend=True)
     return _as_dict(figure)
@@ -83,7 +87,7 @@ def prediction_scatter(frame: pd.DataFrame, *, method: str, title: str, max_poin
         title += f" ({max_points:,} of {len(frame):,} cells shown)"
     figure = go.Figure(go.Scatter(
         x=cells["x"].tolist(), y=cells["y"].tolist(), mode="markers", text=cells["cell"].astype(str).tolist(),
-        marker={"size": 6, "color": cells["probability"].tolist(), "colorscale": "RdBu", "cmin": 0, "cmax": 1,
+        marker={"size": 6, "color": cells["probability"].tolist(), "colorscale": [list(stop) for stop in PROBABILITY_COLOURSCALE], "cmin": 0, "cmax": 1,
                 "colorbar": {"title": {"text": "P(sensitive)"}}, "line": {"width": 0}},
         hovertemplate="%{text}<br>P(sensitive) %{marker.color:.3f}<extra></extra>"))
     axis = "UMAP" if method == "umap" else "PC"
@@ -98,8 +102,8 @@ def probability_histogram(frame: pd.DataFrame, *, threshold: float) -> dict[str,
 
     values = frame["probability"].dropna()
     figure = go.Figure(go.Histogram(x=values.tolist(), xbins={"start": 0, "end": 1.0001, "size": 0.05},
-                                    marker_color=PALETTE[0]))
-    figure.add_vline(x=threshold, line_dash="dash", line_color="#b34a5a")
+                                    marker_color=NEUTRAL_COLOUR))
+    figure.add_vline(x=threshold, line_dash="dash", line_color=EDGE_COLOUR)
     figure.update_layout(**{**_LAYOUT, "height": 320}, title="probability of sensitivity",
                          xaxis={"title": "P(sensitive)", "range": [0, 1]}, yaxis={"title": "cells"})
     return _as_dict(figure)

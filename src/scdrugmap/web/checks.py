@@ -10,30 +10,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
 from scdrugmap.data import schema
 from scdrugmap.data.check import check_adata
+from scdrugmap.report.serialise import make_json_safe
 
 if TYPE_CHECKING:
     import anndata as ad
 
 #: Rows shown per balance table on the report page.
 MAX_TABLE_ROWS = 50
-
-
-def _clean(value: Any) -> Any:
-    """Make a fact JSON-safe for any database (numpy scalars to Python, NaN to None)."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def _table_rows(table: pd.DataFrame, column: str) -> dict[str, Any]:
@@ -71,7 +58,7 @@ def prediction_report(adata: ad.AnnData, *, source: str, keys: schema.ObsKeys | 
     facts = dict(report.facts)
     facts["labelled"] = keys.response in adata.obs and "labels" in facts
     facts["has_samples"] = keys.sample in adata.obs
-    return _clean({"source": source, "ok": not any(p["severity"] == "error" for p in problems), "facts": facts,
+    return make_json_safe({"source": source, "ok": not any(p["severity"] == "error" for p in problems), "facts": facts,
                    "tables": tables, "problems": problems})
 
 

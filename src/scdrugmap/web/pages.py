@@ -1,6 +1,7 @@
 """Server-rendered pages: home, catalog, benchmark explorer, prediction (upload, job, results).
 
-Pages share their data with the API (`scdrugmap.web.api`); charts are plotly figures embedded
+Pages share their data and dependencies with the API through `scdrugmap.web.results` and
+`scdrugmap.web.deps` (never importing the API module itself); charts are plotly figures embedded
 as JSON and drawn by ``static/app.js``.
 """
 
@@ -16,10 +17,18 @@ from sqlalchemy.orm import Session
 
 from scdrugmap.web import charts
 from scdrugmap.web import jobs as job_service
-from scdrugmap.web.api import DbSession, dataset_facts, records, run_summary, submit
 from scdrugmap.web.bundles import public_bundles
 from scdrugmap.web.db import BenchmarkRun, PredictionJob
-from scdrugmap.web.results import CHOICES, category_table, list_runs, run_frame
+from scdrugmap.web.deps import DbSession, submit
+from scdrugmap.web.results import (
+    CHOICES,
+    category_table,
+    dataset_facts,
+    list_runs,
+    records,
+    run_frame,
+    run_summary,
+)
 from scdrugmap.web.storage import UploadRejected
 
 router = APIRouter(include_in_schema=False)
@@ -124,9 +133,9 @@ def upload_page(request: Request, session: DbSession, file: Annotated[UploadFile
 def _job_page(request: Request, session: Session, token: str, job: PredictionJob, *, error: str | None = None,
               status: int = 200) -> Response:
     bundles = public_bundles(session)
-    from scdrugmap.models.base import registry
+    from scdrugmap.registry import model_names
 
-    models = sorted(registry())
+    models = model_names()
     view = job_service.job_view(session, job)
     default_model = job.model or (bundles[0].model if bundles else None)
     return render(request, "job.html", {"job": view, "token": token, "bundles": bundles, "models": models,

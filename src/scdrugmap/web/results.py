@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from fastapi import HTTPException
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from scdrugmap.errors import ConfigError
 from scdrugmap.evaluate.metrics import METRICS, summarise
 from scdrugmap.evaluate.store import read_results
+from scdrugmap.report.serialise import make_json_safe
 from scdrugmap.web.db import BenchmarkResult, BenchmarkRun, utcnow
 
 log = logging.getLogger(__name__)
@@ -147,3 +149,48 @@ def category_table(frame: pd.DataFrame) -> pd.DataFrame:
 def count_results(session: Session, run_id: int) -> int:
     return int(session.scalar(select(func.count()).select_from(BenchmarkResult)
                               .where(BenchmarkResult.run_id == run_id)) or 0)
+
+
+# --- view helpers shared by the API and the pages ------------------------------------------------------------
+
+def records(frame: Any) -> list[dict[str, Any]]:
+    """Return a frame's rows as JSON-safe dicts (NaN and NA become null)."""
+    return [make_json_safe(row) for row in frame.to_dict("records")]
+
+
+def dataset_facts(dataset_id: str) -> dict[str, Any]:
+    """Return one data set's catalog row and its cells per category value; 404 when unknown."""
+    from scdrugmap.data.catalog import get_dataset, load_category_counts
+
+    try:
+        row = get_dataset(dataset_id)
+    except ConfigError as err:
+        raise HTTPException(404, str(err)) from err
+    counts = load_category_counts()
+    holding = counts[counts["dataset_ids"].astype(str).str.split().apply(lambda ids: row["dataset_id"] in ids)]
+    cells = [{"category": str(c["category"]), "value": str(c["value"]), "n_cells": int(c["n_cells"]),
+              "n_sensitive": int(c["n_sensitive"]), "n_resistant": int(c["n_resistant"])}
+             for c in holding.to_dict("records")]
+    facts = make_json_safe(dict(row))
+    if facts.get("pmid") is not None:
+        facts["pmid"] = str(facts["pmid"]).removesuffix(".0")
+    return {"facts": facts, "cells": cells}
+
+
+def run_summary(session: Session, run_id: int, requested: dict[str, str | None]) -> dict[str, Any]:
+    """Return the explorer's data for one run: choices, the picked ones, and the two summary tables.
+
+    Raises
+    ------
+    HTTPException
+        404 when there is no run ``run_id``.
+    """
+    run = session.get(BenchmarkRun, run_id)
+    if run is None:
+        raise HTTPException(404, f"no benchmark run {run_id}; see /api/runs.")
+    options = choices(session, run_id)
+    picked = pick(options, requested)
+    frame = run_frame(session, run_id, **picked)
+    by_model, by_value = explorer_tables(frame)
+    return {"run": run.name, "choices": options, "picked": picked, "by_model": records(by_model),
+            "by_value": records(by_value), "_by_model": by_model, "_by_value": by_value}

@@ -46,7 +46,8 @@ class Settings:
     max_queued_jobs
         Jobs waiting or running at once, over all users; more are refused with 429.
     projection
-        2-D view of the embeddings: ``umap`` (needs umap-learn; PCA otherwise, with a warning) or ``pca``.
+        2-D view of the embeddings (`scdrugmap.report.projection.project_embedding`): ``umap`` (needs
+        umap-learn and `MIN_UMAP_CELLS` cells; PCA otherwise, with a warning) or ``pca``.
     run_worker
         Start the background worker with the app (tests drive it by hand).
     poll_seconds, heartbeat_seconds, stale_seconds

@@ -25,6 +25,8 @@ import pandas as pd
 from sqlalchemy import select, update
 
 from scdrugmap.errors import ScDrugMapError
+from scdrugmap.report.projection import project_embedding
+from scdrugmap.report.serialise import make_json_safe
 from scdrugmap.web.bundles import bundle_folder
 from scdrugmap.web.db import HeadBundle, PredictionJob, utcnow
 from scdrugmap.web.jobs import PREDICTIONS_CSV, PREDICTIONS_H5AD, PREDICTIONS_PARQUET
@@ -66,40 +68,6 @@ def _worker_gone(worker_id: str | None) -> bool:
     return pid == os.getpid() or not _pid_alive(pid)
 
 
-def project(embeddings: np.ndarray, method: str, *, seed: int = 0) -> tuple[np.ndarray | None, str | None]:
-    """Return 2-D coordinates per cell (NaN where the embedding is missing) and the method used.
-
-    ``umap`` needs umap-learn and at least 20 cells; otherwise PCA is used and a warning names why.
-    """
-    if embeddings.ndim != 2 or embeddings.shape[1] < 2:
-        return None, None
-    valid = ~np.isnan(embeddings).any(axis=1)
-    if valid.sum() < 3:
-        return None, None
-    X = embeddings[valid].astype(np.float64)
-    coordinates = None
-    if method == "umap":
-        try:
-            import umap
-        except ImportError:
-            log.warning("umap-learn is not installed; the 2-D view uses PCA instead (pip install umap-learn)")
-            method = "pca"
-        else:
-            if X.shape[0] < 20:
-                log.warning("too few cells for UMAP; the 2-D view uses PCA", extra={"cells": int(X.shape[0])})
-                method = "pca"
-            else:
-                reducer = umap.UMAP(n_components=2, n_neighbors=min(15, X.shape[0] - 1), random_state=seed)
-                coordinates = reducer.fit_transform(X)
-    if coordinates is None:
-        from sklearn.decomposition import PCA
-
-        coordinates = PCA(n_components=2, random_state=seed).fit_transform(X)
-    xy = np.full((embeddings.shape[0], 2), np.nan, dtype=np.float32)
-    xy[valid] = coordinates
-    return xy, method
-
-
 def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights: str | None, threshold: float,
                    out_dir: Path, projection: str, progress: Any) -> dict[str, Any]:
     """Predict every cell of ``upload_path`` with the head in ``bundle_path`` (through `scdrugmap.tl.predict`).
@@ -134,7 +102,7 @@ def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights:
     probability = adata.obs[tl.probability_column(key)].to_numpy(dtype=np.float32)
     embeddings = np.asarray(adata.obsm[basis]) if basis in adata.obsm else np.zeros((adata.n_obs, 0), np.float32)
     progress("projecting to 2-D", 0.8)
-    xy, method = project(embeddings, projection)
+    xy, method = project_embedding(embeddings, method="auto" if projection == "umap" else "pca")  # "umap": PCA fallback
     progress("writing results", 0.9)
     prediction = adata.obs[tl.label_column(key)].astype(object).to_numpy()
     prediction[np.isnan(probability)] = None  # cells the model could not read
@@ -158,7 +126,7 @@ def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights:
         if labels is not None:
             frame["observed"] = np.where(labels == 1, schema.SENSITIVE, schema.RESISTANT)
             metrics, reasons = compute_metrics(labels, probability, threshold=threshold)
-            summary["agreement"] = {k: (None if np.isnan(v) else float(v)) for k, v in metrics.items()}
+            summary["agreement"] = make_json_safe(metrics)
             summary["agreement_notes"] = reasons
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     frame.to_parquet(out_dir / PREDICTIONS_PARQUET, index=False)
