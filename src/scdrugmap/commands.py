@@ -340,7 +340,8 @@ def run_benchmark_command(config_path: Path | None, overrides: dict[str, Any], k
                           console: Console, progress_console: Console) -> None:
     import yaml
 
-    from scdrugmap.evaluate.runner import BenchmarkConfig, run_benchmark, summary_table
+    from scdrugmap.evaluate.grid import BenchmarkConfig
+    from scdrugmap.evaluate.runner import run_benchmark, summary_table
 
     values: dict[str, Any] = {}
     if config_path is not None:
@@ -376,6 +377,8 @@ def run_benchmark_command(config_path: Path | None, overrides: dict[str, Any], k
 
 def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> None:
     """Print mean (sd) F1 and AUROC per model, strategy, scenario, category and split."""
+    from scdrugmap.evaluate.store import results_file
+
     view = Table(title="mean over scored folds (sd)", title_justify="left", padding=(0, 1))
     for name in ("model", "strategy", "scenario", "category", "split", "F1", "AUROC", "folds", "unscored"):
         view.add_column(name, justify="right" if name in {"F1", "AUROC", "folds", "unscored"} else "left",
@@ -388,4 +391,4 @@ def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> 
     console.print(view)
     counts = results["status"].value_counts().to_dict()
     console.print(f"{len(results)} jobs ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
-                  f"results in {run_dir / 'results.parquet'}")
+                  f"results in {results_file(run_dir)}")
