@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -338,38 +337,10 @@ def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, o
 
 def run_benchmark_command(config_path: Path | None, overrides: dict[str, Any], keys: dict[str, str], *, quiet: bool,
                           console: Console, progress_console: Console) -> None:
-    import yaml
-
     from scdrugmap.evaluate.grid import BenchmarkConfig
     from scdrugmap.evaluate.runner import run_benchmark, summary_table
 
-    values: dict[str, Any] = {}
-    if config_path is not None:
-        if not config_path.exists():
-            msg = f"{config_path}: no such config file."
-            raise ConfigError(msg)
-        values = yaml.safe_load(config_path.read_text()) or {}
-        known = {f.name for f in dataclasses.fields(BenchmarkConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            msg = f"{config_path}: unknown settings {unknown}; allowed: {sorted(known)}."
-            raise ConfigError(msg)
-    prompt_overrides = overrides.pop("prompt", None) or {}
-    lora_overrides = overrides.pop("lora", None) or {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if prompt_overrides:
-        values["prompt"] = {**values.get("prompt", {}), **prompt_overrides}
-    if lora_overrides:
-        values["lora"] = {**values.get("lora", {}), **lora_overrides}
-    from scdrugmap.data.schema import ObsKeys
-
-    defaults = dataclasses.asdict(ObsKeys())  # the contract's own column names; only changed ones are kept
-    values.setdefault("keys", {})
-    values["keys"].update({k: v for k, v in keys.items() if v != defaults[k]})
-    if "out" not in values:
-        stem = "demo" if values.get("data", "demo") == "demo" else Path(values["data"]).stem
-        values["out"] = str(Path("scdrugmap-runs") / stem)
-    config = BenchmarkConfig(**values)
+    config = BenchmarkConfig.resolve(config_path, overrides, keys)
     with progress_bar(progress_console, quiet=quiet) as update:
         results = run_benchmark(config, progress=update)
     print_summary(console, summary_table(results), results, Path(config.out))

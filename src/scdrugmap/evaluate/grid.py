@@ -1,13 +1,15 @@
 """The benchmark grid: its settings, its jobs (model x strategy x head x fold) and its folds.
 
-`BenchmarkConfig` is everything that defines a run. `make_folds` turns a config and the data into
-the folds every model shares, and each `Job` of the grid has a stable key. Nothing here
+`BenchmarkConfig` is everything that defines a run; `BenchmarkConfig.resolve` is the one place where
+command-line flags, a YAML file and the defaults are merged. `make_folds` turns a config and the
+data into the folds every model shares, and each `Job` of the grid has a stable key. Nothing here
 trains, embeds or touches a run folder: the runner does that (`scdrugmap.evaluate.runner`), through
 the store (`scdrugmap.evaluate.store`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +34,10 @@ SCENARIOS = ("pooled", "cross")
 DEFAULT_MODELS = ("pca", "minilm", "majority")
 DEMO_CELLS = 1500
 DEMO_GENES = 2000
+#: Settings that hold a table of options: a flag changes its entries, not the whole table.
+NESTED_SETTINGS = ("prompt", "lora")
+#: Where runs go when no ``out`` is given: ``<RUNS_DIR>/<data file stem>`` (``demo`` for the simulator).
+RUNS_DIR = "scdrugmap-runs"
 
 
 @dataclass
@@ -65,6 +71,59 @@ class BenchmarkConfig:
     lora: dict[str, Any] = field(default_factory=dict)
     prompt: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def resolve(cls, config_path: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+                keys: Mapping[str, str] | None = None) -> BenchmarkConfig:
+        """Return the settings of a run: command-line flags over the YAML file over the defaults.
+
+        This is the only place where the three are merged.
+
+        Parameters
+        ----------
+        config_path
+            A YAML file of settings (the field names of `BenchmarkConfig`), or None.
+        overrides
+            Settings given on the command line; None means "not given" and leaves the file's value
+            (or the default). ``prompt`` and ``lora`` are tables: their given entries replace the
+            file's entries one by one, the others are kept.
+        keys
+            Obs column names by contract field (``response``, ``sample``, ...); only names that differ
+            from the contract's own are kept, and they replace the file's.
+
+        Returns
+        -------
+        The merged config. ``out`` defaults to ``scdrugmap-runs/<data file stem>`` (``.../demo`` for
+        the simulated collection). It is not validated yet (`validate`, called by the runner).
+
+        Raises
+        ------
+        ConfigError
+            When the file is missing or holds a setting that is not a field.
+
+        Examples
+        --------
+        >>> config = BenchmarkConfig.resolve(overrides={"data": "cells.h5ad", "folds": 5, "seed": None})
+        >>> config.out, config.folds, config.seed
+        ('scdrugmap-runs/cells', 5, 0)
+        """
+        values: dict[str, Any] = {}
+        if config_path is not None:
+            values = _read_yaml(Path(config_path), known={f.name for f in dataclasses.fields(cls)})
+        for name, value in (overrides or {}).items():
+            if name in NESTED_SETTINGS:
+                given = {k: v for k, v in (value or {}).items() if v is not None}
+                if given:
+                    values[name] = {**values.get(name, {}), **given}
+            elif value is not None:
+                values[name] = value
+        contract = dataclasses.asdict(schema.ObsKeys())  # only changed column names are kept
+        values.setdefault("keys", {})
+        values["keys"].update({k: v for k, v in (keys or {}).items() if v != contract[k]})
+        if "out" not in values:
+            stem = "demo" if values.get("data", "demo") == "demo" else Path(values["data"]).stem
+            values["out"] = str(Path(RUNS_DIR) / stem)
+        return cls(**values)
+
     def obs_keys(self) -> schema.ObsKeys:
         return schema.ObsKeys(**self.keys)
 
@@ -94,6 +153,21 @@ class BenchmarkConfig:
         if self.folds < 2:
             msg = f"--folds {self.folds}: need at least 2 folds."
             raise ConfigError(msg)
+
+
+def _read_yaml(path: Path, *, known: set[str]) -> dict[str, Any]:
+    """Return the settings of a YAML run config, refusing names that are not settings."""
+    import yaml
+
+    if not path.exists():
+        msg = f"{path}: no such config file."
+        raise ConfigError(msg)
+    values = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        msg = f"{path}: unknown settings {unknown}; allowed: {sorted(known)}."
+        raise ConfigError(msg)
+    return values
 
 
 @dataclass(frozen=True)
