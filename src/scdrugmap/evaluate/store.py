@@ -80,7 +80,7 @@ def job_id(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Write ``path`` through ``write(tmp)`` into ``<path>.tmp``, then rename it into place."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
