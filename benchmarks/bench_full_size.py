@@ -235,7 +235,8 @@ def stage_cache(args: argparse.Namespace) -> dict:
 
 def stage_benchmark(args: argparse.Namespace) -> dict:
     from scdrugmap.data.schema import CATEGORY_KINDS
-    from scdrugmap.evaluate.runner import BenchmarkConfig, run_benchmark
+    from scdrugmap.evaluate.grid import BenchmarkConfig
+    from scdrugmap.evaluate.runner import run_benchmark
 
     run = _run_dir(args)
     out = run / "run"

@@ -21,7 +21,8 @@ from pathlib import Path
 
 
 def _run(config_values: dict, out: Path) -> dict:
-    from scdrugmap.evaluate.runner import BenchmarkConfig, run_benchmark
+    from scdrugmap.evaluate.grid import BenchmarkConfig
+    from scdrugmap.evaluate.runner import run_benchmark
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()

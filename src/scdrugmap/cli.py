@@ -281,19 +281,20 @@ def benchmark(
     """Run (or resume) the benchmark grid and print mean F1 and AUROC per model and category."""
     from scdrugmap.commands import run_benchmark_command
 
+    # what the user gave (None: not given); BenchmarkConfig.resolve merges it over --config and the defaults
     overrides = {"data": data, "models": _split_list(models), "strategies": _split_list(strategies),
                  "heads": _split_list(heads), "scenarios": _split_list(scenarios),
                  "categories": _split_list(categories), "splits": _split_list(split), "folds": folds, "seed": seed,
                  "out": None if out is None else str(out), "device": device, "demo_cells": demo_cells, "layer": layer,
                  "executor": executor, "ray_address": ray_address, "cpus_per_job": cpus_per_job,
                  "gpus_per_job": gpus_per_job, "shard_cells": shard_cells}
-    prompt = {"api_base": api_base, "model": llm_model, "shots": shots, "cells_per_request": cells_per_request,
-              "genes_per_cell": genes_per_cell, "max_concurrency": llm_concurrency,
-              "requests_per_minute": llm_requests_per_minute, "timeout": llm_timeout, "max_retries": llm_max_retries,
-              "max_tokens": llm_max_tokens, "logprobs": logprobs, "api_key_env": api_key_env,
-              "template_dir": None if prompt_templates is None else str(prompt_templates)}
-    overrides["prompt"] = {k: v for k, v in prompt.items() if v is not None} or None
-    overrides["lora"] = None if lora_epochs is None else {"epochs": lora_epochs}
+    overrides["prompt"] = {"api_base": api_base, "model": llm_model, "shots": shots,
+                           "cells_per_request": cells_per_request, "genes_per_cell": genes_per_cell,
+                           "max_concurrency": llm_concurrency, "requests_per_minute": llm_requests_per_minute,
+                           "timeout": llm_timeout, "max_retries": llm_max_retries, "max_tokens": llm_max_tokens,
+                           "logprobs": logprobs, "api_key_env": api_key_env,
+                           "template_dir": None if prompt_templates is None else str(prompt_templates)}
+    overrides["lora"] = {"epochs": lora_epochs}
     if weights:
         malformed = [w for w in weights if "=" not in w]
         if malformed:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -274,37 +273,10 @@ def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, o
 
 def run_benchmark_command(config_path: Path | None, overrides: dict[str, Any], keys: dict[str, str], *, quiet: bool,
                           console: Console, progress_console: Console) -> None:
-    import yaml
+    from scdrugmap.evaluate.grid import BenchmarkConfig
+    from scdrugmap.evaluate.runner import run_benchmark, summary_table
 
-    from scdrugmap.evaluate.runner import BenchmarkConfig, run_benchmark, summary_table
-
-    values: dict[str, Any] = {}
-    if config_path is not None:
-        if not config_path.exists():
-            msg = f"{config_path}: no such config file."
-            raise ConfigError(msg)
-        values = yaml.safe_load(config_path.read_text()) or {}
-        known = {f.name for f in dataclasses.fields(BenchmarkConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            msg = f"{config_path}: unknown settings {unknown}; allowed: {sorted(known)}."
-            raise ConfigError(msg)
-    prompt_overrides = overrides.pop("prompt", None) or {}
-    lora_overrides = overrides.pop("lora", None) or {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if prompt_overrides:
-        values["prompt"] = {**values.get("prompt", {}), **prompt_overrides}
-    if lora_overrides:
-        values["lora"] = {**values.get("lora", {}), **lora_overrides}
-    from scdrugmap.data.schema import ObsKeys
-
-    defaults = dataclasses.asdict(ObsKeys())  # the contract's own column names; only changed ones are kept
-    values.setdefault("keys", {})
-    values["keys"].update({k: v for k, v in keys.items() if v != defaults[k]})
-    if "out" not in values:
-        stem = "demo" if values.get("data", "demo") == "demo" else Path(values["data"]).stem
-        values["out"] = str(Path("scdrugmap-runs") / stem)
-    config = BenchmarkConfig(**values)
+    config = BenchmarkConfig.resolve(config_path, overrides, keys)
     with progress_bar(progress_console, quiet=quiet) as update:
         results = run_benchmark(config, progress=update)
     print_summary(console, summary_table(results), results, Path(config.out))
@@ -312,6 +284,8 @@ def run_benchmark_command(config_path: Path | None, overrides: dict[str, Any], k
 
 def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> None:
     """Print mean (sd) F1 and AUROC per model, strategy, scenario, category and split."""
+    from scdrugmap.evaluate.store import results_file
+
     view = Table(title="mean over scored folds (sd)", title_justify="left", padding=(0, 1))
     for name in ("model", "strategy", "scenario", "category", "split", "F1", "AUROC", "folds", "unscored"):
         view.add_column(name, justify="right" if name in {"F1", "AUROC", "folds", "unscored"} else "left",
@@ -324,4 +298,4 @@ def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> 
     console.print(view)
     counts = results["status"].value_counts().to_dict()
     console.print(f"{len(results)} jobs ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
-                  f"results in {run_dir / 'results.parquet'}")
+                  f"results in {results_file(run_dir)}")

@@ -187,12 +187,11 @@ def roc(data: ad.AnnData | str | Path, key: str | None = None, *, label_key: str
     from anndata import AnnData
 
     if not isinstance(data, AnnData):
-        from scdrugmap.readwrite import read_run
         from scdrugmap.report.figures import plot_roc_pr
-        from scdrugmap.report.run import labelled_predictions
+        from scdrugmap.report.run import labelled_predictions, read_run_data
         from scdrugmap.report.style import model_colours
 
-        run = read_run(data)
+        run = read_run_data(data)
         return plot_roc_pr(labelled_predictions(run), model_colours(run.model_list), **options)
     from sklearn.metrics import roc_auc_score, roc_curve
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from scdrugmap.train.bundle import META_FILE, WEIGHTS_FILE, Head
 
 if TYPE_CHECKING:
-    from scdrugmap.report.run import RunData
+    from scdrugmap.evaluate.store import RunFolder
 
 __all__ = ["META_FILE", "WEIGHTS_FILE", "Head", "read_head", "read_run"]
 
@@ -33,14 +33,16 @@ def read_head(path: str | Path) -> Head:
     return Head.read(path)
 
 
-def read_run(run_dir: str | Path) -> RunData:
+def read_run(run_dir: str | Path) -> RunFolder:
     """Read a benchmark run folder: results (one row per job), predictions, cells, config, model facts.
+
+    Each file is read the first time it is used (see `scdrugmap.evaluate.store.RunFolder`).
 
     Raises
     ------
     ConfigError
         When the folder holds no results.
     """
-    from scdrugmap.report.run import read_run as read
+    from scdrugmap.evaluate.store import read_run as read
 
     return read(run_dir)

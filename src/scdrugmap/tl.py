@@ -440,7 +440,7 @@ def benchmark(data: str | Path | ad.AnnData = "demo", *, progress: Callable[[str
     progress
         Called with (stage, done, total, detail).
     settings
-        Fields of `scdrugmap.evaluate.runner.BenchmarkConfig`: ``out``, ``models``, ``strategies``, ``heads``,
+        Fields of `scdrugmap.evaluate.grid.BenchmarkConfig`: ``out``, ``models``, ``strategies``, ``heads``,
         ``scenarios``, ``categories``, ``splits``, ``folds``, ``seed``, ``keys`` (obs column names), ...
 
     Returns
@@ -459,7 +459,8 @@ def benchmark(data: str | Path | ad.AnnData = "demo", *, progress: Callable[[str
     """
     from anndata import AnnData
 
-    from scdrugmap.evaluate.runner import BenchmarkConfig, run_benchmark
+    from scdrugmap.evaluate.grid import BenchmarkConfig
+    from scdrugmap.evaluate.runner import run_benchmark
 
     if isinstance(data, AnnData):
         from scdrugmap import config as paths

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scdrugmap.evaluate.runner import BenchmarkConfig, run_benchmark
+from scdrugmap.evaluate.grid import BenchmarkConfig
+from scdrugmap.evaluate.runner import run_benchmark
 from scdrugmap.evaluate.store import ResultStore
 from tests_helpers import golden_case, make_adata
 

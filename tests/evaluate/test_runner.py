@@ -6,7 +6,8 @@ import pytest
 
 import scdrugmap.train.frozen as frozen
 from scdrugmap.errors import ConfigError
-from scdrugmap.evaluate.runner import BenchmarkConfig, run_benchmark, summary_table
+from scdrugmap.evaluate.grid import BenchmarkConfig
+from scdrugmap.evaluate.runner import run_benchmark, summary_table
 from tests_helpers import write_tiny_h5ad
 
 

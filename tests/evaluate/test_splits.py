@@ -4,7 +4,7 @@ import pytest
 
 from scdrugmap.data.schema import encode_labels
 from scdrugmap.errors import SplitError
-from scdrugmap.evaluate.splits import load_assignments, save_assignments, split_cross_study, split_pooled
+from scdrugmap.evaluate.splits import split_cross_study, split_pooled
 
 
 def _obs(n_samples=20, cells_per_sample=6, seed=0):
@@ -66,16 +66,6 @@ def test_cross_study_leaves_one_study_out():
             continue
         assert set(obs["study"].iloc[fold.test]) == {fold.fold}
         assert fold.fold not in set(obs["study"].iloc[fold.train])
-
-
-def test_saved_assignments_round_trip_and_refuse_other_cells(tmp_path):
-    obs, labels = _obs()
-    path = tmp_path / "splits.parquet"
-    assignment = np.arange(len(obs), dtype=np.int8) % 3
-    save_assignments(path, pd.Index(obs.index.astype(str)), {"tissue|sample": assignment})
-    assert np.array_equal(load_assignments(path, pd.Index(obs.index.astype(str)))["tissue|sample"], assignment)
-    with pytest.raises(SplitError, match="other cells"):
-        load_assignments(path, pd.Index([f"x{i}" for i in range(len(obs))]))
 
 
 def test_labels_accept_both_codings_and_refuse_others():

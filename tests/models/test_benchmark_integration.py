@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from scdrugmap.evaluate.runner import BenchmarkConfig, run_benchmark
+from scdrugmap.evaluate.grid import BenchmarkConfig
+from scdrugmap.evaluate.runner import run_benchmark
 from tests_helpers import golden_case
 
 

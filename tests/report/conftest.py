@@ -185,10 +185,10 @@ def real_run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def run(run_dir):
-    """The fixture run read back through `scdrugmap.report.run.read_run`."""
-    from scdrugmap.report.run import read_run
+    """The fixture run read back through `scdrugmap.report.run.read_run_data`."""
+    from scdrugmap.report.run import read_run_data
 
-    return read_run(run_dir)
+    return read_run_data(run_dir)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from scipy import stats
 
 from scdrugmap.report import figures
-from scdrugmap.report.run import labelled_predictions, read_run
+from scdrugmap.report.run import labelled_predictions, read_run_data
 from scdrugmap.report.stats import friedman_nemenyi, nemenyi_q
 from scdrugmap.report.style import KNOWN_MODEL_COLOURS, OKABE_ITO, model_colours
 from scdrugmap.report.tables import best_models, scalability_table, unscored_jobs, value_scores
@@ -367,6 +367,6 @@ def test_unscored_jobs_are_listed_with_their_reason(run):
 def test_read_run_fills_defaults_for_runs_without_head_or_split(tmp_path, run):
     frame = run.results.drop(columns=["head", "split", "setting"])
     frame.to_parquet(tmp_path / "results.parquet", index=False)
-    older = read_run(tmp_path)
+    older = read_run_data(tmp_path)
     assert set(older.results["head"]) == {"mlp"} and set(older.results["split"]) == {"sample"}
     assert older.predictions is None and older.cells is None and older.models == {}

@@ -15,7 +15,7 @@ from scdrugmap.report import write_report
 from scdrugmap.report.figures import ReportFigure
 from scdrugmap.report.html import render_html
 from scdrugmap.report.interactive import interactive_bars
-from scdrugmap.report.run import read_run
+from scdrugmap.report.run import read_run_data
 from scdrugmap.report.tables import best_models, job_counts, scalability_table, unscored_jobs
 
 
@@ -99,7 +99,7 @@ def test_html_report_shows_the_simulated_banner_for_demo_data(document):
 
 
 def test_html_report_of_real_data_has_no_banner(real_run_dir):
-    run = read_run(real_run_dir)
+    run = read_run_data(real_run_dir)
     tables = _tables_for(run)
     text = render_html(run, [], best=tables["best"], scalability=tables["scalability"],
                        unscored=tables["unscored"], counts=tables["counts"])

@@ -31,7 +31,7 @@ from scdrugmap.errors import ConfigError, ScDrugMapError
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-    from scdrugmap.evaluate.runner import Job
+    from scdrugmap.evaluate.grid import Job
     from scdrugmap.models.base import Encoder, TokenizedCells
     from scdrugmap.models.sharded import EncoderSpec
     from scdrugmap.train.heads import HeadConfig

@@ -1,21 +1,18 @@
-"""The benchmark grid: model x strategy x scenario x category value x fold, run and stored job by job.
+"""Run the benchmark grid (`scdrugmap.evaluate.grid`): model x strategy x scenario x category value x fold.
 
 `run_benchmark` loads the data, makes (or reuses) the splits, embeds each model's
 cells once (cached on disk), trains the heads of all pending folds of one category
-value together, and writes each job to the `ResultStore` as soon as it is known.
-Rerunning the same configuration skips finished jobs.
+value together, and writes each job to the run folder (`scdrugmap.evaluate.store`)
+as soon as it is known. Rerunning the same configuration skips finished jobs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import platform
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,256 +30,21 @@ from scdrugmap.evaluate.executors import (
     UnitOutcome,
     make_executor,
 )
-from scdrugmap.evaluate.metrics import METRICS, compute_metrics, summarise
-from scdrugmap.evaluate.splits import (
-    Fold,
-    load_assignments,
-    save_assignments,
-    split_cross_study,
-    split_pooled,
-)
-from scdrugmap.evaluate.store import ResultStore
-from scdrugmap.train.heads import HeadConfig
+from scdrugmap.evaluate.grid import BenchmarkConfig, Job, data_file, make_folds
+from scdrugmap.evaluate.metrics import compute_metrics, summarise
+from scdrugmap.evaluate.store import JobWriter, ResultStore
 
 if TYPE_CHECKING:
     import anndata as ad
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("frozen", "lora", "prompt")
-SCENARIOS = ("pooled", "cross")
-DEFAULT_MODELS = ("pca", "minilm", "majority")
-DEMO_CELLS = 1500
-DEMO_GENES = 2000
 #: Callback: (stage, done, total, detail).
 BenchmarkProgress = Callable[[str, int, int, str], None]
 
 
-@dataclass
-class BenchmarkConfig:
-    """Everything that defines a benchmark run (written to ``config.json`` of the run)."""
-
-    data: str = "demo"
-    out: str = "scdrugmap-runs/demo"
-    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
-    strategies: list[str] = field(default_factory=lambda: ["frozen"])
-    heads: list[str] = field(default_factory=lambda: ["mlp"])
-    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
-    categories: list[str] = field(default_factory=lambda: list(schema.CATEGORY_KINDS))
-    splits: list[str] = field(default_factory=lambda: ["sample"])
-    folds: int = 10
-    seed: int = 0
-    layer: str | None = None
-    batch_size: int | None = None
-    device: str = "auto"
-    executor: str = "local"
-    ray_address: str | None = None
-    cpus_per_job: float = 1.0
-    gpus_per_job: float = 0.0
-    shard_cells: int = 20_000
-    demo_cells: int = DEMO_CELLS
-    demo_genes: int = DEMO_GENES
-    weights: dict[str, str] = field(default_factory=dict)
-    model_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    keys: dict[str, str] = field(default_factory=dict)
-    head: dict[str, Any] = field(default_factory=dict)
-    lora: dict[str, Any] = field(default_factory=dict)
-    prompt: dict[str, Any] = field(default_factory=dict)
-
-    def obs_keys(self) -> schema.ObsKeys:
-        return schema.ObsKeys(**self.keys)
-
-    def head_config(self) -> HeadConfig:
-        return HeadConfig(**{"seed": self.seed, **self.head})
-
-    def lora_config(self):
-        from scdrugmap.train.lora import LoRAConfig
-
-        return LoRAConfig(**{"seed": self.seed, **self.lora})
-
-    def prompt_config(self):
-        from scdrugmap.prompting import PromptConfig
-
-        return PromptConfig.from_dict({"seed": self.seed, "layer": self.layer, **self.prompt})
-
-    def validate(self) -> None:
-        """Refuse unknown strategies, scenarios, categories or split policies, naming the allowed ones."""
-        checks = (("strategies", self.strategies, STRATEGIES), ("scenarios", self.scenarios, SCENARIOS),
-                  ("categories", self.categories, schema.CATEGORY_KINDS), ("splits", self.splits, ("sample", "cell")),
-                  ("heads", self.heads, ("mlp", "logistic")))
-        for name, chosen, allowed in checks:
-            unknown = [c for c in chosen if c not in allowed]
-            if unknown:
-                msg = f"--{name} {','.join(unknown)} is not available; choose from {', '.join(allowed)}."
-                raise ConfigError(msg)
-        if self.folds < 2:
-            msg = f"--folds {self.folds}: need at least 2 folds."
-            raise ConfigError(msg)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One cell of the grid: a model and strategy evaluated on one fold."""
-
-    model: str
-    strategy: str
-    head: str
-    fold: Fold
-
-    @property
-    def key(self) -> str:
-        return f"{self.model}|{self.strategy}|{self.head}|{self.fold.key}"
-
-    @property
-    def group(self) -> tuple[str, ...]:
-        """Jobs sharing a group train together (the folds of one category value)."""
-        f = self.fold
-        return (self.model, self.strategy, self.head, f.scenario, f.category, f.value, f.split)
-
-
-def data_file(config: BenchmarkConfig) -> Path:
-    """Return the benchmark's data file: ``config.data``, or the simulated demo collection (made once)."""
-    if config.data != "demo":
-        path = Path(config.data)
-        if not path.exists():
-            msg = f"--data {config.data}: no such file. Pass an .h5ad path, or demo for the simulated collection."
-            raise ConfigError(msg)
-        return path
-    from scdrugmap import config as paths
-    from scdrugmap.data.simulate import simulate_collection
-
-    path = paths.home_dir() / "demo" / f"demo-{config.demo_cells}x{config.demo_genes}-seed{config.seed}.h5ad"
-    if not path.exists():
-        log.info("simulating the demo collection (%d cells x %d genes) into %s", config.demo_cells,
-                 config.demo_genes, path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        simulate_collection(n_cells=config.demo_cells, n_genes=config.demo_genes, seed=config.seed, out_path=path)
-    return path
-
-
-def make_folds(adata: ad.AnnData, labels: np.ndarray, config: BenchmarkConfig, run_dir: Path) -> list[Fold]:
-    """Return every fold of the run, reusing the pooled assignments saved in ``run_dir/splits.parquet``."""
-    keys = config.obs_keys()
-    obs = adata.obs
-    splits_path = run_dir / "splits.parquet"
-    saved = load_assignments(splits_path, adata.obs_names) if splits_path.exists() else {}
-    changed = False
-    folds: list[Fold] = []
-    for category in config.categories:
-        column = keys.category(category)
-        if column not in obs:
-            log.warning("obs has no %r column; category %s is left out", column, category)
-            continue
-        if "pooled" in config.scenarios:
-            for split in config.splits:
-                name = f"{category}|{split}|k{config.folds}|seed{config.seed}"
-                category_folds = split_pooled(obs, labels, category_column=column, category=category,
-                                              sample_column=keys.sample, split=split, n_folds=config.folds,
-                                              seed=config.seed, assignment=saved.get(name))
-                if name not in saved:
-                    assignment = np.full(adata.n_obs, -1, dtype=np.int8)
-                    for fold in category_folds:
-                        if fold.skipped is None:
-                            assignment[fold.test] = int(fold.fold)
-                    saved[name] = assignment
-                    changed = True
-                folds.extend(category_folds)
-        if "cross" in config.scenarios:
-            folds.extend(split_cross_study(obs, labels, category_column=column, category=category,
-                                           study_column=keys.study))
-    if changed:
-        save_assignments(splits_path, adata.obs_names, saved)
-    return folds
-
-
-class _JobWriter:
-    """Store job rows: one place that turns a job and its outcome into a results row (and its predictions).
-
-    The per-cell sample names are read once per run, not once per job.
-    """
-
-    def __init__(self, store: ResultStore, obs: pd.DataFrame, sample_column: str, labels: np.ndarray) -> None:
-        self.store, self.labels = store, labels
-        self.cells = obs.index.astype(str)
-        self.samples = obs[sample_column].astype(str).to_numpy() if sample_column in obs else None
-
-    def row(self, job: Job, *, status: str, metrics: dict[str, float], reasons: dict[str, Any], seconds: float,
-            extra: dict[str, Any]) -> dict[str, Any]:
-        fold, samples = job.fold, self.samples
-        row: dict[str, Any] = {
-            "key": job.key, "model": job.model, "strategy": job.strategy, "head": job.head, "scenario": fold.scenario,
-            "category": fold.category, "value": fold.value, "fold": fold.fold, "split": fold.split, "status": status,
-            "n_train": int(fold.train.size), "n_test": int(fold.test.size),
-            "n_train_samples": int(np.unique(samples[fold.train]).size) if samples is not None else None,
-            "n_test_samples": int(np.unique(samples[fold.test]).size) if samples is not None else None,
-            "seconds": seconds, "reasons": reasons, **{name: metrics.get(name, float("nan")) for name in METRICS},
-        }
-        row.update(extra)
-        return row
-
-    def skipped(self, job: Job, reason: str) -> None:
-        self.store.write_job(self.row(job, status="skipped", metrics={}, reasons={"skipped": reason}, seconds=0.0,
-                                      extra={}))
-
-    def failed(self, job: Job, error: str, *, seconds: float, extra: dict[str, Any]) -> None:
-        self.store.write_job(self.row(job, status="failed", metrics={}, reasons={"error": error}, seconds=seconds,
-                                      extra=extra))
-
-    def scored(self, job: Job, test: np.ndarray, probability: np.ndarray, *, metrics: dict[str, float],
-               reasons: dict[str, Any], seconds: float, extra: dict[str, Any]) -> None:
-        row = self.row(job, status="done", metrics=metrics, reasons=reasons, seconds=seconds, extra=extra)
-        cells = pd.DataFrame({"cell": self.cells[test], "label": self.labels[test], "probability": probability})
-        self.store.write_job(row, cells)
-
-
-def _write_run_config(config: BenchmarkConfig, run_dir: Path) -> None:
-    import importlib.metadata as metadata
-
-    versions = {}
-    for package in ("scdrugmap", "torch", "numpy", "scikit-learn", "anndata", "transformers", "peft"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    facts = {"config": asdict(config), "environment": {"python": platform.python_version(),
-                                                        "platform": platform.platform(), "packages": versions}}
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(facts, indent=1, default=str))
-    os.replace(tmp, run_dir / "config.json")
-
-
-EMBEDDING_SAMPLE = 5000
-
-
-def _save_cells(run_dir: Path, obs: pd.DataFrame, keys: schema.ObsKeys) -> None:
-    """Write ``cells.parquet``: each cell's label and categories, for reports that only read the run."""
-    columns = {"response": keys.response, "study": keys.study, "sample": keys.sample, "dataset": keys.dataset,
-               **{kind: keys.category(kind) for kind in schema.CATEGORY_KINDS}}
-    frame = pd.DataFrame({"cell": obs.index.astype(str)})
-    for name, column in columns.items():
-        if column in obs:
-            frame[name] = obs[column].astype(str).to_numpy()
-    tmp = run_dir / "cells.parquet.tmp"
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, run_dir / "cells.parquet")
-
-
-def _save_embedding_sample(run_dir: Path, model: str, embeddings: np.ndarray, obs_names: pd.Index, *,
-                           seed: int) -> None:
-    """Write up to 5,000 cells' embeddings to ``embeddings/<model>.npz`` (for UMAPs in reports)."""
-    rng = np.random.default_rng(seed)
-    rows = np.arange(embeddings.shape[0])
-    if rows.size > EMBEDDING_SAMPLE:
-        rows = np.sort(rng.choice(rows, EMBEDDING_SAMPLE, replace=False))
-    folder = run_dir / "embeddings"
-    folder.mkdir(exist_ok=True)
-    tmp = folder / f"{model}.tmp.npz"
-    np.savez_compressed(tmp, embedding=embeddings[rows], cell=np.asarray(obs_names[rows], dtype=str))
-    os.replace(tmp, folder / f"{model}.npz")
-
-
 def _run_prompt_jobs(jobs: list[Job], adata: ad.AnnData, labels: np.ndarray, keys: schema.ObsKeys, prompt_config,
-                     writer: _JobWriter, *, progress: BenchmarkProgress | None, done: int, total: int) -> int:
+                     writer: JobWriter, *, progress: BenchmarkProgress | None, done: int, total: int) -> int:
     """Ask the language model for every pending prompt job, one category value (its folds) per call."""
     from scdrugmap import config as paths
     from scdrugmap.prompting import fit_predict_prompt
@@ -391,7 +153,7 @@ def _prepare_model(model: str, jobs: list[Job], config: BenchmarkConfig, adata: 
     return inputs, facts
 
 
-def _store_outcome(writer: _JobWriter, unit: Unit, outcome: UnitOutcome, labels: np.ndarray,
+def _store_outcome(writer: JobWriter, unit: Unit, outcome: UnitOutcome, labels: np.ndarray,
                    extra_of: dict[str, dict[str, Any]]) -> None:
     """Write the jobs of one finished unit."""
     seconds = outcome.seconds / len(unit.jobs)
@@ -418,8 +180,8 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
 
     Returns
     -------
-    The consolidated results (also in ``<out>/results.parquet``); per-cell predictions are in
-    ``<out>/predictions.parquet``.
+    The consolidated results, one row per job. They and the per-cell predictions are also in the
+    run folder ``config.out``; read it back with `scdrugmap.evaluate.store.read_run`.
     """
     from scdrugmap.data.io import data_fingerprint
 
@@ -439,9 +201,12 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     fingerprint = data_fingerprint(adata, layer=config.layer)
     store = ResultStore(run_dir)
     store.check_data(fingerprint)
-    _write_run_config(config, run_dir)
-    folds = make_folds(adata, labels, config, run_dir)
-    _save_cells(run_dir, adata.obs, keys)
+    store.write_config(asdict(config))
+    saved = store.read_splits(adata.obs_names)
+    folds, made = make_folds(adata, labels, config, saved)
+    if made:
+        store.write_splits(adata.obs_names, {**saved, **made})
+    store.save_cells(adata.obs, keys)
     jobs = [Job(model, strategy, head if strategy == "frozen" else "mlp", fold) for model in config.models
             for strategy in config.strategies if strategy != "prompt"
             for head in (config.heads if strategy == "frozen" else ["mlp"]) for fold in folds]
@@ -456,7 +221,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     if progress:
         progress("jobs", done, len(jobs), "")
     groups = np.asarray(adata.obs[keys.sample].astype(str)) if keys.sample in adata.obs else None
-    writer = _JobWriter(store, adata.obs, keys.sample, labels)
+    writer = JobWriter(store, adata.obs, keys.sample, labels)
     model_facts: dict[str, Any] = {}
     prompt_jobs = [job for job in pending if job.strategy == "prompt"]
     if prompt_jobs:  # API calls, limited per key: they run here whatever the executor
@@ -495,7 +260,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
         valid = np.ones(adata.n_obs, dtype=bool)
         if inputs.embeddings is not None and inputs.embeddings.shape[1]:
             valid = ~np.isnan(inputs.embeddings).any(axis=1)
-            _save_embedding_sample(run_dir, model_name, inputs.embeddings, adata.obs_names, seed=config.seed)
+            store.save_embedding_sample(model_name, inputs.embeddings, adata.obs_names, seed=config.seed)
         shared = executor.share(inputs)
         for unit in _units(runnable, valid):
             executor.submit(shared, unit)
@@ -503,9 +268,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     store_finished(wait=True)
     results = store.consolidate()
     if model_facts:
-        facts_path = run_dir / "models.json"
-        previous = json.loads(facts_path.read_text()) if facts_path.exists() else {}
-        facts_path.write_text(json.dumps({**previous, **model_facts}, indent=1, default=str))
+        store.write_model_facts(model_facts)
     log.info("    finished the benchmark in %.1fs", time.perf_counter() - start)
     return results
 

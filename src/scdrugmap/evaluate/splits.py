@@ -7,7 +7,7 @@ sits in both train and test (``split="cell"`` gives the paper's cell-level split
 
 Folds that cannot be formed are returned with a ``skipped`` reason, never dropped.
 Fold assignments depend only on obs, the labels and the seed, so every model sees
-identical folds; `save_assignments`/`load_assignments` keep them with a run.
+identical folds; the run folder keeps them (`scdrugmap.evaluate.store`).
 """
 
 from __future__ import annotations
@@ -163,21 +163,3 @@ def split_cross_study(obs: pd.DataFrame, labels: npt.NDArray, *, category_column
             folds.append(Fold("cross", category, value, study, "sample", train, test, skipped=reason))
     return folds
 
-
-def save_assignments(path, obs_names: pd.Index, assignments: dict[str, npt.NDArray[np.int8]]) -> None:
-    """Write pooled test-fold numbers per cell (one column per category and policy) atomically."""
-    import os
-
-    frame = pd.DataFrame(assignments, index=pd.Index(obs_names.astype(str), name="cell"))
-    tmp = f"{path}.tmp"
-    frame.to_parquet(tmp)
-    os.replace(tmp, path)
-
-
-def load_assignments(path, obs_names: pd.Index) -> dict[str, npt.NDArray[np.int8]]:
-    """Read saved fold numbers, refusing them if the cells differ from the data now."""
-    frame = pd.read_parquet(path)
-    if not frame.index.equals(pd.Index(obs_names.astype(str))):
-        msg = f"{path}: the saved splits belong to other cells than this data; use a new --out folder."
-        raise SplitError(msg)
-    return {column: frame[column].to_numpy() for column in frame.columns}

@@ -1,26 +1,78 @@
-"""The results store of a run directory: one file per finished job, written atomically.
+"""The run folder: the one module that knows its files. It writes each of them atomically and reads them back.
 
-``jobs/<id>.parquet`` holds a job's row and ``predictions/<id>.parquet`` its per-cell
-predictions; a job counts as finished once its row file exists (it is renamed into
-place after its predictions), so a killed run leaves no half job and a rerun skips
-exactly the finished ones. `consolidate` gathers them into ``results.parquet`` and
-``predictions.parquet``.
+A run folder is what ``scdrugmap benchmark --out RUN_DIR`` (`scdrugmap.evaluate.runner.run_benchmark`)
+writes. `ResultStore` writes it while the grid runs; `read_run` reads it back (`RunFolder`) for
+the report, the web server and users. Its files:
+
+``config.json``
+    ``{"config": <the resolved BenchmarkConfig>, "environment": {python, platform, packages}}``.
+``data_fingerprint.txt``
+    The content hash of the data; a folder refuses results of other data.
+``splits.parquet``
+    Pooled test-fold numbers per cell (index ``cell``; one int8 column per category, split policy,
+    fold count and seed; -1 where a cell is in no test fold), reused when the run resumes.
+``cells.parquet``
+    One row per cell: ``cell``, and where the data has them ``response``, ``study``, ``sample``,
+    ``dataset``, ``tissue``, ``cancer_type``, ``therapy``, ``regimen`` (as text).
+``jobs/<id>.parquet``, ``predictions/<id>.parquet``
+    One finished job's row, and its per-cell predictions (``cell``, ``label``, ``probability``,
+    ``key``). A job counts as finished once its row file exists (it is renamed into place after its
+    predictions), so a killed run leaves no half job and a rerun skips exactly the finished ones.
+``results.parquet``, ``predictions.parquet``
+    All job rows (one per job), and the predictions of every scored job, gathered by `consolidate`.
+``models.json``
+    Facts per model: embedding time and cache use, size, input kind, LoRA targets.
+``embeddings/<model>.npz``
+    Up to `EMBEDDING_SAMPLE` cells' embeddings (``embedding`` float32, ``cell`` names), for maps.
+
+Every file is written to ``<name>.tmp`` first and renamed into place (`os.replace`), so a reader
+never sees half a file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import platform
+from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
-from scdrugmap.errors import ConfigError
+from scdrugmap.data import schema
+from scdrugmap.errors import ConfigError, SplitError
+from scdrugmap.evaluate.metrics import METRICS
 
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from scdrugmap.evaluate.grid import Job
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+FINGERPRINT = "data_fingerprint.txt"
+SPLITS = "splits.parquet"
+CELLS = "cells.parquet"
 RESULTS = "results.parquet"
 PREDICTIONS = "predictions.parquet"
+MODELS = "models.json"
+JOBS_DIR = "jobs"
+PREDICTIONS_DIR = "predictions"
+EMBEDDINGS_DIR = "embeddings"
+EMBEDDING_SUFFIX = ".npz"
+#: Every file of a run folder, by name (folders end in ``/``): what `scdrugmap.evaluate.store` alone names.
+FILE_NAMES = (CONFIG, FINGERPRINT, SPLITS, CELLS, RESULTS, PREDICTIONS, MODELS, f"{JOBS_DIR}/",
+              f"{PREDICTIONS_DIR}/", f"{EMBEDDINGS_DIR}/")
+#: Most cells of a model's embedding sample.
+EMBEDDING_SAMPLE = 5000
+#: Package versions recorded with a run.
+RECORDED_PACKAGES = ("scdrugmap", "torch", "numpy", "scikit-learn", "anndata", "transformers", "peft")
 
 
 def job_id(key: str) -> str:
@@ -28,22 +80,45 @@ def job_id(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
-def _write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` through ``write(tmp)`` into ``<path>.tmp``, then rename it into place."""
     tmp = path.with_name(path.name + ".tmp")
-    frame.to_parquet(tmp, index=False)
+    write(tmp)
     os.replace(tmp, path)
 
 
+def _write_parquet_atomic(frame: pd.DataFrame, path: Path, *, index: bool | None = False) -> None:
+    _write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=index))
+
+
+def _write_text_atomic(text: str, path: Path) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        log.info("%s is missing; what it would hold is left out", path)
+        return {}
+    return json.loads(path.read_text())
+
+
+def results_file(run_dir: str | Path) -> Path:
+    """Return the path of a run's consolidated results (one row per job)."""
+    return Path(run_dir) / RESULTS
+
+
 class ResultStore:
-    """Results of one benchmark run, kept in ``run_dir``."""
+    """Write a run folder while its grid runs (and read the job files a resume needs)."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
-        self.jobs_dir = self.run_dir / "jobs"
-        self.predictions_dir = self.run_dir / "predictions"
+        self.jobs_dir = self.run_dir / JOBS_DIR
+        self.predictions_dir = self.run_dir / PREDICTIONS_DIR
 
     def _job_path(self, key: str) -> Path:
         return self.jobs_dir / f"{job_id(key)}.parquet"
+
+    # --- jobs ------------------------------------------------------------------------------------------
 
     def status(self, key: str) -> str | None:
         """Return the stored status of a job (``done``, ``skipped``, ``failed``) or None."""
@@ -63,6 +138,10 @@ class ResultStore:
                 keys.add(str(row["key"].iloc[0]))
         return keys
 
+    def has_jobs(self) -> bool:
+        """Return True when at least one job is stored."""
+        return self.jobs_dir.exists() and next(self.jobs_dir.glob("*.parquet"), None) is not None
+
     def write_job(self, row: dict[str, Any], predictions: pd.DataFrame | None = None) -> None:
         """Store one finished job: its predictions first, then its row (which marks it finished)."""
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +153,7 @@ class ResultStore:
         _write_parquet_atomic(frame, self.jobs_dir / f"{identifier}.parquet")
 
     def results(self) -> pd.DataFrame:
-        """Return every stored job row (one per job)."""
+        """Return every stored job row (one per job), sorted by key."""
         files = sorted(self.jobs_dir.glob("*.parquet")) if self.jobs_dir.exists() else []
         if not files:
             return pd.DataFrame()
@@ -95,24 +174,318 @@ class ResultStore:
                 _write_parquet_atomic(pd.concat(frames, ignore_index=True), self.run_dir / PREDICTIONS)
         return results
 
+    # --- the run's data --------------------------------------------------------------------------------
+
     def check_data(self, fingerprint: str) -> None:
-        """Refuse to mix results of different data in one run directory."""
-        path = self.run_dir / "data_fingerprint.txt"
+        """Refuse to mix results of different data in one run directory; record the data's fingerprint."""
+        path = self.run_dir / FINGERPRINT
         if path.exists() and path.read_text().strip() != fingerprint:
             msg = (f"{self.run_dir} holds results for other data (fingerprint differs). "
                    "Use a new --out folder, or delete this one to start over.")
             raise ConfigError(msg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(fingerprint)
+        _write_text_atomic(fingerprint, path)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """Write the run's resolved settings with the Python, platform and package versions running it."""
+        import importlib.metadata as metadata
+
+        versions = {}
+        for package in RECORDED_PACKAGES:
+            try:
+                versions[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                continue
+        facts = {"config": config, "environment": {"python": platform.python_version(),
+                                                   "platform": platform.platform(), "packages": versions}}
+        _write_text_atomic(json.dumps(facts, indent=1, default=str), self.run_dir / CONFIG)
+
+    def read_splits(self, obs_names: pd.Index) -> dict[str, npt.NDArray[np.int8]]:
+        """Return the saved pooled fold numbers per cell by name (empty when none are saved).
+
+        Raises
+        ------
+        SplitError
+            When they were saved for other cells than ``obs_names``.
+        """
+        path = self.run_dir / SPLITS
+        if not path.exists():
+            return {}
+        frame = pd.read_parquet(path)
+        if not frame.index.equals(pd.Index(obs_names.astype(str))):
+            msg = f"{path}: the saved splits belong to other cells than this data; use a new --out folder."
+            raise SplitError(msg)
+        return {column: frame[column].to_numpy() for column in frame.columns}
+
+    def write_splits(self, obs_names: pd.Index, assignments: dict[str, npt.NDArray[np.int8]]) -> None:
+        """Write pooled test-fold numbers per cell (one column per category, policy, fold count and seed)."""
+        frame = pd.DataFrame(assignments, index=pd.Index(obs_names.astype(str), name="cell"))
+        _write_parquet_atomic(frame, self.run_dir / SPLITS, index=None)
+
+    def save_cells(self, obs: pd.DataFrame, keys: schema.ObsKeys) -> None:
+        """Write each cell's label and categories, for reports that only read the run."""
+        columns = {"response": keys.response, "study": keys.study, "sample": keys.sample, "dataset": keys.dataset,
+                   **{kind: keys.category(kind) for kind in schema.CATEGORY_KINDS}}
+        frame = pd.DataFrame({"cell": obs.index.astype(str)})
+        for name, column in columns.items():
+            if column in obs:
+                frame[name] = obs[column].astype(str).to_numpy()
+        _write_parquet_atomic(frame, self.run_dir / CELLS)
+
+    def save_embedding_sample(self, model: str, embeddings: np.ndarray, obs_names: pd.Index, *, seed: int) -> None:
+        """Write up to `EMBEDDING_SAMPLE` cells' embeddings of ``model`` (drawn with ``seed``), for maps in reports."""
+        rng = np.random.default_rng(seed)
+        rows = np.arange(embeddings.shape[0])
+        if rows.size > EMBEDDING_SAMPLE:
+            rows = np.sort(rng.choice(rows, EMBEDDING_SAMPLE, replace=False))
+        folder = self.run_dir / EMBEDDINGS_DIR
+        folder.mkdir(exist_ok=True)
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as handle:  # a handle: numpy would add .npz to the name of a path
+                np.savez_compressed(handle, embedding=embeddings[rows], cell=np.asarray(obs_names[rows], dtype=str))
+
+        _write_atomic(folder / f"{model}{EMBEDDING_SUFFIX}", write)
+
+    def write_model_facts(self, facts: dict[str, dict[str, Any]]) -> None:
+        """Add (or replace) the facts of these models to those already stored."""
+        path = self.run_dir / MODELS
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        _write_text_atomic(json.dumps({**previous, **facts}, indent=1, default=str), path)
 
 
-def read_results(run_dir: str | Path) -> pd.DataFrame:
-    """Read a run's ``results.parquet`` (or its per-job files when the run was cut short)."""
+class JobWriter:
+    """Turn a job and its outcome into its results row (and its predictions), and store them.
+
+    The per-cell sample names are read once per run, not once per job.
+    """
+
+    def __init__(self, store: ResultStore, obs: pd.DataFrame, sample_column: str, labels: np.ndarray) -> None:
+        self.store, self.labels = store, labels
+        self.cells = obs.index.astype(str)
+        self.samples = obs[sample_column].astype(str).to_numpy() if sample_column in obs else None
+
+    def row(self, job: Job, *, status: str, metrics: dict[str, float], reasons: dict[str, Any], seconds: float,
+            extra: dict[str, Any]) -> dict[str, Any]:
+        fold, samples = job.fold, self.samples
+        row: dict[str, Any] = {
+            "key": job.key, "model": job.model, "strategy": job.strategy, "head": job.head, "scenario": fold.scenario,
+            "category": fold.category, "value": fold.value, "fold": fold.fold, "split": fold.split, "status": status,
+            "n_train": int(fold.train.size), "n_test": int(fold.test.size),
+            "n_train_samples": int(np.unique(samples[fold.train]).size) if samples is not None else None,
+            "n_test_samples": int(np.unique(samples[fold.test]).size) if samples is not None else None,
+            "seconds": seconds, "reasons": reasons, **{name: metrics.get(name, float("nan")) for name in METRICS},
+        }
+        row.update(extra)
+        return row
+
+    def skipped(self, job: Job, reason: str) -> None:
+        self.store.write_job(self.row(job, status="skipped", metrics={}, reasons={"skipped": reason}, seconds=0.0,
+                                      extra={}))
+
+    def failed(self, job: Job, error: str, *, seconds: float, extra: dict[str, Any]) -> None:
+        self.store.write_job(self.row(job, status="failed", metrics={}, reasons={"error": error}, seconds=seconds,
+                                      extra=extra))
+
+    def scored(self, job: Job, test: np.ndarray, probability: np.ndarray, *, metrics: dict[str, float],
+               reasons: dict[str, Any], seconds: float, extra: dict[str, Any]) -> None:
+        row = self.row(job, status="done", metrics=metrics, reasons=reasons, seconds=seconds, extra=extra)
+        cells = pd.DataFrame({"cell": self.cells[test], "label": self.labels[test], "probability": probability})
+        self.store.write_job(row, cells)
+
+
+class RunFolder:
+    """A benchmark run folder, read back: what `read_run` returns.
+
+    Each file is read the first time its attribute is used, then kept. Every file but the results
+    is optional: an attribute whose file is missing is None or empty.
+
+    Attributes
+    ----------
+    path
+        The run folder.
+    results
+        One row per job of the grid (`pandas.DataFrame`): ``key``, ``model``, ``strategy``,
+        ``head``, ``scenario``, ``category``, ``value``, ``fold``, ``split``, ``status`` (``done``,
+        ``skipped``, ``failed``), ``n_train``, ``n_test``, ``n_train_samples``, ``n_test_samples``,
+        ``seconds``, ``reasons`` (JSON text: why a metric is NaN or a job was not scored), the
+        metrics ``f1``, ``auroc``, ``accuracy``, ``precision``, ``recall``, and the model's and the
+        training's facts (``embed_seconds``, ``train_*``, ``prompt_*``). Read from the consolidated
+        results, or from the per-job files when the run was cut short.
+    predictions
+        One row per cell and scored job: ``cell``, ``label`` (1 = sensitive), ``probability`` of
+        sensitive (NaN where the model gave none) and the job's ``key``; None when not written.
+    cells
+        One row per cell of the data: ``cell`` and its ``response``, ``study``, ``sample``,
+        ``dataset``, ``tissue``, ``cancer_type``, ``therapy``, ``regimen`` (as text, where present).
+    config
+        The resolved settings of the run (the fields of `scdrugmap.evaluate.grid.BenchmarkConfig`).
+    environment
+        ``python``, ``platform`` and ``packages`` (name: version) of the machine that ran it.
+    models
+        Facts per model: of its embedding (``seconds``, ``cells_per_second``, ``n_cells``, ``dim``,
+        ``cache`` hit or miss) and of the model (``family``, ``input``, ``embedding_dim``,
+        ``lora_targets``, ``parameters`` of a network); for a prompted language model, its settings.
+    fingerprint
+        The content hash of the data the run used.
+    splits
+        Pooled test-fold numbers per cell (index ``cell``), one column per category, split policy,
+        fold count and seed; -1 where a cell is in no test fold.
+    simulated
+        True when the cells came from the simulator (``config["data"] == "demo"``).
+    model_list
+        Every model of the run, in the order of the run's config, then any other, sorted.
+
+    Examples
+    --------
+    >>> run = read_run("scdrugmap-runs/demo")  # doctest: +SKIP
+    >>> run.results.groupby("model")["auroc"].mean()  # doctest: +SKIP
+    >>> embedding, cells = run.embedding("pca")  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @cached_property
+    def results(self) -> pd.DataFrame:
+        """One row per job (see the class docstring)."""
+        path = self.path / RESULTS
+        if path.exists():
+            return pd.read_parquet(path)
+        results = ResultStore(self.path).results()
+        if results.empty:
+            raise _no_results(self.path)
+        return results
+
+    @cached_property
+    def predictions(self) -> pd.DataFrame | None:
+        """One row per cell and scored job (``cell``, ``label``, ``probability``, ``key``), or None."""
+        path = self.path / PREDICTIONS
+        if not path.exists():
+            return None
+        predictions = pd.read_parquet(path)
+        predictions["key"] = predictions["key"].astype(str)
+        return predictions
+
+    @cached_property
+    def cells(self) -> pd.DataFrame | None:
+        """One row per cell: ``cell``, its label and categories as text; None when not written."""
+        path = self.path / CELLS
+        return pd.read_parquet(path) if path.exists() else None
+
+    @cached_property
+    def _config_file(self) -> dict[str, Any]:
+        return _read_json(self.path / CONFIG)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved settings of the run (empty when not written)."""
+        facts = self._config_file
+        return facts.get("config", {}) if "config" in facts or "environment" in facts else facts
+
+    @property
+    def environment(self) -> dict[str, Any]:
+        """``python``, ``platform`` and ``packages`` of the machine that ran it (empty when not written)."""
+        return self._config_file.get("environment", {})
+
+    @cached_property
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Facts per model (empty when not written)."""
+        return _read_json(self.path / MODELS)
+
+    @cached_property
+    def fingerprint(self) -> str | None:
+        """The content hash of the run's data, or None."""
+        path = self.path / FINGERPRINT
+        return path.read_text().strip() if path.exists() else None
+
+    @cached_property
+    def splits(self) -> pd.DataFrame | None:
+        """Pooled test-fold numbers per cell (index ``cell``, one column per split), or None."""
+        path = self.path / SPLITS
+        return pd.read_parquet(path) if path.exists() else None
+
+    @property
+    def simulated(self) -> bool:
+        """True when the cells came from the simulator (``config["data"] == "demo"``)."""
+        return str(self.config.get("data", "")) == "demo"
+
+    @property
+    def model_list(self) -> list[str]:
+        """Every model of the run, in the order the run's config lists them (then any other, sorted)."""
+        listed = [str(m) for m in self.config.get("models", [])]
+        present = set(self.results["model"].astype(str))
+        return [m for m in listed if m in present] + sorted(present - set(listed))
+
+    def embedding_models(self) -> list[str]:
+        """Return the models with a saved embedding sample, in run order (then any other, sorted)."""
+        folder = self.path / EMBEDDINGS_DIR
+        saved = {path.stem for path in folder.glob(f"*{EMBEDDING_SUFFIX}")} if folder.exists() else set()
+        return [m for m in self.model_list if m in saved] + sorted(saved - set(self.model_list))
+
+    def embedding(self, model: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.str_]]:
+        """Return a model's saved embedding sample: (embedding (cells x dim) float32, cell names).
+
+        Raises
+        ------
+        FileNotFoundError
+            When the run saved no sample for ``model`` (see `embedding_models`).
+        ConfigError
+            When the cell names were stored as a pickled object array (never loaded).
+        """
+        path = self.path / EMBEDDINGS_DIR / f"{model}{EMBEDDING_SUFFIX}"
+        with np.load(path, allow_pickle=False) as saved:
+            embedding = np.asarray(saved["embedding"], dtype=np.float32)
+            try:
+                cells = np.asarray(saved["cell"]).astype(str)
+            except ValueError as err:  # an object array would need pickle: never load one
+                msg = (f"{path}: cell names are stored as a pickled object array, which is not loaded. "
+                       "Rerun the benchmark with this scDrugMap version to rewrite the embedding sample.")
+                raise ConfigError(msg) from err
+        return embedding, cells
+
+
+def _no_results(run_dir: Path) -> ConfigError:
+    return ConfigError(f"{run_dir}: no results found; run `scdrugmap benchmark --out {run_dir}` first.")
+
+
+def read_run(run_dir: str | Path) -> RunFolder:
+    """Read a benchmark run folder: its results, predictions, cells, settings and model facts.
+
+    Parameters
+    ----------
+    run_dir
+        The ``--out`` folder of ``scdrugmap benchmark`` (`scdrugmap.evaluate.runner.run_benchmark`),
+        finished or cut short.
+
+    Returns
+    -------
+    The run (`RunFolder`): ``results`` (one row per job), ``predictions`` (one row per cell and
+    scored job), ``cells``, ``config``, ``environment``, ``models`` (facts per model),
+    ``fingerprint``, ``splits``, ``simulated``, ``model_list``, and ``embedding_models()`` /
+    ``embedding(model)`` for the saved embedding samples. Files are read on first use.
+
+    Raises
+    ------
+    ConfigError
+        When ``run_dir`` is not a folder or holds no results.
+
+    Examples
+    --------
+    >>> from scdrugmap.evaluate.store import read_run
+    >>> run = read_run("scdrugmap-runs/demo")  # doctest: +SKIP
+    >>> done = run.results[run.results["status"] == "done"]  # doctest: +SKIP
+    >>> done.groupby(["model", "category"])["auroc"].mean()  # doctest: +SKIP
+    >>> run.predictions.merge(run.cells, on="cell")  # doctest: +SKIP
+    """
     run_dir = Path(run_dir)
-    if (run_dir / RESULTS).exists():
-        return pd.read_parquet(run_dir / RESULTS)
-    results = ResultStore(run_dir).results()
-    if results.empty:
-        msg = f"{run_dir}: no results found; run `scdrugmap benchmark --out {run_dir}` first."
+    if not run_dir.is_dir():
+        msg = f"{run_dir} is not a folder; give the --out folder of a `scdrugmap benchmark` run."
         raise ConfigError(msg)
-    return results
+    if not (run_dir / RESULTS).exists() and not ResultStore(run_dir).has_jobs():
+        raise _no_results(run_dir)
+    return RunFolder(run_dir)
+

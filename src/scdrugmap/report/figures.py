@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from scdrugmap.evaluate.store import MODELS, PREDICTIONS
 from scdrugmap.report.projection import Projection, project_embedding, umap_fallback_reason
 from scdrugmap.report.run import (
     RunData,
@@ -467,7 +468,7 @@ def plot_scalability(table: pd.DataFrame, colours: dict[str, str]) -> Figure:
     without a value (e.g. no parameter count for PCA) are marked "n/a".
     """
     if table.empty:
-        return message_figure("Scalability", "No model facts (models.json) and no scored job.")
+        return message_figure("Scalability", f"No model facts ({MODELS}) and no scored job.")
     per_model = table.drop_duplicates("_model")
     panels: list[tuple[str, pd.DataFrame, str, str, Callable[[float], str]]] = [
         ("Inference (embedding every cell)", per_model, "inference (cells/s)", "Cells per second (log scale)",
@@ -529,7 +530,7 @@ def plot_roc_pr(predictions: pd.DataFrame | None, colours: dict[str, str], *, sp
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
     if predictions is None or predictions.empty:
-        return message_figure("ROC and precision-recall curves", "The run stored no predictions (predictions.parquet).")
+        return message_figure("ROC and precision-recall curves", f"The run stored no predictions ({PREDICTIONS}).")
     frame = _pooled_curves(predictions, split)
     if frame.empty:
         return message_figure("ROC and precision-recall curves", f"No predictions under split = {split}.")
@@ -588,7 +589,7 @@ def plot_calibration(predictions: pd.DataFrame | None, colours: dict[str, str], 
     gives the Brier score. Points on the diagonal are perfectly calibrated.
     """
     if predictions is None or predictions.empty:
-        return message_figure("Calibration", "The run stored no predictions (predictions.parquet).")
+        return message_figure("Calibration", f"The run stored no predictions ({PREDICTIONS}).")
     frame = _pooled_curves(predictions, split)
     if frame.empty:
         return message_figure("Calibration", f"No predictions under split = {split}.")
@@ -899,7 +900,7 @@ def build_figures(run: RunData, *, projection: Projection = "auto", seed: int = 
                                     "type and by response. The method (UMAP, or PCA as fallback) is in the title.",
                                     figure))
     figures.append(ReportFigure("scalability", "Scalability",
-                                "Inference: cells embedded per second (models.json). Training: mean seconds per fold "
+                                f"Inference: cells embedded per second ({MODELS}). Training: mean seconds per fold "
                                 "for fitting the head or LoRA and predicting the test fold. Log scales.",
                                 plot_scalability(scalability_table(run), colours)))
     figures += [

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import matplotlib as mpl
 import pandas as pd
 
+from scdrugmap.evaluate.store import MODELS
 from scdrugmap.report.serialise import make_json_safe
 from scdrugmap.report.style import RC_PARAMS
 
@@ -106,7 +107,7 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
     Parameters
     ----------
     run
-        The run read by `scdrugmap.report.run.read_run`.
+        The run read by `scdrugmap.report.run.read_run_data`.
     figures
         Figures in report order; each is embedded as a PNG data URI with its caption.
     best, scalability, unscored
@@ -159,7 +160,7 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
                          "of scored folds; the buttons switch between F1 and AUROC; click a model in the legend to "
                          "hide it.</figcaption></figure>")
     parts.append("<h2 id='scalability-table'>Scalability table</h2><p>Parameters and output dimension of each "
-                 "model; inference is embedding every cell once (from models.json; a cache hit repeats the "
+                 f"model; inference is embedding every cell once (from {MODELS}; a cache hit repeats the "
                  "original timing); training is fitting the head or LoRA and predicting one test fold.</p>")
     parts.append(_table(_format_scalability(scalability)))
     parts.append("<h2 id='unscored'>Jobs not scored</h2><p>Skipped and failed jobs have no metrics and appear in "

@@ -1,16 +1,15 @@
-"""Read a run directory (the results store) into plain frames for the report.
+"""A benchmark run as the report shows it: the run folder read through the store, results normalised.
 
-The report reads only what a benchmark wrote: ``results.parquet`` (through
-`scdrugmap.evaluate.store.read_results`), ``predictions.parquet``, ``cells.parquet``,
-``embeddings/<model>.npz``, ``models.json`` and ``config.json``. Every file but the
-results is optional; a figure that needs a missing file says so instead of failing.
+The report reads only what a benchmark wrote, through `scdrugmap.evaluate.store.read_run`
+(`RunFolder`): results, predictions, cells, embedding samples, model facts and the run's config.
+Every file but the results is optional; a figure that needs a missing file says so instead of
+failing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pandas as pd
 from scdrugmap.data.schema import CATEGORY_KINDS
 from scdrugmap.errors import ConfigError
 from scdrugmap.evaluate.metrics import METRICS
-from scdrugmap.evaluate.store import read_results
+from scdrugmap.evaluate.store import RunFolder, read_run
 from scdrugmap.report.style import setting_name
 
 log = logging.getLogger(__name__)
@@ -33,46 +32,57 @@ HEAD_ORDER = ("mlp", "logistic")
 
 @dataclass
 class RunData:
-    """Everything a report shows about one run, read from its directory."""
+    """Everything a report shows about one run: its folder (`RunFolder`) and its normalised results.
 
-    run_dir: Path
+    ``results`` has every column of `ROW_DEFAULTS` (filled for older runs), text keys, numeric
+    metrics and a ``setting`` column (strategy and head, as the figures name them). The other
+    attributes are the folder's, read on first use.
+    """
+
+    folder: RunFolder
     results: pd.DataFrame
-    predictions: pd.DataFrame | None = None
-    cells: pd.DataFrame | None = None
-    models: dict[str, dict[str, Any]] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-    environment: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
+
+    @property
+    def predictions(self) -> pd.DataFrame | None:
+        return self.folder.predictions
+
+    @property
+    def cells(self) -> pd.DataFrame | None:
+        return self.folder.cells
+
+    @property
+    def models(self) -> dict[str, dict[str, Any]]:
+        return self.folder.models
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.folder.config
+
+    @property
+    def environment(self) -> dict[str, Any]:
+        return self.folder.environment
 
     @property
     def simulated(self) -> bool:
         """True when the cells came from the simulator (``config.data == "demo"``)."""
-        return str(self.config.get("data", "")) == "demo"
+        return self.folder.simulated
 
     @property
     def model_list(self) -> list[str]:
         """Every model of the run, in the order the run config lists them (then any other, sorted)."""
-        listed = [str(m) for m in self.config.get("models", [])]
-        present = set(self.results["model"].astype(str))
-        return [m for m in listed if m in present] + sorted(present - set(listed))
+        return self.folder.model_list
 
     def embedding_models(self) -> list[str]:
-        """Models with a saved embedding sample (``embeddings/<model>.npz``), in run order."""
-        folder = self.run_dir / "embeddings"
-        saved = {path.stem for path in folder.glob("*.npz")} if folder.exists() else set()
-        return [m for m in self.model_list if m in saved] + sorted(saved - set(self.model_list))
+        """Models with a saved embedding sample, in run order."""
+        return self.folder.embedding_models()
 
     def embedding(self, model: str) -> tuple[np.ndarray, np.ndarray]:
         """Return (embedding (cells x dim) float32, cell names) of a model's saved sample."""
-        path = self.run_dir / "embeddings" / f"{model}.npz"
-        with np.load(path, allow_pickle=False) as saved:
-            embedding = np.asarray(saved["embedding"], dtype=np.float32)
-            try:
-                cells = np.asarray(saved["cell"]).astype(str)
-            except ValueError as err:  # an object array would need pickle: never load one
-                msg = (f"{path}: cell names are stored as a pickled object array, which is not loaded. "
-                       "Rerun the benchmark with this scDrugMap version to rewrite the embedding sample.")
-                raise ConfigError(msg) from err
-        return embedding, cells
+        return self.folder.embedding(model)
 
 
 def settings_order(results: pd.DataFrame) -> list[str]:
@@ -110,35 +120,16 @@ def _normalise_results(results: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        log.info("%s is missing; the report leaves out what it would show", path)
-        return {}
-    return json.loads(path.read_text())
-
-
-def read_run(run_dir: str | Path) -> RunData:
-    """Read a run directory for a report.
+def read_run_data(run: str | Path | RunFolder) -> RunData:
+    """Read a run folder (or take one already read) for a report.
 
     Raises
     ------
     ConfigError
-        When the folder holds no results.
+        When the folder is not one or holds no results, or the results lack a job column.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        msg = f"{run_dir} is not a folder; give the --out folder of a `scdrugmap benchmark` run."
-        raise ConfigError(msg)
-    results = _normalise_results(read_results(run_dir))
-    predictions = None
-    if (run_dir / "predictions.parquet").exists():
-        predictions = pd.read_parquet(run_dir / "predictions.parquet")
-        predictions["key"] = predictions["key"].astype(str)
-    cells = pd.read_parquet(run_dir / "cells.parquet") if (run_dir / "cells.parquet").exists() else None
-    facts = _read_json(run_dir / "config.json")
-    return RunData(run_dir=run_dir, results=results, predictions=predictions, cells=cells,
-                   models=_read_json(run_dir / "models.json"), config=facts.get("config", {}),
-                   environment=facts.get("environment", {}))
+    folder = run if isinstance(run, RunFolder) else read_run(run)
+    return RunData(folder=folder, results=_normalise_results(folder.results))
 
 
 def scored(results: pd.DataFrame, *, scenario: str | None = None, split: str | None = None) -> pd.DataFrame:

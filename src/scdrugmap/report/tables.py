@@ -77,7 +77,7 @@ def best_models(results: pd.DataFrame) -> pd.DataFrame:
 def scalability_table(run: RunData) -> pd.DataFrame:
     """Return per model and strategy: parameters, output dim, embedding (inference) and training speed.
 
-    Inference facts come from ``models.json`` (embedding every cell once); training facts
+    Inference facts come from the run's model facts (``run.models``: embedding every cell once); training facts
     from the scored jobs (``seconds`` per fold covers fitting the head or LoRA and
     predicting the test fold; speed is training cells per second of that time, median over folds).
     """

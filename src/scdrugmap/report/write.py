@@ -77,7 +77,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     from scdrugmap.report.figures import build_figures
     from scdrugmap.report.html import render_html
     from scdrugmap.report.interactive import interactive_bars, plotly_available
-    from scdrugmap.report.run import read_run
+    from scdrugmap.report.run import read_run_data
     from scdrugmap.report.style import RC_PARAMS, model_colours
     from scdrugmap.report.tables import best_models, job_counts, scalability_table, unscored_jobs
 
@@ -86,7 +86,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
         msg = f"projection {projection!r} is not available; choose from auto, umap, pca."
         raise ConfigError(msg)
     start = time.perf_counter()
-    run = read_run(run_dir)
+    run = read_run_data(run_dir)
     out = Path(out_dir) if out_dir is not None else run.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     log.info("writing the report of %s into %s (%s)", run.run_dir, out, ", ".join(chosen))

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from scdrugmap.errors import ConfigError
 from scdrugmap.evaluate.metrics import METRICS, summarise
-from scdrugmap.evaluate.store import read_results
+from scdrugmap.evaluate.store import read_run
 from scdrugmap.report.serialise import make_json_safe
 from scdrugmap.web.db import BenchmarkResult, BenchmarkRun, utcnow
 
@@ -46,18 +46,17 @@ def import_results(session: Session, run_dir: str | Path) -> BenchmarkRun:
     Raises
     ------
     ConfigError
-        When the folder holds no results, or its rows lack the columns of a results store.
+        When ``run_dir`` is not a folder or holds no results, or its rows lack the columns of a results store.
     """
     run_dir = Path(run_dir).expanduser().resolve()
-    results = read_results(run_dir)
+    folder = read_run(run_dir)
+    results = folder.results
     missing = [c for c in REQUIRED_COLUMNS if c not in results.columns]
     if missing:
         msg = f"{run_dir}: results lack the columns {missing}; is this a `scdrugmap benchmark` run folder?"
         raise ConfigError(msg)
-    config_path = run_dir / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    fingerprint_path = run_dir / "data_fingerprint.txt"
-    fingerprint = fingerprint_path.read_text().strip()[:64] if fingerprint_path.exists() else None
+    config = json.loads(json.dumps(folder.config, default=str))
+    fingerprint = None if folder.fingerprint is None else folder.fingerprint[:64]
     run = session.scalar(select(BenchmarkRun).where(BenchmarkRun.source == str(run_dir)))
     if run is None:
         run = BenchmarkRun(source=str(run_dir))
@@ -66,7 +65,7 @@ def import_results(session: Session, run_dir: str | Path) -> BenchmarkRun:
         session.execute(delete(BenchmarkResult).where(BenchmarkResult.run_id == run.id))
     run.name = run_dir.name
     run.fingerprint = fingerprint
-    run.config = json.loads(json.dumps(config.get("config", config), default=str))
+    run.config = config
     run.n_jobs = len(results)
     run.imported_at = utcnow()
     session.flush()

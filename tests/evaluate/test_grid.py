@@ -1,0 +1,59 @@
+"""The settings of a run are merged once: command-line flags over the YAML file over the defaults."""
+
+import pytest
+
+from scdrugmap.errors import ConfigError
+from scdrugmap.evaluate.grid import BenchmarkConfig
+
+#: What the CLI passes when no option is given: every contract column under its own name.
+CONTRACT_KEYS = {"response": "response", "study": "study", "sample": "sample", "tissue": "tissue",
+                 "cancer_type": "cancer_type", "therapy": "therapy", "regimen": "regimen"}
+
+
+def _yaml(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_nothing_given_is_the_defaults():
+    assert BenchmarkConfig.resolve() == BenchmarkConfig()
+    assert BenchmarkConfig.resolve(None, {"data": None, "folds": None}, CONTRACT_KEYS) == BenchmarkConfig()
+
+
+def test_flags_win_over_the_file_and_the_file_over_the_defaults(tmp_path):
+    path = _yaml(tmp_path, "data: cells.h5ad\nfolds: 5\nseed: 3\nmodels: [pca]\nweights: {scgpt: /w}\n")
+    config = BenchmarkConfig.resolve(path, {"folds": 7, "seed": None, "models": None, "weights": {"uce": "/u"}})
+    assert (config.data, config.folds, config.seed, config.models) == ("cells.h5ad", 7, 3, ["pca"])
+    assert config.weights == {"uce": "/u"}  # a table given on the command line replaces the file's
+    assert config.heads == ["mlp"] and config.out == "scdrugmap-runs/cells"
+
+
+def test_prompt_and_lora_flags_change_single_entries_of_the_files_tables(tmp_path):
+    path = _yaml(tmp_path, "prompt: {model: gpt-x, shots: 2}\nlora: {epochs: 3, rank: 4}\n")
+    config = BenchmarkConfig.resolve(path, {"prompt": {"shots": 0, "model": None, "api_base": None},
+                                            "lora": {"epochs": None}})
+    assert config.prompt == {"model": "gpt-x", "shots": 0}
+    assert config.lora == {"epochs": 3, "rank": 4}
+    assert BenchmarkConfig.resolve(None, {"lora": {"epochs": 2}}).lora == {"epochs": 2}
+
+
+def test_only_changed_column_names_are_kept_over_the_files(tmp_path):
+    path = _yaml(tmp_path, "keys: {sample: patient, study: series}\n")
+    config = BenchmarkConfig.resolve(path, {}, {**CONTRACT_KEYS, "study": "gse"})
+    assert config.keys == {"sample": "patient", "study": "gse"}
+    assert config.obs_keys().sample == "patient"
+
+
+def test_out_defaults_to_a_folder_named_after_the_data(tmp_path):
+    assert BenchmarkConfig.resolve(None, {"data": "/x/melanoma.h5ad"}).out == "scdrugmap-runs/melanoma"
+    assert BenchmarkConfig.resolve(None, {"data": "demo"}).out == "scdrugmap-runs/demo"
+    path = _yaml(tmp_path, "data: /x/melanoma.h5ad\nout: runs/m\n")
+    assert BenchmarkConfig.resolve(path, {}).out == "runs/m"
+
+
+def test_a_missing_file_or_an_unknown_setting_is_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        BenchmarkConfig.resolve(tmp_path / "nonesuch.yaml")
+    with pytest.raises(ConfigError, match=r"unknown settings \['fold'\]; allowed: "):
+        BenchmarkConfig.resolve(_yaml(tmp_path, "fold: 3\n"))
