@@ -445,7 +445,7 @@ def benchmark(data: str | Path | ad.AnnData = "demo", *, progress: Callable[[str
 
     Returns
     -------
-    One row per job (also in ``<out>/results.parquet``); read the whole run with `scdrugmap.read_run`.
+    One row per job (also stored in the run folder ``out``); read the whole run with `scdrugmap.read_run`.
 
     Examples
     --------
