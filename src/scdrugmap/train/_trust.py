@@ -7,7 +7,7 @@ bundle's safetensors file, and floats, ints and strings, which go into its JSON.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 #: A trust object's fitted state: arrays (safetensors) and JSON-able scalars.
-State = dict[str, Union["np.ndarray", float, int, str]]
+State = dict[str, np.ndarray | float | int | str]
 
 #: Positions of the two classes in every (cells x 2) array: 0 resistant, 1 sensitive (the positive class).
 CLASS_NAMES: tuple[str, str] = (schema.RESISTANT, schema.SENSITIVE)
