@@ -53,6 +53,17 @@ def test_sets_follow_the_finite_sample_quantile_of_each_class():
         assert np.array_equal(sets[:, k], 1.0 - p_class <= quantile)
 
 
+def test_sets_are_the_same_from_raw_or_platt_calibrated_probabilities():
+    from scdrugmap.train.calibration import PlattCalibrator
+
+    probabilities, labels = _logistic_head(n_pool=1500, seed=3)
+    validation, test = slice(0, 500), slice(500, None)
+    calibrator = PlattCalibrator().fit(probabilities[validation], labels[validation])
+    raw = MondrianConformal().fit(probabilities[validation], labels[validation]).predict(probabilities[test])
+    calibrated = MondrianConformal().fit(calibrator.transform(probabilities[validation]), labels[validation])
+    assert np.array_equal(calibrated.predict(calibrator.transform(probabilities[test])), raw)
+
+
 def test_outcomes_name_each_set():
     sets = np.array([[True, False], [False, True], [True, True], [False, False]])
     assert set_outcomes(sets).tolist() == ["resistant", "sensitive", "uncertain", "none"]

@@ -16,6 +16,10 @@ each class (not only over all cells, which would let the larger class hide the s
 use crepes' non-smoothed p-values, so a cell's set never depends on a random draw (the smoothed ones
 are randomised; coverage is then a little above ``1 - alpha`` rather than at it).
 
+The sets depend only on the order of scores within each class, so any increasing map of P(sensitive),
+Platt scaling included (`scdrugmap.train.calibration`, slope kept positive), leaves them unchanged:
+calibration and conformal sets may be fitted on the same validation cells.
+
 Saved state is plain arrays, the calibration cells' scores and labels, and the crepes object is
 rebuilt from them; crepes itself keeps no other fitted state. MAPIE would serve as well, but its
 class-conditional sets need a fitted scikit-learn estimator object, while a bundle stores arrays.
