@@ -109,13 +109,17 @@ class OutOfDistributionDetector(BaseEstimator):
         A cell is flagged when its score is above this.
     min_gene_overlap
         A cell is flagged when its gene overlap, given to `score_cells`, is below this.
+    scaling
+        ``global`` (centre, then divide by one number: the embedding's geometry is kept) or ``dimension``
+        (z-score each dimension); see the module docstring.
     seed
         Seed of the reference sample.
 
     Attributes
     ----------
     mean_, scale_
-        Per-dimension standardisation of the training embeddings (float64).
+        Centring and scaling of the training embeddings, per dimension (float64; ``scale_`` is one repeated
+        number with ``scaling="global"``).
     reference_
         The reference cells, standardised (float32, reference cells x dimensions).
     reference_distances_
