@@ -1,0 +1,322 @@
+"""Flag cells a head should not be trusted on: far from every training cell, or read over too few genes.
+
+`OutOfDistributionDetector` keeps a reference sample of the head's training cells (at most
+``max_reference_cells``, drawn with a seeded generator), centred and scaled. A cell's distance is the
+mean Euclidean distance to its ``n_neighbors`` nearest reference cells (scikit-learn
+``NearestNeighbors``). The training cells' own distances, each reference cell to its nearest *other*
+reference cells (leave-one-out), give the yardstick: their ``quantile`` (0.99). A cell's score is its
+distance over that yardstick, so 1 means "as far from its neighbours as the 1% most isolated training
+cells", and a cell is flagged when its score exceeds ``margin`` (1.0 by default).
+
+Scaling. ``scaling="global"`` (the default) centres each dimension and divides the whole embedding by
+one number, the training cells' root mean square distance from their mean; distances keep the
+embedding's own geometry. ``scaling="dimension"`` z-scores each dimension instead, which helps where a
+few dimensions of huge variance would otherwise decide every distance, but gives low-variance, mostly
+noise dimensions (the last principal components, say) the weight of the informative ones. On the
+simulator (20 to 50 PCA dimensions, 3 seeds, a study's held-out patients against the same cells with a
+gene-wise batch effect of log-scale SD 1) global scaling flagged as many shifted cells or more (97%
+against 86% at 50 dimensions) for the same share of held-out patients (3 to 10%).
+
+Margin. Held-out cells of the training distribution are flagged at about ``1 - quantile`` (1%) at
+margin 1; new patients of a known study a little more (3 to 10% on the simulator: their patient effect
+puts them further away). Raising the margin to 1.2 spares nearly all of them but misses most cells of a
+moderately shifted study at 50 dimensions; the test tests/train/test_ood.py pins the default's
+behaviour. Distances concentrate in many noisy dimensions, so the detector is sharper on an
+embedding with fewer, informative dimensions, and on a larger reference sample.
+
+Blind spot. Only shifts the embedding represents can be seen: an embedding fitted on the training
+cells alone (a PCA of one study, say) projects another study's differences away and flags nothing.
+Foundation models, and the PCA baseline, which is fitted on every cell without labels, do represent them.
+
+Gene overlap. A cell is also flagged when its gene overlap, the share of the training gene space its
+data set measures, is below ``min_gene_overlap`` (0.5): its embedding was read from too few of the
+genes the model and head rely on, however ordinary it looks. A cell whose embedding has a NaN or
+infinite value (the model could not read it) gets a NaN score and is flagged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from scdrugmap.errors import SchemaError
+from scdrugmap.train._trust import State, require_keys
+
+Scaling = Literal["global", "dimension"]
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    from sklearn.neighbors import NearestNeighbors
+
+log = logging.getLogger(__name__)
+
+N_NEIGHBORS = 10
+#: Training cells kept as the reference sample (memory and time grow with it, not with the training set).
+MAX_REFERENCE_CELLS = 5_000
+#: The quantile of the training cells' leave-one-out distances that a score of 1 stands for.
+QUANTILE = 0.99
+#: A cell is flagged when its distance is more than MARGIN times that quantile.
+MARGIN = 1.0
+#: A cell whose gene overlap is below this is flagged.
+MIN_GENE_OVERLAP = 0.5
+#: Dimensions whose training standard deviation is below this are only centred, not scaled.
+MIN_SCALE = 1e-8
+REASON_NOT_READ = "the embedding has non-finite values (the model could not read this cell)"
+STATE_KEYS = ("mean", "scale", "reference", "reference_distances", "threshold", "n_neighbors", "k",
+              "quantile", "margin", "min_gene_overlap", "scaling", "max_reference_cells", "seed", "n_training_cells", "reason")
+
+
+@dataclass(frozen=True)
+class OutOfDistribution:
+    """Per-cell result of `OutOfDistributionDetector.score_cells`; every array has one entry per cell.
+
+    ``score``: kNN distance over the training quantile (NaN for an unreadable cell); ``distance``: the mean
+    distance to the nearest reference cells, standardised units; ``flagged``: True where the head should
+    not be trusted; ``reason``: empty, or why the cell is flagged (several reasons joined by ``"; "``).
+    """
+
+    score: npt.NDArray[np.float64]
+    distance: npt.NDArray[np.float64]
+    flagged: npt.NDArray[np.bool_]
+    reason: npt.NDArray[np.object_]
+
+
+def _matrix(embeddings: npt.ArrayLike, name: str = "embeddings") -> np.ndarray:
+    X = np.asarray(embeddings, dtype=np.float64)
+    if X.ndim != 2:
+        msg = f"{name} has shape {X.shape}; expected (cells x dimensions)."
+        raise SchemaError(msg)
+    return X
+
+
+class OutOfDistributionDetector(BaseEstimator):
+    """Score and flag cells far from a head's training cells in embedding space, or with low gene overlap.
+
+    Parameters
+    ----------
+    n_neighbors
+        Nearest reference cells whose mean distance is a cell's distance.
+    max_reference_cells
+        Training cells kept as reference, drawn at random (seeded) when there are more.
+    quantile
+        The quantile of the training cells' leave-one-out distances that a score of 1 stands for.
+    margin
+        A cell is flagged when its score is above this.
+    min_gene_overlap
+        A cell is flagged when its gene overlap, given to `score_cells`, is below this.
+    scaling
+        ``global`` (centre, then divide by one number: the embedding's geometry is kept) or ``dimension``
+        (z-score each dimension); see the module docstring.
+    seed
+        Seed of the reference sample.
+
+    Attributes
+    ----------
+    mean_, scale_
+        Centring and scaling of the training embeddings, per dimension (float64; ``scale_`` is one repeated
+        number with ``scaling="global"``).
+    reference_
+        The reference cells, standardised (float32, reference cells x dimensions).
+    reference_distances_
+        Each reference cell's leave-one-out distance to its nearest other reference cells (float64).
+    threshold_
+        The ``quantile`` of ``reference_distances_``: the distance of score 1.
+    k_
+        Neighbours used: ``n_neighbors``, or fewer when the reference has too few cells.
+    n_training_cells_
+        Training cells with a finite embedding.
+    reason_
+        Empty, or what the fit had to change (fewer neighbours, training cells left out).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> detector = OutOfDistributionDetector().fit(rng.normal(size=(500, 8)))
+    >>> result = detector.score_cells(np.vstack([rng.normal(size=(1, 8)), rng.normal(6.0, 1.0, (1, 8))]))
+    >>> result.flagged.tolist()
+    [False, True]
+    """
+
+    def __init__(self, *, n_neighbors: int = N_NEIGHBORS, max_reference_cells: int = MAX_REFERENCE_CELLS,
+                 quantile: float = QUANTILE, margin: float = MARGIN, min_gene_overlap: float = MIN_GENE_OVERLAP,
+                 scaling: Scaling = "global", seed: int = 0) -> None:
+        self.n_neighbors = n_neighbors
+        self.max_reference_cells = max_reference_cells
+        self.quantile = quantile
+        self.margin = margin
+        self.min_gene_overlap = min_gene_overlap
+        self.scaling = scaling
+        self.seed = seed
+
+    def _check_params(self) -> None:
+        problems = []
+        if self.n_neighbors < 1:
+            problems.append(f"n_neighbors={self.n_neighbors} (expected >= 1)")
+        if self.max_reference_cells < 2:
+            problems.append(f"max_reference_cells={self.max_reference_cells} (expected >= 2)")
+        if not 0.0 < self.quantile <= 1.0:
+            problems.append(f"quantile={self.quantile} (expected in (0, 1])")
+        if self.margin <= 0.0:
+            problems.append(f"margin={self.margin} (expected > 0)")
+        if self.scaling not in ("global", "dimension"):
+            problems.append(f"scaling={self.scaling!r} (expected 'global' or 'dimension')")
+        if problems:
+            msg = f"OutOfDistributionDetector has {', '.join(problems)}."
+            raise SchemaError(msg)
+
+    def fit(self, embeddings: npt.ArrayLike) -> OutOfDistributionDetector:
+        """Keep a standardised reference sample of the training cells and their leave-one-out distances.
+
+        Rows with a non-finite value are left out (and counted in ``reason_``).
+
+        Raises
+        ------
+        SchemaError
+            When ``embeddings`` is not a matrix, fewer than 2 rows are finite, or a parameter is out of range.
+        """
+        self._check_params()
+        X = _matrix(embeddings)
+        finite = np.isfinite(X).all(axis=1)
+        notes = []
+        if not finite.all():
+            notes.append(f"{int((~finite).sum())} training cells with non-finite embeddings left out")
+        X = X[finite]
+        if X.shape[0] < 2:
+            msg = (f"embeddings has {X.shape[0]} cells with finite values; the OOD reference needs at least 2 "
+                   "training cells.")
+            raise SchemaError(msg)
+        self.mean_ = X.mean(axis=0)
+        if self.scaling == "dimension":
+            scale = X.std(axis=0)
+        else:  # one number: the root mean square distance of a cell from the mean, so the geometry is kept
+            scale = np.full(X.shape[1], np.sqrt(np.mean(np.sum((X - self.mean_) ** 2, axis=1))))
+        self.scale_ = np.where(scale < MIN_SCALE, 1.0, scale)
+        rng = np.random.default_rng(self.seed)
+        rows = np.arange(X.shape[0])
+        if rows.size > self.max_reference_cells:
+            rows = np.sort(rng.choice(rows, size=self.max_reference_cells, replace=False))
+        self.reference_ = self._standardise(X[rows])
+        self.k_ = min(self.n_neighbors, rows.size - 1)
+        if self.k_ < self.n_neighbors:
+            notes.append(f"only {rows.size} reference cells, so {self.k_} neighbours instead of {self.n_neighbors}")
+        self._neighbors = None
+        distances, _ = self._nearest().kneighbors()  # without X: each cell's neighbours exclude itself
+        self.reference_distances_ = distances.mean(axis=1).astype(np.float64)
+        self.threshold_ = float(np.quantile(self.reference_distances_, self.quantile))
+        self.n_training_cells_ = int(X.shape[0])
+        self.reason_ = "; ".join(notes)
+        log.debug("OOD reference: %d of %d training cells, k=%d, %g quantile distance %.3f",
+                  rows.size, X.shape[0], self.k_, self.quantile, self.threshold_)
+        return self
+
+    def _standardise(self, X: np.ndarray) -> np.ndarray:
+        return ((X - self.mean_) / self.scale_).astype(np.float32)
+
+    def _nearest(self) -> NearestNeighbors:
+        from sklearn.neighbors import NearestNeighbors
+
+        if getattr(self, "_neighbors", None) is None:
+            self._neighbors = NearestNeighbors(n_neighbors=self.k_, algorithm="brute").fit(self.reference_)
+        return self._neighbors
+
+    def score_cells(self, embeddings: npt.ArrayLike, *, gene_overlap: float | npt.ArrayLike | None = None) -> OutOfDistribution:
+        """Score and flag each cell.
+
+        Parameters
+        ----------
+        embeddings
+            (cells x dimensions) embeddings from the same model as the training cells'.
+        gene_overlap
+            Share of the training gene space measured for each cell (one number for all cells, or one per
+            cell), in [0, 1]; NaN means unknown and is not flagged. None skips the check.
+
+        Returns
+        -------
+        An `OutOfDistribution` with ``score``, ``distance``, ``flagged`` and ``reason`` per cell.
+
+        Raises
+        ------
+        SchemaError
+            When the width differs from the training embeddings', or ``gene_overlap`` has the wrong
+            length or a value outside [0, 1].
+        """
+        check_is_fitted(self, "reference_")
+        X = _matrix(embeddings)
+        if X.shape[1] != self.mean_.size:
+            msg = (f"embeddings has {X.shape[1]} dimensions but the head's training cells had {self.mean_.size}; "
+                   "embed the cells with the model the head was trained on.")
+            raise SchemaError(msg)
+        n = X.shape[0]
+        overlap = self._overlap(gene_overlap, n)
+        readable = np.isfinite(X).all(axis=1)
+        distance = np.full(n, np.nan)
+        if readable.any():
+            found, _ = self._nearest().kneighbors(self._standardise(X[readable]), n_neighbors=self.k_)
+            distance[readable] = found.mean(axis=1)
+        score = distance / max(self.threshold_, np.finfo(np.float64).tiny)
+        far = readable & (score > self.margin)
+        low = overlap < self.min_gene_overlap  # NaN (unknown) compares False
+        flagged = ~readable | far | low
+        reason = np.full(n, "", dtype=object)
+        for i in np.flatnonzero(flagged):
+            notes = []
+            if not readable[i]:
+                notes.append(REASON_NOT_READ)
+            if far[i]:
+                notes.append(f"{score[i]:.2f}x the training cells' {self.quantile:g} quantile of nearest-neighbour "
+                             f"distance, above the margin {self.margin:g}")
+            if low[i]:
+                notes.append(f"gene overlap {overlap[i]:.2f} is below {self.min_gene_overlap:g}")
+            reason[i] = "; ".join(notes)
+        return OutOfDistribution(score=score, distance=distance, flagged=flagged, reason=reason)
+
+    @staticmethod
+    def _overlap(gene_overlap: float | npt.ArrayLike | None, n: int) -> np.ndarray:
+        if gene_overlap is None:
+            return np.full(n, np.nan)
+        overlap = np.asarray(gene_overlap, dtype=np.float64)
+        if overlap.ndim == 0:
+            overlap = np.full(n, float(overlap))
+        if overlap.shape != (n,):
+            msg = f"gene_overlap has shape {overlap.shape}; expected one number, or one per cell ({n})."
+            raise SchemaError(msg)
+        known = overlap[~np.isnan(overlap)]
+        if ((known < 0.0) | (known > 1.0)).any():
+            msg = f"gene_overlap has {np.unique(known[(known < 0) | (known > 1)])[:3].tolist()}; expected shares in [0, 1]."
+            raise SchemaError(msg)
+        return overlap
+
+    def state(self) -> State:
+        """Return the fitted state: arrays ``mean``, ``scale``, ``reference`` (float32), ``reference_distances``;
+        the rest numbers and a ``reason`` string."""
+        check_is_fitted(self, "reference_")
+        return {"mean": self.mean_.copy(), "scale": self.scale_.copy(), "reference": self.reference_.copy(),
+                "reference_distances": self.reference_distances_.copy(), "threshold": self.threshold_,
+                "n_neighbors": int(self.n_neighbors), "k": int(self.k_), "quantile": float(self.quantile),
+                "margin": float(self.margin), "min_gene_overlap": float(self.min_gene_overlap), "scaling": self.scaling,
+                "max_reference_cells": int(self.max_reference_cells), "seed": int(self.seed),
+                "n_training_cells": self.n_training_cells_, "reason": self.reason_}
+
+    @classmethod
+    def from_state(cls, state: State) -> OutOfDistributionDetector:
+        """Rebuild a fitted detector from `state`; a missing key raises `CheckpointError` naming it."""
+        require_keys(state, STATE_KEYS, cls.__name__)
+        detector = cls(n_neighbors=int(state["n_neighbors"]), max_reference_cells=int(state["max_reference_cells"]),
+                       quantile=float(state["quantile"]), margin=float(state["margin"]),
+                       min_gene_overlap=float(state["min_gene_overlap"]), scaling=str(state["scaling"]),  # type: ignore[arg-type]
+                       seed=int(state["seed"]))
+        detector.mean_ = np.asarray(state["mean"], dtype=np.float64)
+        detector.scale_ = np.asarray(state["scale"], dtype=np.float64)
+        detector.reference_ = np.asarray(state["reference"], dtype=np.float32)
+        detector.reference_distances_ = np.asarray(state["reference_distances"], dtype=np.float64)
+        detector.threshold_ = float(state["threshold"])
+        detector.k_ = int(state["k"])
+        detector.n_training_cells_ = int(state["n_training_cells"])
+        detector.reason_ = str(state["reason"])
+        detector._neighbors = None
+        return detector
