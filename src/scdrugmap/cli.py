@@ -228,14 +228,25 @@ def predict(
     out: Annotated[Path | None, typer.Option(help="Output .h5ad (default: DATA with predictions).")] = None,
     csv: Annotated[Path | None, typer.Option(help="Output CSV (default: next to the output .h5ad).")] = None,
     layer: Layer = None,
-    threshold: Annotated[float, typer.Option(help="Probability at or above which a cell is called sensitive.")] = 0.5,
+    threshold: Annotated[float, typer.Option(help="Calibrated probability at or above which a cell is called "
+                                                  "sensitive.")] = 0.5,
+    alpha: Annotated[float | None, typer.Option(help="Miscoverage of the conformal prediction sets per class "
+                                                     "(default: the head's, 0.1).")] = None,
+    min_gene_overlap: Annotated[float, typer.Option(help="Refuse data holding less than this share of the head's "
+                                                         "genes (harmonised ids).")] = 0.25,
+    allow_value_kind_mismatch: Annotated[bool, typer.Option(help="Predict although the values are of another kind "
+                                                                 "than the training data's (warns).")] = False,
+    label_key: Annotated[str, typer.Option(help="obs column of observed labels to score against, when present.")
+                         ] = "response",
     device: Annotated[str, typer.Option(help="Where the model runs: auto (CUDA when visible), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
-    """Predict each cell's probability of sensitivity; write obs columns and a CSV."""
+    """Predict each cell's calibrated probability of sensitivity, prediction set and OOD flag; obs columns + CSV."""
     from scdrugmap.commands import run_predict
 
     for path in run_predict(data, model=model, bundle=head, weights=weights, out=out, csv=csv, layer=layer,
-                            threshold=threshold, device=device, console=stdout):
+                            threshold=threshold, alpha=alpha, min_gene_overlap=min_gene_overlap,
+                            allow_value_kind_mismatch=allow_value_kind_mismatch, label_key=label_key,
+                            device=device, console=stdout):
         stdout.print(str(path))
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from rich.markup import escape
 from rich.table import Table
 
-from scdrugmap.errors import ConfigError
+from scdrugmap.errors import ConfigError, SchemaError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -236,7 +237,11 @@ def run_train(data: Path, *, model: str, out: Path, strategy: str, head: str, we
 
 
 def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, out: Path | None, csv: Path | None,
-                layer: str | None, threshold: float, console: Console, device: str = "auto") -> list[Path]:
+                layer: str | None, threshold: float, console: Console, device: str = "auto",
+                alpha: float | None = None, min_gene_overlap: float = 0.25, allow_value_kind_mismatch: bool = False,
+                label_key: str = "response") -> list[Path]:
+    import logging
+
     from scdrugmap import tl
     from scdrugmap.data.io import read_h5ad, write_h5ad_atomic
     from scdrugmap.readwrite import read_head
@@ -246,19 +251,32 @@ def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, o
         msg = f"{bundle}: the head was trained on {head.model} embeddings, not {model}. Use --model {head.model}."
         raise ConfigError(msg)
     adata = read_h5ad(data)
-    tl.predict(adata, head, weights=weights, layer=layer, threshold=threshold, device=device)
+    logger = logging.getLogger("scdrugmap.tl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its warnings are printed below, once, with the summary
+    try:
+        tl.predict(adata, head, weights=weights, layer=layer, threshold=threshold, alpha=alpha,
+                   min_gene_overlap=min_gene_overlap, allow_value_kind_mismatch=allow_value_kind_mismatch,
+                   device=device)
+    except SchemaError as err:  # name the file, not "the data"
+        raise SchemaError(str(err).replace("the data:", f"{data}:", 1)) from err
+    finally:
+        logger.setLevel(level)
     key = tl.prediction_key(model)
-    probability = adata.obs[tl.probability_column(key)].to_numpy(dtype=np.float32)
-    missing = int(np.isnan(probability).sum())
-    if missing:
-        console.print(f"[yellow]{missing} of {adata.n_obs} cells could not be read by {model} (too few of their genes "
-                      "are in its vocabulary); their prediction is empty.[/yellow]")
-    columns = [tl.probability_column(key), tl.label_column(key)]
+    facts = adata.uns["scdrugmap"][key]
+    facts["head"] = str(bundle)
+    for warning in facts.get("warnings", []):
+        console.print(f"[yellow]{escape(str(warning))}[/yellow]", soft_wrap=True)
+    summary = tl.prediction_summary(adata, key, label_key=label_key)
+    if summary["n_missing"]:
+        console.print(f"[yellow]{summary['n_missing']} of {adata.n_obs} cells could not be read by {model} (too few "
+                      "of their genes are in its vocabulary); their prediction is empty.[/yellow]")
+    columns = [tl.probability_column(key), f"{key}_prob_raw", tl.label_column(key), f"{key}_set", f"{key}_ood",
+               f"{key}_ood_score", f"{key}_ood_reason"]
     overlap = tl.overlap_key(model)
     if overlap in adata.obs:
         console.print(overlap_warning(model, adata.obs[overlap].to_numpy(dtype=np.float32)), soft_wrap=True)
         columns.append(overlap)
-    adata.uns["scdrugmap"][key]["head"] = str(bundle)
     out = out or data.with_name(f"{data.stem}.predicted.h5ad")
     csv = csv or out.with_suffix(".csv")
     write_h5ad_atomic(adata, out)
@@ -266,9 +284,33 @@ def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, o
     tmp = csv.with_name(csv.name + ".tmp")
     table.to_csv(tmp)
     tmp.replace(csv)
-    called = table[tl.label_column(key)].value_counts().to_dict()
-    console.print(f"{adata.n_obs} cells: {called.get('sensitive', 0)} sensitive, {called.get('resistant', 0)} resistant")
+    print_prediction_summary(console, summary, alpha=facts.get("alpha"), gene_overlap=facts.get("gene_overlap"))
     return [out, csv]
+
+
+def print_prediction_summary(console: Console, summary: dict[str, Any], *, alpha: float | None,
+                             gene_overlap: float | None) -> None:
+    """Print what a lab reads after `predict`: calls, sets, flags and, with labels, scores (unit: cells)."""
+    n = summary["n_cells"]
+    console.print(f"{n} cells: {summary['n_sensitive']} sensitive, {summary['n_resistant']} resistant "
+                  f"(calibrated probability at the threshold)")
+    level = "" if alpha is None else f" at {1 - float(alpha):.0%} confidence per class"
+    console.print(f"prediction sets{level}: {summary['n_uncertain']} uncertain (both classes), "
+                  f"{summary['n_empty_set']} none (neither)")
+    console.print(f"out of distribution: {summary['n_ood']} of {n} cells (far from the training cells in embedding "
+                  "space, or few known genes)")
+    if gene_overlap is not None:
+        console.print(f"gene overlap with the head: {gene_overlap:.0%} of its genes (harmonised ids)")
+    scored = summary.get("scored")
+    if scored:
+        auroc = scored.get("auroc", float("nan"))
+        f1 = scored.get("f1", float("nan"))
+        console.print(f"against the observed labels (N = {scored['n']} cells): F1 {f1:.3f}, AUROC {auroc:.3f}")
+        measured = summary.get("coverage")
+        if measured:
+            console.print(f"set coverage: {measured['coverage']:.3f} overall, {measured['coverage_sensitive']:.3f} "
+                          f"sensitive, {measured['coverage_resistant']:.3f} resistant; mean set size "
+                          f"{measured['mean_set_size']:.2f}")
 
 
 def run_benchmark_command(config_path: Path | None, overrides: dict[str, Any], keys: dict[str, str], *, quiet: bool,

@@ -325,12 +325,12 @@ def _representation(adata: ad.AnnData, use_rep: str, encoder: Encoder
 # --- predict --------------------------------------------------------------------------------------------------
 
 def predict(adata: ad.AnnData, head: Head | str | Path, *, weights: str | Path | None = None,
-            layer: str | None = None, use_rep: str | None = None, threshold: float = 0.5,
-            key_added: str | None = None, embedding_key: str | None = None, device: str = "auto",
-            batch_size: int | None = None, allow_other_weights: bool = False,
-            progress: Callable[[int, int], None] | None = None, copy: bool = False,
-            **model_options: Any) -> ad.AnnData | None:
-    """Predict each cell's sensitivity with a trained head.
+            layer: str | None = None, use_rep: str | None = None, threshold: float = 0.5, alpha: float | None = None,
+            min_gene_overlap: float = 0.25, allow_value_kind_mismatch: bool = False, key_added: str | None = None,
+            embedding_key: str | None = None, device: str = "auto", batch_size: int | None = None,
+            allow_other_weights: bool = False, progress: Callable[[int, int], None] | None = None,
+            copy: bool = False, **model_options: Any) -> ad.AnnData | None:
+    """Predict each cell's sensitivity with a trained head: calibrated, with a prediction set and an OOD flag.
 
     Parameters
     ----------
@@ -344,7 +344,15 @@ def predict(adata: ad.AnnData, head: Head | str | Path, *, weights: str | Path |
         obsm key of embeddings already made with the head's model (frozen heads only). A baseline's
         embeddings must come from the head's own fitted genes and components, or are refused.
     threshold
-        P(sensitive) at or above which a cell is called ``sensitive``.
+        Calibrated P(sensitive) at or above which a cell is called ``sensitive``.
+    alpha
+        Miscoverage of the conformal prediction sets (default: the head's, 0.1): for each class, at most
+        this share of its cells get a set without their true label (on data like the training data).
+    min_gene_overlap
+        Refuse data holding less than this share of the head's genes (harmonised ids); below 0.5 warns.
+    allow_value_kind_mismatch
+        Predict although the values are of another kind than the training data's (z-scored vs counts or
+        log), with a warning.
     key_added
         Prefix of the obs columns and the ``uns`` key (default ``scdrugmap_<model>``).
     embedding_key
@@ -357,9 +365,30 @@ def predict(adata: ad.AnnData, head: Head | str | Path, *, weights: str | Path |
 
     Returns
     -------
-    None, or the copy, with ``obs["<key>_prob_sensitive"]`` (float32, NaN for a cell the model could not
-    read), ``obs["<key>_prediction"]`` (categorical sensitive / resistant), ``obs["<model>_gene_overlap"]``
-    (models with a vocabulary) and ``uns["scdrugmap"][key]`` = model, head, threshold, checkpoint_sha256.
+    None, or the copy, with these obs columns (``<key>`` = ``key_added``):
+
+    ``<key>_prob_sensitive``
+        calibrated P(sensitive), float32; NaN for a cell the model could not read;
+    ``<key>_prob_raw``
+        the head's uncalibrated output;
+    ``<key>_prediction``
+        ``sensitive`` / ``resistant`` at ``threshold`` (categorical);
+    ``<key>_set``
+        the conformal prediction set: ``sensitive``, ``resistant``, ``uncertain`` (both) or ``none``;
+    ``<key>_ood``, ``<key>_ood_score``, ``<key>_ood_reason``
+        out of distribution (bool), the kNN distance over the training cells' 99% quantile, and why;
+    ``<model>_gene_overlap``
+        models with a vocabulary: the share of each cell's expressed genes the model knows;
+
+    and ``uns["scdrugmap"][key]``: model, head, threshold, alpha, checkpoint_sha256, the gene overlap with
+    the head, both value kinds, and the warnings.
+
+    Raises
+    ------
+    SchemaError
+        When the data holds too few of the head's genes, or values of another kind (see the options).
+    CheckpointError
+        When the head belongs to another model or other weights.
 
     Examples
     --------
@@ -369,17 +398,26 @@ def predict(adata: ad.AnnData, head: Head | str | Path, *, weights: str | Path |
     >>> sdm.tl.predict(adata, head)
     >>> sorted(adata.obs["scdrugmap_pca_prediction"].cat.categories)
     ['resistant', 'sensitive']
+    >>> set(adata.obs["scdrugmap_pca_set"].dropna()) <= {"sensitive", "resistant", "uncertain", "none"}
+    True
     """
     import pandas as pd
 
     from scdrugmap.train.bundle import Head as HeadClass
-    from scdrugmap.train.predict import predict_cells
+    from scdrugmap.train.predict import check_head_applies, predict_cells
 
     if not 0.0 <= threshold <= 1.0:
         msg = f"threshold {threshold}: a probability between 0 and 1."
         raise ConfigError(msg)
+    if alpha is not None and not 0.0 < alpha < 1.0:
+        msg = f"alpha {alpha}: the miscoverage of the prediction sets, between 0 and 1 (e.g. 0.1)."
+        raise ConfigError(msg)
     head = head if isinstance(head, HeadClass) else HeadClass.read(head)
     adata = _target(adata, copy)
+    fit = check_head_applies(head, adata, layer=layer, min_gene_overlap=min_gene_overlap,
+                             allow_value_kind_mismatch=allow_value_kind_mismatch)
+    for warning in fit.warnings:
+        log.warning("%s", warning)
     encoder = _load_encoder(head.model, weights, device, model_options)
     embeddings = None
     if use_rep is not None:
@@ -400,15 +438,27 @@ def predict(adata: ad.AnnData, head: Head | str | Path, *, weights: str | Path |
     key = key_added or prediction_key(head.model)
     start = time.perf_counter()
     encoder.gene_overlap_ = None
-    probability, used = predict_cells(encoder, adata, head, layer=layer, embeddings=embeddings,
-                                      return_embeddings=embedding_key is not None,
-                                      allow_other_weights=allow_other_weights, batch_size=batch_size,
-                                      progress=progress)
+    kit = head.trust_kit()
+    need_embeddings = embedding_key is not None or kit.detector is not None
+    raw, used = predict_cells(encoder, adata, head, layer=layer, embeddings=embeddings,
+                              return_embeddings=need_embeddings, allow_other_weights=allow_other_weights,
+                              batch_size=batch_size, progress=progress)
+    # per cell, the share of its expressed genes the model knows; the data set's overlap with the head's
+    # genes is guarded above (refused below min_gene_overlap, warned below 0.5), not flagged cell by cell
+    trusted = kit.apply(raw, used if used is not None else embeddings, alpha=alpha, gene_overlap=encoder.gene_overlap_)
+    probability = trusted.calibrated
     calls = np.where(np.isnan(probability), None, np.where(probability >= threshold, "sensitive", "resistant"))
-    adata.obs[probability_column(key)] = probability
-    adata.obs[label_column(key)] = pd.Categorical(calls, categories=["resistant", "sensitive"])
+    obs = adata.obs
+    obs[probability_column(key)] = probability
+    obs[f"{key}_prob_raw"] = trusted.raw
+    obs[label_column(key)] = pd.Categorical(calls, categories=["resistant", "sensitive"])
+    obs[f"{key}_set"] = pd.Categorical(trusted.prediction_set,
+                                       categories=["sensitive", "resistant", "uncertain", "none"])
+    obs[f"{key}_ood"] = trusted.ood
+    obs[f"{key}_ood_score"] = trusted.ood_score
+    obs[f"{key}_ood_reason"] = pd.Categorical(trusted.ood_reason.astype(str))
     if encoder.gene_overlap_ is not None:
-        adata.obs[overlap_key(head.model)] = encoder.gene_overlap_
+        obs[overlap_key(head.model)] = encoder.gene_overlap_
     if embedding_key is not None and used is not None:
         adata.obsm[embedding_key] = used
         facts: dict[str, Any] = {"model": head.model, "variant": str(getattr(encoder, "variant", "") or ""),
@@ -418,12 +468,63 @@ def predict(adata: ad.AnnData, head: Head | str | Path, *, weights: str | Path |
         if head.kind == "lora":
             facts["adapters"] = str(head.path or "in memory")
         _params(adata, embedding_key, facts)
+    used_alpha = alpha if alpha is not None else (kit.conformal.alpha if kit.conformal is not None else None)
+    notes = list(fit.warnings)
+    if not kit.complete:
+        notes.append("the head carries no calibration, conformal set or OOD reference (an earlier version): "
+                     "probabilities are uncalibrated and sets and flags are empty; retrain it to have them.")
     _params(adata, key, {"model": head.model, "head": str(head.path or ""), "head_kind": head.kind,
-                         "threshold": float(threshold), "checkpoint_sha256": encoder.checkpoint_sha256 or "",
-                         "layer": layer or "X"})
+                         "threshold": float(threshold), "alpha": used_alpha, "calibration": "platt",
+                         "checkpoint_sha256": encoder.checkpoint_sha256 or "", "layer": layer or "X",
+                         "gene_overlap": fit.gene_overlap, "n_head_genes": fit.n_head_genes,
+                         "n_shared_genes": fit.n_shared_genes, "value_kind": fit.value_kind,
+                         "head_value_kind": fit.head_value_kind or "", "warnings": notes})
     log.info("predicted %d cells with the %s %s head in %.1fs", adata.n_obs, head.model, head.kind,
              time.perf_counter() - start)
     return adata if copy else None
+
+
+def prediction_summary(adata: ad.AnnData, key: str, *, label_key: str | None = "response") -> dict[str, Any]:
+    """Return the counts a user reads after `predict`, and, where labels exist, F1, AUROC and coverage.
+
+    Keys: ``n_cells``, ``n_sensitive``, ``n_resistant``, ``n_missing`` (unreadable cells), ``n_uncertain``,
+    ``n_empty_set``, ``n_ood``, ``mean_probability``; with labels ``scored`` = F1, AUROC, accuracy, ...
+    (unit: cells) and ``coverage`` (overall and per class, mean set size), each with its reasons.
+    """
+    from scdrugmap.data.schema import encode_labels
+    from scdrugmap.errors import ScDrugMapError
+
+    obs = adata.obs
+    probability = obs[probability_column(key)].to_numpy(dtype=np.float64)
+    calls = obs[label_column(key)].astype(object).to_numpy()
+    sets = obs[f"{key}_set"].astype(object).to_numpy() if f"{key}_set" in obs else np.full(adata.n_obs, None)
+    summary: dict[str, Any] = {
+        "n_cells": int(adata.n_obs), "n_sensitive": int((calls == "sensitive").sum()),
+        "n_resistant": int((calls == "resistant").sum()), "n_missing": int(np.isnan(probability).sum()),
+        "n_uncertain": int((sets == "uncertain").sum()), "n_empty_set": int((sets == "none").sum()),
+        "n_ood": int(obs[f"{key}_ood"].sum()) if f"{key}_ood" in obs else 0,
+        "mean_probability": None if np.isnan(probability).all() else float(np.nanmean(probability)),
+    }
+    if label_key is None or label_key not in obs or not obs[label_key].notna().all():
+        return summary
+    try:
+        labels = encode_labels(obs[label_key], column=label_key)
+    except ScDrugMapError:
+        return summary
+    from scdrugmap.evaluate.metrics import compute_metrics
+
+    threshold = float(adata.uns.get(UNS_KEY, {}).get(key, {}).get("threshold", 0.5))
+    metrics, reasons = compute_metrics(labels, probability.astype(np.float32), threshold=threshold)
+    summary["scored"] = {"unit": "cells", "n": int((~np.isnan(probability)).sum()), **metrics}
+    summary["scored_notes"] = reasons
+    readable = ~np.isnan(probability) & np.array([s is not None and s == s for s in sets])
+    if readable.any():
+        from scdrugmap.train.conformal import coverage
+
+        members = np.stack([np.isin(sets[readable], ["resistant", "uncertain"]),
+                            np.isin(sets[readable], ["sensitive", "uncertain"])], axis=1)
+        summary["coverage"] = coverage(labels[readable], members)
+    return summary
 
 
 # --- benchmark ------------------------------------------------------------------------------------------------

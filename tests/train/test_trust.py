@@ -5,7 +5,7 @@ from scdrugmap.errors import SchemaError
 from scdrugmap.train._trust import binary_labels, join_state, split_state
 from scdrugmap.train.calibration import PlattCalibrator
 from scdrugmap.train.conformal import MondrianConformal
-from scdrugmap.train.heads import load_head_bundle, save_head_bundle
+from scdrugmap.train.bundle import Head
 from scdrugmap.train.ood import OutOfDistributionDetector
 
 
@@ -22,8 +22,11 @@ def test_trust_states_travel_through_a_head_bundle_without_pickle(tmp_path):
         arrays, facts = split_state(thing.state(), prefix)
         tensors.update(arrays)
         meta.update(facts)
-    save_head_bundle(tmp_path / "head", kind="mlp", tensors=tensors, meta=meta)
-    facts, loaded = load_head_bundle(tmp_path / "head")
+    Head(meta={"kind": "mlp", "model": "pca", "trust": meta}, tensors=tensors).save(tmp_path / "head")
+    head = Head.read(tmp_path / "head")
+    facts, loaded = head.meta["trust"], head.tensors
+    kit = head.trust_kit()
+    assert kit.complete
     again = {"calibration": PlattCalibrator.from_state(join_state(loaded, facts, "calibration")),
              "conformal": MondrianConformal.from_state(join_state(loaded, facts, "conformal")),
              "ood": OutOfDistributionDetector.from_state(join_state(loaded, facts, "ood"))}
@@ -31,6 +34,7 @@ def test_trust_states_travel_through_a_head_bundle_without_pickle(tmp_path):
     assert np.array_equal(again["calibration"].transform(new_p), fitted["calibration"].transform(new_p))
     assert np.array_equal(again["conformal"].predict(new_p), fitted["conformal"].predict(new_p))
     assert np.array_equal(again["ood"].score_cells(new_cells).score, fitted["ood"].score_cells(new_cells).score)
+    assert np.array_equal(kit.calibrator.transform(new_p), fitted["calibration"].transform(new_p))
 
 
 def test_labels_may_be_numbers_booleans_or_names():

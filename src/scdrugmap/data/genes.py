@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     import anndata as ad
+    import numpy.typing as npt
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +220,24 @@ def map_genes(names: Iterable[object]) -> pd.DataFrame:
         {"gene_symbol": symbols, "ensembl_id": ensembl_ids, "matched_by": matched_by},
         index=pd.Index(text.to_numpy(), name=None),
     )
+
+
+def canonical_gene_ids(names: Iterable[object]) -> npt.NDArray[np.str_]:
+    """Return one id per name that is the same whatever naming the data used: the Ensembl id when known,
+    else the symbol, else the name itself (stripped).
+
+    ``TP53``, ``7157`` (Entrez) and ``ENSG00000141510.17`` all give ``ENSG00000141510``, so a head trained
+    on one naming finds its genes in data named another way.
+    """
+    mapping = map_genes(names)
+    raw = _as_text(names).to_numpy(dtype=object)
+    ids = mapping["ensembl_id"].to_numpy(dtype=object)
+    symbols = mapping["gene_symbol"].to_numpy(dtype=object)
+    missing = pd.isna(ids)
+    ids[missing] = symbols[missing]
+    missing = pd.isna(ids)
+    ids[missing] = raw[missing]
+    return ids.astype(str)
 
 
 def _resolve_duplicates(names: pd.Series, mapping: pd.DataFrame, where: str) -> int:

@@ -25,13 +25,34 @@ from scdrugmap.errors import CheckpointError
 if TYPE_CHECKING:
     import numpy.typing as npt
 
+    from scdrugmap.train.trust import TrustKit
+
 #: The two files of a bundle folder.
 META_FILE = "head.json"
 WEIGHTS_FILE = "head.safetensors"
 #: Prefix of the tensors that hold a baseline encoder's fitted state (genes, components).
 ENCODER_PREFIX = "encoder."
+#: The head's gene space: harmonised ids of the genes it depends on, as fixed-width UTF-8 bytes.
+GENES_TENSOR = "genes.ids"
 HEAD_KINDS = ("mlp", "logistic", "lora")
 HeadKind = Literal["mlp", "logistic", "lora"]
+
+
+def encode_names(names: npt.ArrayLike) -> npt.NDArray[np.uint8]:
+    """Return text as a (names x width) uint8 array of UTF-8 bytes, so safetensors can hold it."""
+    text = np.asarray(names).astype(str)
+    if text.size == 0:
+        return np.zeros((0, 1), dtype=np.uint8)
+    raw = np.char.encode(text, "utf-8")
+    return raw.view(np.uint8).reshape(text.size, -1)
+
+
+def decode_names(raw: npt.ArrayLike) -> npt.NDArray[np.str_]:
+    """Invert `encode_names`."""
+    array = np.ascontiguousarray(np.asarray(raw, dtype=np.uint8))
+    if array.shape[0] == 0:
+        return np.asarray([], dtype=str)
+    return np.char.decode(array.view(f"S{array.shape[1]}").ravel(), "utf-8").astype(str)
 
 
 def state_sha256(state: dict[str, np.ndarray]) -> str:
@@ -82,6 +103,22 @@ class Head:
     @property
     def checkpoint_sha256(self) -> str | None:
         return self.meta.get("checkpoint_sha256")
+
+    @property
+    def gene_ids(self) -> npt.NDArray[np.str_] | None:
+        """Harmonised ids of the genes the head depends on (None for a head of an earlier version)."""
+        return decode_names(self.tensors[GENES_TENSOR]) if GENES_TENSOR in self.tensors else None
+
+    @property
+    def value_kind(self) -> str | None:
+        """The value kind of the training data (`scdrugmap.data.schema.detect_value_kind`), if recorded."""
+        return self.meta.get("value_kind")
+
+    def trust_kit(self) -> TrustKit:
+        """Return the head's calibrator, conformal predictor and OOD detector (None parts for older heads)."""
+        from scdrugmap.train.trust import TrustKit
+
+        return TrustKit.from_bundle(self.tensors, self.meta.get("trust"))
 
     @property
     def encoder_state(self) -> dict[str, np.ndarray]:

@@ -85,11 +85,26 @@ def prediction_scatter(frame: pd.DataFrame, *, method: str, title: str, max_poin
         rows = np.sort(np.random.default_rng(seed).choice(len(cells), max_points, replace=False))
         cells = cells.iloc[rows]
         title += f" ({max_points:,} of {len(frame):,} cells shown)"
-    figure = go.Figure(go.Scatter(
-        x=cells["x"].tolist(), y=cells["y"].tolist(), mode="markers", text=cells["cell"].astype(str).tolist(),
-        marker={"size": 6, "color": cells["probability"].tolist(), "colorscale": [list(stop) for stop in PROBABILITY_COLOURSCALE], "cmin": 0, "cmax": 1,
-                "colorbar": {"title": {"text": "P(sensitive)"}}, "line": {"width": 0}},
-        hovertemplate="%{text}<br>P(sensitive) %{marker.color:.3f}<extra></extra>"))
+    # one trace per trust group: confident cells as dots, uncertain sets as open circles, out-of-distribution
+    # cells as crosses (colour is always the calibrated probability)
+    sets = cells["set"].astype(str) if "set" in cells else pd.Series("", index=cells.index)
+    ood = cells["ood"].fillna(False).astype(bool) if "ood" in cells else pd.Series(False, index=cells.index)
+    groups = (("out of distribution", ood, "x"), ("uncertain (both classes in the set)", ~ood & (sets == "uncertain"),
+                                                   "circle-open"),
+              ("confident", ~ood & (sets != "uncertain"), "circle"))
+    figure = go.Figure()
+    for index, (name, rows, symbol) in enumerate(groups):
+        part = cells[rows.to_numpy()]
+        if part.empty:
+            continue
+        figure.add_trace(go.Scatter(
+            x=part["x"].tolist(), y=part["y"].tolist(), mode="markers", name=f"{name} ({len(part):,})",
+            text=part["cell"].astype(str).tolist(),
+            marker={"size": 6, "symbol": symbol, "color": part["probability"].tolist(),
+                    "colorscale": [list(stop) for stop in PROBABILITY_COLOURSCALE], "cmin": 0, "cmax": 1,
+                    "showscale": index == len(groups) - 1 or len(figure.data) == 0,
+                    "colorbar": {"title": {"text": "P(sensitive)"}}, "line": {"width": 1 if symbol != "circle" else 0}},
+            hovertemplate=f"%{{text}}<br>P(sensitive) %{{marker.color:.3f}}<br>{name}<extra></extra>"))
     axis = "UMAP" if method == "umap" else "PC"
     figure.update_layout(**{**_LAYOUT, "height": 480}, title=title, xaxis={"title": f"{axis} 1"},
                          yaxis={"title": f"{axis} 2"})
@@ -100,10 +115,19 @@ def probability_histogram(frame: pd.DataFrame, *, threshold: float) -> dict[str,
     """Return the distribution of the probability of sensitivity, with the decision threshold marked."""
     import plotly.graph_objects as go
 
-    values = frame["probability"].dropna()
-    figure = go.Figure(go.Histogram(x=values.tolist(), xbins={"start": 0, "end": 1.0001, "size": 0.05},
-                                    marker_color=NEUTRAL_COLOUR))
+    readable = frame.dropna(subset=["probability"])
+    sets = readable["set"].astype(str) if "set" in readable else pd.Series("", index=readable.index)
+    ood = readable["ood"].fillna(False).astype(bool) if "ood" in readable else pd.Series(False, index=readable.index)
+    figure = go.Figure()
+    for name, rows, colour in (("confident", ~ood & (sets != "uncertain"), NEUTRAL_COLOUR),
+                               ("uncertain set", ~ood & (sets == "uncertain"), "#BBBBBB"),
+                               ("out of distribution", ood, EDGE_COLOUR)):
+        values = readable.loc[rows.to_numpy(), "probability"]
+        if len(values):
+            figure.add_trace(go.Histogram(x=values.tolist(), xbins={"start": 0, "end": 1.0001, "size": 0.05},
+                                          marker_color=colour, name=f"{name} ({len(values):,})"))
+    figure.update_layout(barmode="stack")
     figure.add_vline(x=threshold, line_dash="dash", line_color=EDGE_COLOUR)
-    figure.update_layout(**{**_LAYOUT, "height": 320}, title="probability of sensitivity",
+    figure.update_layout(**{**_LAYOUT, "height": 320}, title="calibrated probability of sensitivity",
                          xaxis={"title": "P(sensitive)", "range": [0, 1]}, yaxis={"title": "cells"})
     return _as_dict(figure)

@@ -83,7 +83,6 @@ def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights:
     from scdrugmap import read_head, tl
     from scdrugmap.data import schema
     from scdrugmap.data.io import read_h5ad, write_h5ad_atomic
-    from scdrugmap.evaluate.metrics import compute_metrics
 
     progress("reading the data", 0.02)
     adata = read_h5ad(upload_path)
@@ -108,26 +107,26 @@ def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights:
     prediction[np.isnan(probability)] = None  # cells the model could not read
     frame = pd.DataFrame({"cell": adata.obs_names.astype(str), "probability": probability,
                           "prediction": pd.array(prediction, dtype="string"),
+                          "set": pd.array(adata.obs[f"{key}_set"].astype(object).to_numpy(), dtype="string"),
+                          "ood": adata.obs[f"{key}_ood"].to_numpy(dtype=bool),
+                          "ood_score": adata.obs[f"{key}_ood_score"].to_numpy(dtype=np.float32),
+                          "prob_raw": adata.obs[f"{key}_prob_raw"].to_numpy(dtype=np.float32),
                           "x": np.nan if xy is None else xy[:, 0], "y": np.nan if xy is None else xy[:, 1]})
     obs = adata.obs
     if schema.SAMPLE in obs:
         frame["sample"] = obs[schema.SAMPLE].astype(str).to_numpy()
+    facts = adata.uns["scdrugmap"][key]
     summary: dict[str, Any] = {
-        "n_cells": int(adata.n_obs), "n_sensitive": int((prediction == "sensitive").sum()),
-        "n_resistant": int((prediction == "resistant").sum()), "n_missing": int(np.isnan(probability).sum()),
-        "mean_probability": None if np.isnan(probability).all() else float(np.nanmean(probability)),
-        "projection": method, "embedding_dim": int(embeddings.shape[1]),
+        **tl.prediction_summary(adata, key, label_key=schema.RESPONSE),
+        "projection": method, "embedding_dim": int(embeddings.shape[1]), "alpha": facts.get("alpha"),
+        "gene_overlap": facts.get("gene_overlap"), "warnings": list(facts.get("warnings", [])),
     }
-    if schema.RESPONSE in obs and obs[schema.RESPONSE].notna().all():
-        try:
-            labels = schema.encode_labels(obs[schema.RESPONSE].to_numpy())
-        except ScDrugMapError:
-            labels = None
-        if labels is not None:
-            frame["observed"] = np.where(labels == 1, schema.SENSITIVE, schema.RESISTANT)
-            metrics, reasons = compute_metrics(labels, probability, threshold=threshold)
-            summary["agreement"] = make_json_safe(metrics)
-            summary["agreement_notes"] = reasons
+    if "scored" in summary:  # the page's "agreement with observed labels"
+        frame["observed"] = np.where(schema.encode_labels(obs[schema.RESPONSE].to_numpy()) == 1, schema.SENSITIVE,
+                                     schema.RESISTANT)
+        summary["agreement"] = {k: v for k, v in summary["scored"].items() if k not in {"unit", "n"}}
+        summary["agreement_notes"] = summary.pop("scored_notes", {})
+    summary = make_json_safe(summary)
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     frame.to_parquet(out_dir / PREDICTIONS_PARQUET, index=False)
     csv = frame.drop(columns=["x", "y"]).rename(columns={"probability": "prob_sensitive"})
