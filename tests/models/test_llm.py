@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from scdrugmap.errors import CheckpointError, ConfigError, SchemaError, WeightsNotFoundError  # noqa: E402
-from scdrugmap.models.base import get_encoder_class, sha256_file  # noqa: E402
+from scdrugmap.models.base import get_encoder_class  # noqa: E402
 from scdrugmap.models.llm import (  # noqa: E402
     LLAMA3_8B,
     TOP_N_GENES,
@@ -31,6 +31,7 @@ from scdrugmap.models.llm import (  # noqa: E402
     gene_sentences,
     rank_genes,
 )
+from scdrugmap.models.weights import sha256_file  # noqa: E402
 
 GENES = ["CD3E", "MS4A1", "GAPDH", "ACTB", "CD8A", "NKG7", "LYZ", "CD14"]
 

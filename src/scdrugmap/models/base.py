@@ -16,7 +16,6 @@ LoRA fine-tuning calls ``collate`` and ``encode`` directly with gradients on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -339,15 +338,6 @@ class TorchEncoder(Encoder):
         facts = super().describe()
         facts["parameters"] = sum(p.numel() for p in self.module.parameters())
         return facts
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Return the hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- registry -------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 
 from scdrugmap.errors import ConfigError
-from scdrugmap.models.base import TokenizedCells, length_buckets, sha256_file
+from scdrugmap.models.base import TokenizedCells, length_buckets
 from scdrugmap.models.scbert import (
     MIN_GENES,
     PerformerEncoder,
@@ -55,7 +55,7 @@ from scdrugmap.models.scbert import (
     known_gene_columns,
     preprocessed_cells,
 )
-from scdrugmap.models.weights import RemoteFile, WeightsSource
+from scdrugmap.models.weights import RemoteFile, WeightsSource, sha256_file
 
 if TYPE_CHECKING:
     import anndata as ad

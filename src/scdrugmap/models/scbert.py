@@ -38,8 +38,8 @@ import scipy.sparse as sp
 
 from scdrugmap.data.schema import expression_matrix
 from scdrugmap.errors import CheckpointError, ConfigError, SchemaError, WeightsNotFoundError
-from scdrugmap.models.base import TokenizedCells, TorchEncoder, sha256_file
-from scdrugmap.models.weights import RemoteFile, WeightsSource, cache_path, resolve_weights
+from scdrugmap.models.base import TokenizedCells, TorchEncoder
+from scdrugmap.models.weights import RemoteFile, WeightsSource, cache_path, resolve_weights, sha256_file
 
 if TYPE_CHECKING:
     import anndata as ad

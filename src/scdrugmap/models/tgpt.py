@@ -50,8 +50,8 @@ from torch import nn
 
 from scdrugmap.data.schema import expression_matrix
 from scdrugmap.errors import CheckpointError, ConfigError, SchemaError
-from scdrugmap.models.base import TokenizedCells, TorchEncoder, sha256_file
-from scdrugmap.models.weights import WeightsSource, hf_file, resolve_weights
+from scdrugmap.models.base import TokenizedCells, TorchEncoder
+from scdrugmap.models.weights import WeightsSource, hf_file, resolve_weights, sha256_file
 
 if TYPE_CHECKING:
     import anndata as ad
