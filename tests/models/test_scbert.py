@@ -12,15 +12,8 @@ import pytest
 import torch
 
 from scdrugmap.errors import CheckpointError, SchemaError, WeightsNotFoundError
-from scdrugmap.models.scbert import (
-    ScBERTConfig,
-    ScBERTEncoder,
-    bin_values,
-    build_scbert_model,
-    preprocessed_cells,
-    read_gene_list,
-    reference_selection,
-)
+from scdrugmap.models._performer import preprocessed_cells, read_gene_list, reference_selection
+from scdrugmap.models.scbert import ScBERTConfig, ScBERTEncoder, bin_values, build_scbert_model
 
 TOLERANCE = 1e-5
 #: The fixture's preprocess.py ran with min_genes lowered from 200 to 5 (golden README).
