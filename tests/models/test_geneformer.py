@@ -19,9 +19,11 @@ from scdrugmap.models.geneformer import (
     PUBLISHED_CONFIGS,
     GeneformerConfig,
     GeneformerEncoder,
+    build_geneformer_model,
+)
+from scdrugmap.models.geneformer_tokenizer import (
     GeneformerTokenizer,
     GeneformerVocabulary,
-    build_geneformer_model,
     load_dictionary,
     normalise_counts,
     rank_genes,
@@ -313,6 +315,14 @@ def test_bad_input_is_refused_with_the_cell_named(cells, vocabularies, tmp_path)
     path = write_h5ad(csc, tmp_path / "csc.h5ad")
     with pytest.raises(SchemaError, match="csc_matrix"):
         tokenizer.tokenize_h5ad(path)
+
+
+def test_tokenizer_module_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, scdrugmap.models.geneformer_tokenizer; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0, "the tokenizer imported torch"
 
 
 # --- model and pooling ----------------------------------------------------------------------------------
