@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from scdrugmap.errors import CheckpointError, ConfigError
-from scdrugmap.models.base import TokenizedCells, TorchEncoder
+from scdrugmap.models.base import HubModelEncoder, TokenizedCells
 from scdrugmap.models.geneformer_tokenizer import (
     DICTIONARY_FILES,
     PAD_TOKEN,
@@ -64,10 +64,9 @@ from scdrugmap.models.geneformer_tokenizer import (
     normalise_counts,
     token_sequences,
 )
-from scdrugmap.models.weights import WeightsSource, hf_file, resolve_weights, sha256_file
+from scdrugmap.models.weights import WeightsSource, hf_file
 
 if TYPE_CHECKING:
-    import anndata as ad
     import numpy.typing as npt
 
 log = logging.getLogger(__name__)
@@ -356,11 +355,20 @@ def _infer_version(config: GeneformerConfig) -> Literal["V1", "V2"]:
     return "V1" if config.max_position_embeddings <= V1_INPUT_SIZE else "V2"
 
 
-class GeneformerEncoder(TorchEncoder):
+class GeneformerEncoder(HubModelEncoder):
     """Geneformer V1/V2 cell embeddings (see the module docstring for the official contract).
 
     Build it with `from_pretrained`; ``tokenize`` / ``tokenize_h5ad`` give `TokenizedCells` whose
     ``arrays`` hold the flat ``input_ids`` and their ``offsets``.
+
+    Parameters
+    ----------
+    module
+        The loaded `GeneformerModel`.
+    tokenizer
+        The `GeneformerTokenizer` of the model's dictionaries.
+    checkpoint_sha256
+        sha256 of the weights file.
     """
 
     name: ClassVar[str] = "geneformer"
@@ -369,16 +377,22 @@ class GeneformerEncoder(TorchEncoder):
     lora_targets: ClassVar[tuple[str, ...]] = ("query", "key", "value")
     shardable: ClassVar[bool] = True  # each cell is its own sequence
     weights_sources: ClassVar[Mapping[str, WeightsSource]] = WEIGHTS_SOURCES
-
-    def __init__(self, module: GeneformerModel, tokenizer: GeneformerTokenizer, *,
-                 checkpoint_sha256: str | None = None) -> None:
-        self.module = module
-        self.tokenizer = tokenizer
-        self.checkpoint_sha256 = checkpoint_sha256
+    model_label: ClassVar[str] = "Geneformer"
+    weight_files: ClassVar[tuple[str, ...]] = WEIGHT_FILES
+    folder_hint: ClassVar[str] = "Point to an official Geneformer model folder."
+    known_options: ClassVar[frozenset[str]] = frozenset({
+        "model_version", "token_dictionary_file", "gene_median_file", "gene_mapping_file", "model_input_size",
+        "emb_layer", "pooling", "attn_implementation", "chunk_size", "n_threads", "device"})
+    module: GeneformerModel
+    tokenizer: GeneformerTokenizer
 
     @property
     def embedding_dim(self) -> int:
         return self.module.config.hidden_size
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.vocabulary.token_ids[PAD_TOKEN]
 
     @property
     def version(self) -> str:
@@ -409,29 +423,10 @@ class GeneformerEncoder(TorchEncoder):
         ConfigError
             For an unknown option value.
         """
-        known = {"model_version", "token_dictionary_file", "gene_median_file", "gene_mapping_file",
-                 "model_input_size", "emb_layer", "pooling", "attn_implementation", "chunk_size", "n_threads",
-                 "device"}
-        if unknown := sorted(set(options) - known):
-            msg = f"unknown Geneformer options {unknown}; known: {sorted(known)}."
-            raise ConfigError(msg)
+        cls._check_options(options)
         by_folder = {v.lower(): k for k, v in OFFICIAL_FOLDERS.items()}
         key = None if path_or_name is None else by_folder.get(str(path_or_name).lower(), str(path_or_name))
-        if key is None or key in cls.weights_sources:
-            source = cls.weights_sources[key or next(iter(cls.weights_sources))]
-            location = resolve_weights(source)
-        else:
-            location = Path(path_or_name).expanduser()
-            if not location.exists():
-                msg = (f"{location}: no such file or folder, and not a Geneformer variant "
-                       f"({', '.join(cls.weights_sources)}).")
-                raise CheckpointError(msg)
-        folder = location if location.is_dir() else location.parent
-        weights_path = location if location.is_file() else next(
-            (folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
-        if weights_path is None:
-            msg = f"{folder}: no {' or '.join(WEIGHT_FILES)}. Point to an official Geneformer model folder."
-            raise CheckpointError(msg)
+        folder, weights_path = cls._locate_weights(key)
         config = GeneformerConfig.from_official(folder)
         version = options.get("model_version") or _infer_version(config)
         if version not in ("V1", "V2"):
@@ -458,11 +453,9 @@ class GeneformerEncoder(TorchEncoder):
                                         pooling=pooling, exclude_special=vocabulary.special_tokens,
                                         attn_implementation=options.get("attn_implementation", "sdpa"))
         load_official_state_dict(module, read_state_dict(weights_path), source=str(weights_path))
-        if device := options.get("device"):
-            module.to(device)
         log.info("loaded Geneformer %s (%d layers, hidden %d) from %s", version, config.num_hidden_layers,
                  config.hidden_size, weights_path)
-        return cls(module, tokenizer, checkpoint_sha256=sha256_file(weights_path))
+        return cls._assemble(module, tokenizer, weights_path, device=options.get("device"))
 
     @staticmethod
     def _vocabulary(folder: Path, version: Literal["V1", "V2"], options: Mapping[str, Any]) -> GeneformerVocabulary:
@@ -485,28 +478,12 @@ class GeneformerEncoder(TorchEncoder):
                 log.info("%s: no gc30M mapping dictionary; Ensembl ids map to themselves (2023 V1 tokenizer)", folder)
         return GeneformerVocabulary.from_files(token_file, median_file, mapping_file, version=version)
 
-    # -- tokenize / collate / encode --
-
-    def tokenize(self, adata: ad.AnnData, *, layer: str | None = None) -> TokenizedCells:
-        return self.tokenizer.tokenize(adata, layer=layer)
+    # -- tokenize (the tokenizer's) / collate (right-padded with <pad>, as pad_tensor_list) / encode --
 
     def tokenize_h5ad(self, path: str | Path, *, layer: str | None = None,
                       chunk_size: int | None = None) -> TokenizedCells:
         """Tokenize an ``.h5ad`` on disk in chunks of rows (see `GeneformerTokenizer.tokenize_h5ad`)."""
         return self.tokenizer.tokenize_h5ad(path, layer=layer, chunk_size=chunk_size)
-
-    def collate(self, tokens: TokenizedCells, rows: npt.NDArray[np.int64]) -> dict[str, torch.Tensor]:
-        """Right-pad the chosen cells with ``<pad>`` = 0 to the batch's longest, as ``pad_tensor_list`` does."""
-        rows = np.asarray(rows, dtype=np.int64)
-        flat, offsets = tokens.arrays["input_ids"], tokens.arrays["offsets"]
-        lengths = offsets[rows + 1] - offsets[rows]
-        width = int(lengths.max(initial=1))
-        positions = np.arange(width)
-        mask = positions[None, :] < lengths[:, None]
-        index = np.where(mask, offsets[rows][:, None] + positions[None, :], 0)
-        ids = np.where(mask, flat[index] if flat.size else 0, self.tokenizer.vocabulary.token_ids[PAD_TOKEN])
-        return {"input_ids": torch.from_numpy(ids.astype(np.int64)),
-                "attention_mask": torch.from_numpy(mask.astype(np.int64))}
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
