@@ -178,8 +178,9 @@ class TGPTTokenizer:
         if max_length < 3:
             msg = f"max_length={max_length}; it counts BOS and EOS, so it must be at least 3."
             raise ConfigError(msg)
-        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (ids[k] for k in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN,
-                                                                               UNK_TOKEN))
+        found = {k: v for k, v in ids.items() if v is not None}  # all of them (checked above)
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (found[k] for k in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN,
+                                                                                 UNK_TOKEN))
         self.max_length = int(max_length)
         self.max_gene_tokens = self.max_length - 2
         self.chunk_size = int(chunk_size)
