@@ -710,7 +710,6 @@ def preprocess_log2(
     return matrix, kept_rows.astype(np.int64), n_expressed
 
 
-
 def preprocessed_cells(
     adata: ad.AnnData, reference: npt.NDArray[np.str_], *, layer: str | None, gene_key: str | None,
     min_genes: int, model: str,
@@ -736,7 +735,6 @@ def preprocessed_cells(
     dropped = {int(r): f"{int(n_expressed[r])} reference genes expressed, fewer than min_genes={min_genes}"
                for r in dropped_rows}
     return matrix, kept, dropped, n_matched
-
 
 
 # --- official files ---------------------------------------------------------------------------------------

@@ -128,7 +128,6 @@ def bin_values(values: npt.NDArray[np.floating], bin_num: int = BIN_NUM) -> npt.
     return np.minimum(np.trunc(values), bin_num).astype(np.int8)
 
 
-
 # --- model --------------------------------------------------------------------------------------------------
 
 
@@ -140,6 +139,7 @@ def build_scbert_model(config: ScBERTConfig, *, seed: int = 0) -> PerformerLM:
                        feature_redraw_interval=config.feature_redraw_interval, seed=seed)
 
 
+# --- encoder (loader: `scdrugmap.models._performer.PerformerEncoder`) ------------------------------------
 
 
 class ScBERTEncoder(PerformerEncoder):
