@@ -91,11 +91,10 @@ def main() -> None:
     from scdrugmap.models.geneformer import (
         PUBLISHED_CONFIGS,
         GeneformerEncoder,
-        GeneformerTokenizer,
-        GeneformerVocabulary,
         build_geneformer_model,
         forward_flops,
     )
+    from scdrugmap.models.geneformer_tokenizer import GeneformerTokenizer, GeneformerVocabulary
 
     vocabulary = GeneformerVocabulary.from_files(args.vocab / "geneformer_token_dictionary.pkl",
                                                  args.vocab / "geneformer_gene_median_dictionary.pkl", None,

@@ -81,7 +81,7 @@ def write_counts_h5ad(path: Path, n_cells: int, genes: np.ndarray, mean_nnz: flo
 
 def vocabulary(vocab_dir: Path, version: str = "V1"):
     """The V1 (gc30M, 2,048 tokens) or V2 (gc95M, 4,096 tokens with <cls>/<eos>) dictionaries."""
-    from scdrugmap.models.geneformer import GeneformerVocabulary
+    from scdrugmap.models.geneformer_tokenizer import GeneformerVocabulary
 
     if version == "V2":
         return GeneformerVocabulary.from_files(vocab_dir / "token_dictionary_gc95M.pkl",
@@ -92,7 +92,7 @@ def vocabulary(vocab_dir: Path, version: str = "V1"):
 
 
 def run_stream(path: Path, vocab_dir: Path, chunk_size: int, threads: int | None, version: str) -> dict:
-    from scdrugmap.models.geneformer import GeneformerTokenizer
+    from scdrugmap.models.geneformer_tokenizer import GeneformerTokenizer
 
     tokenizer = GeneformerTokenizer(vocabulary(vocab_dir, version), chunk_size=chunk_size, n_threads=threads)
     start, cpu = time.perf_counter(), time.process_time()

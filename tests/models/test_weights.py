@@ -390,3 +390,17 @@ def test_files_copied_into_the_cache_folder_as_advised_are_used(monkeypatch):
     (folder / "weights" / "model.bin").write_bytes(WEIGHTS)
     monkeypatch.setenv("SCDRUGMAP_OFFLINE", "1")
     assert resolve_weights(source) == folder
+
+
+def test_sha256_file_reads_in_chunks_and_weights_never_imports_the_encoder_base(tmp_path):
+    import ast
+    import inspect
+
+    path = tmp_path / "blob.bin"
+    path.write_bytes(WEIGHTS * 3)
+    assert weights.sha256_file(path, chunk_size=7) == sha256(WEIGHTS * 3)
+    # base imports weights (sha256_file, resolve_weights), never the other way round, not even inside a function
+    tree = ast.parse(inspect.getsource(weights))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not any(name.startswith("scdrugmap.models.") for name in imported), imported

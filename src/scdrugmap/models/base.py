@@ -16,7 +16,6 @@ LoRA fine-tuning calls ``collate`` and ``encode`` directly with gradients on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -25,12 +24,13 @@ from dataclasses import dataclass, field
 from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 
 from scdrugmap.data.schema import expression_matrix, require_value_kind
-from scdrugmap.errors import ConfigError, SchemaError
+from scdrugmap.errors import CheckpointError, ConfigError, SchemaError
+from scdrugmap.models.weights import resolve_weights, sha256_file
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -341,13 +341,117 @@ class TorchEncoder(Encoder):
         return facts
 
 
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Return the hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
+HubEncoderT = TypeVar("HubEncoderT", bound="HubModelEncoder")
+
+
+class HubModelEncoder(TorchEncoder):
+    """A network plus a tokenizer object, loaded from an official Hugging Face model folder.
+
+    Geneformer and tGPT have this shape: a folder with ``config.json`` and one weights file of
+    `weight_files`; a tokenizer whose ``tokenize(adata, layer=...)`` gives `TokenizedCells` with flat
+    ``input_ids`` and their ``offsets``; batches right-padded with the tokenizer's pad id. What they share
+    lives here: the constructor, ``tokenize``, ``collate``, and the steps of ``from_pretrained`` that do
+    not depend on the model (`_check_options`, `_locate_weights`, `_assemble`).
+
+    Subclasses set `model_label`, `folder_hint` and `known_options`, implement `pad_token_id`, and build
+    their config, tokenizer and network in ``from_pretrained``.
+
+    Parameters
+    ----------
+    module
+        The network with loaded weights.
+    tokenizer
+        The model's tokenizer.
+    checkpoint_sha256
+        sha256 of the weights file.
+    """
+
+    #: The model's name in messages ("Geneformer", "tGPT").
+    model_label: ClassVar[str]
+    #: Weights files looked for in a model folder, in this order.
+    weight_files: ClassVar[tuple[str, ...]] = ("model.safetensors", "pytorch_model.bin")
+    #: The end of the message when a folder holds no weights file: what to point to instead.
+    folder_hint: ClassVar[str]
+    #: Options ``from_pretrained`` accepts (others are refused by `_check_options`).
+    known_options: ClassVar[frozenset[str]]
+
+    def __init__(self, module: torch.nn.Module, tokenizer: Any, *, checkpoint_sha256: str | None = None) -> None:
+        self.module = module
+        self.tokenizer = tokenizer
+        self.checkpoint_sha256 = checkpoint_sha256
+
+    @property
+    @abstractmethod
+    def pad_token_id(self) -> int:
+        """The token id ``collate`` pads with."""
+
+    @classmethod
+    def _check_options(cls, options: Mapping[str, Any]) -> None:
+        """Refuse options ``from_pretrained`` does not know.
+
+        Raises
+        ------
+        ConfigError
+            Naming the unknown options and the known ones.
+        """
+        if unknown := sorted(set(options) - cls.known_options):
+            msg = f"unknown {cls.model_label} options {unknown}; known: {sorted(cls.known_options)}."
+            raise ConfigError(msg)
+
+    @classmethod
+    def _locate_weights(cls, variant_or_path: str | Path | None) -> tuple[Path, Path]:
+        """Return (model folder, weights file) of a variant of `weights_sources` (None: the first) or a path.
+
+        A variant is resolved through the cache (downloaded when missing); a path is a model folder or the
+        weights file itself.
+
+        Raises
+        ------
+        CheckpointError
+            When the path does not exist, or the folder holds none of `weight_files`.
+        """
+        if variant_or_path is None or str(variant_or_path) in cls.weights_sources:
+            source = cls.weights_sources[str(variant_or_path or next(iter(cls.weights_sources)))]
+            location = resolve_weights(source)
+        else:
+            location = Path(variant_or_path).expanduser()
+            if not location.exists():
+                msg = (f"{location}: no such file or folder, and not a {cls.model_label} variant "
+                       f"({', '.join(cls.weights_sources)}).")
+                raise CheckpointError(msg)
+        folder = location if location.is_dir() else location.parent
+        weights_path = location if location.is_file() else next(
+            (folder / f for f in cls.weight_files if (folder / f).is_file()), None)
+        if weights_path is None:
+            msg = f"{folder}: no {' or '.join(cls.weight_files)}. {cls.folder_hint}"
+            raise CheckpointError(msg)
+        return folder, weights_path
+
+    @classmethod
+    def _assemble(cls: type[HubEncoderT], module: torch.nn.Module, tokenizer: Any, weights_path: Path, *,
+                  device: str | None = None) -> HubEncoderT:
+        """Move the loaded network to ``device`` (when given) and return the encoder, with the file's sha256."""
+        if device:
+            module.to(device)
+        return cls(module, tokenizer, checkpoint_sha256=sha256_file(weights_path))
+
+    def tokenize(self, adata: ad.AnnData, *, layer: str | None = None) -> TokenizedCells:
+        return self.tokenizer.tokenize(adata, layer=layer)
+
+    def collate(self, tokens: TokenizedCells, rows: npt.NDArray[np.int64]) -> dict[str, torch.Tensor]:
+        """Right-pad the chosen cells with `pad_token_id` to the batch's longest; ``attention_mask`` is 1 on tokens."""
+        import torch
+
+        rows = np.asarray(rows, dtype=np.int64)
+        flat, offsets = tokens.arrays["input_ids"], tokens.arrays["offsets"]
+        lengths = offsets[rows + 1] - offsets[rows]
+        width = int(lengths.max(initial=1))
+        positions = np.arange(width)
+        mask = positions[None, :] < lengths[:, None]
+        index = np.where(mask, offsets[rows][:, None] + positions[None, :], 0)
+        ids = np.where(mask, flat[index] if flat.size else 0, self.pad_token_id)
+        return {"input_ids": torch.from_numpy(ids.astype(np.int64)),
+                "attention_mask": torch.from_numpy(mask.astype(np.int64))}
 
 
 # --- registry -------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ Official code: https://github.com/PharMolix/OpenBioMed (commit ``ce3ccab``):
 Input: raw counts. OpenBioMed has no normalisation code: its cell data sets are scBERT-preprocessed
 ``.h5ad`` files, so cells go through scBERT's ``preprocess.py`` (align to the model's 19,379 genes,
 drop cells with fewer than 200 of them expressed, normalise to 1e4, ``log2(1 + x)``; see
-`scdrugmap.models.scbert`). That step is an inferred contract, not CellLM code. ``forward`` then
-keeps, per cell and in gene-index order, the genes with value > 0 as tokens ``min(floor(v), 5)``
+`scdrugmap.models._performer.preprocessed_cells`). That step is an inferred contract, not CellLM
+code. ``forward`` then keeps, per cell and in gene-index order, the genes with value > 0 as tokens ``min(floor(v), 5)``
 (values below 1 keep token 0), prepends CLS (token 6, gene row ``gene_num`` = ones), keeps the
 **first** 6,000 tokens, and pads to exactly 6,000 (token 7, gene row ``gene_num + 1`` = zeros,
 mask False). Here that tokenisation is vectorised in `CellLMEncoder.tokenize` / ``collate``.
@@ -46,23 +46,24 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 
 from scdrugmap.errors import ConfigError
-from scdrugmap.models.base import TokenizedCells, length_buckets, sha256_file
-from scdrugmap.models.scbert import (
+from scdrugmap.models._performer import (
     MIN_GENES,
+    KeyMax,
     PerformerEncoder,
-    _checked_kwargs,
-    _performer_kwargs,
+    PerformerLM,
+    checked_performer_kwargs,
+    flat_offsets,
     known_gene_columns,
+    official_performer_kwargs,
     preprocessed_cells,
 )
-from scdrugmap.models.weights import RemoteFile, WeightsSource
+from scdrugmap.models.base import TokenizedCells, length_buckets
+from scdrugmap.models.weights import RemoteFile, WeightsSource, sha256_file
 
 if TYPE_CHECKING:
     import anndata as ad
     import numpy.typing as npt
     import torch
-
-    from scdrugmap.models._performer import KeyMax, PerformerLM
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +136,10 @@ class CellLMConfig:
             When the file asks for features this port does not run.
         """
         raw = json.loads(Path(path).read_text())
-        kwargs = _performer_kwargs(raw)
+        kwargs = official_performer_kwargs(raw)
         if "tune_layer" in kwargs:
             kwargs["tune_layers"] = tuple(kwargs.pop("tune_layer"))
-        return cls(**_checked_kwargs(cls, kwargs, path))
+        return cls(**checked_performer_kwargs(cls, kwargs, path))
 
 
 # --- model --------------------------------------------------------------------------------------------------
@@ -146,8 +147,6 @@ class CellLMConfig:
 
 def build_celllm_model(config: CellLMConfig, *, seed: int = 0) -> PerformerLM:
     """Return the ``PerformerLM_CellLM`` architecture, frozen as its constructor leaves it."""
-    from scdrugmap.models._performer import PerformerLM
-
     module = PerformerLM(num_tokens=config.num_tokens, pos_rows=config.gene_num + 2, dim=config.dim,
                          depth=config.depth, heads=config.heads, dim_head=config.dim_head,
                          nb_features=config.nb_features, ff_mult=config.ff_mult, qkv_bias=config.qkv_bias,
@@ -191,6 +190,7 @@ class CellLMEncoder(PerformerEncoder):
     input_kind: ClassVar = "counts"
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v")
     module: PerformerLM
+    config: CellLMConfig
     weights_sources: ClassVar[Mapping[str, WeightsSource]] = {
         "celllm": WeightsSource(
             name="celllm",
@@ -282,8 +282,6 @@ class CellLMEncoder(PerformerEncoder):
 
     def tokenize(self, adata: ad.AnnData, *, layer: str | None = None) -> TokenizedCells:
         """Preprocess as scBERT, then keep the expressed genes in index order, truncated to fit CLS + genes."""
-        from scdrugmap.models._performer import flat_offsets
-
         matrix, kept, dropped, n_matched = preprocessed_cells(
             adata, self.genes, layer=layer, gene_key=self.gene_key, min_genes=self.min_genes, model=self.name)
         per_row = np.diff(matrix.indptr)

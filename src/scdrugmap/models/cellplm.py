@@ -47,8 +47,8 @@ from torch import nn
 
 from scdrugmap.data.schema import expression_matrix
 from scdrugmap.errors import CheckpointError, ConfigError, SchemaError
-from scdrugmap.models.base import Progress, TokenizedCells, TorchEncoder, sha256_file
-from scdrugmap.models.weights import RemoteFile, WeightsSource, resolve_weights
+from scdrugmap.models.base import Progress, TokenizedCells, TorchEncoder
+from scdrugmap.models.weights import RemoteFile, WeightsSource, resolve_weights, sha256_file
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -65,8 +65,8 @@ import scipy.sparse as sp
 from scdrugmap import config
 from scdrugmap.data.schema import expression_matrix
 from scdrugmap.errors import CheckpointError, ConfigError, WeightsNotFoundError
-from scdrugmap.models.base import TokenizedCells, TorchEncoder, sha256_file
-from scdrugmap.models.weights import MANIFEST, WeightsSource, hf_file, resolve_weights
+from scdrugmap.models.base import TokenizedCells, TorchEncoder
+from scdrugmap.models.weights import MANIFEST, WeightsSource, hf_file, resolve_weights, sha256_file
 
 if TYPE_CHECKING:
     import anndata as ad

@@ -52,8 +52,9 @@ from torch import nn
 
 from scdrugmap.data.schema import expression_matrix, require_value_kind
 from scdrugmap.errors import CheckpointError, ConfigError, SchemaError
-from scdrugmap.models.base import TokenizedCells, TorchEncoder, sha256_file
-from scdrugmap.models.weights import RemoteFile, WeightsSource, resolve_weights
+from scdrugmap.models._layers import TransformerEncoderLayer
+from scdrugmap.models.base import TokenizedCells, TorchEncoder
+from scdrugmap.models.weights import RemoteFile, WeightsSource, resolve_weights, sha256_file
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -388,8 +389,10 @@ class AutoDiscretizationEmbedding(nn.Module):
 class SelfAttention(nn.Module):
     """``nn.MultiheadAttention`` weights (packed ``in_proj_weight``) run through SDPA.
 
-    ``out_proj`` is an ``nn.Linear`` called as a module, so LoRA adapters on it run (torch's own
-    attention calls it functionally).
+    Kept apart from the split-projection `scdrugmap.models._layers.SelfAttention` on purpose: the official
+    checkpoint stores the packed ``in_proj_weight`` / ``in_proj_bias`` under those names and this model has
+    no rename table. ``out_proj`` is an ``nn.Linear`` called as a module, so LoRA adapters on it run (torch's
+    own attention calls it functionally).
     """
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
@@ -411,31 +414,15 @@ class SelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
-class EncoderLayer(nn.Module):
-    """``nn.TransformerEncoderLayer(dim, heads, 4 * dim, batch_first=True)``: ReLU, post-norm unless ``norm_first``."""
+def build_encoder_layer(config: ScFoundationConfig) -> TransformerEncoderLayer:
+    """``nn.TransformerEncoderLayer(dim, heads, 4 * dim, batch_first=True)``: ReLU, post-norm unless ``norm_first``.
 
-    def __init__(self, config: ScFoundationConfig) -> None:
-        super().__init__()
-        dim = config.hidden_dim
-        self.norm_first = config.norm_first
-        self.self_attn = SelfAttention(dim, config.heads, config.dropout)
-        self.linear1 = nn.Linear(dim, config.ff_mult * dim)
-        self.linear2 = nn.Linear(config.ff_mult * dim, dim)
-        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
-        self.dropout1 = nn.Dropout(config.dropout)
-        self.dropout2 = nn.Dropout(config.dropout)
-
-    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        if self.norm_first:
-            x = x + self.dropout1(self.self_attn(self.norm1(x), attn_mask))
-            return x + self._feed_forward(self.norm2(x))
-        x = self.norm1(x + self.dropout1(self.self_attn(x, attn_mask)))
-        return self.norm2(x + self._feed_forward(x))
+    The layer is `scdrugmap.models._layers.TransformerEncoderLayer` around this model's packed `SelfAttention`.
+    """
+    dim = config.hidden_dim
+    return TransformerEncoderLayer(dim, config.heads, config.ff_mult * dim, config.dropout,
+                                   layer_norm_eps=config.layer_norm_eps, norm_first=config.norm_first,
+                                   self_attn=SelfAttention(dim, config.heads, config.dropout))
 
 
 class TransformerEncoder(nn.Module):
@@ -443,7 +430,7 @@ class TransformerEncoder(nn.Module):
 
     def __init__(self, config: ScFoundationConfig) -> None:
         super().__init__()
-        self.transformer_encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.depth))
+        self.transformer_encoder = nn.ModuleList(build_encoder_layer(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.hidden_dim)
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:

@@ -45,13 +45,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scdrugmap.data.schema import expression_matrix
 from scdrugmap.errors import CheckpointError, ConfigError, SchemaError
-from scdrugmap.models.base import TokenizedCells, TorchEncoder, sha256_file
-from scdrugmap.models.weights import RemoteFile, WeightsSource, resolve_weights
+from scdrugmap.models._layers import TransformerEncoderLayer
+from scdrugmap.models.base import TokenizedCells, TorchEncoder
+from scdrugmap.models.weights import RemoteFile, WeightsSource, resolve_weights, sha256_file
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -395,72 +395,27 @@ class ContinuousValueEncoder(nn.Module):
         return self.dropout(self.norm(x))
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with explicit q/k/v/out projections over SDPA.
-
-    Numerically the ``nn.MultiheadAttention`` of the official model, whose fused ``in_proj_weight`` (or
-    flash-attn ``Wqkv``) rows are q | k | v; held as three Linears so LoRA adapters on any of them run.
-    """
-
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if d_model % nhead:
-            msg = f"d_model={d_model} is not divisible by nhead={nhead}."
-            raise ConfigError(msg)
-        self.nhead = nhead
-        self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
-
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        batch, length, width = x.shape
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, length, self.nhead, width // self.nhead).transpose(1, 2)
-
-        attn_mask = None
-        if key_padding_mask is not None and bool(key_padding_mask.any()):
-            attn_mask = ~key_padding_mask[:, None, None, :]  # True = may attend
-        out = F.scaled_dot_product_attention(
-            heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)),
-            attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
-
-
-class TransformerEncoderLayer(nn.Module):
-    """Post-norm encoder layer with ReLU, as ``nn.TransformerEncoderLayer(batch_first=True)`` (official)."""
-
-    def __init__(self, d_model: int, nhead: int, d_hid: int, dropout: float) -> None:
-        super().__init__()
-        self.self_attn = SelfAttention(d_model, nhead, dropout)
-        self.linear1 = nn.Linear(d_model, d_hid)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_hid, d_model)
-        self.norm1 = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
-        self.norm2 = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.norm1(x + self.dropout1(self.self_attn(x, key_padding_mask)))
-        feed_forward = self.linear2(self.dropout(F.relu(self.linear1(x))))
-        return self.norm2(x + self.dropout2(feed_forward))
-
-
 class TransformerEncoder(nn.Module):
-    """A stack of encoder layers with no final norm (official ``nn.TransformerEncoder(norm=None)``)."""
+    """A stack of encoder layers with no final norm (official ``nn.TransformerEncoder(norm=None)``).
+
+    Each layer is ``nn.TransformerEncoderLayer(batch_first=True)`` with ReLU and post-norm, written out once
+    in `scdrugmap.models._layers` (scGPT, UCE and scFoundation run the same layer).
+    """
 
     def __init__(self, config: ScGPTConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            TransformerEncoderLayer(config.d_model, config.nhead, config.d_hid, config.dropout)
+            TransformerEncoderLayer(config.d_model, config.nhead, config.d_hid, config.dropout,
+                                    layer_norm_eps=LAYER_NORM_EPS)
             for _ in range(config.nlayers))
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the layers; ``key_padding_mask`` (batch, length) is True at pad positions, which no query attends."""
+        attn_mask = None
+        if key_padding_mask is not None and bool(key_padding_mask.any()):
+            attn_mask = ~key_padding_mask[:, None, None, :]  # True = may attend
         for layer in self.layers:
-            x = layer(x, key_padding_mask)
+            x = layer(x, attn_mask)
         return x
 
 

@@ -50,8 +50,8 @@ from torch import nn
 
 from scdrugmap.data.schema import expression_matrix
 from scdrugmap.errors import CheckpointError, ConfigError, SchemaError
-from scdrugmap.models.base import TokenizedCells, TorchEncoder, sha256_file
-from scdrugmap.models.weights import WeightsSource, hf_file, resolve_weights
+from scdrugmap.models.base import HubModelEncoder, TokenizedCells
+from scdrugmap.models.weights import WeightsSource, hf_file
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -178,8 +178,9 @@ class TGPTTokenizer:
         if max_length < 3:
             msg = f"max_length={max_length}; it counts BOS and EOS, so it must be at least 3."
             raise ConfigError(msg)
-        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (ids[k] for k in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN,
-                                                                               UNK_TOKEN))
+        found = {k: v for k, v in ids.items() if v is not None}  # all of them (checked above)
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (found[k] for k in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN,
+                                                                                 UNK_TOKEN))
         self.max_length = int(max_length)
         self.max_gene_tokens = self.max_length - 2
         self.chunk_size = int(chunk_size)
@@ -401,8 +402,18 @@ WEIGHTS_SOURCES: dict[str, WeightsSource] = {
 _MAX_LENGTH_IN_NAME = re.compile(r"gpt-\d+-\d+-\d+-(\d+)$")
 
 
-class TGPTEncoder(TorchEncoder):
-    """tGPT cell embeddings (see the module docstring for the official contract)."""
+class TGPTEncoder(HubModelEncoder):
+    """tGPT cell embeddings (see the module docstring for the official contract).
+
+    Parameters
+    ----------
+    module
+        The loaded `TGPTModel`.
+    tokenizer
+        The `TGPTTokenizer` of the official ``tokenizer.json``.
+    checkpoint_sha256
+        sha256 of the weights file.
+    """
 
     name: ClassVar[str] = "tgpt"
     family: ClassVar[Literal["scfm", "llm", "baseline"]] = "scfm"
@@ -412,15 +423,20 @@ class TGPTEncoder(TorchEncoder):
     #: Extra LoraConfig arguments: GPT-2's c_attn is a transformers Conv1D with an (in x out) weight.
     lora_options: ClassVar[Mapping[str, Any]] = {"fan_in_fan_out": True}
     weights_sources: ClassVar[Mapping[str, WeightsSource]] = WEIGHTS_SOURCES
-
-    def __init__(self, module: TGPTModel, tokenizer: TGPTTokenizer, *, checkpoint_sha256: str | None = None) -> None:
-        self.module = module
-        self.tokenizer = tokenizer
-        self.checkpoint_sha256 = checkpoint_sha256
+    model_label: ClassVar[str] = "tGPT"
+    weight_files: ClassVar[tuple[str, ...]] = WEIGHT_FILES
+    folder_hint: ClassVar[str] = "Point to the official tGPT folder."
+    known_options: ClassVar[frozenset[str]] = frozenset({"max_length", "attn_implementation", "chunk_size", "device"})
+    module: TGPTModel
+    tokenizer: TGPTTokenizer
 
     @property
     def embedding_dim(self) -> int:
         return self.module.config.n_embd
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_id
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path | None = None, **options: Any) -> TGPTEncoder:
@@ -439,25 +455,10 @@ class TGPTEncoder(TorchEncoder):
         CheckpointError
             When a file is missing, unreadable, or does not fit the architecture (keys named).
         """
-        known = {"max_length", "attn_implementation", "chunk_size", "device"}
-        if unknown := sorted(set(options) - known):
-            msg = f"unknown tGPT options {unknown}; known: {sorted(known)}."
-            raise ConfigError(msg)
-        if path_or_name is None or str(path_or_name) in cls.weights_sources:
-            name = str(path_or_name or next(iter(cls.weights_sources)))
-            location = resolve_weights(cls.weights_sources[name])
-        else:
-            name = Path(path_or_name).name
-            location = Path(path_or_name).expanduser()
-            if not location.exists():
-                msg = f"{location}: no such file or folder, and not a tGPT variant ({', '.join(cls.weights_sources)})."
-                raise CheckpointError(msg)
-        folder = location if location.is_dir() else location.parent
-        weights_path = location if location.is_file() else next(
-            (folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
-        if weights_path is None:
-            msg = f"{folder}: no {' or '.join(WEIGHT_FILES)}. Point to the official tGPT folder."
-            raise CheckpointError(msg)
+        cls._check_options(options)
+        folder, weights_path = cls._locate_weights(path_or_name)
+        # the variant or folder name, whose last number is max_length
+        name = next(iter(cls.weights_sources)) if path_or_name is None else Path(path_or_name).name
         if not (folder / TOKENIZER_FILE).is_file():
             msg = f"{folder}: no {TOKENIZER_FILE}; the official folder ships it next to the weights."
             raise CheckpointError(msg)
@@ -474,28 +475,15 @@ class TGPTEncoder(TorchEncoder):
             raise CheckpointError(msg)
         module = build_tgpt_model(config, attn_implementation=options.get("attn_implementation", "sdpa"))
         load_official_state_dict(module, read_state_dict(weights_path), source=str(weights_path))
-        if device := options.get("device"):
-            module.to(device)
         log.info("loaded tGPT (%d layers, n_embd %d, max_length %d) from %s", config.n_layer, config.n_embd,
                  max_length, weights_path)
-        return cls(module, tokenizer, checkpoint_sha256=sha256_file(weights_path))
-
-    def tokenize(self, adata: ad.AnnData, *, layer: str | None = None) -> TokenizedCells:
-        return self.tokenizer.tokenize(adata, layer=layer)
+        return cls._assemble(module, tokenizer, weights_path, device=options.get("device"))
 
     def collate(self, tokens: TokenizedCells, rows: npt.NDArray[np.int64]) -> dict[str, torch.Tensor]:
         """Right-pad with ``<pad>`` = 0 to the batch's longest cell; ``token_type_ids`` are 0 as officially."""
-        rows = np.asarray(rows, dtype=np.int64)
-        flat, offsets = tokens.arrays["input_ids"], tokens.arrays["offsets"]
-        lengths = offsets[rows + 1] - offsets[rows]
-        width = int(lengths.max(initial=1))
-        positions = np.arange(width)
-        mask = positions[None, :] < lengths[:, None]
-        index = np.where(mask, offsets[rows][:, None] + positions[None, :], 0)
-        ids = np.where(mask, flat[index] if flat.size else 0, self.tokenizer.pad_id)
-        return {"input_ids": torch.from_numpy(ids.astype(np.int64)),
-                "attention_mask": torch.from_numpy(mask.astype(np.int64)),
-                "token_type_ids": torch.zeros(ids.shape, dtype=torch.int64)}
+        batch = super().collate(tokens, rows)
+        batch["token_type_ids"] = torch.zeros(batch["input_ids"].shape, dtype=torch.int64)
+        return batch
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -64,8 +64,9 @@ from torch import nn
 
 from scdrugmap.data.schema import expression_matrix
 from scdrugmap.errors import CheckpointError, ConfigError, SchemaError
-from scdrugmap.models.base import Progress, TokenizedCells, TorchEncoder, sha256_file
-from scdrugmap.models.weights import MANIFEST, RemoteFile, WeightsSource, resolve_weights
+from scdrugmap.models._layers import TransformerEncoderLayer
+from scdrugmap.models.base import Progress, TokenizedCells, TorchEncoder
+from scdrugmap.models.weights import MANIFEST, RemoteFile, WeightsSource, resolve_weights, sha256_file
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -485,66 +486,26 @@ class PositionalEncoding(nn.Module):
         return self.dropout(x + self.pe[: x.shape[1], 0].unsqueeze(0))
 
 
-class UCEAttention(nn.Module):
-    """Multi-head self-attention with explicit projections (so LoRA on ``out_proj`` runs) and SDPA."""
-
-    def __init__(self, d_model: int, nhead: int, dropout: float) -> None:
-        super().__init__()
-        self.nhead = nhead
-        self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
-
-    def forward(self, queries: torch.Tensor, x: torch.Tensor, attention_bias: torch.Tensor) -> torch.Tensor:
-        """Attend from ``queries`` (batch, q, d_model) over ``x`` (batch, length, d_model).
-
-        ``attention_bias`` (batch, length) is added to every query's logit for that key.
-        """
-        batch, length, width = x.shape
-        head_dim = width // self.nhead
-        q = self.q_proj(queries).view(batch, queries.shape[1], self.nhead, head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.nhead, head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.nhead, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias[:, None, None, :].to(q.dtype),
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, queries.shape[1], width))
-
-
-class UCEEncoderLayer(nn.Module):
-    """Post-norm layer with ReLU FFN: ``nn.TransformerEncoderLayer`` defaults, same parameter names."""
-
-    def __init__(self, d_model: int, nhead: int, d_hid: int, dropout: float) -> None:
-        super().__init__()
-        self.self_attn = UCEAttention(d_model, nhead, dropout)
-        self.linear1 = nn.Linear(d_model, d_hid)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_hid, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, attention_bias: torch.Tensor, *, cls_only: bool = False) -> torch.Tensor:
-        """Run the layer; with ``cls_only`` only position 0 is computed (all positions stay keys/values)."""
-        query = x[:, :1] if cls_only else x
-        h = self.norm1(query + self.dropout1(self.self_attn(query, x, attention_bias)))
-        return self.norm2(h + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(h))))))
-
-
 class UCETransformerEncoder(nn.Module):
-    """A stack of `UCEEncoderLayer` (``nn.TransformerEncoder`` has no final norm here)."""
+    """``nn.TransformerEncoder`` (no final norm) of post-norm ReLU layers, `scdrugmap.models._layers.TransformerEncoderLayer`.
+
+    The official ``nn.MultiheadAttention`` runs as `scdrugmap.models._layers.SelfAttention` (explicit
+    projections, so LoRA on ``out_proj`` runs); the loader splits its ``in_proj_weight`` (`OFFICIAL_RENAMES`).
+    """
 
     def __init__(self, config: UCEConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(UCEEncoderLayer(config.d_model, config.nhead, config.d_hid, config.dropout)
+        self.layers = nn.ModuleList(TransformerEncoderLayer(config.d_model, config.nhead, config.d_hid, config.dropout)
                                     for _ in range(config.nlayers))
 
     def forward(self, x: torch.Tensor, attention_bias: torch.Tensor, *, cls_only_last: bool = False) -> torch.Tensor:
-        """Run all layers; ``cls_only_last`` computes only position 0 in the last one (all the pooling needs)."""
+        """Run all layers; ``cls_only_last`` computes only position 0 in the last one (all the pooling needs).
+
+        ``attention_bias`` (batch, length) is added to every query's logit for that key.
+        """
+        attn_mask = attention_bias[:, None, None, :]
         for index, layer in enumerate(self.layers):
-            x = layer(x, attention_bias, cls_only=cls_only_last and index == len(self.layers) - 1)
+            x = layer(x, attn_mask, cls_only=cls_only_last and index == len(self.layers) - 1)
         return x
 
 

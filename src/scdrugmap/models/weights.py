@@ -10,6 +10,7 @@ host and a local test server.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -96,15 +97,18 @@ def is_cached(source: WeightsSource) -> bool:
         if remote.filename in manifest:
             continue
         # a file copied in by hand counts when it matches the published checksum
-        if remote.sha256 is None or _sha256(path) != remote.sha256:
+        if remote.sha256 is None or sha256_file(path) != remote.sha256:
             return False
     return True
 
 
-def _sha256(path: Path) -> str:
-    from scdrugmap.models.base import sha256_file
-
-    return sha256_file(path)
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Return the hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _request(remote: RemoteFile, source: WeightsSource, start: int) -> urllib.request.Request:
@@ -167,7 +171,7 @@ def _fetch_file(remote: RemoteFile, source: WeightsSource, folder: Path,
         part.unlink()
         msg = f"{remote.filename}: downloaded {size} bytes, expected {remote.size}; the partial file was removed, retry."
         raise CheckpointError(msg)
-    digest = _sha256(part)
+    digest = sha256_file(part)
     if remote.sha256 is not None and digest != remote.sha256:
         part.unlink()
         msg = (f"{remote.filename}: sha256 {digest} does not match the published {remote.sha256}; "
