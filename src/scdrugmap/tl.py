@@ -440,12 +440,13 @@ def predict(adata: ad.AnnData, head: Head | str | Path, *, weights: str | Path |
     encoder.gene_overlap_ = None
     kit = head.trust_kit()
     need_embeddings = embedding_key is not None or kit.detector is not None
-    raw, used = predict_cells(encoder, adata, head, layer=layer, embeddings=embeddings,
+    logits, used = predict_cells(encoder, adata, head, layer=layer, embeddings=embeddings,
                               return_embeddings=need_embeddings, allow_other_weights=allow_other_weights,
                               batch_size=batch_size, progress=progress)
     # per cell, the share of its expressed genes the model knows; the data set's overlap with the head's
     # genes is guarded above (refused below min_gene_overlap, warned below 0.5), not flagged cell by cell
-    trusted = kit.apply(raw, used if used is not None else embeddings, alpha=alpha, gene_overlap=encoder.gene_overlap_)
+    trusted = kit.apply(logits, used if used is not None else embeddings, alpha=alpha,
+                        gene_overlap=encoder.gene_overlap_)
     probability = trusted.calibrated
     calls = np.where(np.isnan(probability), None, np.where(probability >= threshold, "sensitive", "resistant"))
     obs = adata.obs

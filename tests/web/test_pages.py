@@ -127,7 +127,11 @@ def test_upload_then_choose_then_results_pages(site, good_h5ad):
     assert 'id="results-link"' in html
     html = site.get(f"{job_url}/results").text
     scatter = _figure(html, "scatter")
-    assert len(scatter["data"][0]["x"]) == 60 and scatter["layout"]["xaxis"]["title"]["text"] == "PC 1"
+    assert sum(len(trace["x"]) for trace in scatter["data"]) == 60
+    assert scatter["layout"]["xaxis"]["title"]["text"] == "PC 1"
+    names = [trace["name"] for trace in scatter["data"]]  # confident, uncertain and OOD cells drawn apart
+    assert all(name.split(" (")[0] in {"confident", "uncertain", "out of distribution"} for name in names), names
+    assert 'id="n-uncertain"' in html and 'id="n-ood"' in html
     assert _figure(html, "histogram")["data"][0]["type"] == "histogram"
     assert html.count("<tr>") >= 50 and "page 1 of 2" in html
     assert 'id="sample-table"' in html and "P5" in html

@@ -190,8 +190,11 @@ class Head:
 
     # --- applying a frozen head ----------------------------------------------------------------------------
 
-    def predict_proba(self, embeddings: npt.ArrayLike) -> npt.NDArray[np.float32]:
-        """Return P(sensitive) per row of ``embeddings`` (NaN rows give NaN) for an mlp or logistic head.
+    def predict_logits(self, embeddings: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Return the head's logit of sensitivity per row of ``embeddings`` (NaN rows give NaN), mlp or logistic.
+
+        Logits keep the ranking where probabilities saturate (a sigmoid in float32 rounds every logit below
+        about -100 to exactly 0), so calibration starts from them.
 
         Raises
         ------
@@ -207,15 +210,18 @@ class Head:
         if X.ndim != 2 or X.shape[1] != width:
             msg = f"the head takes {width}-wide {self.model} embeddings; got shape {X.shape}."
             raise CheckpointError(msg)
-        probability = np.full(X.shape[0], np.nan, dtype=np.float32)
+        logits = np.full(X.shape[0], np.nan, dtype=np.float64)
         keep = ~np.isnan(X).any(axis=1) if X.shape[1] else np.ones(X.shape[0], dtype=bool)
         if self.kind == "logistic":
             t = self.tensors
-            z = ((X[keep].astype(np.float64) - t["mean"]) / t["scale"]) @ t["coef"] + float(t["intercept"][0])
-            probability[keep] = (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
-            return probability
-        probability[keep] = _sigmoid(mlp_logits(self.tensors, X[keep]))
-        return probability
+            logits[keep] = ((X[keep].astype(np.float64) - t["mean"]) / t["scale"]) @ t["coef"] + float(t["intercept"][0])
+        else:
+            logits[keep] = mlp_logits(self.tensors, X[keep])
+        return logits
+
+    def predict_proba(self, embeddings: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """Return the head's (uncalibrated) P(sensitive) per row of ``embeddings``; see `predict_logits`."""
+        return sigmoid(self.predict_logits(embeddings))
 
 
 def mlp_logits(state: dict[str, np.ndarray], X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -225,7 +231,9 @@ def mlp_logits(state: dict[str, np.ndarray], X: npt.NDArray[np.float32]) -> npt.
     return (h @ state["4.weight"].T + state["4.bias"]).reshape(-1).astype(np.float32)
 
 
-def _sigmoid(z: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+def sigmoid(z: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """Return 1 / (1 + exp(-z)) as float32 (NaN stays NaN)."""
+    z = np.asarray(z)
     with np.errstate(over="ignore"):
         return (1.0 / (1.0 + np.exp(-z.astype(np.float64)))).astype(np.float32)
 

@@ -1,7 +1,9 @@
 """The frozen strategy: a head trained on cached cell embeddings, one per fold.
 
 Each fold's training cells are split again into fit and validation cells (grouped
-by sample where possible) for early stopping; the test cells are only predicted.
+by sample where possible) for early stopping and for the fold's calibration and conformal
+sets; the test cells are only predicted. Each fold's info carries, under ``trust``, its
+Brier score and ECE before and after calibration, and its sets' coverage and size.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from scdrugmap.train.heads import HeadConfig, LogisticHead, fit_mlp_heads, predict_mlp_heads
+from scdrugmap.train.trust import fit_trust, fold_trust_metrics
 from scdrugmap.train.validation import inner_validation_split
 
 if TYPE_CHECKING:
@@ -43,22 +46,31 @@ def fit_predict_frozen(embeddings: npt.NDArray[np.float32], labels: npt.NDArray,
             prior = float(labels[train].mean())
             results.append(FoldPrediction(np.full(test.size, prior, dtype=np.float32), {"prior": prior}))
         return results
-    if head == "logistic":
-        for train, test in folds:
-            model = LogisticHead.fit(embeddings[train], labels[train], seed=config.seed)
-            results.append(FoldPrediction(model.predict_proba(embeddings[test])))
-        return results
-    import torch
-
     fits = []
     for train, _ in folds:
         fit, val = inner_validation_split(labels[train], None if groups is None else groups[train],
                                           fraction=config.val_fraction, seed=config.seed)
         fits.append((train[fit], train[val]))
+    if head == "logistic":  # fitted on the fit cells, as `fit_head` does, so the validation cells calibrate it
+        for (fit, val), (_, test) in zip(fits, folds, strict=True):
+            model = LogisticHead.fit(embeddings[fit], labels[fit], seed=config.seed)
+            val_logits, test_logits = model.decision_function(embeddings[val]), model.decision_function(embeddings[test])
+            kit = fit_trust(val_logits, labels[val], None, seed=config.seed)
+            results.append(FoldPrediction(model.predict_proba(embeddings[test]),
+                                          {"n_fit": int(fit.size), "n_val": int(val.size),
+                                           "trust": fold_trust_metrics(labels[test], test_logits, kit)}))
+        return results
+    import torch
+
     X = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
     y = torch.as_tensor(labels, dtype=torch.float32, device=device)
     model, records = fit_mlp_heads(X, y, fits, config)
     probabilities = predict_mlp_heads(model, X, [test for _, test in folds])
-    for probability, record, (fit, val) in zip(probabilities, records, fits, strict=True):
-        results.append(FoldPrediction(probability, {**record, "n_fit": int(fit.size), "n_val": int(val.size)}))
+    test_logits = predict_mlp_heads(model, X, [test for _, test in folds], logits=True)
+    val_logits = predict_mlp_heads(model, X, [val for _, val in fits], logits=True)
+    for index, (probability, record, (fit, val)) in enumerate(zip(probabilities, records, fits, strict=True)):
+        kit = fit_trust(val_logits[index], labels[val], None, seed=config.seed)
+        trust = fold_trust_metrics(labels[folds[index][1]], test_logits[index], kit)
+        results.append(FoldPrediction(probability, {**record, "n_fit": int(fit.size), "n_val": int(val.size),
+                                                    "trust": trust}))
     return results

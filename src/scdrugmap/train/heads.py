@@ -169,8 +169,8 @@ def fit_mlp_heads(X: torch.Tensor, y: torch.Tensor, fits: list[tuple[np.ndarray,
 
 
 def predict_mlp_heads(model: BatchedMLP, X: torch.Tensor, tests: list[np.ndarray],
-                      chunk: int = 65536) -> list[npt.NDArray[np.float32]]:
-    """Return each head's probability of sensitivity on its own test positions."""
+                      chunk: int = 65536, *, logits: bool = False) -> list[npt.NDArray[np.float32]]:
+    """Return each head's probability of sensitivity (or its logit) on its own test positions."""
     import torch
 
     out = []
@@ -182,7 +182,8 @@ def predict_mlp_heads(model: BatchedMLP, X: torch.Tensor, tests: list[np.ndarray
                 params = [p[head : head + 1] for p in model.params]
                 h = torch.relu(torch.baddbmm(params[1], X[rows].unsqueeze(0), params[0]))
                 h = torch.relu(torch.baddbmm(params[3], h, params[2]))
-                probs.append(torch.sigmoid(torch.baddbmm(params[5], h, params[4])).reshape(-1).cpu())
+                out_logits = torch.baddbmm(params[5], h, params[4]).reshape(-1).cpu()
+                probs.append(out_logits if logits else torch.sigmoid(out_logits))
             out.append(torch.cat(probs).numpy().astype(np.float32) if probs else np.empty(0, np.float32))
     return out
 
@@ -193,6 +194,10 @@ def make_mlp(in_dim: int, hidden: int = 512) -> torch.nn.Sequential:
 
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                          nn.Linear(hidden, 1))
+
+
+#: Standard deviation below which `LogisticHead` treats a feature as constant.
+MIN_SCALE = 1e-6
 
 
 @dataclass
@@ -210,13 +215,19 @@ class LogisticHead:
 
         mean = X.mean(axis=0)
         scale = X.std(axis=0)
-        scale[scale == 0] = 1.0
+        # a feature constant up to float32 rounding (std below 1e-6) is left unscaled: dividing by its
+        # rounding noise would turn any shift of it in new data into logits of 1e4 and more
+        scale[scale < MIN_SCALE] = 1.0
         model = LogisticRegression(max_iter=2000, random_state=seed).fit((X - mean) / scale, y)
         return cls(mean, scale, model.coef_.ravel(), float(model.intercept_[0]))
 
+    def decision_function(self, X: npt.NDArray) -> npt.NDArray[np.float64]:
+        """Return the logit of sensitivity per row."""
+        return ((np.asarray(X, dtype=np.float64) - self.mean) / self.scale) @ self.coef + self.intercept
+
     def predict_proba(self, X: npt.NDArray) -> npt.NDArray[np.float32]:
-        z = ((X - self.mean) / self.scale) @ self.coef + self.intercept
-        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+        with np.errstate(over="ignore"):
+            return (1.0 / (1.0 + np.exp(-self.decision_function(X)))).astype(np.float32)
 
 
 def head_config_dict(config: HeadConfig) -> dict[str, Any]:

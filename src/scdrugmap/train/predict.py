@@ -103,10 +103,10 @@ def fit_head(encoder: Encoder, adata: ad.AnnData, labels: npt.ArrayLike, groups:
                                           seed=lora_config.seed)
         fitted = fine_tune(encoder, tokens, token_labels, fit, val, lora_config)  # type: ignore[arg-type]
         with using_module(encoder, fitted.module):  # type: ignore[arg-type]
-            val_probability = torch.sigmoid(predict_logits(encoder, fitted.head, tokens, val,  # type: ignore[arg-type]
-                                                           lora_config.batch_size)).numpy()
+            val_logits = predict_logits(encoder, fitted.head, tokens, val,  # type: ignore[arg-type]
+                                        lora_config.batch_size).double().numpy()
             reference = encoder.embed_tokens(tokens)  # type: ignore[attr-defined]
-        kit = fit_trust(val_probability, token_labels[val], reference, alpha=alpha, seed=lora_config.seed)
+        kit = fit_trust(val_logits, token_labels[val], reference, alpha=alpha, seed=lora_config.seed)
         tensors = {f"adapter.{k}": v.detach().cpu().numpy() for k, v in fitted.module.named_parameters()
                    if "lora_" in k}
         tensors.update({f"head.{k}": v.detach().cpu().numpy() for k, v in fitted.head.state_dict().items()})
@@ -150,7 +150,7 @@ def fit_head(encoder: Encoder, adata: ad.AnnData, labels: npt.ArrayLike, groups:
         tensors = {k: v.numpy() for k, v in heads.head_state(0).items()}
         fitted_head = Head(meta={"kind": "mlp", **meta, "head": asdict(head_config), "training": records[0]},
                            tensors=tensors | encoder_tensors)
-    kit = fit_trust(fitted_head.predict_proba(X[val]), y_kept[val], X, alpha=alpha, seed=head_config.seed)
+    kit = fit_trust(fitted_head.predict_logits(X[val]), y_kept[val], X, alpha=alpha, seed=head_config.seed)
     return _with_trust(fitted_head, kit, genes)
 
 
@@ -290,7 +290,7 @@ def predict_cells(encoder: Encoder, adata: ad.AnnData, head: Head, *, layer: str
                   embeddings: npt.NDArray[np.float32] | None = None, return_embeddings: bool = False,
                   allow_other_weights: bool = False, batch_size: int | None = None,
                   progress: Any = None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
-    """Return (probability of sensitivity per cell, embeddings or None); NaN where the model could not read a cell.
+    """Return (the head's logit of sensitivity per cell, embeddings or None); NaN where the model could not read a cell.
 
     A frozen head embeds the cells with ``encoder`` (a baseline in the head's fitted genes and
     components) unless ``embeddings`` are given; a LoRA head puts its adapters into ``encoder``
@@ -312,10 +312,10 @@ def predict_cells(encoder: Encoder, adata: ad.AnnData, head: Head, *, layer: str
         network_head = load_lora_bundle(encoder, tensors, head.meta)  # type: ignore[arg-type]
         tokens = encoder.tokenize(adata, layer=layer)  # type: ignore[attr-defined]
         encoder.measure_gene_overlap(adata, tokens, layer=layer)  # type: ignore[attr-defined]
-        probability = np.full(adata.n_obs, np.nan, dtype=np.float32)
+        probability = np.full(adata.n_obs, np.nan, dtype=np.float64)
         logits = predict_logits(encoder, network_head, tokens, np.arange(tokens.n_cells),  # type: ignore[arg-type]
                                 batch_size or 32)
-        probability[tokens.cell_index] = torch.sigmoid(logits.float()).cpu().numpy()
+        probability[tokens.cell_index] = logits.double().cpu().numpy()
         if not return_embeddings:
             return probability, None
         overlap = encoder.gene_overlap_
@@ -332,5 +332,4 @@ def predict_cells(encoder: Encoder, adata: ad.AnnData, head: Head, *, layer: str
                    "its space; retrain it with this version.")
             raise CheckpointError(msg)
         embeddings = encoder.embed(adata, layer=layer, batch_size=batch_size, progress=progress)
-    probability = head.predict_proba(embeddings)
-    return probability, (embeddings if return_embeddings else None)
+    return head.predict_logits(embeddings), (embeddings if return_embeddings else None)

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PARTS = ("calibration", "conformal", "ood")
+#: Validation logits are clipped to this magnitude for the Platt fit (far beyond any calibrated use).
+LOGIT_LIMIT = 1e4
 
 
 @dataclass
@@ -85,12 +87,20 @@ class TrustKit:
 
     # --- applying ------------------------------------------------------------------------------------------
 
-    def apply(self, raw: npt.ArrayLike, embeddings: npt.ArrayLike | None, *, alpha: float | None = None,
+    def apply(self, logits: npt.ArrayLike, embeddings: npt.ArrayLike | None, *, alpha: float | None = None,
               gene_overlap: float | npt.ArrayLike | None = None) -> TrustedPrediction:
-        """Calibrate ``raw`` probabilities, build prediction sets at ``alpha``, and flag cells far from training."""
-        raw = np.asarray(raw, dtype=np.float64)
-        readable = ~np.isnan(raw)
-        calibrated = self.calibrator.transform(raw) if self.calibrator is not None else raw.copy()
+        """Calibrate the head's ``logits``, build prediction sets at ``alpha``, and flag cells far from training."""
+        from scdrugmap.train.bundle import sigmoid
+
+        logits = np.asarray(logits, dtype=np.float64)
+        raw = sigmoid(logits).astype(np.float64)
+        readable = ~np.isnan(logits)
+        if self.calibrator is None:
+            calibrated = raw.copy()
+        else:
+            scores = logits if self.calibrator.score_kind == "logit" else raw
+            calibrated = np.full(raw.shape[0], np.nan)
+            calibrated[readable] = self.calibrator.transform(scores[readable])
         sets = np.full(raw.shape[0], None, dtype=object)
         if self.conformal is not None:
             conformal = self.conformal
@@ -106,17 +116,18 @@ class TrustKit:
         return TrustedPrediction(raw.astype(np.float32), calibrated.astype(np.float32), sets, score, flagged, reason)
 
 
-def fit_trust(val_probability: npt.ArrayLike, val_labels: npt.ArrayLike,
+def fit_trust(val_logits: npt.ArrayLike, val_labels: npt.ArrayLike,
               train_embeddings: npt.ArrayLike | None, *, alpha: float = ALPHA, seed: int = 0) -> TrustKit:
-    """Fit calibration and conformal sets on the validation cells, and the OOD reference on the training cells.
+    """Fit calibration (Platt, on the head's logits) and conformal sets on the validation cells, and the
+    OOD reference on the training cells.
 
     Fallbacks are explicit, never a crash: too few validation cells of a class give an identity
     calibration and conformal sets that always hold that class, each with its reason in the state.
     """
-    p = np.asarray(val_probability, dtype=np.float64)
+    p = np.clip(np.asarray(val_logits, dtype=np.float64), -LOGIT_LIMIT, LOGIT_LIMIT)
     y = np.asarray(val_labels)
     keep = ~np.isnan(p)
-    calibrator = PlattCalibrator().fit(p[keep], y[keep])
+    calibrator = PlattCalibrator(score_kind="logit").fit(p[keep], y[keep])
     calibrated = calibrator.transform(p[keep])
     conformal = MondrianConformal(alpha=alpha).fit(calibrated, y[keep])
     detector = None
@@ -125,11 +136,11 @@ def fit_trust(val_probability: npt.ArrayLike, val_labels: npt.ArrayLike,
     return TrustKit(calibrator, conformal, detector)
 
 
-def fold_trust_metrics(test_labels: npt.ArrayLike, test_probability: npt.ArrayLike, kit: TrustKit) -> dict[str, Any]:
+def fold_trust_metrics(test_labels: npt.ArrayLike, test_logits: npt.ArrayLike, kit: TrustKit) -> dict[str, Any]:
     """Return one fold's Brier and ECE before and after calibration, and the coverage and set size of its sets."""
-    raw = np.asarray(test_probability, dtype=np.float64)
     y = np.asarray(test_labels)
-    trusted = kit.apply(raw, None)
+    trusted = kit.apply(test_logits, None)
+    raw = trusted.raw.astype(np.float64)
     metrics: dict[str, Any] = {}
     calibration = calibration_metrics(y, raw, trusted.calibrated)
     metrics.update({k: v for k, v in calibration.items() if k not in {"n_cells", "reason"}})
