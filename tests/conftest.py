@@ -6,26 +6,9 @@ SCDRUGMAP_REQUIRE_SHARED=1, which turns that skip into a failure.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-from tests_helpers import make_adata
-
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
-REQUIRE_SHARED_ENV = "SCDRUGMAP_REQUIRE_SHARED"
-
-
-def shared_path(*parts: str) -> Path:
-    """Return a path inside ../shared, skipping (or failing in CI) when it is missing."""
-    path = SHARED_DIR.joinpath(*parts)
-    if not path.exists():
-        reason = f"{path} is missing: this test reads ../shared, which only the project's developers and CI have"
-        if os.environ.get(REQUIRE_SHARED_ENV) == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
+from tests_helpers import make_adata, shared_path
 
 
 @pytest.fixture

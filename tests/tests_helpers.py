@@ -1,8 +1,12 @@
-"""Small helpers shared by tests (not fixtures)."""
+"""Small helpers shared by tests (not fixtures), and the one door to ../shared."""
+
+import os
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 
 
@@ -92,3 +96,18 @@ def golden_case(shared, name):
     return (labelled_copies(inputs["counts"], inputs["genes"]), str(folder / "checkpoint.pth"),
             {"config": CellLMConfig.from_official(folder / "config.json"), "genes": list(inputs["vocab_genes"]),
              "min_genes": 5})
+
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+REQUIRE_SHARED_ENV = "SCDRUGMAP_REQUIRE_SHARED"
+
+
+def shared_path(*parts: str) -> Path:
+    """Return a path inside ../shared, skipping (or failing in CI) when it is missing."""
+    path = SHARED_DIR.joinpath(*parts)
+    if not path.exists():
+        reason = f"{path} is missing: this test reads ../shared, which only the project's developers and CI have"
+        if os.environ.get(REQUIRE_SHARED_ENV) == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path

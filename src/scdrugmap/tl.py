@@ -485,6 +485,33 @@ def predict(adata: ad.AnnData, head: Head | str | Path, *, weights: str | Path |
     return adata if copy else None
 
 
+def check_head(adata: ad.AnnData, head: Head | str | Path, *, layer: str | None = None,
+               min_gene_overlap: float = 0.25, allow_value_kind_mismatch: bool = False,
+               source: str = "the data") -> dict[str, Any]:
+    """Check that ``head`` can be applied to ``adata`` (the guards `predict` runs first), without predicting.
+
+    Works on a backed AnnData: only the gene names and the first rows are read.
+
+    Returns
+    -------
+    ``gene_overlap`` (share of the head's genes present, harmonised ids), ``n_head_genes``,
+    ``n_shared_genes``, ``value_kind``, ``head_value_kind`` and ``warnings``.
+
+    Raises
+    ------
+    SchemaError
+        As `predict` does: too few of the head's genes, or values of another kind.
+    """
+    from dataclasses import asdict
+
+    from scdrugmap.train.bundle import Head as HeadClass
+    from scdrugmap.train.predict import check_head_applies
+
+    head = head if isinstance(head, HeadClass) else HeadClass.read(head)
+    return asdict(check_head_applies(head, adata, layer=layer, min_gene_overlap=min_gene_overlap,
+                                     allow_value_kind_mismatch=allow_value_kind_mismatch, source=source))
+
+
 def prediction_summary(adata: ad.AnnData, key: str, *, label_key: str | None = "response") -> dict[str, Any]:
     """Return the counts a user reads after `predict`, and, where labels exist, F1, AUROC and coverage.
 

@@ -3,9 +3,9 @@ import pytest
 
 from scdrugmap.errors import SchemaError
 from scdrugmap.train._trust import binary_labels, join_state, split_state
+from scdrugmap.train.bundle import Head
 from scdrugmap.train.calibration import PlattCalibrator
 from scdrugmap.train.conformal import MondrianConformal
-from scdrugmap.train.bundle import Head
 from scdrugmap.train.ood import OutOfDistributionDetector
 
 

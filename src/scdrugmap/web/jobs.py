@@ -148,6 +148,7 @@ def submit_job(session: Session, storage: Storage, settings: Settings, job: Pred
                                   "head.safetensors).")
     try:
         model = _check_choice(job, bundle, model or bundle.model)
+        _check_head_applies(storage, job, bundle)
     except JobRefused:
         session.rollback()
         if not bundle.public:
@@ -166,6 +167,30 @@ def submit_job(session: Session, storage: Storage, settings: Settings, job: Pred
     job.worker_id = None
     session.commit()
     log.info("job queued", extra={"job": job.id, "model": model, "bundle": bundle.id})
+
+
+def _check_head_applies(storage: Storage, job: PredictionJob, bundle: HeadBundle) -> None:
+    """Refuse (422) an upload the head cannot be trusted on: too few of its genes, or values of another kind.
+
+    The same guard as ``scdrugmap predict`` and `scdrugmap.tl.predict`, with the same message; the upload
+    is opened backed, so only its gene names and first rows are read.
+    """
+    from scdrugmap import read_head, tl
+    from scdrugmap.data.io import read_h5ad
+    from scdrugmap.errors import ScDrugMapError
+    from scdrugmap.web.bundles import bundle_folder
+
+    try:
+        head = read_head(bundle_folder(bundle, storage))
+    except ScDrugMapError:
+        return  # an unreadable bundle fails in the worker with its own message
+    adata = read_h5ad(storage.upload_path(job.upload_name), backed=True)
+    try:
+        tl.check_head(adata, head, source=job.display_name)
+    except ScDrugMapError as err:
+        raise JobRefused(422, str(err)) from err
+    finally:
+        adata.file.close()
 
 
 def _check_choice(job: PredictionJob, bundle: HeadBundle, model: str) -> str:
