@@ -168,10 +168,12 @@ def _store_outcome(writer: JobWriter, unit: Unit, outcome: UnitOutcome, labels: 
         _, test = unit.fold_sets[index]
         probability, info = outcome.predictions[index]
         metrics, reasons = compute_metrics(labels[test], probability)
-        trust = info.pop("trust", None) or {}  # per-fold calibration and conformal metrics, on the test cells
+        trust = dict(info.pop("trust", None) or {})  # per-fold calibration and conformal metrics, on the test cells
+        calibrated = trust.pop("calibrated", None)
         extra.update({f"train_{k}": v for k, v in info.items()})
         extra.update(trust)
-        writer.scored(job, test, probability, metrics=metrics, reasons=reasons, seconds=seconds, extra=extra)
+        writer.scored(job, test, probability, metrics=metrics, reasons=reasons, seconds=seconds, extra=extra,
+                      calibrated=calibrated)
 
 
 def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None = None) -> pd.DataFrame:

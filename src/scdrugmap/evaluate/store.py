@@ -288,9 +288,12 @@ class JobWriter:
                                       extra=extra))
 
     def scored(self, job: Job, test: np.ndarray, probability: np.ndarray, *, metrics: dict[str, float],
-               reasons: dict[str, Any], seconds: float, extra: dict[str, Any]) -> None:
+               reasons: dict[str, Any], seconds: float, extra: dict[str, Any],
+               calibrated: np.ndarray | None = None) -> None:
         row = self.row(job, status="done", metrics=metrics, reasons=reasons, seconds=seconds, extra=extra)
         cells = pd.DataFrame({"cell": self.cells[test], "label": self.labels[test], "probability": probability})
+        if calibrated is not None:  # the head's calibrated probability (the trust figure of the report)
+            cells["calibrated"] = np.asarray(calibrated, dtype=np.float32)
         self.store.write_job(row, cells)
 
 

@@ -57,6 +57,7 @@ from scdrugmap.report.style import (
     wrap_label,
 )
 from scdrugmap.report.tables import category_scores, scalability_table, value_scores
+from scdrugmap.report.trust import plot_trust
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -909,6 +910,13 @@ def build_figures(run: RunData, *, projection: Projection = "auto", seed: int = 
                      f"({scope}); pooled AUROC/average precision in the legends, so they differ slightly from the "
                      "mean of per-fold AUROCs.", plot_roc_pr(predictions, colours, split=split, settings=settings),
                      beyond),
+        ReportFigure("trust", "Calibration and conformal prediction sets",
+                     f"Left: reliability of each model's raw (dashed) and Platt-calibrated (solid) probabilities, test "
+                     f"cells pooled over folds ({scope}); ECE = expected calibration error over 10 equal-width bins. "
+                     "Each fold's head is calibrated on its inner validation split, never on test cells. Right: "
+                     "share of test cells whose Mondrian conformal set (alpha 0.1) holds their label, overall and per "
+                     "class, mean over folds; dotted line: the 90% guarantee; 'size': mean set size (1 = a single "
+                     "label, 2 = uncertain).", plot_trust(predictions, results, colours, split=split), beyond),
         ReportFigure("cross_study_heatmap", "Cross-study heatmap",
                      "Leave-one-study-out: mean F1 when each study is held out, averaged over the category's values. "
                      "Grey n/a: no scored job.", plot_cross_study_heatmap(results, colours), beyond),

@@ -137,7 +137,8 @@ def fit_trust(val_logits: npt.ArrayLike, val_labels: npt.ArrayLike,
 
 
 def fold_trust_metrics(test_labels: npt.ArrayLike, test_logits: npt.ArrayLike, kit: TrustKit) -> dict[str, Any]:
-    """Return one fold's Brier and ECE before and after calibration, and the coverage and set size of its sets."""
+    """Return one fold's Brier and ECE before and after calibration, the coverage and set size of its sets,
+    and (under ``calibrated``) the test cells' calibrated probabilities."""
     y = np.asarray(test_labels)
     trusted = kit.apply(test_logits, None)
     raw = trusted.raw.astype(np.float64)
@@ -152,4 +153,5 @@ def fold_trust_metrics(test_labels: npt.ArrayLike, test_logits: npt.ArrayLike, k
     reasons = [str(r) for r in (calibration.get("reason"), getattr(kit.calibrator, "reason_", ""),
                                 getattr(kit.conformal, "reason_", "")) if r]
     metrics["trust_reason"] = "; ".join(reasons)
+    metrics["calibrated"] = trusted.calibrated
     return metrics
