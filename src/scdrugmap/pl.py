@@ -83,6 +83,7 @@ def embedding(adata: ad.AnnData, basis: str, *, color: str | None = "response", 
     if valid.sum() < 3:
         msg = f"obsm[{basis!r}] has {int(valid.sum())} cells with an embedding; a map needs at least 3."
         raise SchemaError(msg)
+    xy: np.ndarray | None
     if values.shape[1] == 2:
         xy, label = values[valid], basis
     else:
@@ -146,7 +147,7 @@ def probability_histogram(adata: ad.AnnData, key: str | None = None, *, label_ke
     probability = adata.obs[probability_column(key)].to_numpy(dtype=np.float64)
     readable = ~np.isnan(probability)
     ax = _axes(ax)
-    edges = np.linspace(0.0, 1.0, bins + 1)
+    edges = np.linspace(0.0, 1.0, bins + 1).tolist()
     if label_key is not None and label_key in adata.obs:
         from scdrugmap.data.schema import encode_labels
 

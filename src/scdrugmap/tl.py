@@ -448,7 +448,8 @@ def predict(adata: ad.AnnData, head: Head | str | Path, *, weights: str | Path |
     trusted = kit.apply(logits, used if used is not None else embeddings, alpha=alpha,
                         gene_overlap=encoder.gene_overlap_)
     probability = trusted.calibrated
-    calls = np.where(np.isnan(probability), None, np.where(probability >= threshold, "sensitive", "resistant"))
+    calls = np.where(probability >= threshold, "sensitive", "resistant").astype(object)
+    calls[np.isnan(probability)] = None
     obs = adata.obs
     obs[probability_column(key)] = probability
     obs[f"{key}_prob_raw"] = trusted.raw

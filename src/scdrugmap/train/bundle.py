@@ -206,7 +206,7 @@ class Head:
         if self.kind == "lora":
             msg = "a LoRA head scores tokens through its adapted network, not embeddings; use scdrugmap.tl.predict."
             raise CheckpointError(msg)
-        width = int(self.meta.get("embedding_dim", X.shape[1]))
+        width = int(self.meta.get("embedding_dim") or X.shape[1])
         if X.ndim != 2 or X.shape[1] != width:
             msg = f"the head takes {width}-wide {self.model} embeddings; got shape {X.shape}."
             raise CheckpointError(msg)

@@ -53,12 +53,11 @@ def fit_predict_frozen(embeddings: npt.NDArray[np.float32], labels: npt.NDArray,
         fits.append((train[fit], train[val]))
     if head == "logistic":  # fitted on the fit cells, as `fit_head` does, so the validation cells calibrate it
         for (fit, val), (_, test) in zip(fits, folds, strict=True):
-            model = LogisticHead.fit(embeddings[fit], labels[fit], seed=config.seed)
-            val_logits, test_logits = model.decision_function(embeddings[val]), model.decision_function(embeddings[test])
-            kit = fit_trust(val_logits, labels[val], None, seed=config.seed)
-            results.append(FoldPrediction(model.predict_proba(embeddings[test]),
-                                          {"n_fit": int(fit.size), "n_val": int(val.size),
-                                           "trust": fold_trust_metrics(labels[test], test_logits, kit)}))
+            logistic = LogisticHead.fit(embeddings[fit], labels[fit], seed=config.seed)
+            kit = fit_trust(logistic.decision_function(embeddings[val]), labels[val], None, seed=config.seed)
+            trust = fold_trust_metrics(labels[test], logistic.decision_function(embeddings[test]), kit)
+            results.append(FoldPrediction(logistic.predict_proba(embeddings[test]),
+                                          {"n_fit": int(fit.size), "n_val": int(val.size), "trust": trust}))
         return results
     import torch
 
@@ -66,11 +65,11 @@ def fit_predict_frozen(embeddings: npt.NDArray[np.float32], labels: npt.NDArray,
     y = torch.as_tensor(labels, dtype=torch.float32, device=device)
     model, records = fit_mlp_heads(X, y, fits, config)
     probabilities = predict_mlp_heads(model, X, [test for _, test in folds])
-    test_logits = predict_mlp_heads(model, X, [test for _, test in folds], logits=True)
-    val_logits = predict_mlp_heads(model, X, [val for _, val in fits], logits=True)
+    tests_logits = predict_mlp_heads(model, X, [test for _, test in folds], logits=True)
+    vals_logits = predict_mlp_heads(model, X, [val for _, val in fits], logits=True)
     for index, (probability, record, (fit, val)) in enumerate(zip(probabilities, records, fits, strict=True)):
-        kit = fit_trust(val_logits[index], labels[val], None, seed=config.seed)
-        trust = fold_trust_metrics(labels[folds[index][1]], test_logits[index], kit)
+        kit = fit_trust(vals_logits[index], labels[val], None, seed=config.seed)
+        trust = fold_trust_metrics(labels[folds[index][1]], tests_logits[index], kit)
         results.append(FoldPrediction(probability, {**record, "n_fit": int(fit.size), "n_val": int(val.size),
                                                     "trust": trust}))
     return results

@@ -289,7 +289,7 @@ def check_head_fits(head: Head, encoder: Encoder, *, allow_other_weights: bool =
 def predict_cells(encoder: Encoder, adata: ad.AnnData, head: Head, *, layer: str | None = None,
                   embeddings: npt.NDArray[np.float32] | None = None, return_embeddings: bool = False,
                   allow_other_weights: bool = False, batch_size: int | None = None,
-                  progress: Any = None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+                  progress: Any = None) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32] | None]:
     """Return (the head's logit of sensitivity per cell, embeddings or None); NaN where the model could not read a cell.
 
     A frozen head embeds the cells with ``encoder`` (a baseline in the head's fitted genes and
