@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -293,6 +293,7 @@ def benchmark(
     from scdrugmap.commands import run_benchmark_command
 
     # what the user gave (None: not given); BenchmarkConfig.resolve merges it over --config and the defaults
+    overrides: dict[str, Any]
     overrides = {"data": data, "models": _split_list(models), "strategies": _split_list(strategies),
                  "heads": _split_list(heads), "scenarios": _split_list(scenarios),
                  "categories": _split_list(categories), "splits": _split_list(split), "folds": folds, "seed": seed,

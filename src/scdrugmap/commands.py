@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 from rich.markup import escape
@@ -70,8 +70,9 @@ def run_check(file: Path, *, keys: dict[str, str], layer: str | None, model: str
         needs = input_kind(model)
     adata = read_h5ad(file, backed=True)  # the matrix is read in row chunks, never whole
     try:
-        report = check_adata(adata, source=str(file), keys=ObsKeys(**keys), layer=layer, needs=needs,
-                             n_folds=folds, split=split, strict=strict)
+        report = check_adata(adata, source=str(file), keys=ObsKeys(**keys), layer=layer,
+                             needs=cast(Literal["counts", "nonnegative", "any"], needs),
+                             n_folds=folds, split=cast(Literal["sample", "cell"], split), strict=strict)
     finally:
         adata.file.close()
     facts = report.facts

@@ -31,7 +31,7 @@ def simulate(n_cells: int = 1500, *, n_genes: int = 2000, seed: int = 0, **optio
     if "out_path" in options:
         msg = "simulate returns the AnnData in memory; to stream a large one to disk use simulate_collection(out_path=...)."
         raise TypeError(msg)
-    return simulate_collection(n_cells=n_cells, n_genes=n_genes, seed=seed, **options)  # type: ignore[return-value]
+    return simulate_collection(n_cells=n_cells, n_genes=n_genes, seed=seed, **options)
 
 
 def catalog(**filters: str | None) -> pd.DataFrame:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -77,12 +77,12 @@ def describe_values(X: np.ndarray | sp.spmatrix, max_rows: int = HEAD_ROWS) -> d
     detail = ""
     if kind == "log":
         for name, base in LOG_BASES.items():
-            back = rows.copy() if sp.issparse(rows) else np.array(rows, dtype=np.float64)
-            if sp.issparse(back):
+            if sp.issparse(rows):
+                back = cast("sp.csr_matrix", rows).copy()  # head_rows returns CSR when sparse
                 back.data = np.power(base, back.data.astype(np.float64)) - 1
                 totals = np.asarray(back.sum(axis=1)).ravel()
             else:
-                totals = (np.power(base, back) - 1).sum(axis=1)
+                totals = (np.power(base, np.array(rows, dtype=np.float64)) - 1).sum(axis=1)
             totals = totals[totals > 0]
             if totals.size > 1 and np.std(totals) / np.mean(totals) < 0.15:
                 detail = f"{name} of values whose rows sum to about {np.median(totals):,.0f}"

@@ -162,7 +162,7 @@ def detect_gene_id_type(names: Iterable[object]) -> GeneIdType:
         raise SchemaError(msg)
     for kind in ("ensembl", "entrez"):
         if share.get(kind, 0.0) > 0.5:
-            return kind  # type: ignore[return-value]
+            return kind
     return "symbol"
 
 

@@ -7,7 +7,7 @@ and the API can read a user's own column names without renaming them.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -111,9 +111,10 @@ def _sample_values(X: np.ndarray | sp.spmatrix, max_rows: int = 2000) -> tuple[n
     """Return (all stored values of the first rows, their row sums) without densifying a large matrix."""
     rows = head_rows(X, max_rows)
     if sp.issparse(rows):
-        data = np.asarray(rows.data, dtype=np.float64)
-        sums = np.asarray(rows.sum(axis=1), dtype=np.float64).ravel()
-        if rows.nnz < rows.shape[0] * rows.shape[1]:
+        sparse = cast("sp.csr_matrix", rows)  # head_rows returns CSR when sparse
+        data = np.asarray(sparse.data, dtype=np.float64)
+        sums = np.asarray(sparse.sum(axis=1), dtype=np.float64).ravel()
+        if sparse.nnz < sparse.shape[0] * sparse.shape[1]:
             data = np.concatenate([data, [0.0]])
         return data, sums
     dense = np.asarray(rows, dtype=np.float64)

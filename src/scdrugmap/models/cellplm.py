@@ -34,10 +34,10 @@ import logging
 import math
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -456,7 +456,7 @@ class InferenceNet(nn.Module):
         self.y_var = nn.Linear(y_dim, z_dim)
 
 
-def _draw(kind: Literal["rand", "randn"], shape: tuple[int, int], like: torch.Tensor,
+def _draw(kind: Literal["rand", "randn"], shape: tuple[int, ...], like: torch.Tensor,
           generator: torch.Generator | None) -> torch.Tensor:
     """Draw noise as ``torch.rand_like``/``randn_like`` do, from ``generator`` (or the global RNG when None)."""
     fn = torch.rand if kind == "rand" else torch.randn
@@ -495,10 +495,10 @@ class GMVAELatentLayer(nn.Module):
                 generator: torch.Generator | None = None, categorical: torch.Tensor | None = None) -> torch.Tensor:
         """Return the cell embeddings; ``categorical`` replaces the drawn ``y`` (to replay recorded draws)."""
         net = self.inference
-        logits = net.inference_qyx[0].logits(h).view(-1, self.num_clusters)
+        logits = cast(GumbelSoftmax, net.inference_qyx[0]).logits(h).view(-1, self.num_clusters)
         y = self.categorical(logits, sampling=sampling, generator=generator) if categorical is None else categorical
         hidden = net.inference_qzyx[1](net.inference_qzyx[0](torch.cat((h, y), dim=1)))
-        gaussian = net.inference_qzyx[2]
+        gaussian = cast(Gaussian, net.inference_qzyx[2])
         mu = gaussian.mu(hidden)
         if sampling == "argmax":
             return mu
@@ -601,7 +601,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             if not unsafe:
                 raise
             log.warning("%s: replacing non-tensor objects %s with inert stand-ins; they are not used.", path, unsafe)
-            stubs = [(type(name.rsplit(".", 1)[-1], (_OpaqueObject,), {}), name) for name in unsafe]
+            stubs: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+                (type(name.rsplit(".", 1)[-1], (_OpaqueObject,), {}), name) for name in unsafe]
             with torch.serialization.safe_globals(stubs):
                 container = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as err:
@@ -867,7 +868,7 @@ class CellPLMEncoder(TorchEncoder):
         group, 0 for a whole group; None uses ``cells_per_pass`` (default 0, official). A cell's embedding
         depends on the cells sharing its pass, so change it knowingly.
         """
-        return super().embed(adata, layer=layer, batch_size=batch_size, progress=progress)  # type: ignore[arg-type]
+        return super().embed(adata, layer=layer, batch_size=batch_size, progress=progress)
 
     def describe(self) -> dict[str, Any]:
         facts = super().describe()

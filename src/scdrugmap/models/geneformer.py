@@ -138,7 +138,8 @@ class GeneformerConfig:
         from transformers import BertConfig
 
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return BertConfig(**values, attn_implementation=attn_implementation)
+        # PretrainedConfig takes attn_implementation through **kwargs; the transformers stubs omit it.
+        return BertConfig(**values, attn_implementation=attn_implementation)  # type: ignore[call-arg]
 
 
 #: Published architectures (config.json of each official folder), by official subfolder name.

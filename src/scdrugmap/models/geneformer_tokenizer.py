@@ -235,7 +235,7 @@ class GeneformerVocabulary:
         """Whether cells are framed by ``<cls>``/``<eos>`` (V2)."""
         return self.version == "V2"
 
-    def plan_genes(self, gene_ids: Sequence[str]) -> GenePlan:
+    def plan_genes(self, gene_ids: Sequence[str] | np.ndarray) -> GenePlan:
         """Return how the columns ``gene_ids`` of a data set map onto dictionary genes (see `GenePlan`)."""
         # One dictionary look-up per gene (not per cell): var['ensembl_id'].str.upper().map(mapping).
         mapping = self.mapping
@@ -454,7 +454,11 @@ def normalise_counts(counts: np.ndarray, n_counts: np.ndarray, medians: np.ndarr
     if dense:
         per_entry = n_counts if lengths is None else np.repeat(n_counts, lengths)
         return np.asarray(counts / per_entry * TARGET_SUM / medians, dtype=np.float64)
-    inverse = np.divide(1.0, medians) if inverse_medians is None else inverse_medians
+    if inverse_medians is None:
+        assert medians is not None, "normalise_counts needs medians or inverse_medians"
+        inverse = np.divide(1.0, medians)
+    else:
+        inverse = inverse_medians
     reciprocal = np.divide(1, n_counts)
     values = counts * (reciprocal if lengths is None else np.repeat(reciprocal, lengths))
     values *= TARGET_SUM
@@ -597,7 +601,7 @@ def _rank_layout(layout: _Layout, lengths: np.ndarray, max_genes: int,
     n_special = 0 if frame is None else 2
     out_lengths = kept[rows_sorted] + n_special
     ends = np.cumsum(out_lengths)
-    out = np.empty(int(ends[-1]) + 1 if ends.size else 1, dtype=dtype)  # + one slot for the padding
+    out: np.ndarray = np.empty(int(ends[-1]) + 1 if ends.size else 1, dtype=dtype)  # + one slot for the padding
     first = np.zeros(lengths.size, dtype=np.int64)
     first[rows_sorted] = ends - out_lengths + n_special // 2
     for rows, width in layout.groups():
@@ -809,7 +813,7 @@ class GeneformerTokenizer:
                             False)
 
     def _run(self, chunks: Iterator[_RowChunk], *, gene_ids: np.ndarray, n_obs: int,
-             n_counts: np.ndarray | None, filter_pass: np.ndarray | None, obs_names: Sequence[str],
+             n_counts: np.ndarray | None, filter_pass: np.ndarray | None, obs_names: Sequence[str] | _LazyNames,
              source: str, row_nnz: np.ndarray | None = None) -> TokenizedCells:
         start_time = time.perf_counter()
         plan = self.vocabulary.plan_genes(gene_ids)
@@ -863,9 +867,10 @@ class GeneformerTokenizer:
         offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         dropped: dict[int, str] = {}
-        flags = None if filter_pass is None else np.asarray(filter_pass).tolist()
-        for row in np.flatnonzero(~passing):
-            dropped[int(row)] = f"obs['{FILTER_PASS_KEY}'] is {flags[row]!r}, not 1"
+        if filter_pass is not None:  # without it every cell passes
+            flags = np.asarray(filter_pass).tolist()
+            for row in np.flatnonzero(~passing):
+                dropped[int(row)] = f"obs['{FILTER_PASS_KEY}'] is {flags[row]!r}, not 1"
         empty = np.setdiff1d(np.flatnonzero(passing), cell_index, assume_unique=True)
         for row in empty:
             dropped[int(row)] = f"no expressed gene is in the Geneformer {self.vocabulary.version} dictionary"
@@ -880,7 +885,7 @@ class GeneformerTokenizer:
                               gene_known=plan.gene_of_column != plan.dropped_gene)
 
     def _tokenize_chunk(self, chunk: _RowChunk, plan: GenePlan, tables: _Tables, n_counts: np.ndarray | None,
-                        passing: np.ndarray, obs_names: Sequence[str],
+                        passing: np.ndarray, obs_names: Sequence[str] | _LazyNames,
                         source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Tokenize one chunk; return (flat tokens, lengths, row index) for its non-empty passing cells."""
         n_rows = chunk.stop - chunk.start

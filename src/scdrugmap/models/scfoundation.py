@@ -642,6 +642,7 @@ class ScFoundationEncoder(TorchEncoder):
     #: nn.TransformerEncoder). It matches only ``encoder.transformer_encoder.*.self_attn.out_proj``; the
     #: in-projection is a packed parameter, not a module, in the official layout.
     lora_targets: ClassVar[tuple[str, ...]] = ("out_proj",)
+    module: ScFoundationModel
     weights_sources: ClassVar[Mapping[str, WeightsSource]] = {
         "scfoundation": WeightsSource(
             name="scfoundation",
@@ -728,7 +729,7 @@ class ScFoundationEncoder(TorchEncoder):
     # -- tokenize / collate / encode --
 
     def check_input(self, adata: ad.AnnData, *, layer: str | None = None) -> None:
-        needs = "counts" if self.options.pre_normalized == "F" else "nonnegative"
+        needs: Literal["counts", "nonnegative"] = "counts" if self.options.pre_normalized == "F" else "nonnegative"
         require_value_kind(adata, needs=needs, model=self.name, layer=layer)
 
     def _gene_names(self, adata: ad.AnnData) -> np.ndarray:

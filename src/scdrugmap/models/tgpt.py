@@ -135,7 +135,8 @@ class TGPTConfig:
         from transformers import GPT2Config
 
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return GPT2Config(**values, attn_implementation=attn_implementation)
+        # PretrainedConfig takes attn_implementation through **kwargs; the transformers stubs omit it.
+        return GPT2Config(**values, attn_implementation=attn_implementation)  # type: ignore[call-arg]
 
 
 # --- the tokenizer --------------------------------------------------------------------------------------
