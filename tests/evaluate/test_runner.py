@@ -8,6 +8,7 @@ import scdrugmap.train.frozen as frozen
 from scdrugmap.errors import ConfigError
 from scdrugmap.evaluate.grid import BenchmarkConfig
 from scdrugmap.evaluate.runner import run_benchmark, summary_table
+from scdrugmap.evaluate.store import ResultStore, job_id
 from tests_helpers import write_tiny_h5ad
 
 
@@ -65,6 +66,36 @@ def test_interrupted_benchmark_resumes_with_exactly_one_row_per_job(tmp_path, mo
     again = run_benchmark(config)
     assert counted["n"] == 0
     pd.testing.assert_frame_equal(again.reset_index(drop=True), results.reset_index(drop=True))
+
+
+#: Columns of a job row that measure time, not results.
+TIMINGS = ("seconds", "embed_seconds", "embed_cells_per_second")
+
+
+def _comparable(results):
+    return results.drop(columns=[c for c in TIMINGS if c in results]).reset_index(drop=True)
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one_when_part_of_a_batched_group_is_lost(tmp_path):
+    """A kill inside a frozen group leaves some of its folds written: the rerun must not train the rest apart."""
+    data = write_tiny_h5ad(tmp_path)
+    whole = run_benchmark(_config(tmp_path, data, out=str(tmp_path / "whole"), splits=["cell"], folds=3))
+    resumed_dir = tmp_path / "resumed"
+    run_benchmark(_config(tmp_path, data, out=str(resumed_dir), splits=["cell"], folds=3))
+    store = ResultStore(resumed_dir)
+    group = [key for key in whole["key"] if key.startswith("pca|frozen|mlp|pooled|tissue|Tumor tissue|")]
+    assert len(group) == 3
+    for key in group[:2]:  # as if the kill came after the first fold of the group was written
+        (resumed_dir / "jobs" / f"{job_id(key)}.parquet").unlink()
+    for stale in ("results.parquet", "predictions.parquet"):
+        (resumed_dir / stale).unlink()
+    resumed = run_benchmark(_config(tmp_path, data, out=str(resumed_dir), splits=["cell"], folds=3))
+    pd.testing.assert_frame_equal(_comparable(resumed), _comparable(whole))
+    assert store.status(group[2]) == "done"
+    predictions = {name: pd.read_parquet(folder / "predictions.parquet").sort_values(["key", "cell"],
+                                                                                  ignore_index=True)
+                   for name, folder in (("whole", tmp_path / "whole"), ("resumed", resumed_dir))}
+    pd.testing.assert_frame_equal(predictions["resumed"], predictions["whole"])
 
 
 def test_every_model_sees_identical_folds(tmp_path):

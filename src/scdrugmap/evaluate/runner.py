@@ -1,9 +1,11 @@
 """Run the benchmark grid (`scdrugmap.evaluate.grid`): model x strategy x scenario x category value x fold.
 
 `run_benchmark` loads the data, makes (or reuses) the splits, embeds each model's
-cells once (cached on disk), trains the heads of all pending folds of one category
-value together, and writes each job to the run folder (`scdrugmap.evaluate.store`)
-as soon as it is known. Rerunning the same configuration skips finished jobs.
+cells once (cached on disk), trains the heads of all folds of one category value
+together, and writes each job to the run folder (`scdrugmap.evaluate.store`) as soon
+as it is known. Rerunning the same configuration skips finished jobs, and recomputes a
+category value's folds whole when one of them is missing (`pending_jobs`), so a
+resumed run gives exactly the numbers of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -98,6 +100,19 @@ class _InMemory:
         if self._loaded is None:
             self._loaded = self.adata.to_memory() if self.adata.isbacked else self.adata
         return self._loaded
+
+
+def pending_jobs(jobs: list[Job], finished: set[str]) -> list[Job]:
+    """Return the jobs to run: the unfinished ones, and every job of a frozen group with one unfinished.
+
+    The folds of one category value train as one batched network (`Unit`), whose initial weights and
+    batch order depend on which folds it holds. A run killed while a group's jobs were being written
+    would otherwise retrain the missing folds in a smaller network and give other numbers than an
+    uninterrupted run; recomputing the whole group gives exactly the same ones.
+    """
+    incomplete = {job.group for job in jobs if job.key not in finished and job.strategy == "frozen"
+                  and job.fold.skipped is None}
+    return [job for job in jobs if job.key not in finished or job.group in incomplete]
 
 
 def _units(jobs: list[Job], valid: np.ndarray) -> list[Unit]:
@@ -213,8 +228,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     prompt_config = config.prompt_config() if "prompt" in config.strategies else None
     if prompt_config is not None:  # the language model is its own "model": one job per fold, not per encoder
         jobs += [Job(prompt_config.model, "prompt", f"{prompt_config.shots}-shot", fold) for fold in folds]
-    finished = store.finished_keys()
-    pending = [job for job in jobs if job.key not in finished]
+    pending = pending_jobs(jobs, store.finished_keys())
     log.info("%d jobs in the grid, %d already finished, %d to run on the %s executor", len(jobs),
              len(jobs) - len(pending), len(pending), executor.name)
     done = len(jobs) - len(pending)
