@@ -247,10 +247,15 @@ class ResultStore:
 
         _write_atomic(folder / f"{model}{EMBEDDING_SUFFIX}", write)
 
+    def model_facts(self) -> dict[str, dict[str, Any]]:
+        """Return the facts stored per model (empty when none are)."""
+        path = self.run_dir / MODELS
+        return json.loads(path.read_text()) if path.exists() else {}
+
     def write_model_facts(self, facts: dict[str, dict[str, Any]]) -> None:
         """Add (or replace) the facts of these models to those already stored."""
         path = self.run_dir / MODELS
-        previous = json.loads(path.read_text()) if path.exists() else {}
+        previous = self.model_facts()
         _write_text_atomic(json.dumps({**previous, **facts}, indent=1, default=str), path)
 
 
