@@ -410,3 +410,11 @@ def test_read_run_fills_defaults_for_runs_without_head_or_split(tmp_path, run):
     older = read_run_data(tmp_path)
     assert set(older.results["head"]) == {"mlp"} and set(older.results["split"]) == {"sample"}
     assert older.predictions is None and older.cells is None and older.models == {}
+
+
+def test_a_value_run_once_for_several_categories_is_shown_under_all_its_names(tmp_path, run):
+    frame = run.results.drop(columns=["setting"]).assign(also="")
+    frame.loc[frame["value"] == "Melanoma", "also"] = "therapy=Immunotherapy; regimen=anti-PD1"
+    frame.to_parquet(tmp_path / "results.parquet", index=False)
+    values = set(read_run_data(tmp_path).results["value"])
+    assert "Melanoma = Immunotherapy = anti-PD1" in values and "Melanoma" not in values
