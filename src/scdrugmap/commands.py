@@ -326,15 +326,17 @@ def run_benchmark_command(config_path: Path | None, overrides: dict[str, Any], k
 
 def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> None:
     """Print mean (sd) F1 and AUROC per model, strategy, scenario, category and split."""
+    from scdrugmap.evaluate.grid import category_labels
     from scdrugmap.evaluate.store import results_file
 
+    names = category_labels(results)
     view = Table(title="mean over scored folds (sd)", title_justify="left", padding=(0, 1))
     for name in ("model", "strategy", "scenario", "category", "split", "F1", "AUROC", "folds", "unscored"):
         view.add_column(name, justify="right" if name in {"F1", "AUROC", "folds", "unscored"} else "left",
                         no_wrap=True)
     for _, row in table.iterrows():
         strategy = row["strategy"] if row["head"] == "mlp" else f"{row['strategy']}/{row['head']}"
-        view.add_row(row["model"], strategy, row["scenario"], row["category"], row["split"],
+        view.add_row(row["model"], strategy, row["scenario"], names.get(row["category"], row["category"]), row["split"],
                      f"{row['f1_mean']:.3f}±{row['f1_sd']:.2f}", f"{row['auroc_mean']:.3f}±{row['auroc_sd']:.2f}",
                      str(int(row["n_folds"])), str(int(row["n_not_scored"])))
     console.print(view)
