@@ -27,3 +27,7 @@ class ConfigError(ScDrugMapError):
 
 class SplitError(ScDrugMapError):
     """A split cannot be formed from the data as given."""
+
+
+class OutputError(ScDrugMapError):
+    """An output cannot be written (a full disk, no permission); nothing partial is left behind."""
