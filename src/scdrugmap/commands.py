@@ -137,6 +137,7 @@ def progress_bar(console: Console, *, quiet: bool) -> Iterator[Any]:
 def run_check(file: Path, *, keys: dict[str, str], layer: str | None, model: str | None, folds: int, split: str,
               strict: bool, console: Console, errors: Console, max_memory: str | None = None) -> bool:
     """Check one file and print its report; return False when it has errors."""
+    gate(file, model=model, layer=layer, max_memory=max_memory, in_memory=False, scan=False)  # check reads values
     from rich.markup import escape
 
     from scdrugmap.data.check import check_adata
@@ -148,7 +149,6 @@ def run_check(file: Path, *, keys: dict[str, str], layer: str | None, model: str
         from scdrugmap.registry import input_kind
 
         needs = input_kind(model)
-    gate(file, needs=needs, layer=layer, max_memory=max_memory, in_memory=False, scan=False)  # check reads the values
     adata = read_h5ad(file, backed=True)  # the matrix is read in row chunks, never whole
     try:
         report = check_adata(adata, source=str(file), keys=ObsKeys(**keys), layer=layer, needs=needs,

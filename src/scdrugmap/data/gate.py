@@ -62,6 +62,8 @@ KNOWN_ENCODINGS = frozenset({
     "rec-array", "bytes", "null",
 })
 NUMERIC_KINDS = "biuf"
+#: The first bytes of every HDF5 file.
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -189,8 +191,6 @@ def _refuse(source: str, where: str, message: str) -> SchemaError:
 def _open_file(path: Path, source: str) -> h5py.File:
     import h5py
 
-    from scdrugmap.data.io import HDF5_SIGNATURE
-
     if not path.exists():
         raise _refuse(source, "", "no such file. Check the path.")
     if path.is_dir():
@@ -290,8 +290,9 @@ def _walk(root: h5py.File, source: str) -> dict[str, _Element]:
             if unwritten is not None:
                 allocated, total = unwritten
                 shape = " x ".join(f"{n:,}" for n in item.shape)
+                fill = np.asarray(item.fillvalue).ravel()[0].item()
                 raise _refuse(source, path, f"declares {shape} values but stores only {allocated:,} of its "
-                              f"{total:,} chunks; the rest would read as {item.fillvalue!r}. The values were never "
+                              f"{total:,} chunks; the rest would read as {fill}. The values were never "
                               "written (a truncated or crafted file). Write the file again with AnnData.write_h5ad.")
             element.declared += _declared_bytes(item)
             element.stored += int(item.id.get_storage_size())
@@ -541,9 +542,7 @@ def validate_input(data: str | Path | ad.AnnData, *, needs: Needs = "any", layer
     >>> validate_input(sdm.datasets.simulate(n_cells=60, n_genes=200, seed=0)).n_obs
     60
     """
-    from anndata import AnnData
-
-    if isinstance(data, AnnData) or not isinstance(data, (str, Path)):
+    if not isinstance(data, (str, os.PathLike)):  # an AnnData (anndata is imported only then: a refused file is quick)
         facts = validate_adata(data, needs=needs, layer=layer, source=source or "adata")  # type: ignore[arg-type]
         return InputFacts(source=source or "adata", n_obs=int(data.n_obs), n_vars=int(data.n_vars),
                           value_kind=facts.get("value_kind"))

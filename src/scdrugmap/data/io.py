@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from scdrugmap.data import schema
+from scdrugmap.data.gate import HDF5_SIGNATURE
 from scdrugmap.errors import SchemaError
 
 if TYPE_CHECKING:
@@ -26,7 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def read_h5ad(path: str | Path, *, backed: bool = False) -> ad.AnnData:
@@ -59,7 +60,9 @@ def read_h5ad(path: str | Path, *, backed: bool = False) -> ad.AnnData:
         msg = f"{path}: not an h5ad file (no HDF5 signature). Convert it with anndata/scanpy and write_h5ad."
         raise SchemaError(msg)
     try:
-        return ad.read_h5ad(path, backed="r" if backed else None)
+        with warnings.catch_warnings():  # duplicate names: the gate and `check` report them as errors, once
+            warnings.filterwarnings("ignore", message=r"(Observation|Variable) names are not unique")
+            return ad.read_h5ad(path, backed="r" if backed else None)
     except PermissionError as err:
         msg = f"{path}: permission denied: this user cannot read the file. Fix its permissions (chmod u+r)."
         raise SchemaError(msg) from err
