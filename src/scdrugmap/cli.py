@@ -379,7 +379,7 @@ def main() -> None:
     except ScDrugMapError as err:
         fail(str(err))
     except OSError as err:
-        from scdrugmap.commands import describe_os_error
+        from scdrugmap.errors import describe_os_error
 
         fail(describe_os_error(err))
     except MemoryError:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import tempfile
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.table import Table
 
-from scdrugmap.errors import ConfigError, OutputError
+from scdrugmap.errors import ConfigError, OutputError, describe_os_error, is_write_failure
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -36,32 +35,6 @@ def overlap_warning(model: str, overlap: np.ndarray) -> str:
     if silent:
         line += f"; {silent} cells express no gene"
     return f"[yellow]{line}[/yellow]" if low else line
-
-
-def describe_os_error(err: OSError, path: str | Path | None = None) -> str:
-    """Return one line for a failed file operation: the path, what went wrong, and the fix."""
-    where = str(path or err.filename or "a file")
-    text = str(err)
-    if err.errno == errno.ENOSPC or "No space left on device" in text:
-        return f"{where}: no space left on device. Free some space or write elsewhere (--out)."
-    if err.errno == errno.EDQUOT or "quota exceeded" in text.lower():
-        return f"{where}: disk quota exceeded. Free some space or write elsewhere (--out)."
-    if isinstance(err, PermissionError) or err.errno in (errno.EACCES, errno.EPERM) or "Permission denied" in text:
-        return f"{where}: permission denied. Choose a folder this user may write to (--out), or fix its permissions."
-    if err.errno == errno.EROFS:
-        return f"{where}: the file system is read-only. Write elsewhere (--out)."
-    reason = os.strerror(err.errno) if err.errno else (text.splitlines()[0] if text else err.__class__.__name__)
-    return f"{where}: {reason}."
-
-
-#: errno values of a write that the disk or its permissions refused (other OSErrors pass through).
-WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
-
-
-def is_write_failure(err: OSError) -> bool:
-    """Return True for an OSError that says the disk or its permissions refused a write."""
-    return err.errno in WRITE_ERRNOS or any(text in str(err) for text in ("No space left on device",
-                                                                           "Disk quota exceeded"))
 
 
 @contextmanager
