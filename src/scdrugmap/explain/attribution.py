@@ -112,7 +112,10 @@ class Attributions:
         Returns
         -------
         Columns `SUMMARY_COLUMNS`: ``gene``, ``attribution_mean``, ``attribution_sd``,
-        ``attribution_abs_mean``, ``n_cells`` (ties in mean |attribution|: by gene name).
+        ``attribution_abs_mean``, ``n_cells`` (ties in mean |attribution|: by gene name). With IG from the
+        mean baseline a cell's attribution has the sign of (its expression - the mean) x the gradient, so
+        ``attribution_mean`` is near 0 by construction; the direction of a gene's effect is the sign of
+        the mean ``gradient`` attribution.
 
         Raises
         ------
@@ -132,6 +135,7 @@ class Attributions:
             values = values[np.flatnonzero(chosen)]
         n = values.shape[0]
         if sp.issparse(values):
+            values = values.astype(np.float64)
             mean = np.asarray(values.mean(axis=0)).ravel()
             square = np.asarray(values.multiply(values).mean(axis=0)).ravel()
             absolute = np.asarray(abs(values).mean(axis=0)).ravel()
@@ -475,7 +479,8 @@ def measure_deletion_effects(
         ``obs`` is copied unchanged (e.g. Geneformer's ``n_counts``: the token is removed, the other genes
         are not renormalised, as Geneformer's own in-silico deletion).
     max_cells, max_genes
-        Bounds on cells (drawn with ``seed``) and genes.
+        Bounds on cells (drawn with ``seed``; cells the model gives no prediction are then left out) and
+        genes.
     rows_per_call
         Cells per ``predict_fn`` call (copies of the sampled cells, one deleted gene each).
     seed
@@ -498,8 +503,15 @@ def measure_deletion_effects(
     X = sp.csr_matrix(X.to_memory() if hasattr(X, "to_memory") else X, dtype=np.float32)
     names = np.asarray(cells.var_names.astype(str))
     chosen = _deletion_genes(X, names, genes, max_genes)
-    n = X.shape[0]
     before = np.asarray(predict_fn(cells), dtype=np.float64)
+    scored = np.isfinite(before)
+    if not scored.all():  # cells the model cannot read (e.g. dropped by its tokenizer) are left out
+        log.info("%d of %d sampled cells have no prediction; deletion leaves them out", int((~scored).sum()), len(before))
+        cells, X, before = cells[scored].copy(), X[scored], before[scored]
+    if before.size == 0:
+        msg = "the model scored none of the sampled cells; nothing to delete from."
+        raise SchemaError(msg)
+    n = X.shape[0]
     per_call = max(1, rows_per_call // max(1, n))
     log.info("in-silico deletion of %d genes in %d cells (%d genes per call)", chosen.size, n, per_call)
     deltas = np.empty((chosen.size, n))

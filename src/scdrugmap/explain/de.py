@@ -299,8 +299,8 @@ def _wilcoxon(X, kind: str, groups: np.ndarray, in_stratum: np.ndarray, genes: n
 
     rows = np.flatnonzero(in_stratum & np.array([g is not None for g in groups]))
     counts = {g: int((groups[rows] == g).sum()) for g in GROUPS}
-    if min(counts.values()) < min_cells:
-        return None, f"fewer than {min_cells} cells in a group ({counts})"
+    if min(counts.values()) < max(2, min_cells):  # a rank test needs two cells a group at least
+        return None, f"fewer than {max(2, min_cells)} cells in a group ({counts})"
     values = X[rows]
     values = log_normalise(values, kind) if kind in UNLOGGED_KINDS else values
     obs = pd.DataFrame({"group": pd.Categorical(groups[rows].astype(str), categories=list(GROUPS))})
