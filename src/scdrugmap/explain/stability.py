@@ -179,8 +179,6 @@ def bootstrap_stability(adata: ad.AnnData, rank: RankFunction, *, n_resamples: i
 
 def _resample_groups(adata: ad.AnnData, groups: np.ndarray, group_key: str, label_key: str,
                      rng: np.random.Generator) -> ad.AnnData:
-    import anndata as ad
-
     by_label = (adata.obs[label_key].astype(str).to_numpy() if label_key in adata.obs
                 else np.zeros(adata.n_obs, dtype=object))
     first_label = pd.Series(by_label).groupby(groups, sort=True).first()
@@ -188,19 +186,23 @@ def _resample_groups(adata: ad.AnnData, groups: np.ndarray, group_key: str, labe
     for _, members in first_label.groupby(first_label, sort=True):
         names = members.index.to_numpy()
         chosen.extend(rng.choice(names, size=names.size, replace=True))
-    pieces, seen = [], {}
-    position = pd.Series(np.arange(adata.n_obs)).groupby(groups, sort=False).apply(np.asarray)
+    codes, uniques = pd.factorize(groups)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
+    code_of = {name: i for i, name in enumerate(uniques)}
+    pieces, copy_numbers, seen = [], [], {}
     for name in chosen:
-        copy = seen.get(name, 0)
-        seen[name] = copy + 1
-        piece = adata[position[name]].copy()
-        if copy:
-            piece.obs[group_key] = f"{name}#{copy}"
-            piece.obs_names = [f"{cell}#{copy}" for cell in piece.obs_names]
-        else:
-            piece.obs[group_key] = name
-        pieces.append(piece)
-    return ad.concat(pieces, merge="same", uns_merge="first")
+        code = code_of[name]
+        rows = order[bounds[code] : bounds[code + 1]]
+        copy_numbers.append(np.full(rows.size, seen.get(name, 0)))
+        seen[name] = seen.get(name, 0) + 1
+        pieces.append(rows)
+    rows, copy_number = np.concatenate(pieces), np.concatenate(copy_numbers)
+    resample = adata[rows].copy()
+    suffix = np.where(copy_number > 0, np.char.add("#", copy_number.astype(str)), "")
+    resample.obs[group_key] = np.char.add(groups[rows].astype(str), suffix)
+    resample.obs_names = np.char.add(np.asarray(adata.obs_names.astype(str))[rows], suffix)
+    return resample
 
 
 def _shuffle_block(labels: np.ndarray, rng: np.random.Generator, balanced: bool) -> np.ndarray:
