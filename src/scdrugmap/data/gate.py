@@ -548,9 +548,9 @@ def validate_input(data: str | Path | ad.AnnData, *, needs: Needs = "any", layer
     60
     """
     if not isinstance(data, (str, os.PathLike)):  # an AnnData (anndata is imported only then: a refused file is quick)
-        facts = validate_adata(data, needs=needs, layer=layer, source=source or "adata")  # type: ignore[arg-type]
+        found = validate_adata(data, needs=needs, layer=layer, source=source or "adata")
         return InputFacts(source=source or "adata", n_obs=int(data.n_obs), n_vars=int(data.n_vars),
-                          value_kind=facts.get("value_kind"))
+                          value_kind=found.get("value_kind"))
     path = Path(data)
     source = source or str(path)
     facts = inspect_h5ad(path, layer=layer, max_memory=max_memory, in_memory=in_memory,
