@@ -106,10 +106,12 @@ def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights:
     """
     from scdrugmap import read_head, tl
     from scdrugmap.data import schema
+    from scdrugmap.data.gate import validate_input
     from scdrugmap.data.io import read_h5ad, write_h5ad_atomic
     from scdrugmap.evaluate.metrics import compute_metrics
 
     progress("reading the data", 0.02)
+    validate_input(upload_path)  # the gate, against this process's memory (its RLIMIT_AS included)
     adata = read_h5ad(upload_path)
     head = read_head(bundle_path)
     if head.model != model:
