@@ -361,13 +361,36 @@ def serve(
     upload_dir: Annotated[Path | None, typer.Option(help="Where uploads are kept (never a served folder).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MiB.")] = 500.0,
     max_concurrent_jobs: Annotated[int, typer.Option(help="Predictions running at once.")] = 1,
+    job_memory_mb: Annotated[float, typer.Option(
+        help="Address-space limit of each prediction's process, in MiB (0: none, needed for CUDA). Uploads whose "
+             "data would not fit are refused at upload.")] = 8192.0,
+    retention_hours: Annotated[float, typer.Option(help="Uploads and results are deleted this long after the "
+                                                        "upload (default 7 days).")] = 168.0,
+    disk_quota_mb: Annotated[float, typer.Option(help="Most disk the uploads and results may use, in MiB.")] = 20480.0,
+    rate_limit: Annotated[list[str] | None, typer.Option(
+        help="KIND=COUNT/SECONDS per client address, KIND one of upload, submit, lookup (repeatable; COUNT 0 "
+             "turns it off). Default upload=20/60, submit=30/60, lookup=600/60.")] = None,
+    allowed_origin: Annotated[list[str] | None, typer.Option(
+        help="An origin (https://lab.example.org) whose pages may post to this server besides its own "
+             "(repeatable); other cross-site posts are refused.")] = None,
 ) -> None:
     """Run the web server: catalog, benchmark explorer, and predictions on uploaded data (JSON logs on stderr)."""
     from scdrugmap.web import serve as run_server
 
-    options = {} if bundles is None else {"bundle_dir": bundles}
+    options: dict[str, object] = {} if bundles is None else {"bundle_dir": bundles}
+    limits = {}
+    for text in rate_limit or []:
+        kind, _, value = text.partition("=")
+        count, _, seconds = value.partition("/")
+        try:
+            limits[kind.strip()] = (int(count), float(seconds or 60))
+        except ValueError:
+            msg = f"--rate-limit {text}: expected KIND=COUNT/SECONDS, e.g. upload=20/60."
+            raise ConfigError(msg) from None
     run_server(db, host=host, port=port, results=results or [], upload_dir=upload_dir, max_upload_mb=max_upload_mb,
-               max_concurrent_jobs=max_concurrent_jobs, **options)
+               max_concurrent_jobs=max_concurrent_jobs, job_memory_mb=job_memory_mb, retention_hours=retention_hours,
+               disk_quota_mb=disk_quota_mb, rate_limits=limits, allowed_origins=tuple(allowed_origin or ()),
+               **options)
 
 
 def fail(message: str) -> None:

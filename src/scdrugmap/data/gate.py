@@ -180,6 +180,8 @@ class _Element:
 
     declared: int = 0
     stored: int = 0
+    #: The dataset that expands most from disk to memory: (ratio, declared bytes, stored bytes, path).
+    worst: tuple[float, int, int, str] = (0.0, 0, 0, "")
 
 
 def _refuse(source: str, where: str, message: str) -> SchemaError:
@@ -294,8 +296,11 @@ def _walk(root: h5py.File, source: str) -> dict[str, _Element]:
                 raise _refuse(source, path, f"declares {shape} values but stores only {allocated:,} of its "
                               f"{total:,} chunks; the rest would read as {fill}. The values were never "
                               "written (a truncated or crafted file). Write the file again with AnnData.write_h5ad.")
-            element.declared += _declared_bytes(item)
-            element.stored += int(item.id.get_storage_size())
+            declared, stored = _declared_bytes(item), int(item.id.get_storage_size())
+            element.declared += declared
+            element.stored += stored
+            if declared > EXPANSION_FLOOR and declared / max(stored, 1) > element.worst[0]:
+                element.worst = (declared / max(stored, 1), declared, stored, path)
     return elements
 
 
@@ -446,13 +451,13 @@ def _inspect_open(root: h5py.File, path: Path, source: str, *, layer: str | None
             matrix.declared += _declared_bytes(dataset)
             matrix.stored += int(dataset.id.get_storage_size())
     total = sum(e.declared for e in elements.values())
-    stored = sum(e.stored for e in elements.values())
     file_bytes = path.stat().st_size
     shape_text = f"{n_obs:,} x {n_vars:,} {layout} {dtype}"
-    if max_expansion is not None and total > EXPANSION_FLOOR and total > max_expansion * max(stored, 1):
-        raise _refuse(source, "", f"{format_bytes(stored)} on disk expand to {format_bytes(total)} in memory "
-                      f"({total / max(stored, 1):,.0f}-fold, more than the {max_expansion:g}-fold allowed here): "
-                      f"{where} is {shape_text}. Store X sparse, or send fewer cells.")
+    ratio, declared, kept, worst = max((e.worst for e in elements.values()), default=(0.0, 0, 0, ""))
+    if max_expansion is not None and ratio > max_expansion:
+        raise _refuse(source, worst, f"{format_bytes(kept)} on disk expand to {format_bytes(declared)} in memory "
+                      f"({ratio:,.0f}-fold, more than the {max_expansion:g}-fold allowed here); {where} is "
+                      f"{shape_text}. Store X sparse, or send fewer cells.")
     counters = 16 * (n_obs + n_vars)
     if in_memory:
         needed = total + (LOAD_FACTOR - 1) * matrix.declared + counters
@@ -543,9 +548,9 @@ def validate_input(data: str | Path | ad.AnnData, *, needs: Needs = "any", layer
     60
     """
     if not isinstance(data, (str, os.PathLike)):  # an AnnData (anndata is imported only then: a refused file is quick)
-        facts = validate_adata(data, needs=needs, layer=layer, source=source or "adata")  # type: ignore[arg-type]
+        found = validate_adata(data, needs=needs, layer=layer, source=source or "adata")
         return InputFacts(source=source or "adata", n_obs=int(data.n_obs), n_vars=int(data.n_vars),
-                          value_kind=facts.get("value_kind"))
+                          value_kind=found.get("value_kind"))
     path = Path(data)
     source = source or str(path)
     facts = inspect_h5ad(path, layer=layer, max_memory=max_memory, in_memory=in_memory,

@@ -152,7 +152,9 @@ def add_obsm_atomic(source: str | Path, target: str | Path, key: str, values: np
 def _open_text(path: Path) -> IO[bytes]:
     import gzip
 
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")  # noqa: SIM115
 
 
 def _first_line(path: Path, bad: Callable[[list[str]], str | None]) -> tuple[int, str] | None:

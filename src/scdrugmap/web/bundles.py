@@ -185,14 +185,14 @@ def check_bundle(folder: Path, *, known_models: set[str]) -> Any:
             raise UploadRejected(422, f"{BUNDLE_WEIGHTS}: {problem}.")
     try:
         probability = head.predict_proba(np.zeros((2, width), dtype=np.float32))
+        if probability.shape != (2,) or not np.isfinite(probability).all():
+            raise UploadRejected(422, f"{BUNDLE_WEIGHTS}: the head gives no probability for plain input (NaN or "
+                                      "inf weights).")
         if card.family == "baseline":
             _dry_run(head)
     except (ScDrugMapError, KeyError, ValueError, IndexError, TypeError) as err:
         reason = str(err).replace(str(folder), "the bundle").splitlines()[0] if str(err) else err.__class__.__name__
         raise UploadRejected(422, f"{BUNDLE_WEIGHTS}: the head cannot be applied ({reason[:200]}).") from err
-    if probability.shape != (2,) or not np.isfinite(probability).all():
-        raise UploadRejected(422, f"{BUNDLE_WEIGHTS}: the head gives no probability for plain input (NaN or inf "
-                                  "weights).")
     return head
 
 

@@ -113,7 +113,7 @@ class Settings:
     max_expansion: float = 200.0
     retention_hours: float = 7 * 24.0
     disk_quota_mb: float = 20 * 1024.0
-    min_free_disk_mb: float = 1024.0
+    min_free_disk_mb: float = 512.0
     cleanup_seconds: float = 300.0
     rate_limits: dict[str, tuple[int, float]] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
     allowed_origins: tuple[str, ...] = ()

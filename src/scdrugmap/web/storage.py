@@ -23,7 +23,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from scdrugmap.data.gate import validate_input
 from scdrugmap.data.io import HDF5_SIGNATURE, read_h5ad
-from scdrugmap.errors import SchemaError
+from scdrugmap.errors import SchemaError, is_write_failure
 from scdrugmap.readwrite import META_FILE as BUNDLE_META
 from scdrugmap.readwrite import WEIGHTS_FILE as BUNDLE_WEIGHTS
 
@@ -200,6 +200,12 @@ class Storage:
                 if handle.read(len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:
                     raise UploadRejected(422, f"{name}: not an h5ad file (no HDF5 signature). Write it with "
                                               "AnnData.write_h5ad.")
+        except OSError as err:
+            staged.unlink(missing_ok=True)
+            if is_write_failure(err):
+                raise UploadRejected(507, f"{name}: the server's disk is full; the upload was not kept. Try again "
+                                          "later.") from err
+            raise
         except BaseException:
             staged.unlink(missing_ok=True)
             raise

@@ -69,6 +69,10 @@ class JobCrashed(RuntimeError):
     """A job process crashed on a bug; its traceback goes to the server's log only."""
 
 
+class JobStopped(Exception):
+    """The server stopped while the job's process ran; `JobWorker.stop` marks the job interrupted."""
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -106,9 +110,11 @@ def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights:
     """
     from scdrugmap import read_head, tl
     from scdrugmap.data import schema
+    from scdrugmap.data.gate import validate_input
     from scdrugmap.data.io import read_h5ad, write_h5ad_atomic
 
     progress("reading the data", 0.02)
+    validate_input(upload_path)  # the gate, against this process's memory (its RLIMIT_AS included)
     adata = read_h5ad(upload_path)
     head = read_head(bundle_path)
     if head.model != model:
@@ -362,6 +368,9 @@ class JobWorker:
                                          out_dir=Path(arguments["out_dir"]), projection=arguments["projection"],
                                          progress=progress)
             self.storage.publish_output(output_name)
+        except JobStopped:
+            self.storage.remove_output(output_name)
+            return  # stop() marks the job interrupted
         except ScDrugMapError as err:
             self.storage.remove_output(output_name)
             message = str(err)
@@ -463,7 +472,7 @@ class JobWorker:
                 raise JobFailed(f"the prediction took longer than this server allows one job ({hours:g} h) and "
                                 "was stopped. Upload fewer cells.")
             if self._stop.is_set():
-                raise JobFailed("the server stopped while this job ran; submit it again.")
+                raise JobStopped
             code = process.returncode
             name = signal.Signals(-code).name if code is not None and code < 0 else f"exit code {code}"
             log.error("job process ended without an answer", extra={"job": job_id, "returncode": code})
