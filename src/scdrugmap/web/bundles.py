@@ -141,7 +141,12 @@ def check_bundle(folder: Path, *, known_models: set[str]) -> Any:
         card = model_card(head.model)
     except (ImportError, ScDrugMapError) as err:
         raise UploadRejected(422, f"model {head.model} is not available on this server.") from err
-    names = set(head.tensors)
+    names = set(head.head_tensors) | {n for n in head.tensors if n.startswith("encoder.")}
+    try:
+        head.trust_kit()  # calibration, conformal sets and OOD reference, when the head carries them
+    except (ScDrugMapError, KeyError, ValueError, TypeError) as err:
+        raise UploadRejected(422, f"{BUNDLE_WEIGHTS}: the trust kit (calibration, conformal sets, OOD reference) "
+                                  f"cannot be read ({str(err)[:200]}).") from err
     width = head.meta.get("embedding_dim")
     if width is not None and (not isinstance(width, int) or isinstance(width, bool)
                               or not 0 <= width <= MAX_EMBEDDING_DIM):
@@ -165,7 +170,7 @@ def check_bundle(folder: Path, *, known_models: set[str]) -> Any:
         if problem:
             raise UploadRejected(422, f"{BUNDLE_WEIGHTS}: {problem}.")
         return head
-    state = {n: v for n, v in head.tensors.items() if not n.startswith("encoder.")}
+    state = head.head_tensors
     expected = MLP_KEYS if head.kind == "mlp" else LOGISTIC_KEYS
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
