@@ -14,8 +14,6 @@ import json
 import os
 import time
 
-import numpy as np
-
 
 def best_of(function, repeats: int = 3) -> float:
     times = []

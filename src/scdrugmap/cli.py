@@ -58,6 +58,10 @@ CancerKey = Annotated[str, typer.Option(help="obs column of the cancer type.")]
 TherapyKey = Annotated[str, typer.Option(help="obs column of the therapy.")]
 RegimenKey = Annotated[str, typer.Option(help="obs column of the regimen.")]
 Layer = Annotated[str | None, typer.Option(help="Expression layer to use instead of X (e.g. counts).")]
+MaxMemory = Annotated[str | None, typer.Option(
+    "--max-memory", envvar="SCDRUGMAP_MAX_MEMORY",
+    help="Memory the data may need, e.g. 8G (default: 80% of the memory available now). Larger inputs are "
+         "refused before they are read.")]
 
 
 def _obs_keys(label_key: str, study_key: str, sample_key: str, tissue_key: str, cancer_type_key: str,
@@ -78,13 +82,14 @@ def check(
     folds: Annotated[int, typer.Option(help="Folds of the intended pooled split.")] = 10,
     split: Annotated[str, typer.Option(help="Intended split policy: sample or cell.")] = "sample",
     strict: Annotated[bool, typer.Option(help="Treat fold problems as errors.")] = False,
+    max_memory: MaxMemory = None,
 ) -> None:
     """Check a data set against the data contract and describe it; exit 1 on any error."""
     from scdrugmap.commands import run_check
 
     keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key)
     ok = run_check(file, keys=keys, layer=layer, model=model, folds=folds, split=split, strict=strict,
-                   console=stdout, errors=stderr)
+                   console=stdout, errors=stderr, max_memory=max_memory)
     if not ok:
         raise typer.Exit(1)
 
@@ -119,11 +124,14 @@ def datasets_import(
     source: Annotated[Path, typer.Argument(help="Folder of scDrugMap .tsv files.")],
     out: Annotated[Path, typer.Option(help="Folder for the .h5ad files.")] = Path("scdrugmap-data"),
 ) -> None:
-    """Convert the scDrugMap distribution format (TSV per data set) into .h5ad files."""
+    """Convert the scDrugMap distribution format (TSV per data set) into .h5ad files: all of them, or none."""
+    from scdrugmap.commands import writing
     from scdrugmap.data.catalog import load_catalog
     from scdrugmap.data.io import import_distribution
 
-    for path in import_distribution(source, out, catalog=load_catalog()):
+    with writing(out):
+        written = import_distribution(source, out, catalog=load_catalog())
+    for path in written:
         stdout.print(str(path))
 
 
@@ -136,12 +144,14 @@ def datasets_simulate(
     out: Annotated[Path, typer.Option(help="Output .h5ad file, or a folder for simulated.h5ad.")] = Path("simulated"),
 ) -> None:
     """Simulate a collection shaped like the catalog (marked as simulated), streamed to disk."""
+    from scdrugmap.commands import writing
     from scdrugmap.data.simulate import simulate_collection
 
     path = out / "simulated.h5ad" if out.suffix != ".h5ad" else out
-    path.parent.mkdir(parents=True, exist_ok=True)
-    simulate_collection(n_cells=cells, n_genes=genes, seed=seed, resistance_strength=resistance_strength,
-                        out_path=path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        simulate_collection(n_cells=cells, n_genes=genes, seed=seed, resistance_strength=resistance_strength,
+                            out_path=path)
     stdout.print(f"{path} (SIMULATED: {cells} cells x {genes} genes, seed {seed})")
 
 
@@ -190,13 +200,14 @@ def embed(
     shard_cells: Annotated[int, typer.Option(help="Cells per shard with --executor ray.")] = 20_000,
     cpus_per_shard: Annotated[float, typer.Option(help="CPUs each shard's task asks for.")] = 1.0,
     gpus_per_shard: Annotated[float, typer.Option(help="GPUs each shard's task asks for (1 on a GPU cluster).")] = 0.0,
+    max_memory: MaxMemory = None,
 ) -> None:
     """Embed every cell with a model and store it in obsm['X_<model>']."""
     from scdrugmap.commands import run_embed
 
     path = run_embed(data, model=model, weights=weights, out=out, layer=layer, batch_size=batch_size, device=device,
                      executor=executor, ray_address=ray_address, shard_cells=shard_cells, cpus=cpus_per_shard,
-                     gpus=gpus_per_shard, quiet=STATE["quiet"], console=stderr)
+                     gpus=gpus_per_shard, quiet=STATE["quiet"], console=stderr, max_memory=max_memory)
     stdout.print(str(path))
 
 
@@ -211,12 +222,14 @@ def train(
     label_key: LabelKey = "response", sample_key: SampleKey = "sample", layer: Layer = None,
     seed: Annotated[int, typer.Option(help="Seed of training.")] = 0,
     device: Annotated[str, typer.Option(help="Where the model runs: auto (CUDA when visible), cpu, cuda or cuda:N.")] = "auto",
+    max_memory: MaxMemory = None,
 ) -> None:
     """Train a head (or LoRA adapters + head) on a labelled data set and save it for `predict`."""
     from scdrugmap.commands import run_train
 
     stdout.print(str(run_train(data, model=model, out=out, strategy=strategy, head=head, weights=weights,
-                               label_key=label_key, sample_key=sample_key, layer=layer, seed=seed, device=device)))
+                               label_key=label_key, sample_key=sample_key, layer=layer, seed=seed, device=device,
+                               max_memory=max_memory)))
 
 
 @app.command()
@@ -239,6 +252,7 @@ def predict(
     label_key: Annotated[str, typer.Option(help="obs column of observed labels to score against, when present.")
                          ] = "response",
     device: Annotated[str, typer.Option(help="Where the model runs: auto (CUDA when visible), cpu, cuda or cuda:N.")] = "auto",
+    max_memory: MaxMemory = None,
 ) -> None:
     """Predict each cell's calibrated probability of sensitivity, prediction set and OOD flag; obs columns + CSV."""
     from scdrugmap.commands import run_predict
@@ -246,7 +260,7 @@ def predict(
     for path in run_predict(data, model=model, bundle=head, weights=weights, out=out, csv=csv, layer=layer,
                             threshold=threshold, alpha=alpha, min_gene_overlap=min_gene_overlap,
                             allow_value_kind_mismatch=allow_value_kind_mismatch, label_key=label_key,
-                            device=device, console=stdout):
+                            device=device, console=stdout, max_memory=max_memory):
         stdout.print(str(path))
 
 
@@ -287,7 +301,7 @@ def benchmark(
     api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key (default OPENAI_API_KEY).")] = None,
     label_key: LabelKey = "response", study_key: StudyKey = "study", sample_key: SampleKey = "sample",
     tissue_key: TissueKey = "tissue", cancer_type_key: CancerKey = "cancer_type", therapy_key: TherapyKey = "therapy",
-    regimen_key: RegimenKey = "regimen", layer: Layer = None,
+    regimen_key: RegimenKey = "regimen", layer: Layer = None, max_memory: MaxMemory = None,
 ) -> None:
     """Run (or resume) the benchmark grid and print mean F1 and AUROC per model and category."""
     from scdrugmap.commands import run_benchmark_command
@@ -314,7 +328,8 @@ def benchmark(
             raise ConfigError(msg)
         overrides["weights"] = dict(w.split("=", 1) for w in weights)
     keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key)
-    run_benchmark_command(config, overrides, keys, quiet=STATE["quiet"], console=stdout, progress_console=stderr)
+    run_benchmark_command(config, overrides, keys, quiet=STATE["quiet"], console=stdout, progress_console=stderr,
+                          max_memory=max_memory)
 
 
 @app.command()
@@ -347,22 +362,64 @@ def serve(
     upload_dir: Annotated[Path | None, typer.Option(help="Where uploads are kept (never a served folder).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MiB.")] = 500.0,
     max_concurrent_jobs: Annotated[int, typer.Option(help="Predictions running at once.")] = 1,
+    job_memory_mb: Annotated[float, typer.Option(
+        help="Address-space limit of each prediction's process, in MiB (0: none, needed for CUDA). Uploads whose "
+             "data would not fit are refused at upload.")] = 8192.0,
+    retention_hours: Annotated[float, typer.Option(help="Uploads and results are deleted this long after the "
+                                                        "upload (default 7 days).")] = 168.0,
+    disk_quota_mb: Annotated[float, typer.Option(help="Most disk the uploads and results may use, in MiB.")] = 20480.0,
+    rate_limit: Annotated[list[str] | None, typer.Option(
+        help="KIND=COUNT/SECONDS per client address, KIND one of upload, submit, lookup (repeatable; COUNT 0 "
+             "turns it off). Default upload=20/60, submit=30/60, lookup=600/60.")] = None,
+    allowed_origin: Annotated[list[str] | None, typer.Option(
+        help="An origin (https://lab.example.org) whose pages may post to this server besides its own "
+             "(repeatable); other cross-site posts are refused.")] = None,
 ) -> None:
     """Run the web server: catalog, benchmark explorer, and predictions on uploaded data (JSON logs on stderr)."""
     from scdrugmap.web import serve as run_server
 
-    options = {} if bundles is None else {"bundle_dir": bundles}
+    options: dict[str, object] = {} if bundles is None else {"bundle_dir": bundles}
+    limits = {}
+    for text in rate_limit or []:
+        kind, _, value = text.partition("=")
+        count, _, seconds = value.partition("/")
+        try:
+            limits[kind.strip()] = (int(count), float(seconds or 60))
+        except ValueError:
+            msg = f"--rate-limit {text}: expected KIND=COUNT/SECONDS, e.g. upload=20/60."
+            raise ConfigError(msg) from None
     run_server(db, host=host, port=port, results=results or [], upload_dir=upload_dir, max_upload_mb=max_upload_mb,
-               max_concurrent_jobs=max_concurrent_jobs, **options)
+               max_concurrent_jobs=max_concurrent_jobs, job_memory_mb=job_memory_mb, retention_hours=retention_hours,
+               disk_quota_mb=disk_quota_mb, rate_limits=limits, allowed_origins=tuple(allowed_origin or ()),
+               **options)
+
+
+def fail(message: str) -> None:
+    """Print ``message`` as one red line on stderr (escaped: ``[/x]`` in a path or value is text) and exit 1."""
+    from rich.markup import escape
+
+    line = " ".join(str(message).split())  # one line, whatever the message held
+    stderr.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
+    sys.exit(1)
 
 
 def main() -> None:
-    """Entry point: run the app, turning expected errors into one line and exit code 1."""
+    """Entry point: run the app, turning expected errors into one line and exit code 1.
+
+    Expected: our own errors (`ScDrugMapError`), a refused file operation (a full disk, no permission:
+    the path and the fix) and running out of memory. Anything else is a bug and keeps its traceback.
+    """
     try:
         app()
     except ScDrugMapError as err:
-        stderr.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        fail(str(err))
+    except OSError as err:
+        from scdrugmap.errors import describe_os_error
+
+        fail(describe_os_error(err))
+    except MemoryError:
+        fail("ran out of memory. Give the data in smaller files, or set --max-memory to what this machine "
+             "can spare so that inputs too large are refused before they are read.")
 
 
 __all__ = ["ConfigError", "app", "main"]

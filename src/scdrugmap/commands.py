@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -11,7 +13,7 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from scdrugmap.errors import ConfigError, SchemaError
+from scdrugmap.errors import ConfigError, OutputError, SchemaError, describe_os_error, is_write_failure
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -37,6 +39,56 @@ def overlap_warning(model: str, overlap: np.ndarray) -> str:
 
 
 @contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a refused write under ``path`` (full disk, quota, permissions) into one `OutputError` naming it."""
+    try:
+        yield
+    except OSError as err:
+        if not is_write_failure(err):
+            raise
+        raise OutputError(describe_os_error(err, path)) from err
+
+
+@contextmanager
+def atomic_outputs(*paths: Path) -> Iterator[tuple[Path, ...]]:
+    """Yield temporary paths beside ``paths``; move them into place together only when all were written.
+
+    A failed write (a full disk, a crash) leaves none of the outputs and no temporary file behind, and
+    becomes one `OutputError` naming the first path.
+    """
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = []
+    try:
+        with writing(paths[0]):
+            for path in paths:
+                handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                os.close(handle)
+                temporary.append(Path(name))
+            yield tuple(temporary)
+            for tmp, path in zip(temporary, paths, strict=True):
+                os.replace(tmp, path)
+    finally:
+        for tmp in temporary:
+            tmp.unlink(missing_ok=True)
+
+
+def gate(data: Path, *, model: str | None = None, needs: str | None = None, layer: str | None = None,
+         max_memory: str | None = None, in_memory: bool = True, scan: bool = True) -> Any:
+    """Run the validation gate (`scdrugmap.data.gate.validate_input`) on a file before any command reads it."""
+    from scdrugmap.data.gate import validate_input
+
+    if needs is None:
+        needs = "any"
+        if model is not None:
+            from scdrugmap.registry import input_kind
+
+            needs = input_kind(model)
+    return validate_input(data, needs=needs, layer=layer, max_memory=max_memory,  # type: ignore[arg-type]
+                          in_memory=in_memory, scan=scan)
+
+
+@contextmanager
 def progress_bar(console: Console, *, quiet: bool) -> Iterator[Any]:
     """Yield a callback ``(stage, done, total, detail)`` drawing rich bars (nothing when quiet)."""
     if quiet:
@@ -57,8 +109,11 @@ def progress_bar(console: Console, *, quiet: bool) -> Iterator[Any]:
 
 
 def run_check(file: Path, *, keys: dict[str, str], layer: str | None, model: str | None, folds: int, split: str,
-              strict: bool, console: Console, errors: Console) -> bool:
+              strict: bool, console: Console, errors: Console, max_memory: str | None = None) -> bool:
     """Check one file and print its report; return False when it has errors."""
+    gate(file, model=model, layer=layer, max_memory=max_memory, in_memory=False, scan=False)  # check reads values
+    from rich.markup import escape
+
     from scdrugmap.data.check import check_adata
     from scdrugmap.data.io import read_h5ad
     from scdrugmap.data.schema import ObsKeys
@@ -76,10 +131,10 @@ def run_check(file: Path, *, keys: dict[str, str], layer: str | None, model: str
     finally:
         adata.file.close()
     facts = report.facts
-    console.print(f"[bold]{file}[/bold]")
+    console.print(f"[bold]{escape(str(file))}[/bold]")
     console.print(f"  shape        {facts['shape'][0]:,} cells x {facts['shape'][1]:,} genes")
     if "value_kind" in facts:
-        console.print(f"  values       {facts['value_kind']} ({facts.get('value_detail', '')})")
+        console.print(f"  values       {facts['value_kind']} ({escape(facts.get('value_detail', ''))})")
     if "gene_id_type" in facts:
         mapped = facts.get("genes_mapped", {})
         console.print(f"  gene ids     {facts['gene_id_type']}; {mapped.get('mapped', 0):,} of "
@@ -90,17 +145,17 @@ def run_check(file: Path, *, keys: dict[str, str], layer: str | None, model: str
     if "label_design" in facts:
         console.print(f"  label design {facts['label_design']}")
     for column, table in report.tables.items():
-        view = Table(title=f"cells per {column}", title_justify="left")
+        view = Table(title=escape(f"cells per {column}"), title_justify="left")
         for name in (column, "cells", "sensitive", "resistant"):
             view.add_column(name, justify="left" if name == column else "right")
         for value, row in table.head(40).iterrows():
-            view.add_row(str(value), f"{row['cells']:,}", f"{row['sensitive']:,}", f"{row['resistant']:,}")
+            view.add_row(escape(str(value)), f"{row['cells']:,}", f"{row['sensitive']:,}", f"{row['resistant']:,}")
         if len(table) > 40:
             view.add_row(f"... {len(table) - 40} more", "", "", "")
         console.print(view)
     for problem in report.problems:
         colour = "red" if problem.severity == "error" else "yellow"
-        errors.print(f"[{colour}]{file}: {problem}[/{colour}]", highlight=False, soft_wrap=True)
+        errors.print(f"[{colour}]{escape(f'{file}: {problem}')}[/{colour}]", highlight=False, soft_wrap=True)
     return report.ok
 
 
@@ -185,7 +240,8 @@ def download_model(name: str, *, force: bool, quiet: bool, console: Console) -> 
 
 def run_embed(data: Path, *, model: str, weights: Path | None, out: Path | None, layer: str | None,
               batch_size: int | None, device: str = "auto", executor: str = "local", ray_address: str | None = None,
-              shard_cells: int = 20_000, cpus: float = 1.0, gpus: float = 0.0, quiet: bool, console: Console) -> Path:
+              shard_cells: int = 20_000, cpus: float = 1.0, gpus: float = 0.0, quiet: bool, console: Console,
+              max_memory: str | None = None) -> Path:
     """Embed ``data`` here or in shards on a Ray cluster; add ``obsm['X_<model>']`` to a copy, or save a .npy."""
     from scdrugmap import tl
     from scdrugmap.data.io import add_obsm_atomic, read_h5ad
@@ -193,6 +249,7 @@ def run_embed(data: Path, *, model: str, weights: Path | None, out: Path | None,
     if executor not in {"local", "ray"}:
         msg = f"--executor {executor!r} is not available; choose from local, ray."
         raise ConfigError(msg)
+    gate(data, model=model, layer=layer, max_memory=max_memory, in_memory=executor == "local")
     key = tl.embedding_key(model)
     with progress_bar(console, quiet=quiet) as update:
         report = None if update is None else (lambda d, t: update("embed", d, t, model))
@@ -212,45 +269,48 @@ def run_embed(data: Path, *, model: str, weights: Path | None, out: Path | None,
         console.print(overlap_warning(model, overlap), soft_wrap=True)
     target = out or data
     if target.suffix == ".npy":
-        tmp = target.with_name(target.name + ".tmp.npy")
-        np.save(tmp, embeddings, allow_pickle=False)
-        os.replace(tmp, target)
+        with atomic_outputs(target) as (tmp,), open(tmp, "wb") as handle:
+            np.save(handle, embeddings, allow_pickle=False)
         return target
-    return add_obsm_atomic(data, target, key, embeddings, facts=facts,
-                           obs_columns=None if overlap is None else {tl.overlap_key(model): overlap})
+    with writing(target):
+        return add_obsm_atomic(data, target, key, embeddings, facts=facts,
+                               obs_columns=None if overlap is None else {tl.overlap_key(model): overlap})
 
 
 def run_train(data: Path, *, model: str, out: Path, strategy: str, head: str, weights: Path | None, label_key: str,
-              sample_key: str, layer: str | None, seed: int, device: str = "auto") -> Path:
+              sample_key: str, layer: str | None, seed: int, device: str = "auto", max_memory: str | None = None) -> Path:
     from scdrugmap import tl
     from scdrugmap.data.io import read_h5ad
 
     if strategy not in {"frozen", "lora"} or head not in {"mlp", "logistic"}:
         msg = f"--strategy {strategy} --head {head}: choose frozen or lora, and mlp or logistic."
         raise ConfigError(msg)
+    gate(data, model=model, layer=layer, max_memory=max_memory)
     adata = read_h5ad(data)
     if label_key not in adata.obs:
         msg = f"{data}: obs has no {label_key!r} column; name the label column with --label-key."
         raise ConfigError(msg)
     trained = tl.train(adata, model, strategy=strategy, head=head, label_key=label_key,  # type: ignore[arg-type]
                        sample_key=sample_key, layer=layer, weights=weights, device=device, seed=seed)
-    return trained.save(out)
+    with writing(out):
+        return trained.save(out)
 
 
 def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, out: Path | None, csv: Path | None,
                 layer: str | None, threshold: float, console: Console, device: str = "auto",
                 alpha: float | None = None, min_gene_overlap: float = 0.25, allow_value_kind_mismatch: bool = False,
-                label_key: str = "response") -> list[Path]:
+                label_key: str = "response", max_memory: str | None = None) -> list[Path]:
     import logging
 
     from scdrugmap import tl
-    from scdrugmap.data.io import read_h5ad, write_h5ad_atomic
+    from scdrugmap.data.io import read_h5ad
     from scdrugmap.readwrite import read_head
 
     head = read_head(bundle)
     if head.model != model:
         msg = f"{bundle}: the head was trained on {head.model} embeddings, not {model}. Use --model {head.model}."
         raise ConfigError(msg)
+    gate(data, model=model, layer=layer, max_memory=max_memory)
     adata = read_h5ad(data)
     logger = logging.getLogger("scdrugmap.tl")
     level = logger.level
@@ -280,11 +340,10 @@ def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, o
         columns.append(overlap)
     out = out or data.with_name(f"{data.stem}.predicted.h5ad")
     csv = csv or out.with_suffix(".csv")
-    write_h5ad_atomic(adata, out)
     table = adata.obs[columns].rename(columns={overlap: "gene_overlap"}).rename_axis("cell")
-    tmp = csv.with_name(csv.name + ".tmp")
-    table.to_csv(tmp)
-    tmp.replace(csv)
+    with atomic_outputs(out, csv) as (tmp_out, tmp_csv):  # both outputs, or neither
+        adata.write_h5ad(tmp_out)
+        table.to_csv(tmp_csv)
     print_prediction_summary(console, summary, alpha=facts.get("alpha"), gene_overlap=facts.get("gene_overlap"))
     return [out, csv]
 
@@ -315,30 +374,54 @@ def print_prediction_summary(console: Console, summary: dict[str, Any], *, alpha
 
 
 def run_benchmark_command(config_path: Path | None, overrides: dict[str, Any], keys: dict[str, str], *, quiet: bool,
-                          console: Console, progress_console: Console) -> None:
+                          console: Console, progress_console: Console, max_memory: str | None = None) -> None:
+    """Run the benchmark; a run that fails before its first job is written leaves no run folder behind."""
     from scdrugmap.evaluate.grid import BenchmarkConfig
     from scdrugmap.evaluate.runner import run_benchmark, summary_table
+    from scdrugmap.registry import input_kind
 
     config = BenchmarkConfig.resolve(config_path, overrides, keys)
-    with progress_bar(progress_console, quiet=quiet) as update:
-        results = run_benchmark(config, progress=update)
+    config.validate()
+    if config.data != "demo":
+        kinds = {input_kind(model) for model in config.models}
+        needs = next((kind for kind in ("counts", "nonnegative") if kind in kinds), "any")
+        gate(Path(config.data), needs=needs, layer=config.layer, max_memory=max_memory)
+    run_dir = Path(config.out)
+    existed = run_dir.exists()
+    try:
+        with writing(run_dir), progress_bar(progress_console, quiet=quiet) as update:
+            results = run_benchmark(config, progress=update)
+    except BaseException:
+        if not existed:
+            remove_unstarted_run(run_dir)
+        raise
     print_summary(console, summary_table(results), results, Path(config.out))
+
+
+def remove_unstarted_run(run_dir: Path) -> None:
+    """Delete a run folder this command created when no job result was written into it."""
+    from scdrugmap.evaluate.store import ResultStore
+
+    if run_dir.is_dir() and not ResultStore(run_dir).has_jobs():
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> None:
     """Print mean (sd) F1 and AUROC per model, strategy, scenario, category and split."""
+    from scdrugmap.evaluate.grid import category_labels
     from scdrugmap.evaluate.store import results_file
 
+    names = category_labels(results)
     view = Table(title="mean over scored folds (sd)", title_justify="left", padding=(0, 1))
     for name in ("model", "strategy", "scenario", "category", "split", "F1", "AUROC", "folds", "unscored"):
         view.add_column(name, justify="right" if name in {"F1", "AUROC", "folds", "unscored"} else "left",
                         no_wrap=True)
     for _, row in table.iterrows():
         strategy = row["strategy"] if row["head"] == "mlp" else f"{row['strategy']}/{row['head']}"
-        view.add_row(row["model"], strategy, row["scenario"], row["category"], row["split"],
+        view.add_row(row["model"], strategy, row["scenario"], names.get(row["category"], row["category"]), row["split"],
                      f"{row['f1_mean']:.3f}±{row['f1_sd']:.2f}", f"{row['auroc_mean']:.3f}±{row['auroc_sd']:.2f}",
                      str(int(row["n_folds"])), str(int(row["n_not_scored"])))
     console.print(view)
-    counts = results["status"].value_counts().to_dict()
+    counts = results["status"].value_counts().to_dict() if "status" in results else {}
     console.print(f"{len(results)} jobs ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
                   f"results in {results_file(run_dir)}")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from scdrugmap.data.gate import validate_input
 from scdrugmap.errors import ConfigError, SchemaError
 
 if TYPE_CHECKING:
@@ -169,6 +170,7 @@ def embed(adata: ad.AnnData, model: str, *, weights: str | Path | None = None, l
     >>> adata.uns["scdrugmap"]["X_pca"]["model"]
     'pca'
     """
+    validate_input(adata, layer=layer)  # the gate: no cells or genes, NaN/inf, duplicate names -> one SchemaError
     from scdrugmap.train.predict import is_fitted_baseline
 
     adata = _target(adata, copy)
@@ -271,6 +273,7 @@ def train(adata: ad.AnnData, model: str, *, strategy: Literal["frozen", "lora"] 
     >>> head.kind, head.model, head.meta["n_cells"]
     ('logistic', 'pca', 120)
     """
+    validate_input(adata, layer=layer)  # the gate: no cells or genes, NaN/inf, duplicate names -> one SchemaError
     from scdrugmap.train.heads import HeadConfig
     from scdrugmap.train.predict import fit_head
 
@@ -401,6 +404,7 @@ def predict(adata: ad.AnnData, head: Head | str | Path, *, weights: str | Path |
     >>> set(adata.obs["scdrugmap_pca_set"].dropna()) <= {"sensitive", "resistant", "uncertain", "none"}
     True
     """
+    validate_input(adata, layer=layer)  # the gate: no cells or genes, NaN/inf, duplicate names -> one SchemaError
     import pandas as pd
 
     from scdrugmap.train.bundle import Head as HeadClass

@@ -1,9 +1,10 @@
-"""The settings of a run are merged once: command-line flags over the YAML file over the defaults."""
+"""The settings of a run are merged once (flags over the YAML file over the defaults); identical values run once."""
 
 import pytest
 
 from scdrugmap.errors import ConfigError
-from scdrugmap.evaluate.grid import BenchmarkConfig
+from scdrugmap.evaluate.grid import BenchmarkConfig, category_labels
+from tests_helpers import make_adata
 
 #: What the CLI passes when no option is given: every contract column under its own name.
 CONTRACT_KEYS = {"response": "response", "study": "study", "sample": "sample", "tissue": "tissue",
@@ -57,3 +58,20 @@ def test_a_missing_file_or_an_unknown_setting_is_refused_by_name(tmp_path):
         BenchmarkConfig.resolve(tmp_path / "nonesuch.yaml")
     with pytest.raises(ConfigError, match=r"unknown settings \['fold'\]; allowed: "):
         BenchmarkConfig.resolve(_yaml(tmp_path, "fold: 3\n"))
+
+
+def test_category_values_selecting_the_same_cells_run_once_under_all_their_names(tmp_path):
+    from scdrugmap.evaluate.runner import run_benchmark
+
+    adata = make_adata(n_cells=120, n_samples=12, seed=0)  # one cancer type, therapy and regimen: the same cells
+    data = tmp_path / "one.h5ad"
+    adata.write_h5ad(data)
+    config = BenchmarkConfig(data=str(data), out=str(tmp_path / "run"), models=["majority"], folds=2,
+                             scenarios=["pooled"], splits=["sample"])
+    results = run_benchmark(config)
+    assert set(results["category"]) == {"tissue", "cancer_type"}  # tissue's two values differ from the rest
+    melanoma = results[results["category"] == "cancer_type"]
+    assert set(melanoma["also"]) == {"therapy=Immunotherapy; regimen=anti-PD1"}
+    assert len(melanoma) == 2  # two folds, run once
+    assert category_labels(results)["cancer_type"] == "cancer_type = regimen = therapy"
+    assert category_labels(results)["tissue"] == "tissue"

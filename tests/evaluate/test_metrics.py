@@ -2,8 +2,9 @@ import math
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from scdrugmap.evaluate.metrics import compute_metrics, summarise
+from scdrugmap.evaluate.metrics import aggregate_samples, compute_metrics, compute_sample_metrics, summarise
 
 
 def test_metrics_match_hand_counts():
@@ -17,9 +18,39 @@ def test_metrics_match_hand_counts():
 def test_undefined_metrics_are_nan_with_reason_not_zero():
     values, reasons = compute_metrics([0, 0, 0], [0.1, 0.2, 0.3])
     assert math.isnan(values["auroc"]) and "only resistant" in reasons["auroc"]
-    assert math.isnan(values["precision"]) and "predicted sensitive" in reasons["precision"]
+    assert math.isnan(values["precision"]) and "only resistant" in reasons["precision"]
     assert math.isnan(values["recall"])
     assert values["accuracy"] == 1.0
+
+
+def test_f1_on_a_fold_without_both_classes_is_nan_with_a_reason_never_zero():
+    values, reasons = compute_metrics([0, 0, 0], [0.9, 0.8, 0.1])  # two false sensitive calls: F1 would be 0
+    assert math.isnan(values["f1"]) and reasons["f1"] == "the test fold holds only resistant cells"
+    values, reasons = compute_metrics([1, 1], [0.9, 0.8])
+    assert math.isnan(values["f1"]) and math.isnan(values["auroc"]) and values["recall"] == 1.0
+
+
+def test_means_use_only_the_folds_where_a_metric_is_defined():
+    results = pd.DataFrame({"model": ["m"] * 3, "fold": ["0", "1", "2"], "status": "done",
+                            "f1": [0.6, np.nan, 0.8], "auroc": [0.7, np.nan, 0.9], "accuracy": 1.0,
+                            "precision": 0.5, "recall": 0.5})
+    table = summarise(results, ["model"]).iloc[0]
+    assert table["f1_mean"] == 0.7 and table["f1_n"] == 2 and table["n_folds"] == 3
+
+
+def test_sample_metrics_score_each_samples_mean_probability():
+    labels = [1, 1, 1, 0, 0, 0, 1, 1]
+    probability = [0.9, 0.7, 0.2, 0.4, 0.3, 0.6, 0.6, np.nan]
+    samples = ["a", "a", "a", "b", "b", "b", "c", "c"]
+    table = aggregate_samples(labels, probability, samples).set_index("sample")
+    assert table.loc["a", "mean_probability"] == pytest.approx(0.6)
+    assert table.loc["a", "fraction_sensitive"] == pytest.approx(2 / 3)
+    assert table.loc["c", "n_cells"] == 1
+    values, reasons = compute_sample_metrics(labels, probability, samples)
+    assert values["auroc"] == 1.0 and values["accuracy"] == 1.0
+    assert values["auroc_fraction"] == 1.0
+    values, reasons = compute_sample_metrics([1, 1], [0.2, 0.9], ["a", "b"])
+    assert math.isnan(values["auroc"]) and reasons["auroc"] == "the test fold holds only sensitive samples"
 
 
 def test_missing_predictions_are_left_out_and_counted():

@@ -8,7 +8,8 @@ import scdrugmap.train.frozen as frozen
 from scdrugmap.errors import ConfigError
 from scdrugmap.evaluate.grid import BenchmarkConfig
 from scdrugmap.evaluate.runner import run_benchmark, summary_table
-from tests_helpers import write_tiny_h5ad
+from scdrugmap.evaluate.store import ResultStore, job_id, read_run
+from tests_helpers import make_adata, write_tiny_h5ad
 
 
 def _config(tmp_path, data, **changes):
@@ -67,6 +68,36 @@ def test_interrupted_benchmark_resumes_with_exactly_one_row_per_job(tmp_path, mo
     pd.testing.assert_frame_equal(again.reset_index(drop=True), results.reset_index(drop=True))
 
 
+#: Columns of a job row that measure time, not results.
+TIMINGS = ("seconds", "embed_seconds", "embed_cells_per_second")
+
+
+def _comparable(results):
+    return results.drop(columns=[c for c in TIMINGS if c in results]).reset_index(drop=True)
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one_when_part_of_a_batched_group_is_lost(tmp_path):
+    """A kill inside a frozen group leaves some of its folds written: the rerun must not train the rest apart."""
+    data = write_tiny_h5ad(tmp_path)
+    whole = run_benchmark(_config(tmp_path, data, out=str(tmp_path / "whole"), splits=["cell"], folds=3))
+    resumed_dir = tmp_path / "resumed"
+    run_benchmark(_config(tmp_path, data, out=str(resumed_dir), splits=["cell"], folds=3))
+    store = ResultStore(resumed_dir)
+    group = [key for key in whole["key"] if key.startswith("pca|frozen|mlp|pooled|tissue|Tumor tissue|")]
+    assert len(group) == 3
+    for key in group[:2]:  # as if the kill came after the first fold of the group was written
+        (resumed_dir / "jobs" / f"{job_id(key)}.parquet").unlink()
+    for stale in ("results.parquet", "predictions.parquet"):
+        (resumed_dir / stale).unlink()
+    resumed = run_benchmark(_config(tmp_path, data, out=str(resumed_dir), splits=["cell"], folds=3))
+    pd.testing.assert_frame_equal(_comparable(resumed), _comparable(whole))
+    assert store.status(group[2]) == "done"
+    predictions = {name: pd.read_parquet(folder / "predictions.parquet").sort_values(["key", "cell"],
+                                                                                  ignore_index=True)
+                   for name, folder in (("whole", tmp_path / "whole"), ("resumed", resumed_dir))}
+    pd.testing.assert_frame_equal(predictions["resumed"], predictions["whole"])
+
+
 def test_every_model_sees_identical_folds(tmp_path):
     data = write_tiny_h5ad(tmp_path)
     results = run_benchmark(_config(tmp_path, data))
@@ -115,3 +146,56 @@ def test_an_unknown_executor_or_device_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="--device tpu is not a device"):
         run_benchmark(BenchmarkConfig(data="demo", demo_cells=200, out=str(tmp_path / "b"), models=["pca"],
                                       device="tpu"))
+
+
+def _zscored_h5ad(folder):
+    adata = make_adata(n_cells=120, n_samples=12, seed=0)
+    dense = np.log1p(adata.X.toarray())
+    adata.X = ((dense - dense.mean(axis=0)) / (dense.std(axis=0) + 1e-6)).astype(np.float32)
+    path = folder / "zscored.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def test_a_model_that_cannot_read_the_data_is_skipped_with_the_reason_and_the_others_go_on(tmp_path):
+    data = _zscored_h5ad(tmp_path)
+    config = _config(tmp_path, data, models=["pca", "minilm", "majority"], splits=["sample"])
+    results = run_benchmark(config)
+    minilm = results[results["model"] == "minilm"]
+    assert len(minilm) and set(minilm["status"]) == {"skipped"}
+    unreadable = minilm["reasons"].str.contains("minilm cannot read this data")
+    pca = results[results["model"] == "pca"]
+    assert unreadable.sum() == (pca["status"] == "done").sum()  # every job pca could run
+    assert minilm.loc[unreadable, "reasons"].str.contains("non-negative").all()
+    assert (results.loc[results["model"] == "pca", "status"] == "done").any()
+    facts = read_run(tmp_path / "run").models
+    assert {"pca", "majority", "minilm"} <= set(facts) and "non-negative" in facts["minilm"]["unavailable"]
+
+
+def test_a_model_that_crashes_while_embedding_fails_alone_and_is_retried(tmp_path, monkeypatch):
+    from scdrugmap.models.baselines import PCAEncoder
+
+    data = write_tiny_h5ad(tmp_path)
+    config = _config(tmp_path, data, splits=["sample"], scenarios=["pooled"])
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(PCAEncoder, "embed", crash)
+    results = run_benchmark(config)
+    pca = results[(results["model"] == "pca") & (results["status"] != "skipped")]
+    assert set(pca["status"]) == {"failed"} and pca["reasons"].str.contains("out of memory").all()
+    assert (results.loc[results["model"] == "majority", "status"] == "done").any()
+    monkeypatch.undo()
+    again = run_benchmark(config)
+    assert (again.loc[again["model"] == "pca", "status"] == "done").any()
+
+
+def test_model_facts_are_kept_when_a_run_is_resumed(tmp_path):
+    data = write_tiny_h5ad(tmp_path)
+    config = _config(tmp_path, data, splits=["sample"], scenarios=["pooled"])
+    run_benchmark(config)
+    (tmp_path / "run" / "models.json").unlink()  # as if killed before the facts were written
+    run_benchmark(config)
+    facts = read_run(tmp_path / "run").models
+    assert {"pca", "majority"} <= set(facts) and facts["pca"]["cache"] == "hit"

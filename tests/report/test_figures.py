@@ -218,13 +218,14 @@ def test_roc_and_pr_curves_per_category_and_model_with_legends_outside_the_data(
     assert len(figure.axes) == 8
     roc = panel(figure, "Cancer type: ROC")
     expected = {f"roc|pca|{FROZEN}": 1, f"roc|scgpt|{FROZEN}": 1, f"roc|majority|{FROZEN}": 1, f"roc|scgpt|{LORA}": 1}
-    assert gids(roc, "roc|") == expected
+    assert {k: v for k, v in gids(roc, "roc|").items()} == expected
     assert gids(panel(figure, "Cancer type: Precision-recall"), "pr|") == {
         k.replace("roc|", "pr|"): 1 for k in expected}
     assert roc.get_xlim() == (0, 1)
     legend_labels = [t.get_text() for t in roc.get_legend().get_texts()]
     scgpt_auc = next(label for label in legend_labels if label.startswith(f"scGPT, {FROZEN}"))
-    assert float(scgpt_auc.rsplit(": ", 1)[1]) > 0.8  # the fixture gives scGPT the most separable probabilities
+    assert float(scgpt_auc.split(": ", 1)[1].split(" ")[0]) > 0.8  # the fixture's most separable probabilities
+    assert "folds)" in scgpt_auc
     FigureCanvasAgg(figure).draw()
     renderer = figure.canvas.get_renderer()
     for ax in figure.axes:
@@ -233,13 +234,29 @@ def test_roc_and_pr_curves_per_category_and_model_with_legends_outside_the_data(
             assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
 
 
+def test_roc_curves_are_the_mean_of_per_fold_curves_so_a_constant_reference_reads_one_half(run, colours):
+    """Pooling folds would rank fold priors: a reference predicting each fold's training share must read 0.5."""
+    predictions = labelled_predictions(run).copy()
+    majority = predictions["model"] == "majority"
+    # each fold predicts its own constant (like a training prior), anti-correlated with its test labels
+    share = predictions[majority].groupby("key")["label"].transform("mean")
+    predictions["probability"] = np.where(majority, 1.0 - share.reindex(predictions.index), predictions["probability"])
+    figure = figures.plot_roc_pr(predictions, colours, settings=[FROZEN])
+    roc = panel(figure, "Tissue: ROC")
+    line = next(a for a in roc.lines if a.get_gid() == f"roc|majority|{FROZEN}")
+    assert np.allclose(line.get_ydata(), line.get_xdata())  # the diagonal
+    label = next(t.get_text() for t in roc.get_legend().get_texts() if t.get_text().startswith("Majority"))
+    assert label.startswith("Majority: 0.50")
+    assert any(c.get_gid() == f"band|roc|pca|{FROZEN}" for c in roc.collections)
+
+
 def test_roc_curves_use_only_the_chosen_split(run, colours):
     predictions = labelled_predictions(run)
     sample = figures.plot_roc_pr(predictions, colours, split="sample", settings=[FROZEN])
     cell = figures.plot_roc_pr(predictions, colours, split="cell", settings=[FROZEN])
     first = next(a for a in panel(sample, "Tissue: ROC").lines if a.get_gid() == f"roc|pca|{FROZEN}")
     second = next(a for a in panel(cell, "Tissue: ROC").lines if a.get_gid() == f"roc|pca|{FROZEN}")
-    assert not np.array_equal(first.get_xdata(), second.get_xdata())
+    assert not np.array_equal(first.get_ydata(), second.get_ydata())
 
 
 def test_calibration_curves_stay_in_the_unit_square_one_per_model_and_setting(run, colours):
@@ -312,21 +329,31 @@ def test_nemenyi_critical_difference_follows_demsar():
 
 
 def test_critical_difference_plot_ranks_every_model_in_each_setting(run, colours):
-    figure = figures.plot_critical_difference(run.results, colours)
+    figure = figures.plot_critical_difference(run.results, colours, min_blocks=3)
     frozen = next(ax for ax in figure.axes if ax.get_title(loc="left").startswith(FROZEN))
     labels = {t.get_gid(): t.get_text() for t in frozen.texts if (t.get_gid() or "").startswith("cd|")}
     assert set(labels) == {"cd|pca", "cd|scgpt", "cd|majority"}
     assert labels["cd|scgpt"].endswith("(1.00)") and labels["cd|majority"].endswith("(3.00)")
-    assert "Friedman" in frozen.get_title(loc="left") and "N = 9" in frozen.get_title(loc="left")
+    title = frozen.get_title(loc="left")
+    assert "Friedman" in title and "N = 3 regimen values (independent blocks)" in title
     lora = panel(figure, LORA)  # one model only: not ranked, and the plot says why
     assert any(t.get_gid() == "message" for t in lora.texts)
+
+
+def test_critical_difference_plot_uses_independent_blocks_and_says_why_it_is_not_drawn(run, colours):
+    """Values of different categories share cells: never pooled into blocks; too few blocks: no ranking."""
+    figure = figures.plot_critical_difference(run.results, colours)
+    frozen = panel(figure, FROZEN)
+    message = next(t.get_text() for t in frozen.texts if t.get_gid() == "message")
+    assert "N = 3 independent blocks" in message and "at least 5" in message
+    assert not [t for t in frozen.texts if (t.get_gid() or "").startswith("cd|")]
 
 
 # --- 10. leakage ----------------------------------------------------------------------------------------------------------
 
 def test_leakage_panel_puts_both_splits_of_every_model_side_by_side(run, colours):
     figure = figures.plot_leakage(run.results, colours)
-    tissue = panel(figure, f"Tissue\n{FROZEN}")
+    tissue = panel(figure, f"Tissue: F1\n{FROZEN}")
     bars = gids(tissue, "leakage|")
     assert bars == {f"leakage|{m}|{s}": 1 for m in ("pca", "scgpt", "majority") for s in ("sample", "cell")}
     sample = next(p for p in tissue.patches if p.get_gid() == "leakage|scgpt|sample")
@@ -335,13 +362,26 @@ def test_leakage_panel_puts_both_splits_of_every_model_side_by_side(run, colours
     assert cell.get_height() > sample.get_height()  # the fixture plants a cell-split bonus
     ticks = [t.get_text() for t in tissue.get_xticklabels()]
     assert all("Δ +" in t for t in ticks)
+    assert panel(figure, f"Tissue: AUROC\n{FROZEN}")
 
 
-def test_leakage_panel_says_when_a_split_is_missing(run, colours):
+def test_leakage_panel_compares_only_values_scored_under_both_splits(run, colours):
+    """Breast is skipped under split = sample: its cell-split folds must not enter the cancer-type bars."""
+    table = figures.leakage_table(run.results, "f1")
+    row = table[(table["setting"] == FROZEN) & (table["model"] == "scgpt") & (table["category"] == "cancer_type")]
+    assert int(row["n_values"].iloc[0]) == 2
+    results = run.results
+    done = results[(results["status"] == "done") & (results["setting"] == FROZEN) & (results["model"] == "scgpt")
+                   & (results["category"] == "cancer_type") & (results["split"] == "cell")
+                   & (results["value"] != "Breast")]
+    assert row["cell_mean"].iloc[0] == pytest.approx(done["f1"].mean())
+
+
+def test_leakage_panel_says_what_ran_when_a_split_is_missing(run, colours):
     figure = figures.plot_leakage(run.results[run.results["split"] == "sample"], colours)
-    tissue = panel(figure, f"Tissue\n{FROZEN}")
-    assert not gids(tissue, "leakage|scgpt|cell")
-    assert any("split = cell: not run" in t.get_text() for t in tissue.texts)
+    assert not any(gids(ax, "leakage|") for ax in figure.axes)
+    text = " ".join(t.get_text() for ax in figure.axes for t in ax.texts) + figure.axes[0].get_title(loc="left")
+    assert "split = cell: not run" in text and "split = sample:" in text and "scored on" in text
 
 
 # --- tables ------------------------------------------------------------------------------------------------------------------
@@ -370,3 +410,11 @@ def test_read_run_fills_defaults_for_runs_without_head_or_split(tmp_path, run):
     older = read_run_data(tmp_path)
     assert set(older.results["head"]) == {"mlp"} and set(older.results["split"]) == {"sample"}
     assert older.predictions is None and older.cells is None and older.models == {}
+
+
+def test_a_value_run_once_for_several_categories_is_shown_under_all_its_names(tmp_path, run):
+    frame = run.results.drop(columns=["setting"]).assign(also="")
+    frame.loc[frame["value"] == "Melanoma", "also"] = "therapy=Immunotherapy; regimen=anti-PD1"
+    frame.to_parquet(tmp_path / "results.parquet", index=False)
+    values = set(read_run_data(tmp_path).results["value"])
+    assert "Melanoma = Immunotherapy = anti-PD1" in values and "Melanoma" not in values

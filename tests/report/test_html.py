@@ -75,7 +75,7 @@ def test_write_report_returns_every_file_it_wrote(report, document):
     figure_ids = [a["id"] for t, a in parser.tags if t == "figure" and a.get("id")]
     assert figure_ids == [f"figure-{stem}" for stem in (
         "f1_bars", "radar", "violin_cancer_type", "circular_bars", "embedding_pca", "embedding_scgpt", "scalability",
-        "roc_pr", "cross_study_heatmap", "critical_difference", "leakage", "calibration")]
+        "roc_pr", "trust", "cross_study_heatmap", "critical_difference", "leakage", "calibration")]
 
 
 def test_html_report_loads_nothing_from_the_network(document):

@@ -196,8 +196,9 @@ def make_client(db_url, tmp_path, bundle_root) -> Iterator:
     clients = []
 
     def build(**overrides):
+        # jobs run in the test's process (monkeypatches reach them); tests of the job process ask for it
         options = {"db_url": db_url, "data_dir": tmp_path / "web", "bundle_dir": bundle_root, "run_worker": False,
-                   "projection": "pca", **overrides}
+                   "projection": "pca", "job_isolation": "thread", **overrides}
         client = TestClient(create_app(Settings(**options)), raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)

@@ -34,6 +34,8 @@ CHUNK_ROWS = 10_000
 DENSE_BLOCK_VALUES = 2**25
 #: Rows `describe_values` and `schema.detect_value_kind` sample.
 HEAD_ROWS = 2000
+#: numpy dtype kinds an expression matrix may hold: booleans, integers, floats.
+NUMERIC_KINDS = "biuf"
 
 
 @dataclass(frozen=True)
@@ -164,11 +166,18 @@ def count_matrix(X, *, chunk_rows: int = CHUNK_ROWS, head_rows: int = HEAD_ROWS)
         totals["negative"] += int(np.count_nonzero(values < 0))
         return values != 0
 
+    def check_indices(indices: np.ndarray, bound: int, axis: str) -> None:
+        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= bound):
+            msg = (f"stored {axis} indices reach {int(indices.max())} (or below 0) but there are {bound} {axis}s: "
+                   "the sparse matrix is damaged. Write the file again with AnnData.write_h5ad.")
+            raise SchemaError(msg)
+
     if layout == "csc":
         step = max(1, -(-chunk_rows * n_genes // max(1, n_cells)))
         log.debug("X is stored by column (CSC): reading it in blocks of %d genes", step)
         for start in range(0, n_genes, step):
             block = sp.csc_matrix(X[:, start : start + step])
+            check_indices(block.indices, n_cells, "cell")
             nonzero = count_values(block.data)
             per_gene[start : start + block.shape[1]] = _nonzero_per_segment(nonzero, block.indptr)
             per_cell += np.bincount(block.indices if nonzero.all() else block.indices[nonzero], minlength=n_cells)
@@ -184,6 +193,7 @@ def count_matrix(X, *, chunk_rows: int = CHUNK_ROWS, head_rows: int = HEAD_ROWS)
         block = X[start : start + chunk_rows]
         if layout == "csr":
             block = sp.csr_matrix(block)
+            check_indices(block.indices, n_genes, "gene")
             nonzero = count_values(block.data)
             per_cell[start : start + block.shape[0]] = _nonzero_per_segment(nonzero, block.indptr)
             per_gene += np.bincount(block.indices if nonzero.all() else block.indices[nonzero], minlength=n_genes)
@@ -231,17 +241,24 @@ def _balance_table(obs: pd.DataFrame, column: str, labels: np.ndarray) -> pd.Dat
     return table
 
 
-def _matrix_problems(report: CheckReport, adata: ad.AnnData, counts: MatrixCounts, needs: str) -> None:
+def _value_problems(report: CheckReport, counts: MatrixCounts, needs: str) -> bool:
+    """Add NaN, inf and value-kind problems (what the model ``needs``); return False when values are not finite."""
+    where = report.facts.get("matrix", "X")
     if counts.n_nan or counts.n_inf:
-        report.add("error", "X", f"{counts.n_nan} NaN and {counts.n_inf} inf values. Replace them (e.g. with 0) "
+        report.add("error", where, f"{counts.n_nan} NaN and {counts.n_inf} inf values. Replace them (e.g. with 0) "
                    "or drop those cells.")
-        return
+        return False
     kind = report.facts["value_kind"]
     if needs == "counts" and kind != "counts":
-        report.add("error", "X", f"the model needs raw counts but the values look {kind}. Pass the raw counts (--layer).")
+        report.add("error", where, f"the model needs raw counts but the values look {kind}. Pass the raw counts "
+                   "(--layer).")
     elif needs == "nonnegative" and counts.n_negative:
-        report.add("error", "X", f"{counts.n_negative} negative values; the model ranks non-negative expression. "
+        report.add("error", where, f"{counts.n_negative} negative values; the model ranks non-negative expression. "
                    "Pass counts or normalised expression (--layer).")
+    return True
+
+
+def _empty_problems(report: CheckReport, adata: ad.AnnData, counts: MatrixCounts) -> None:
     empty_cells = np.flatnonzero(counts.nonzero_per_cell == 0)
     if empty_cells.size:
         names = ", ".join(map(str, adata.obs_names[empty_cells[:3]]))
@@ -253,16 +270,77 @@ def _matrix_problems(report: CheckReport, adata: ad.AnnData, counts: MatrixCount
                    "they carry no information (filter them with scanpy.pp.filter_genes).")
 
 
+def _duplicate_problems(report: CheckReport, adata: ad.AnnData) -> None:
+    """Add an error for duplicate cell names and one for duplicate gene names."""
+    if adata.obs_names.duplicated().any():
+        dup = adata.obs_names[adata.obs_names.duplicated()].unique()[:3].tolist()
+        report.add("error", "obs_names", f"{int(adata.obs_names.duplicated().sum())} duplicate cell names (e.g. {dup}). "
+                   "Make them unique (adata.obs_names_make_unique()).")
+    names = adata.var_names.astype(str)
+    if names.duplicated().any():
+        dup = names[names.duplicated()].unique()[:3].tolist()
+        report.add("error", "var_names", f"{int(names.duplicated().sum())} duplicate gene names (e.g. {dup}). "
+                   "Sum or drop duplicates (adata.var_names_make_unique() keeps them apart).")
+
+
+def numeric_problem(X) -> str | None:
+    """Return why ``X`` (in memory or backed) cannot hold expression values, or None when its dtype is numeric."""
+    dtype = np.dtype(getattr(X, "dtype", np.float32))
+    if dtype.kind not in NUMERIC_KINDS:
+        return f"holds {dtype} values, not numbers. Store expression as integers or floats."
+    return None
+
+
+def matrix_report(adata: ad.AnnData, *, source: str = "data", layer: str | None = None,
+                  needs: Literal["counts", "nonnegative", "any"] = "any", chunk_rows: int = CHUNK_ROWS
+                  ) -> tuple[CheckReport, MatrixCounts | None]:
+    """Check the matrix and the names of ``adata`` (shape, dtype, NaN, inf, value kind, duplicates), reading it once.
+
+    The first part of `check_adata`, and what the validation gate (`scdrugmap.data.gate`) runs before any
+    command or `scdrugmap.tl` function reads the data: one code for both.
+
+    Returns
+    -------
+    The report (facts ``shape``, ``matrix``, ``value_kind``, ``value_detail``; errors) and the counts
+    (None when the matrix could not be read).
+    """
+    report = CheckReport(source=source)
+    report.facts["shape"] = (int(adata.n_obs), int(adata.n_vars))
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        report.add("error", "X", f"the data has {adata.n_obs} cells and {adata.n_vars} genes; nothing to use.")
+        return report, None
+    try:
+        X = schema.expression_matrix(adata, layer)
+    except SchemaError as err:
+        report.add("error", "layers", str(err))
+        return report, None
+    where = f"layers[{layer!r}]" if layer else "X"
+    report.facts["matrix"] = where
+    if X is None:
+        report.add("error", where, "there is no expression matrix. Store the counts in X (or name a layer with --layer).")
+        return report, None
+    problem = numeric_problem(X)
+    if problem:
+        report.add("error", where, problem)
+        return report, None
+    try:
+        counts = count_matrix(X, chunk_rows=chunk_rows)
+    except SchemaError as err:
+        report.add("error", where, str(err))
+        return report, None
+    report.facts.update(describe_values(counts.head))
+    _duplicate_problems(report, adata)
+    _value_problems(report, counts, needs)
+    return report, counts
+
+
 def _gene_problems(report: CheckReport, adata: ad.AnnData) -> None:
     import anndata as ad
 
     from scdrugmap.data.genes import detect_gene_id_type, harmonise_genes
 
     names = adata.var_names.astype(str)
-    if names.duplicated().any():
-        dup = names[names.duplicated()].unique()[:3].tolist()
-        report.add("error", "var_names", f"{int(names.duplicated().sum())} duplicate gene names (e.g. {dup}). "
-                   "Sum or drop duplicates (adata.var_names_make_unique() keeps them apart).")
+    if names.duplicated().any():  # reported by _duplicate_problems; ids cannot be mapped one to one
         return
     id_type = detect_gene_id_type(names)
     report.facts["gene_id_type"] = id_type
@@ -342,23 +420,11 @@ def check_adata(adata: ad.AnnData, *, source: str = "data", keys: schema.ObsKeys
     ``tables`` (balance per study, per sample, per category) and ``problems``.
     """
     keys = keys or schema.ObsKeys()
-    report = CheckReport(source=source)
-    report.facts["shape"] = (int(adata.n_obs), int(adata.n_vars))
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        report.add("error", "X", f"the data has {adata.n_obs} cells and {adata.n_vars} genes; nothing to use.")
+    report, counts = matrix_report(adata, source=source, layer=layer, needs=needs, chunk_rows=chunk_rows)
+    if counts is None:
         return report
-    try:
-        X = schema.expression_matrix(adata, layer)
-    except SchemaError as err:
-        report.add("error", "layers", str(err))
-        return report
-    counts = count_matrix(X, chunk_rows=chunk_rows)
-    report.facts.update(describe_values(counts.head))
-    if adata.obs_names.duplicated().any():
-        dup = adata.obs_names[adata.obs_names.duplicated()].unique()[:3].tolist()
-        report.add("error", "obs_names", f"{int(adata.obs_names.duplicated().sum())} duplicate cell names (e.g. {dup}). "
-                   "Make them unique (adata.obs_names_make_unique()).")
-    _matrix_problems(report, adata, counts, needs)
+    if report.facts.get("value_kind") != "nonfinite" and counts.n_nan + counts.n_inf == 0:
+        _empty_problems(report, adata, counts)
     _gene_problems(report, adata)
     obs = adata.obs
     labels = _label_problems(report, obs, keys)

@@ -10,21 +10,24 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from scdrugmap.data import schema
+from scdrugmap.data.gate import HDF5_SIGNATURE
 from scdrugmap.errors import SchemaError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import anndata as ad
 
 log = logging.getLogger(__name__)
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def read_h5ad(path: str | Path, *, backed: bool = False) -> ad.AnnData:
@@ -57,10 +60,25 @@ def read_h5ad(path: str | Path, *, backed: bool = False) -> ad.AnnData:
         msg = f"{path}: not an h5ad file (no HDF5 signature). Convert it with anndata/scanpy and write_h5ad."
         raise SchemaError(msg)
     try:
-        return ad.read_h5ad(path, backed="r" if backed else None)
-    except (KeyError, OSError, ValueError, TypeError) as err:
-        msg = f"{path}: HDF5 but not a readable AnnData file ({err}). Write it with AnnData.write_h5ad."
+        with warnings.catch_warnings():  # duplicate names: the gate and `check` report them as errors, once
+            warnings.filterwarnings("ignore", message=r"(Observation|Variable) names are not unique")
+            return ad.read_h5ad(path, backed="r" if backed else None)
+    except PermissionError as err:
+        msg = f"{path}: permission denied: this user cannot read the file. Fix its permissions (chmod u+r)."
         raise SchemaError(msg) from err
+    except (KeyError, OSError, ValueError, TypeError, IndexError, AttributeError, _registry_error()) as err:
+        reason = str(err).splitlines()[0] if str(err) else err.__class__.__name__
+        msg = f"{path}: HDF5 but not a readable AnnData file ({reason}). Write it with AnnData.write_h5ad."
+        raise SchemaError(msg) from err
+
+
+def _registry_error() -> type[Exception]:
+    """Return anndata's error for an element in an encoding it cannot read (private module; Exception if moved)."""
+    try:
+        from anndata._io.specs.registry import IORegistryError
+    except ImportError:  # pragma: no cover - a later anndata moved it; unknown encodings still end as one line
+        return LookupError
+    return IORegistryError
 
 
 def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
@@ -131,6 +149,104 @@ def add_obsm_atomic(source: str | Path, target: str | Path, key: str, values: np
     return target
 
 
+def _open_text(path: Path) -> IO[bytes]:
+    import gzip
+
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")  # noqa: SIM115
+
+
+def _first_line(path: Path, bad: Callable[[list[str]], str | None]) -> tuple[int, str] | None:
+    """Return (line number, what is wrong) of the first data line ``bad`` describes, reading the file once."""
+    with _open_text(path) as handle:
+        handle.readline()  # the header
+        for number, raw in enumerate(handle, start=2):
+            text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            if not text.strip():
+                continue
+            problem = bad(text.split("\t"))
+            if problem:
+                return number, problem
+    return None
+
+
+def _not_utf8(path: Path) -> tuple[int, str] | None:
+    with _open_text(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return number, f"byte 0x{raw[err.start]:02x} at column {err.start + 1}"
+    return None
+
+
+def _not_number(field: str) -> bool:
+    try:
+        float(field)
+    except ValueError:
+        return field.strip() != ""
+    return False
+
+
+def _read_tsv_frame(path: Path) -> pd.DataFrame:
+    """Parse one distribution file strictly: every line as wide as the header, UTF-8, numbers, finite."""
+    fix = "Fix the file (tab-separated: cell id, Condition, one column per gene) and import again."
+    try:
+        with _open_text(path) as handle:
+            header_bytes = handle.readline()
+    except OSError as err:
+        msg = f"{path}: cannot be read ({err.strerror or err}). Check the file and its permissions."
+        raise SchemaError(msg) from err
+    if not header_bytes.strip():
+        msg = f"{path}: the file is empty (no header line). {fix}"
+        raise SchemaError(msg)
+    bad_text = _not_utf8(path)
+    if bad_text:
+        msg = f"{path}: line {bad_text[0]} is not UTF-8 text ({bad_text[1]}). Save the file as UTF-8."
+        raise SchemaError(msg)
+    header = header_bytes.decode("utf-8").rstrip("\r\n").split("\t")
+    genes = header[2:]
+    if len(header) < 3 or header[1] != "Condition":
+        msg = (f"{path}: line 1 must be a cell id column, 'Condition' (sensitive/resistant), then gene columns; "
+               f"found {header[:3]}.")
+        raise SchemaError(msg)
+    duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
+    if duplicated:
+        msg = f"{path}: line 1 names genes twice (e.g. {duplicated[:3]}). Sum or drop the duplicate columns."
+        raise SchemaError(msg)
+    width = len(header)
+
+    def wrong_width(fields: list[str]) -> str | None:
+        return None if len(fields) == width else f"has {len(fields)} fields; the header has {width}"
+
+    def wrong_value(fields: list[str]) -> str | None:
+        for column, field in zip(header[2:], fields[2:], strict=False):
+            if _not_number(field):
+                return f"has {field[:40]!r} for gene {column!r}, not a number"
+            if field.strip() and not np.isfinite(float(field)):
+                return f"has {field.strip()!r} for gene {column!r}; values must be finite"
+            if not field.strip():
+                return f"has no value for gene {column!r}"
+        return None
+
+    found = _first_line(path, wrong_width) or _first_line(path, wrong_value)
+    if found:
+        msg = f"{path}: line {found[0]} {found[1]}. {fix}"
+        raise SchemaError(msg)
+    try:
+        frame = pd.read_csv(path, sep="\t", index_col=0, dtype={header[1]: str}, keep_default_na=False,
+                            na_values=[""], skip_blank_lines=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        msg = f"{path}: cannot be parsed ({reason}). {fix}"
+        raise SchemaError(msg) from err
+    if frame.empty:
+        msg = f"{path}: only a header, no cells. {fix}"
+        raise SchemaError(msg)
+    return frame
+
+
 def read_distribution_tsv(path: str | Path, *, catalog: pd.DataFrame | None = None) -> ad.AnnData:
     """Read one scDrugMap distribution file into the data contract.
 
@@ -141,21 +257,23 @@ def read_distribution_tsv(path: str | Path, *, catalog: pd.DataFrame | None = No
     Raises
     ------
     SchemaError
-        When the file lacks the ``Condition`` column or has unknown labels.
+        Naming the file and line: an empty or header-only file, no ``Condition`` column, a line
+        wider or narrower than the header, text that is not UTF-8, a value that is not a finite
+        number, unknown labels, duplicate cell ids or gene names.
     """
     import anndata as ad
     import scipy.sparse as sp
 
+    from scdrugmap.data.gate import validate_adata
+
     path = Path(path)
-    frame = pd.read_csv(path, sep="\t", index_col=0)
-    if frame.shape[1] < 2 or frame.columns[0] != "Condition":
-        msg = f"{path}: column 1 must be 'Condition' (sensitive/resistant) followed by gene columns; found {list(frame.columns[:3])}."
-        raise SchemaError(msg)
+    frame = _read_tsv_frame(path)
     labels = frame.pop("Condition")
     codes = schema.encode_labels(labels.to_numpy(), column="Condition", source=str(path))
     values = frame.to_numpy(dtype=np.float32)
     adata = ad.AnnData(X=sp.csr_matrix(values), obs=pd.DataFrame(index=frame.index.astype(str)),
                        var=pd.DataFrame(index=frame.columns.astype(str)))
+    validate_adata(adata, source=str(path))  # duplicate cell ids, a non-finite value: one line naming the file
     adata.obs[schema.RESPONSE] = pd.Categorical(np.where(codes == 1, schema.SENSITIVE, schema.RESISTANT))
     subgroup = path.name.split(".")[0]
     adata.obs[schema.DATASET] = subgroup
@@ -205,17 +323,47 @@ def match_catalog_row(name: str, catalog: pd.DataFrame, *, source: str = "") -> 
 
 def import_distribution(source_dir: str | Path, out_dir: str | Path, *,
                         catalog: pd.DataFrame | None = None) -> list[Path]:
-    """Convert every ``*.tsv``/``*.txt`` file of ``source_dir`` into an ``.h5ad`` in ``out_dir``."""
+    """Convert every ``*.tsv``/``*.txt`` file of ``source_dir`` into an ``.h5ad`` in ``out_dir``: all, or none.
+
+    Every file is converted into a temporary folder beside ``out_dir`` first; only when all of them
+    converted are they moved into place, so a bad file (named with its line in the error) leaves
+    ``out_dir`` as it was.
+
+    Raises
+    ------
+    SchemaError
+        When the folder holds no distribution file or one of them is malformed (see `read_distribution_tsv`).
+    """
+    import shutil
+
     source_dir, out_dir = Path(source_dir), Path(out_dir)
+    if not source_dir.is_dir():
+        msg = f"{source_dir}: no such folder. Point to the folder of the scDrugMap distribution."
+        raise SchemaError(msg)
     files = sorted(p for p in source_dir.iterdir() if p.suffix in {".tsv", ".txt"} or p.name.endswith(".tsv.gz"))
     if not files:
         msg = f"{source_dir}: no .tsv files found. Point to the folder of the scDrugMap distribution."
         raise SchemaError(msg)
-    written = []
-    for path in files:
-        adata = read_distribution_tsv(path, catalog=catalog)
-        written.append(write_h5ad_atomic(adata, out_dir / f"{path.name.split('.')[0]}.h5ad"))
-        log.info("imported %s: %d cells x %d genes", path.name, adata.n_obs, adata.n_vars)
+    names = [f"{path.name.split('.')[0]}.h5ad" for path in files]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        msg = f"{source_dir}: several files would become {clashes[0]}; keep one file per data set."
+        raise SchemaError(msg)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.import-", dir=out_dir.parent))
+    try:
+        for path, name in zip(files, names, strict=True):
+            adata = read_distribution_tsv(path, catalog=catalog)
+            adata.write_h5ad(staging / name)
+            log.info("converted %s: %d cells x %d genes", path.name, adata.n_obs, adata.n_vars)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name in names:
+            os.replace(staging / name, out_dir / name)
+            written.append(out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("imported %d files into %s", len(written), out_dir)
     return written
 
 

@@ -40,6 +40,7 @@ import scipy.sparse as sp
 
 from scdrugmap.data import schema
 from scdrugmap.data.genes import load_gene_table
+from scdrugmap.data.genesets import write_gmt
 from scdrugmap.errors import SchemaError
 
 if TYPE_CHECKING:
@@ -407,6 +408,7 @@ class _Programs:
     resistance_genes: np.ndarray  # (program genes,) column indices
     resistance: np.ndarray  # (therapies, program genes) log fold per unit activity
     theta: np.ndarray  # (genes,) negative-binomial size
+    core: np.ndarray  # (program genes,) the therapy-independent log fold (its sign: up or down in resistant)
 
 
 def _programs(genes: pd.DataFrame, catalog: pd.DataFrame, n_samples: int, rng: np.random.Generator) -> _Programs:
@@ -465,7 +467,79 @@ def _programs(genes: pd.DataFrame, catalog: pd.DataFrame, n_samples: int, rng: n
     order = np.argsort(program, kind="stable")
     return _Programs(base=base, cell_type=cell_type, lineage=lineage, study=study, patient=patient,
                      resistance_genes=program[order], resistance=(core[None, :] + therapy_part)[:, order],
-                     theta=theta)
+                     theta=theta, core=core[order])
+
+
+#: Prefix of the planted programs' gene-set names (`simulated_gene_sets`).
+GENE_SET_PREFIX = "SCDRUGMAP_SIM_"
+RESISTANCE_UP_SET = GENE_SET_PREFIX + "RESISTANCE_UP"
+RESISTANCE_DOWN_SET = GENE_SET_PREFIX + "RESISTANCE_DOWN"
+
+
+def _set_name(kind: str, label: str) -> str:
+    return GENE_SET_PREFIX + kind + "_" + re.sub(r"[^A-Z0-9]+", "_", label.upper()).strip("_")
+
+
+def _planted_gene_sets(genes: pd.DataFrame, programs: _Programs, catalog: pd.DataFrame) -> dict[str, list[str]]:
+    """Return the planted programs as gene sets: resistance up and down, then cell-type and lineage markers."""
+    symbols = genes["gene_symbol"].to_numpy().astype(str)
+    present = set(symbols)
+    program = symbols[programs.resistance_genes]
+    gene_sets = {RESISTANCE_UP_SET: sorted(program[programs.core > 0].tolist()),
+                 RESISTANCE_DOWN_SET: sorted(program[programs.core < 0].tolist())}
+    for cell_type, markers in CELL_TYPE_MARKERS.items():
+        gene_sets[_set_name("CELLTYPE", cell_type)] = [g for g in markers if g in present]
+    keys = dict.fromkeys(next(key for key, _ in LINEAGE_MARKERS if key in str(cancer).lower())
+                         for cancer in pd.unique(catalog["cancer_type"].astype(str)))
+    for key in keys:
+        markers = dict(LINEAGE_MARKERS)[key]
+        label = {"": "epithelial", "pancrea": "pancreatic"}.get(key, key)
+        gene_sets[_set_name("LINEAGE", label)] = [g for g in markers if g in present]
+    return {name: members for name, members in gene_sets.items() if members}
+
+
+def simulated_gene_sets(
+    *,
+    n_genes: int = 2000,
+    seed: int = 0,
+    catalog_path: str | Path | None = None,
+    counts_path: str | Path | None = None,
+    collection: Collection = "primary",
+) -> dict[str, list[str]]:
+    """Return the programs `simulate_collection` plants with these arguments, as gene sets.
+
+    The resistance program is split by the sign of its therapy-independent log fold change:
+    ``SCDRUGMAP_SIM_RESISTANCE_UP`` (higher in resistant cells: ABCB1, AXL, ... and random genes) and
+    ``SCDRUGMAP_SIM_RESISTANCE_DOWN`` (lower: BAX, BBC3, ...); therapy-specific parts are not sets of
+    their own. Decoys with no label signal follow: ``SCDRUGMAP_SIM_CELLTYPE_<TYPE>`` (the marker genes of
+    each cell type) and ``SCDRUGMAP_SIM_LINEAGE_<KEY>`` (malignant lineage markers of the collection's
+    cancer types). Only genes of the simulated gene space are listed; empty sets are left out.
+
+    Parameters
+    ----------
+    n_genes, seed, catalog_path, counts_path, collection
+        As given to `simulate_collection` (the number of cells does not change the programs).
+
+    Returns
+    -------
+    ``{set name: gene symbols}``, resistance sets first; `scdrugmap.data.genesets.write_gmt` writes it.
+
+    Examples
+    --------
+    >>> from scdrugmap.data.simulate import simulated_gene_sets
+    >>> sets = simulated_gene_sets(n_genes=500, seed=1)  # doctest: +SKIP
+    >>> "ABCB1" in sets["SCDRUGMAP_SIM_RESISTANCE_UP"]  # doctest: +SKIP
+    True
+    """
+    catalog_path = Path(catalog_path) if catalog_path is not None else default_catalog_path()
+    counts_path = Path(counts_path) if counts_path is not None else catalog_path.with_name("category_counts.csv")
+    if n_genes < 10:
+        msg = f"n_genes={n_genes} is too few; simulate at least 10 genes."
+        raise SchemaError(msg)
+    catalog, _ = _read_catalog(catalog_path, counts_path, collection)
+    genes = _simulation_genes(n_genes)
+    programs = _programs(genes, catalog, int(catalog["n_samples"].sum()), np.random.default_rng([seed, 3]))
+    return _planted_gene_sets(genes, programs, catalog)
 
 
 def _walk_cdf(u: np.ndarray, mean: np.ndarray, size: np.ndarray, p_zero: np.ndarray,
@@ -684,7 +758,8 @@ def simulate_collection(
     collection
         ``primary`` (36 data sets), ``validation`` (24) or ``all``.
     out_path
-        Where to stream an ``.h5ad``; the matrix is then written chunk by chunk and never held whole.
+        Where to stream an ``.h5ad``; the matrix is then written chunk by chunk and never held whole. The
+        planted programs (`simulated_gene_sets`) are written beside it as a GMT file, ``<out>.gmt``.
     chunk_size
         Cells generated and written at a time when streaming (memory grows with it; the result does not).
     compression
@@ -738,7 +813,11 @@ def simulate_collection(
     if out_path is not None:
         out_path = Path(out_path)
         _stream_h5ad(out_path, layout.obs, genes, uns, blocks, max(1, int(chunk_size)), compression)
-        logger.info("wrote %s in %.1f s", out_path, time.perf_counter() - started)
+        write_gmt(_planted_gene_sets(genes, programs, catalog), out_path.with_suffix(".gmt"),
+                  descriptions={RESISTANCE_UP_SET: "higher in resistant cells", RESISTANCE_DOWN_SET:
+                                "lower in resistant cells"})
+        logger.info("wrote %s (and its planted programs, %s) in %.1f s", out_path, out_path.with_suffix(".gmt").name,
+                    time.perf_counter() - started)
         return out_path
     X = sp.vstack(list(blocks), format="csr") if total else sp.csr_matrix((0, n_genes), dtype=np.float32)
     adata = ad.AnnData(X=X, obs=layout.obs, var=genes, uns=uns)

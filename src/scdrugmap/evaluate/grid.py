@@ -10,6 +10,7 @@ the store (`scdrugmap.evaluate.store`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from scdrugmap.data import schema
 from scdrugmap.errors import ConfigError
@@ -256,4 +258,61 @@ def make_folds(adata: ad.AnnData, labels: np.ndarray, config: BenchmarkConfig,
         if "cross" in config.scenarios:
             folds.extend(split_cross_study(obs, labels, category_column=column, category=category,
                                            study_column=keys.study))
-    return folds, made
+    return merge_identical_values(folds, obs, keys), made
+
+
+def merge_identical_values(folds: list[Fold], obs: pd.DataFrame, keys: schema.ObsKeys) -> list[Fold]:
+    """Keep one set of folds per cell set: category values selecting the same cells run once.
+
+    On a file of one study, tissue = Tumor tissue, cancer type = Melanoma and therapy =
+    Immunotherapy often select the very same cells, so their folds (same cells, labels and seed)
+    are identical. The first value in category order keeps its folds and names the others in
+    `Fold.also`; theirs are dropped. Values are compared per scenario and split policy.
+    """
+    signatures: dict[tuple[str, str], str] = {}
+    for category in dict.fromkeys(fold.category for fold in folds):
+        values = obs[keys.category(category)].astype(str).to_numpy()
+        for value in np.unique(values):
+            rows = np.flatnonzero(values == value)
+            signatures[(category, str(value))] = hashlib.sha1(rows.astype(np.int64).tobytes()).hexdigest()
+    owner: dict[tuple[str, str, str], tuple[str, str]] = {}
+    aliases: dict[tuple[str, str, str, str], list[str]] = {}
+    kept = []
+    for fold in folds:
+        name = (fold.category, fold.value)
+        first = owner.setdefault((fold.scenario, fold.split, signatures[name]), name)
+        if first == name:
+            kept.append(fold)
+            continue
+        covered = aliases.setdefault((fold.scenario, fold.split, *first), [])
+        if f"{fold.category}={fold.value}" not in covered:
+            covered.append(f"{fold.category}={fold.value}")
+    for (scenario, split, category, value), covered in aliases.items():
+        log.info("%s %s=%s (split %s) also stands for %s: the same cells, run once", scenario, category, value,
+                 split, ", ".join(covered))
+    return [dataclasses.replace(fold, also=tuple(aliases.get((fold.scenario, fold.split, fold.category,
+                                                                fold.value), ())))
+            for fold in kept]
+
+
+def category_labels(results: pd.DataFrame) -> dict[str, str]:
+    """Return, per category of ``results``, its name and the categories whose values it also stands for.
+
+    ``{"tissue": "tissue = cancer_type = therapy", "regimen": "regimen"}`` when tissue's values
+    select the same cells as all of cancer type's and therapy's (`merge_identical_values`), which
+    then have no rows of their own; ``"tissue (+ cancer_type)"`` when only some of them do.
+    """
+    labels: dict[str, str] = {}
+    also = results["also"].fillna("") if "also" in results else pd.Series("", index=results.index)
+    present = set(results["category"].astype(str))
+    for category, part in also.groupby(results["category"].astype(str), sort=False):
+        covered = [set(a.split("=", 1)[0] for a in text.split("; ") if a) for text in part]
+        every = set.intersection(*covered) if covered else set()
+        some = set.union(*covered) if covered else set()
+        if every and every == some and not every & present:
+            labels[category] = " = ".join([category, *sorted(every)])
+        elif some:
+            labels[category] = f"{category} (+ {', '.join(sorted(some))})"
+        else:
+            labels[category] = category
+    return labels

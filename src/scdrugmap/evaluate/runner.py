@@ -1,9 +1,11 @@
 """Run the benchmark grid (`scdrugmap.evaluate.grid`): model x strategy x scenario x category value x fold.
 
 `run_benchmark` loads the data, makes (or reuses) the splits, embeds each model's
-cells once (cached on disk), trains the heads of all pending folds of one category
-value together, and writes each job to the run folder (`scdrugmap.evaluate.store`)
-as soon as it is known. Rerunning the same configuration skips finished jobs.
+cells once (cached on disk), trains the heads of all folds of one category value
+together, and writes each job to the run folder (`scdrugmap.evaluate.store`) as soon
+as it is known. Rerunning the same configuration skips finished jobs, and recomputes a
+category value's folds whole when one of them is missing (`pending_jobs`), so a
+resumed run gives exactly the numbers of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pandas as pd
 
 from scdrugmap.data import schema
 from scdrugmap.data.io import read_h5ad
-from scdrugmap.errors import ConfigError, ScDrugMapError
+from scdrugmap.errors import ConfigError, ScDrugMapError, SchemaError
 from scdrugmap.evaluate.executors import (
     LocalExecutor,
     ModelInputs,
@@ -100,6 +102,19 @@ class _InMemory:
         return self._loaded
 
 
+def pending_jobs(jobs: list[Job], finished: set[str]) -> list[Job]:
+    """Return the jobs to run: the unfinished ones, and every job of a frozen group with one unfinished.
+
+    The folds of one category value train as one batched network (`Unit`), whose initial weights and
+    batch order depend on which folds it holds. A run killed while a group's jobs were being written
+    would otherwise retrain the missing folds in a smaller network and give other numbers than an
+    uninterrupted run; recomputing the whole group gives exactly the same ones.
+    """
+    incomplete = {job.group for job in jobs if job.key not in finished and job.strategy == "frozen"
+                  and job.fold.skipped is None}
+    return [job for job in jobs if job.key not in finished or job.group in incomplete]
+
+
 def _units(jobs: list[Job], valid: np.ndarray) -> list[Unit]:
     """Group runnable jobs into units: the folds of one category value (frozen), one job (LoRA)."""
     grouped: dict[tuple, list[Job]] = {}
@@ -119,7 +134,7 @@ def _prepare_model(model: str, jobs: list[Job], config: BenchmarkConfig, adata: 
                    executor: LocalExecutor | RayExecutor, progress: BenchmarkProgress | None
                    ) -> tuple[ModelInputs, dict[str, Any]]:
     """Load a model and compute what its units need: embeddings (cached) for frozen heads, tokens for LoRA."""
-    from scdrugmap.models.base import TorchEncoder, load_encoder
+    from scdrugmap.models.base import TorchEncoder, get_encoder_class, load_encoder
     from scdrugmap.models.cache import cached_embed
     from scdrugmap.models.sharded import EncoderSpec, embed_sharded
 
@@ -127,6 +142,8 @@ def _prepare_model(model: str, jobs: list[Job], config: BenchmarkConfig, adata: 
     spec = EncoderSpec(model, config.weights.get(model), options, str(options.pop("device", config.device)))
     on_cluster = isinstance(executor, RayExecutor)
     # the driver of a cluster run only needs the model's facts and tokenizer: keep it off the GPU
+    # before loading weights: SchemaError when the model cannot read these values (only the first rows are read)
+    schema.require_value_kind(adata, needs=get_encoder_class(model).input_kind, model=model, layer=config.layer)
     encoder = load_encoder(model, spec.weights, device="cpu" if on_cluster else spec.device, **spec.options)
     inputs = ModelInputs(model=model, labels=labels, groups=groups, head_config=config.head_config(),
                          device=spec.device, spec=spec, lora_config=config.lora_config(),
@@ -151,6 +168,26 @@ def _prepare_model(model: str, jobs: list[Job], config: BenchmarkConfig, adata: 
         inputs.tokens = encoder.tokenize(memory(), layer=config.layer)
     facts = {**facts, **{k: v for k, v in encoder.describe().items() if k != "name"}}
     return inputs, facts
+
+
+def _store_unprepared(writer: JobWriter, model: str, jobs: list[Job], err: Exception) -> int:
+    """Record the jobs of a model that could not be prepared; return how many.
+
+    A model that cannot read the data (`SchemaError`, e.g. a gene-ranking model on z-scored values)
+    has its jobs stored as skipped with the reason: rerunning cannot change that. Any other error
+    (missing weights, a crash while embedding) stores them as failed with the traceback, so the
+    next run retries them. Either way the other models go on.
+    """
+    if isinstance(err, SchemaError):
+        log.warning("%s cannot read this data; its %d jobs are skipped: %s", model, len(jobs), err)
+        for job in jobs:
+            writer.skipped(job, f"{model} cannot read this data: {err}")
+    else:
+        log.error("%s could not be prepared; its %d jobs failed: %s", model, len(jobs), err)
+        error = "".join(traceback.format_exception(err))
+        for job in jobs:
+            writer.failed(job, error, seconds=0.0, extra={})
+    return len(jobs)
 
 
 def _store_outcome(writer: JobWriter, unit: Unit, outcome: UnitOutcome, labels: np.ndarray,
@@ -217,8 +254,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     prompt_config = config.prompt_config() if "prompt" in config.strategies else None
     if prompt_config is not None:  # the language model is its own "model": one job per fold, not per encoder
         jobs += [Job(prompt_config.model, "prompt", f"{prompt_config.shots}-shot", fold) for fold in folds]
-    finished = store.finished_keys()
-    pending = [job for job in jobs if job.key not in finished]
+    pending = pending_jobs(jobs, store.finished_keys())
     log.info("%d jobs in the grid, %d already finished, %d to run on the %s executor", len(jobs),
              len(jobs) - len(pending), len(pending), executor.name)
     done = len(jobs) - len(pending)
@@ -256,9 +292,20 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
         runnable = [job for job in model_jobs if job.fold.skipped is None]
         if not runnable:
             continue
-        inputs, facts = _prepare_model(model_name, runnable, config, adata, data_path, memory, fingerprint, labels,
-                                       groups, executor, progress)
+        try:
+            inputs, facts = _prepare_model(model_name, runnable, config, adata, data_path, memory, fingerprint,
+                                           labels, groups, executor, progress)
+        except ConfigError:
+            raise  # a wrong setting (device, weights option): every model would fail alike
+        except (ScDrugMapError, ValueError, RuntimeError, OSError) as err:
+            done += _store_unprepared(writer, model_name, runnable, err)
+            model_facts[model_name] = {"unavailable": str(err)}
+            store.write_model_facts({model_name: model_facts[model_name]})
+            if progress:
+                progress("jobs", done, len(jobs), model_name)
+            continue
         model_facts[model_name] = facts
+        store.write_model_facts({model_name: facts})  # now, so a run cut short keeps them
         extra_of[model_name] = {"embed_seconds": facts.get("seconds"),
                                 "embed_cells_per_second": facts.get("cells_per_second")}
         valid = np.ones(adata.n_obs, dtype=bool)
@@ -273,8 +320,34 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     results = store.consolidate()
     if model_facts:
         store.write_model_facts(model_facts)
+    _complete_model_facts(store, config, [m for m in config.models if m not in model_facts], adata, fingerprint)
     log.info("    finished the benchmark in %.1fs", time.perf_counter() - start)
     return results
+
+
+def _complete_model_facts(store: ResultStore, config: BenchmarkConfig, models: list[str], adata: ad.AnnData,
+                          fingerprint: str) -> None:
+    """Store the facts of models that ran nothing now and have none stored (their jobs all finished earlier).
+
+    The embedding facts come from the embedding cache (a hit repeats the original timing).
+    """
+    from scdrugmap.models.base import load_encoder
+    from scdrugmap.models.cache import cached_embed
+
+    stored = store.model_facts()
+    for model in (m for m in models if m not in stored):
+        options = dict(config.model_options.get(model, {}))
+        options.pop("device", None)
+        try:
+            encoder = load_encoder(model, config.weights.get(model), device="cpu", **options)
+            facts: dict[str, Any] = {}
+            if "frozen" in config.strategies:
+                _, facts = cached_embed(encoder, adata, data_fingerprint=fingerprint, layer=config.layer,
+                                        batch_size=config.batch_size)
+        except (ScDrugMapError, ValueError, RuntimeError, OSError) as err:
+            log.warning("the run folder has no facts for %s, and describing it failed: %s", model, err)
+            continue
+        store.write_model_facts({model: {**facts, **{k: v for k, v in encoder.describe().items() if k != "name"}}})
 
 
 def summary_table(results: pd.DataFrame) -> pd.DataFrame:

@@ -40,6 +40,8 @@ class Fold:
     train: npt.NDArray[np.int64]
     test: npt.NDArray[np.int64]
     skipped: str | None = None
+    #: Other category values selecting exactly these cells (``cancer_type=Melanoma``): they are not run again.
+    also: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:

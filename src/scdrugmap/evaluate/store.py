@@ -247,10 +247,15 @@ class ResultStore:
 
         _write_atomic(folder / f"{model}{EMBEDDING_SUFFIX}", write)
 
+    def model_facts(self) -> dict[str, dict[str, Any]]:
+        """Return the facts stored per model (empty when none are)."""
+        path = self.run_dir / MODELS
+        return json.loads(path.read_text()) if path.exists() else {}
+
     def write_model_facts(self, facts: dict[str, dict[str, Any]]) -> None:
         """Add (or replace) the facts of these models to those already stored."""
         path = self.run_dir / MODELS
-        previous = json.loads(path.read_text()) if path.exists() else {}
+        previous = self.model_facts()
         _write_text_atomic(json.dumps({**previous, **facts}, indent=1, default=str), path)
 
 
@@ -270,7 +275,8 @@ class JobWriter:
         fold, samples = job.fold, self.samples
         row: dict[str, Any] = {
             "key": job.key, "model": job.model, "strategy": job.strategy, "head": job.head, "scenario": fold.scenario,
-            "category": fold.category, "value": fold.value, "fold": fold.fold, "split": fold.split, "status": status,
+            "category": fold.category, "value": fold.value, "also": "; ".join(fold.also), "fold": fold.fold,
+            "split": fold.split, "status": status,
             "n_train": int(fold.train.size), "n_test": int(fold.test.size),
             "n_train_samples": int(np.unique(samples[fold.train]).size) if samples is not None else None,
             "n_test_samples": int(np.unique(samples[fold.test]).size) if samples is not None else None,
@@ -309,7 +315,9 @@ class RunFolder:
         The run folder.
     results
         One row per job of the grid (`pandas.DataFrame`): ``key``, ``model``, ``strategy``,
-        ``head``, ``scenario``, ``category``, ``value``, ``fold``, ``split``, ``status`` (``done``,
+        ``head``, ``scenario``, ``category``, ``value``, ``also`` (other category values selecting the
+        same cells, run once under this one: ``cancer_type=Melanoma; therapy=Immunotherapy``), ``fold``,
+        ``split``, ``status`` (``done``,
         ``skipped``, ``failed``), ``n_train``, ``n_test``, ``n_train_samples``, ``n_test_samples``,
         ``seconds``, ``reasons`` (JSON text: why a metric is NaN or a job was not scored), the
         metrics ``f1``, ``auroc``, ``accuracy``, ``precision``, ``recall``, and the model's and the

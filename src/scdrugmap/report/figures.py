@@ -520,16 +520,62 @@ def _pooled_curves(predictions: pd.DataFrame, split: str) -> pd.DataFrame:
     return frame
 
 
-@styled
-def plot_roc_pr(predictions: pd.DataFrame | None, colours: dict[str, str], *, split: str = "sample",
-                settings: Sequence[str] | None = None) -> Figure:
-    """ROC and precision-recall curves per category (rows) and model, pooling the cells of all test folds.
+#: Points of the common grid the per-fold ROC and PR curves are interpolated on before averaging.
+CURVE_GRID = 101
 
-    The legend gives the pooled AUROC and average precision; the dashed grey lines are
-    chance (the diagonal, and the share of sensitive cells).
+
+def fold_curves(labels: npt.NDArray, scores: npt.NDArray) -> tuple[npt.NDArray, npt.NDArray, float, float] | None:
+    """Return one fold's ROC and PR curves on `CURVE_GRID` points, its AUROC and average precision.
+
+    The ROC curve is the true positive rate at each false positive rate of the grid (0 at 0); the PR
+    curve the interpolated precision (the best precision at that recall or beyond). None when the
+    fold does not hold both classes (no curve is defined).
     """
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
+    if np.unique(labels).size < 2:
+        return None
+    grid = np.linspace(0, 1, CURVE_GRID)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    roc = np.interp(grid, fpr, tpr)
+    roc[0] = 0.0
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    order = np.argsort(recall, kind="stable")
+    best_beyond = np.maximum.accumulate(precision[order][::-1])[::-1]
+    pr = np.interp(grid, recall[order], best_beyond)
+    return roc, pr, float(roc_auc_score(labels, scores)), float(average_precision_score(labels, scores))
+
+
+def _mean_band(ax: Axes, curves: list[npt.NDArray], *, gid: str, label: str, **style) -> None:
+    grid = np.linspace(0, 1, CURVE_GRID)
+    stacked = np.vstack(curves)
+    mean = stacked.mean(axis=0)
+    ax.plot(grid, mean, label=label, gid=gid, **style)
+    if len(curves) > 1:
+        sd = stacked.std(axis=0, ddof=1)
+        ax.fill_between(grid, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), color=style["color"], alpha=0.15,
+                        linewidth=0, gid=f"band|{gid}")
+
+
+def _fold_summary(values: list[float]) -> str:
+    """Return "mean ± SD (n folds)" of per-fold scores."""
+    sd = f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
+    return f"{np.mean(values):.2f}{sd} ({len(values)} fold{'s' if len(values) != 1 else ''})"
+
+
+@styled
+def plot_roc_pr(predictions: pd.DataFrame | None, colours: dict[str, str], *, split: str = "sample",
+                settings: Sequence[str] | None = None) -> Figure:
+    """ROC and precision-recall curves per category (rows) and model: the mean of per-fold curves, ± SD band.
+
+    Each scored fold with both classes gives one curve (interpolated on a common grid); the line
+    is their mean and the band one SD. Curves are never pooled across folds: a fold's scores only
+    rank its own test cells (a head trained on a fold with more sensitive cells shifts all its
+    scores up), so pooling would reward or punish differences between folds' training sets. The
+    majority reference thus reads 0.5. The legend gives the mean AUROC / average precision ± SD
+    over folds and the number of folds; the dotted lines are chance (the diagonal, and the mean
+    share of sensitive cells per fold).
+    """
     if predictions is None or predictions.empty:
         return message_figure("ROC and precision-recall curves", f"The run stored no predictions ({PREDICTIONS}).")
     frame = _pooled_curves(predictions, split)
@@ -544,24 +590,25 @@ def plot_roc_pr(predictions: pd.DataFrame | None, colours: dict[str, str], *, sp
     for row, category in enumerate(categories):
         roc_ax, pr_ax = axes[row]
         part = frame[frame["category"] == category]
-        prevalence = float(part.drop_duplicates("cell")["label"].mean()) if len(part) else float("nan")
+        prevalences = part.groupby("key")["label"].mean()
         roc_ax.plot([0, 1], [0, 1], gid="chance", **CHANCE_STYLE)
-        pr_ax.axhline(prevalence, gid="chance", **CHANCE_STYLE)
+        pr_ax.axhline(float(prevalences.mean()) if len(prevalences) else float("nan"), gid="chance", **CHANCE_STYLE)
         for setting in settings:
             for model in models:
-                cells = part[(part["setting"] == setting) & (part["model"] == model)]
-                labels = cells["label"].to_numpy(dtype=np.int64)
-                scores = cells["probability"].to_numpy(dtype=np.float64)
-                if np.unique(labels).size < 2:
+                jobs = part[(part["setting"] == setting) & (part["model"] == model)]
+                per_fold = [fold_curves(cells["label"].to_numpy(dtype=np.int64),
+                                        cells["probability"].to_numpy(dtype=np.float64))
+                            for _, cells in jobs.groupby("key", sort=True)]
+                per_fold = [curves for curves in per_fold if curves is not None]
+                if not per_fold:
                     continue
+                rocs, prs, aurocs, precisions = (list(column) for column in zip(*per_fold, strict=True))
                 name = model_name(model) if len(settings) == 1 else f"{model_name(model)}, {setting}"
-                fpr, tpr, _ = roc_curve(labels, scores)
-                precision, recall, _ = precision_recall_curve(labels, scores)
                 style = {"color": _colour(colours, model), "linestyle": styles[setting], "linewidth": 1.3}
-                roc_ax.plot(fpr, tpr, label=f"{name}: {roc_auc_score(labels, scores):.2f}",
-                            gid=f"roc|{model}|{setting}", **style)
-                pr_ax.plot(recall, precision, label=f"{name}: {average_precision_score(labels, scores):.2f}",
-                           gid=f"pr|{model}|{setting}", drawstyle="steps-post", **style)
+                _mean_band(roc_ax, rocs, gid=f"roc|{model}|{setting}", label=f"{name}: {_fold_summary(aurocs)}",
+                           **style)
+                _mean_band(pr_ax, prs, gid=f"pr|{model}|{setting}", label=f"{name}: {_fold_summary(precisions)}",
+                           **style)
         for ax, (xlabel, ylabel, kind) in zip(
                 (roc_ax, pr_ax), (("False positive rate", "True positive rate", "ROC"),
                                   ("Recall (sensitive)", "Precision (sensitive)", "Precision-recall")), strict=True):
@@ -572,9 +619,9 @@ def plot_roc_pr(predictions: pd.DataFrame | None, colours: dict[str, str], *, sp
             ax.set_title(f"{category_name(category)}: {kind}", loc="left")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                          title="AUROC" if kind == "ROC" else "Average precision")
-    _suptitle(figure, f"ROC and precision-recall curves, test cells of all folds pooled ({_scope(split)})",
-              legend=False)
+                          title="Mean AUROC ± SD" if kind == "ROC" else "Mean average precision ± SD")
+    _suptitle(figure, f"ROC and precision-recall curves: mean of per-fold curves ± SD band, folds never pooled "
+              f"({_scope(split)})", legend=False)
     return figure
 
 
@@ -701,47 +748,69 @@ def _short_reason(reasons: str) -> str:
 
 # --- 9. rank / critical-difference plot ------------------------------------------------------------------------
 
+#: Fewest independent blocks (category values of one category) the rank test and diagram are drawn for.
+MIN_CD_BLOCKS = 5
+
+
+def rank_blocks(table: pd.DataFrame, models: Sequence[str], metric: str) -> tuple[str | None, pd.DataFrame]:
+    """Return the category whose values are the most complete blocks, and those blocks (values x models).
+
+    Values of one category hold disjoint cells, so they are independent units; values of
+    different categories share cells (one tissue may be one cancer type) and are never pooled.
+    Models with no score anywhere are dropped, then values where a remaining model has none.
+    """
+    best: tuple[str | None, pd.DataFrame] = (None, pd.DataFrame())
+    for category in categories_order(table) if not table.empty else []:
+        part = table[table["category"] == category]
+        wide = part.pivot_table(index="value", columns="model", values=f"{metric}_mean", aggfunc="first")
+        wide = wide[[m for m in models if m in wide.columns]].dropna(axis=1, how="all").dropna()
+        if best[0] is None or wide.shape[0] * (wide.shape[1] >= 2) > best[1].shape[0] * (best[1].shape[1] >= 2):
+            best = (category, wide)
+    return best
+
+
 @styled
 def plot_critical_difference(results: pd.DataFrame, colours: dict[str, str], *, split: str | None = None,
-                             metric: str = "f1", alpha: float = 0.05) -> Figure:
+                             metric: str = "auroc", alpha: float = 0.05,
+                             min_blocks: int = MIN_CD_BLOCKS) -> Figure:
     """Critical-difference diagram (Demšar 2006) of the models' average ranks, one panel per setting.
 
-    Blocks are the category values (every model's mean ``metric`` over folds); blocks where
-    a model has no score are left out. Rank 1 is best. Models joined by a thick bar do not
-    differ by the Nemenyi test at ``alpha`` (their ranks differ by less than CD); the title
-    gives the Friedman test (`scdrugmap.report.stats`).
+    Blocks are independent units: the values of one category (`rank_blocks`: the category with
+    the most values every model scored), each model's mean ``metric`` over folds. Rank 1 is best.
+    Models joined by a thick bar do not differ by the Nemenyi test at ``alpha``; the title gives
+    the Friedman test (`scdrugmap.report.stats`) and N. With fewer than ``min_blocks`` blocks
+    nothing is ranked and the panel says why.
     """
     split = split or reference_split(results)
     table = value_scores(results, split=split)
     settings = [s for s in settings_order(results) if s in set(table["setting"])]
     if table.empty:
         return message_figure("Critical-difference diagram", f"No scored job under split = {split}.")
-    blocks = {}
-    for setting in settings:
-        part = table[table["setting"] == setting]
-        wide = part.pivot_table(index=["category", "value"], columns="model", values=f"{metric}_mean",
-                                aggfunc="first")
-        blocks[setting] = wide[[m for m in _models_in(part, colours) if m in wide.columns]].dropna(
-            axis=1, how="all").dropna()
-    heights = [0.6 if w.shape[0] < 2 or w.shape[1] < 2 else 0.3 * np.ceil(w.shape[1] / 2) + 1.4
-               for w in blocks.values()]
+    blocks = {setting: rank_blocks(table[table["setting"] == setting],
+                                   _models_in(table[table["setting"] == setting], colours), metric)
+              for setting in settings}
+    drawn = {s: w.shape[0] >= min_blocks and w.shape[1] >= 2 for s, (_, w) in blocks.items()}
+    heights = [0.3 * np.ceil(w.shape[1] / 2) + 1.4 if drawn[s] else 0.7 for s, (_, w) in blocks.items()]
     figure = _figure(9.0, sum(heights) + 0.7)
     axes = figure.subplots(len(settings), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
     for ax, setting in zip(axes, settings, strict=True):
-        wide = blocks[setting]
+        category, wide = blocks[setting]
         ax.set_axis_off()
-        if wide.shape[0] < 2 or wide.shape[1] < 2:
+        where = category_name(category).lower() if category else "any category"
+        if not drawn[setting]:
             ax.set_title(setting, loc="left", fontsize=9)
-            ax.text(0, 0.5, f"Not ranked: needs two or more models scored on two or more category values; "
-                    f"{wide.shape[1]} model(s) on {wide.shape[0]} value(s).", transform=ax.transAxes, va="center",
+            reason = (f"Not drawn: N = {wide.shape[0]} independent blocks ({where} values scored by "
+                      f"{wide.shape[1]} model(s) each); a rank test needs at least {min_blocks} blocks and two "
+                      "models. Values of different categories share cells, so they are not pooled into more blocks.")
+            ax.text(0, 0.5, textwrap.fill(reason, 120), transform=ax.transAxes, va="center", fontsize=8,
                     gid="message")
             continue
         test = friedman_nemenyi(wide, alpha=alpha)
         _draw_cd(ax, test, colours)
         ax.set_title(f"{setting}: Friedman χ² = {test.chi2:.2f} (p = {test.p_value:.3g}), "
-                     f"N = {test.n_blocks} category values, k = {len(test.models)} models; "
+                     f"N = {test.n_blocks} {where} values (independent blocks), k = {len(test.models)} models; "
                      f"Nemenyi CD (α = {alpha}) = {test.critical_difference:.2f}", loc="left", fontsize=9)
-    _suptitle(figure, f"Average rank of mean {metric_name(metric)} across category values "
+    _suptitle(figure, f"Average rank of mean {metric_name(metric)} across the values of one category "
               f"(1 = best; {_scope(split)})", legend=False)
     return figure
 
@@ -786,69 +855,115 @@ def _draw_cd(ax: Axes, test, colours: dict[str, str]) -> None:
 SPLIT_HATCH = {"sample": "", "cell": "////"}
 
 
-@styled
-def plot_leakage(results: pd.DataFrame, colours: dict[str, str], *, metric: str = "f1") -> Figure:
-    """Side-by-side bars of each model's category score under ``split=sample`` and ``split=cell``.
+def leakage_table(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Return each model's score under both splits on the category values scored under both.
 
-    A cell-level split puts cells of one patient on both sides of a fold; the gap to the
-    patient-grouped split measures how much of the score such leakage buys. Bars are the
-    mean over all scored folds of the category (± SD); the tick label gives the difference
-    cell - sample (Δ). One panel per category (columns) and setting (rows).
+    One row per setting, model and category: ``sample_mean``, ``sample_sd``, ``cell_mean``,
+    ``cell_sd`` (over the scored folds of the matched values, NaN folds left out), ``delta``
+    (cell - sample) and ``n_values`` (values scored under both splits). Values scored under one
+    split only are left out, so both bars describe the same cells.
     """
     done = scored(results, scenario="pooled")
     done = done[done[metric].notna()]
-    if done.empty:
-        return message_figure("Leakage panel", "No scored pooled job.")
-    splits = [s for s in ("sample", "cell") if s in set(done["split"])]
-    table = pd.concat([category_scores(results, split=s).assign(split=s) for s in splits], ignore_index=True)
-    table = table[table[f"{metric}_mean"].notna()]
-    categories = categories_order(table)
-    settings = [s for s in settings_order(results) if s in set(table["setting"])]
-    models = _models_in(table, colours)
-    figure = _figure(max(6.0, (0.55 * len(models) + 0.8) * len(categories) + 2.5), 2.7 * len(settings) + 1.0)
-    axes = figure.subplots(len(settings), len(categories), sharey=True, squeeze=False)
-    top = _top(table[f"{metric}_mean"], table[f"{metric}_sd"])
-    for row, setting in enumerate(settings):
+    per_split = {split: done[done["split"] == split] for split in ("sample", "cell")}
+    keys = ["setting", "model", "category", "value"]
+    matched = (per_split["sample"][keys].drop_duplicates()
+               .merge(per_split["cell"][keys].drop_duplicates(), on=keys))
+    rows = []
+    for (setting, model, category), values in matched.groupby(["setting", "model", "category"], sort=False):
+        row: dict[str, Any] = {"setting": setting, "model": model, "category": category, "n_values": len(values)}
+        for split, frame in per_split.items():
+            folds = frame.merge(values, on=keys)[metric]
+            row[f"{split}_mean"], row[f"{split}_sd"] = float(folds.mean()), float(folds.std())
+        row["delta"] = row["cell_mean"] - row["sample_mean"]
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["setting", "model", "category", "n_values", "sample_mean", "sample_sd",
+                                       "cell_mean", "cell_sd", "delta"])
+
+
+def leakage_notes(results: pd.DataFrame) -> str:
+    """Return what ran of the leakage comparison: per split, jobs run and category values scored."""
+    pooled = results[results["scenario"] == "pooled"]
+    parts = []
+    for split in ("sample", "cell"):
+        jobs = pooled[pooled["split"] == split]
+        if jobs.empty:
+            parts.append(f"split = {split}: not run (--split sample,cell runs both)")
+            continue
+        done = jobs[jobs["status"] == "done"]
+        values = done[["category", "value"]].drop_duplicates()
+        parts.append(f"split = {split}: {len(jobs)} jobs, {len(done)} scored on {len(values)} category values")
+    return "; ".join(parts)
+
+
+@styled
+def plot_leakage(results: pd.DataFrame, colours: dict[str, str], *,
+                 metrics: Sequence[str] = ("auroc", "f1")) -> Figure:
+    """Side-by-side bars of each model's score under ``split=sample`` and ``split=cell``, same values only.
+
+    A cell-level split puts cells of one patient on both sides of a fold; the gap to the
+    patient-grouped split measures how much of the score such leakage buys. Only the category
+    values scored under both splits are compared (`leakage_table`): each bar is the mean over
+    their scored folds (± SD); the tick label gives Δ = cell - sample and the number of values.
+    One panel per category (columns), metric and setting (rows); the title says what ran
+    (`leakage_notes`).
+    """
+    notes = leakage_notes(results)
+    tables = {metric: leakage_table(results, metric) for metric in metrics}
+    if all(table.empty for table in tables.values()):
+        return message_figure("Leakage panel", f"No category value was scored under both splits. What ran: {notes}.")
+    every = pd.concat(tables.values(), ignore_index=True)
+    categories = categories_order(every)
+    settings = [s for s in settings_order(results) if s in set(every["setting"])]
+    models = _models_in(every, colours)
+    rows = [(metric, setting) for metric in metrics for setting in settings]
+    figure = _figure(max(6.0, (0.6 * len(models) + 0.8) * len(categories) + 2.5), 2.8 * len(rows) + 1.2)
+    axes = figure.subplots(len(rows), len(categories), squeeze=False)
+    for row, (metric, setting) in enumerate(rows):
+        table = tables[metric]
+        top = _top(pd.concat([table["sample_mean"], table["cell_mean"]]),
+                   pd.concat([table["sample_sd"], table["cell_sd"]])) if not table.empty else 1.1
         for column, category in enumerate(categories):
             ax = axes[row, column]
-            part = table[(table["setting"] == setting) & (table["category"] == category)].set_index(["model", "split"])
+            part = table[(table["setting"] == setting) & (table["category"] == category)].set_index("model")
             tick_labels = []
             for position, model in enumerate(models):
-                heights = {}
+                if model not in part.index:
+                    tick_labels.append(f"{model_name(model)}\nn/a")
+                    continue
+                facts = part.loc[model]
                 for offset, split in ((-0.2, "sample"), (0.2, "cell")):
-                    if (model, split) not in part.index:
-                        continue
-                    mean = float(part.loc[(model, split), f"{metric}_mean"])
-                    sd = float(part.loc[(model, split), f"{metric}_sd"])
-                    heights[split] = mean
-                    colour = _colour(colours, model)
+                    mean, sd = float(facts[f"{split}_mean"]), float(facts[f"{split}_sd"])
                     if mean < 0.005:
                         _mark_bar(ax, position + offset, "0", gid=f"zero|{model}|{split}")
-                    ax.bar(position + offset, mean, 0.4, yerr=sd, color=colour, alpha=1.0 if split == "sample" else 0.6,
-                           hatch=SPLIT_HATCH[split], edgecolor=EDGE_COLOUR, linewidth=0.4, gid=f"leakage|{model}|{split}",
+                    ax.bar(position + offset, mean, 0.4, yerr=0.0 if np.isnan(sd) else sd,
+                           color=_colour(colours, model), alpha=1.0 if split == "sample" else 0.6,
+                           hatch=SPLIT_HATCH[split], edgecolor=EDGE_COLOUR, linewidth=0.4,
+                           gid=f"leakage|{model}|{split}",
                            error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": EDGE_COLOUR})
-                delta = f"Δ {heights['cell'] - heights['sample']:+.2f}" if len(heights) == 2 else "Δ n/a"
-                tick_labels.append(f"{model_name(model)}\n{delta}" if heights else model_name(model))
-            missing = [s for s in ("sample", "cell") if s not in splits]
-            if missing:
-                # above the plotting area, so it never covers bars or error bars
-                ax.text(1.0, 1.01, f"split = {missing[0]}: not run\n(--split sample,cell)",
-                        transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="#555555", gid="message")
+                values = int(facts["n_values"])
+                tick_labels.append(f"{model_name(model)}\nΔ {facts['delta']:+.2f}\n"
+                                   f"({values} value{'s' if values != 1 else ''})")
+            if part.empty:
+                ax.text(0.5, 0.5, "no value scored\nunder both splits", transform=ax.transAxes, ha="center",
+                        va="center", fontsize=7, color="#555555", gid="message")
+            if metric == "auroc":
+                ax.axhline(0.5, gid="chance", **CHANCE_STYLE)
             ax.set_xticks(range(len(models)), labels=tick_labels, rotation=30 if len(models) > 4 else 0,
                           ha="right" if len(models) > 4 else "center", rotation_mode="anchor", fontsize=7)
             ax.set_xlim(-0.6, len(models) - 0.4)
             ax.set_ylim(0, top)
             ax.set_yticks(np.linspace(0, 1, 6))
-            ax.set_title(category_name(category) if len(settings) == 1 else f"{category_name(category)}\n{setting}",
-                         loc="left")
+            name = f"{category_name(category)}: {metric_name(metric)}"
+            ax.set_title(name if len(settings) == 1 else f"{name}\n{setting}", loc="left")
         axes[row, 0].set_ylabel(f"Mean {metric_name(metric)} over folds (± SD)")
     handles = [Patch(facecolor="#777777", edgecolor=EDGE_COLOUR, label="split = sample\n(patients never on both sides)"),
                Patch(facecolor="#777777", alpha=0.6, hatch=SPLIT_HATCH["cell"], edgecolor=EDGE_COLOUR,
                      label="split = cell\n(one patient's cells on both sides)")]
     _legend(figure, handles + [Line2D([], [], color="none", label=" ")] + _model_handles(models, colours),
             "Split / model")
-    _suptitle(figure, f"Leakage: {metric_name(metric)} under the patient-grouped vs the cell-level split "
-                    "(pooled scenario; Δ = cell - sample)")
+    _suptitle(figure, f"Leakage: the same category values under the patient-grouped and the cell-level split "
+                      f"(pooled scenario; Δ = cell - sample). What ran: {notes}.")
     return figure
 
 
@@ -906,9 +1021,10 @@ def build_figures(run: RunData, *, projection: Projection = "auto", seed: int = 
                                 plot_scalability(scalability_table(run), colours)))
     figures += [
         ReportFigure("roc_pr", "ROC and precision-recall curves",
-                     f"Curves from the stored test-cell predictions of all folds and values of each category pooled "
-                     f"({scope}); pooled AUROC/average precision in the legends, so they differ slightly from the "
-                     "mean of per-fold AUROCs.", plot_roc_pr(predictions, colours, split=split, settings=settings),
+                     f"One curve per scored fold (its test cells), averaged on a common grid: the line is the mean, "
+                     f"the band ± 1 SD over folds ({scope}). Legends: mean AUROC / average precision ± SD and the "
+                     "number of folds with both classes. Folds are never pooled into one curve, since each fold's "
+                     "scores only rank its own cells; the majority reference therefore reads 0.5.", plot_roc_pr(predictions, colours, split=split, settings=settings),
                      beyond),
         ReportFigure("trust", "Calibration and conformal prediction sets",
                      f"Left: reliability of each model's raw (dashed) and Platt-calibrated (solid) probabilities, test "
@@ -921,14 +1037,17 @@ def build_figures(run: RunData, *, projection: Projection = "auto", seed: int = 
                      "Leave-one-study-out: mean F1 when each study is held out, averaged over the category's values. "
                      "Grey n/a: no scored job.", plot_cross_study_heatmap(results, colours), beyond),
         ReportFigure("critical_difference", "Rank and critical-difference plot",
-                     "Average rank of each model's mean F1 over the category values (Friedman test; Nemenyi "
-                     "post-hoc test at α = 0.05, Demšar 2006). Models joined by a thick bar are not significantly "
-                     "different. Category values with identical cells (e.g. one tissue = one cancer type) count as "
-                     "separate blocks.", plot_critical_difference(results, colours, split=split), beyond),
+                     "Average rank of each model's mean AUROC over the values of one category (Friedman test; "
+                     "Nemenyi post-hoc test at α = 0.05, Demšar 2006); the title states N. Only values of one "
+                     "category are blocks: they hold disjoint cells, while values of different categories share "
+                     f"cells. With fewer than {MIN_CD_BLOCKS} blocks the diagram is not drawn and says why. "
+                     "Models joined by a thick bar are not significantly different.",
+                     plot_critical_difference(results, colours, split=split), beyond),
         ReportFigure("leakage", "Leakage: split = sample vs split = cell",
-                     "The same models scored with patient-grouped folds (solid) and with the paper's cell-level "
-                     "folds (hatched). Higher scores under split = cell come from cells of one patient being on both "
-                     "sides of a fold.", plot_leakage(results, colours), beyond),
+                     "AUROC and F1 of the same category values under patient-grouped folds (solid) and the "
+                     "paper's cell-level folds (hatched); values scored under one split only are left out. Higher "
+                     "scores under split = cell come from cells of one patient being on both sides of a fold. The "
+                     "title says what ran.", plot_leakage(results, colours), beyond),
         ReportFigure("calibration", "Calibration curves",
                      f"Reliability curves: share of truly sensitive cells per bin of predicted probability "
                      f"({scope}); Brier score in the legend (lower is better).",

@@ -117,6 +117,10 @@ def _normalise_results(results: pd.DataFrame) -> pd.DataFrame:
     for name in METRICS:
         frame[name] = pd.to_numeric(frame[name], errors="coerce") if name in frame else np.nan
     frame["setting"] = [setting_name(s, h) for s, h in zip(frame["strategy"], frame["head"], strict=True)]
+    if "also" in frame:  # values run once for several categories are shown under all their names
+        also = frame["also"].fillna("").astype(str)
+        frame["value"] = [value if not more else " = ".join([value, *(a.split("=", 1)[1] for a in more.split("; "))])
+                          for value, more in zip(frame["value"], also, strict=True)]
     return frame
 
 

@@ -34,6 +34,8 @@ WEIGHTS_FILE = "head.safetensors"
 ENCODER_PREFIX = "encoder."
 #: The head's gene space: harmonised ids of the genes it depends on, as fixed-width UTF-8 bytes.
 GENES_TENSOR = "genes.ids"
+#: Prefixes of the trust kit's tensors (see `scdrugmap.train.trust`).
+TRUST_PREFIXES = ("calibration.", "conformal.", "ood.")
 HEAD_KINDS = ("mlp", "logistic", "lora")
 HeadKind = Literal["mlp", "logistic", "lora"]
 
@@ -119,6 +121,13 @@ class Head:
         from scdrugmap.train.trust import TrustKit
 
         return TrustKit.from_bundle(self.tensors, self.meta.get("trust"))
+
+    @property
+    def head_tensors(self) -> dict[str, np.ndarray]:
+        """The classifier's own weights: every tensor but a baseline's fitted state, the trust kit and the
+        gene space (for a LoRA head: its ``adapter.*`` and ``head.*`` tensors)."""
+        skip = (ENCODER_PREFIX, *TRUST_PREFIXES)
+        return {k: v for k, v in self.tensors.items() if not k.startswith(skip) and k != GENES_TENSOR}
 
     @property
     def encoder_state(self) -> dict[str, np.ndarray]:

@@ -36,12 +36,17 @@ MAX_PAGE_ROWS = 1000
 # --- response models (they shape the OpenAPI schema) -------------------------------------------------------
 
 class Health(BaseModel):
-    status: str = Field(description="ok, or error when the database cannot be reached")
+    status: str = Field(description="ok, or error when the database, the disk or the worker is not usable")
     version: str
     database: str
     worker: str = Field(description="running, stopped (serving without a worker) or dead")
-    jobs_waiting: int
+    jobs_waiting: int = Field(description="the queue: jobs submitted and waiting for the worker")
     jobs_running: int
+    uploads_pending: int = Field(0, description="uploads checked but not submitted (they count toward the limits)")
+    disk_free_mb: float = Field(0.0, description="free space on the disk of the uploads and job outputs")
+    storage_used_mb: float = Field(0.0, description="space the uploads and job outputs use, of the quota")
+    storage_quota_mb: float = 0.0
+    problems: list[str] = Field(default_factory=list, description="why the status is error")
 
 
 class CatalogEntry(BaseModel):
@@ -161,21 +166,39 @@ class PredictionRows(BaseModel):
 
 # --- health ------------------------------------------------------------------------------------------------
 
-@router.get("/health", response_model=Health, tags=["operations"])
+@router.get("/health", response_model=Health, tags=["operations"],
+            responses={503: {"model": Health, "description": "the database, the disk or the worker is not usable"}})
 def health(request: Request, session: DbSession) -> Any:
-    """Report whether the database answers and the worker runs."""
+    """Report the database, the worker, the queue and the disk; answer 503 when any of them is not usable."""
     worker = request.app.state.worker
     settings = request.app.state.settings
+    storage = request.app.state.storage
     worker_state = "running" if worker.alive else ("dead" if settings.run_worker else "stopped")
+    problems = []
+    try:
+        free = storage.free_bytes()
+        used = storage.usage_bytes()
+    except OSError as err:
+        free, used = 0, 0
+        problems.append(f"the storage folders cannot be read ({err.strerror or err})")
+    facts = {"version": __version__, "worker": worker_state, "disk_free_mb": round(free / 2**20, 1),
+             "storage_used_mb": round(used / 2**20, 1), "storage_quota_mb": settings.disk_quota_mb}
+    if free < settings.min_free_disk_mb * 2**20 and not problems:
+        problems.append(f"less than {settings.min_free_disk_mb:g} MiB free on the disk")
+    if worker_state == "dead":
+        problems.append("the job worker is not running")
     try:
         session.execute(text("SELECT 1"))
         counts = dict(session.execute(select(PredictionJob.status, func.count()).group_by(PredictionJob.status)).all())
     except Exception:  # any database failure reads as unhealthy
         log.exception("health check: database unreachable")
-        return JSONResponse({"status": "error", "version": __version__, "database": "unreachable",
-                             "worker": worker_state, "jobs_waiting": 0, "jobs_running": 0}, status_code=503)
-    return {"status": "ok", "version": __version__, "database": "ok", "worker": worker_state,
-            "jobs_waiting": int(counts.get("queued", 0)), "jobs_running": int(counts.get("running", 0))}
+        return JSONResponse({"status": "error", "database": "unreachable", "jobs_waiting": 0, "jobs_running": 0,
+                             "uploads_pending": 0, **facts, "problems": [*problems, "the database cannot be reached"]},
+                            status_code=503)
+    body = {"status": "error" if problems else "ok", "database": "ok", **facts,
+            "jobs_waiting": int(counts.get("queued", 0)), "jobs_running": int(counts.get("running", 0)),
+            "uploads_pending": int(counts.get("checked", 0)), "problems": problems}
+    return JSONResponse(body, status_code=503) if problems else body
 
 
 # --- catalog -----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from scdrugmap import __version__
 from scdrugmap.report.style import RESPONSE_COLOURS, UNKNOWN_COLOUR
 from scdrugmap.web.bundles import register_bundle_dir
 from scdrugmap.web.db import init_db
+from scdrugmap.web.guard import RateLimiter, cross_site_reason, request_kind, retry_after
 from scdrugmap.web.logs import redact_path
 from scdrugmap.web.results import import_results
 from scdrugmap.web.settings import Settings
@@ -43,7 +44,7 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'se
                            "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
                            "form-action 'self'; frame-ancestors 'none'")
 SECURITY_HEADERS = {"content-security-policy": CONTENT_SECURITY_POLICY, "x-content-type-options": "nosniff",
-                    "referrer-policy": "no-referrer", "x-frame-options": "DENY",
+                    "referrer-policy": "same-origin", "x-frame-options": "DENY",
                     "cross-origin-opener-policy": "same-origin"}
 GENERIC_ERROR = "Something went wrong on the server. The error was logged; please try again later."
 
@@ -59,14 +60,23 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"the upload is larger than the limit of {limit / 1024 / 1024:g} MiB.")
 
 
-class ServerMiddleware:
-    """Give each request an id, cap its body, add security headers, catch crashes, and log it as JSON."""
+CROSS_SITE_MESSAGE = ("cross-site request refused ({reason}): this server takes forms and API calls only from its "
+                      "own pages. Scripts call the JSON API without an Origin header.")
 
-    def __init__(self, app: Any, *, max_upload_bytes: int, templates: Jinja2Templates) -> None:
+
+class ServerMiddleware:
+    """Give each request an id, refuse cross-site posts and clients over their rate, cap the body, add security
+    headers, catch crashes, and log it as JSON."""
+
+    def __init__(self, app: Any, *, max_upload_bytes: int, templates: Jinja2Templates,
+                 rate_limits: dict[str, tuple[int, float]] | None = None,
+                 allowed_origins: tuple[str, ...] = ()) -> None:
         self.app = app
         self.max_upload_bytes = max_upload_bytes
         self.limit = max_upload_bytes + MULTIPART_OVERHEAD
         self.templates = templates
+        self.limiter = RateLimiter(rate_limits or {})
+        self.allowed_origins = allowed_origins
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -101,6 +111,21 @@ class ServerMiddleware:
             await send(message)
 
         try:
+            reason = cross_site_reason(scope, self.allowed_origins)
+            if reason is not None:
+                log.warning("cross-site request refused", extra={"request_id": request_id, "path": path,
+                                                                 "reason": reason})
+                await self._error(scope, send_with_headers, 403, CROSS_SITE_MESSAGE.format(reason=reason))
+                return
+            kind = request_kind(scope)
+            if kind is not None:
+                client = (scope.get("client") or ("unknown",))[0]
+                wait = self.limiter.hit(str(client), kind)
+                if wait is not None:
+                    await self._error(scope, send_with_headers, 429,
+                                      f"too many {kind} requests from this address; try again in "
+                                      f"{retry_after(wait)} s.", headers={"retry-after": retry_after(wait)})
+                    return
             if length.isdigit() and int(length) > self.limit:
                 raise BodyTooLarge(self.max_upload_bytes)
             await self.app(scope, limited_receive, send_with_headers)
@@ -116,13 +141,15 @@ class ServerMiddleware:
                                        "status": state["status"],
                                        "ms": round((time.perf_counter() - start) * 1000, 1)})
 
-    async def _error(self, scope: dict, send: Any, status: int, message: str) -> None:
+    async def _error(self, scope: dict, send: Any, status: int, message: str,
+                     headers: dict[str, str] | None = None) -> None:
         if wants_json(scope.get("path", "")):
-            response: Response = JSONResponse({"detail": message}, status_code=status)
+            response: Response = JSONResponse({"detail": message}, status_code=status, headers=headers)
         else:
             request = Request(scope)
             response = self.templates.TemplateResponse(request, "error.html",
-                                                       {"status": status, "message": message}, status_code=status)
+                                                       {"status": status, "message": message}, status_code=status,
+                                                       headers=headers)
         await response({"type": "http"}, _no_body, send)
 
 
@@ -212,7 +239,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.templates = templates
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
-    app.add_middleware(ServerMiddleware, max_upload_bytes=settings.max_upload_bytes, templates=templates)
+    app.add_middleware(ServerMiddleware, max_upload_bytes=settings.max_upload_bytes, templates=templates,
+                       rate_limits=settings.rate_limits, allowed_origins=settings.allowed_origins)
 
     plotly_js = plotly_js_path()
     compressed: list[bytes] = []

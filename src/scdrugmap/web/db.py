@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 #: Job states: checked (uploaded and valid, no model chosen yet), queued, running, then one of the last three.
 JOB_STATES = ("checked", "queued", "running", "done", "failed", "interrupted")
 ACTIVE_STATES = ("queued", "running")
+#: Largest id a row can have (a signed 64-bit integer in SQLite and PostgreSQL); larger ids name nothing.
+MAX_ID = 2**63 - 1
 
 
 def utcnow() -> datetime:

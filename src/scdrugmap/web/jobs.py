@@ -17,9 +17,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from scdrugmap.errors import ConfigError
-from scdrugmap.web.bundles import describe
+from scdrugmap.web.bundles import check_bundle, describe
 from scdrugmap.web.checks import model_input_problem, prediction_report
-from scdrugmap.web.db import ACTIVE_STATES, HeadBundle, PredictionJob, hash_token, utcnow
+from scdrugmap.web.db import ACTIVE_STATES, MAX_ID, HeadBundle, PredictionJob, hash_token, utcnow
 from scdrugmap.web.storage import Storage, UploadRejected, display_name
 
 if TYPE_CHECKING:
@@ -60,22 +60,44 @@ def create_job(session: Session, storage: Storage, stream: IO[bytes], *, filenam
                content_type: str | None) -> tuple[str, PredictionJob]:
     """Check an uploaded ``.h5ad`` and, when it is valid, keep it as a new job; return (token, job).
 
+    Uploads waiting for a submission count toward the server's limit (`Settings.max_pending_uploads`,
+    with the queued and running jobs) and toward its disk quota. The file passes the validation gate
+    (`scdrugmap.data.gate`: declared shape against a job's memory, unwritten values, encodings) before
+    any of it is read, and is then checked in blocks, a few uploads at a time.
+
     Raises
     ------
     UploadRejected
-        For a wrong type, an oversize or unreadable file (nothing is kept), or data with errors
-        (the rejection carries the check report; nothing is kept or queued).
+        For a wrong type, an oversize or unreadable file (nothing is kept), data with errors (the
+        rejection carries the check report; nothing is kept or queued), 429 when too many uploads
+        wait, 507 when the disk or the quota is full.
     """
     name = display_name(filename)
+    settings = storage.settings
+    outstanding = outstanding_jobs(session)
+    if outstanding >= settings.max_pending_uploads:
+        raise UploadRejected(429, f"the server holds {outstanding} uploads waiting or running, its limit; submit or "
+                                  "let earlier ones finish, or try again later.")
+    problem = storage.disk_problem()
+    if problem:
+        raise UploadRejected(507, problem)
     staged = storage.stage(stream, filename=filename, content_type=content_type)
     try:
-        adata = storage.read_staged(staged, name=name)
-        try:
-            report = prediction_report(adata, source=name)
-        except Exception as err:  # the checks assume a well-formed AnnData; a crafted one may break them
-            log.warning("check failed on an upload", exc_info=True)
-            raise UploadRejected(422, f"{name}: the data could not be checked; is it a valid AnnData "
-                                      "file of cells x genes?") from err
+        problem = storage.disk_problem()
+        if problem:
+            raise UploadRejected(507, problem)
+        storage.gate_staged(staged, name=name)
+        with storage.checking:
+            adata = storage.read_staged(staged, name=name)
+            try:
+                n_cells, n_genes = int(adata.n_obs), int(adata.n_vars)
+                report = prediction_report(adata, source=name)
+            except Exception as err:  # the checks assume a well-formed AnnData; a crafted one may break them
+                log.warning("check failed on an upload", exc_info=True)
+                raise UploadRejected(422, f"{name}: the data could not be checked; is it a valid AnnData "
+                                          "file of cells x genes?") from err
+            finally:
+                adata.file.close()
         if not report["ok"]:
             raise UploadRejected(422, f"{name}: the data has errors (listed below); fix them and upload again.",
                                  report)
@@ -84,11 +106,17 @@ def create_job(session: Session, storage: Storage, stream: IO[bytes], *, filenam
         staged.unlink(missing_ok=True)
     token = new_token()
     job = PredictionJob(token_hash=hash_token(token), status="checked", display_name=name, upload_name=upload_name,
-                        n_cells=int(adata.n_obs), n_genes=int(adata.n_vars), report=report, stage="checked")
+                        n_cells=n_cells, n_genes=n_genes, report=report, stage="checked")
     session.add(job)
     session.commit()
     log.info("upload accepted", extra={"job": job.id, "cells": job.n_cells, "genes": job.n_genes})
     return token, job
+
+
+def outstanding_jobs(session: Session) -> int:
+    """Jobs holding an upload that is not finished: checked (not yet submitted), queued or running."""
+    return int(session.scalar(select(func.count()).select_from(PredictionJob)
+                              .where(PredictionJob.status.in_(("checked", *ACTIVE_STATES)))) or 0)
 
 
 def active_jobs(session: Session) -> int:
@@ -98,7 +126,7 @@ def active_jobs(session: Session) -> int:
 
 def usable_bundle(session: Session, job: PredictionJob, bundle_id: int | None) -> HeadBundle | None:
     """Return a bundle the job may use: a public one, or one uploaded with this job."""
-    if bundle_id is None:
+    if bundle_id is None or not 0 < bundle_id <= MAX_ID:
         return None
     bundle = session.get(HeadBundle, bundle_id)
     if bundle is None or not bundle.available or (not bundle.public and bundle.owner_job_id != job.id):
@@ -136,6 +164,11 @@ def submit_job(session: Session, storage: Storage, settings: Settings, job: Pred
         meta_stream, meta_type, weights_stream, weights_type = bundle_upload
         name, meta, sha256 = storage.store_bundle(meta_stream, meta_type, weights_stream, weights_type,
                                                   known_models=known)
+        try:
+            check_bundle(storage.bundle_dir(name), known_models=known)
+        except UploadRejected:
+            storage.remove_bundle(name)
+            raise
         bundle = HeadBundle(name="uploaded bundle", model=str(meta["model"]), kind=str(meta["kind"]),
                             strategy=str(meta.get("strategy", "frozen")), sha256=sha256, meta=describe(meta),
                             location=name, public=False, owner_job_id=job.id, available=True)

@@ -21,7 +21,7 @@ from scdrugmap.errors import ConfigError
 from scdrugmap.evaluate.metrics import METRICS, summarise
 from scdrugmap.evaluate.store import read_run
 from scdrugmap.report.serialise import make_json_safe
-from scdrugmap.web.db import BenchmarkResult, BenchmarkRun, utcnow
+from scdrugmap.web.db import MAX_ID, BenchmarkResult, BenchmarkRun, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def run_summary(session: Session, run_id: int, requested: dict[str, str | None])
     HTTPException
         404 when there is no run ``run_id``.
     """
-    run = session.get(BenchmarkRun, run_id)
+    run = session.get(BenchmarkRun, run_id) if 0 < run_id <= MAX_ID else None  # a larger id overflows the database
     if run is None:
         raise HTTPException(404, f"no benchmark run {run_id}; see /api/runs.")
     options = choices(session, run_id)

@@ -16,11 +16,14 @@ import re
 import secrets
 import shutil
 import struct
+import threading
+import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from scdrugmap.data.gate import validate_input
 from scdrugmap.data.io import HDF5_SIGNATURE, read_h5ad
-from scdrugmap.errors import SchemaError
+from scdrugmap.errors import SchemaError, is_write_failure
 from scdrugmap.readwrite import META_FILE as BUNDLE_META
 from scdrugmap.readwrite import WEIGHTS_FILE as BUNDLE_WEIGHTS
 
@@ -67,11 +70,14 @@ class Storage:
 
     def __init__(self, settings: Settings) -> None:
         assert settings.upload_dir is not None and settings.output_dir is not None  # settings.resolved()
+        self.settings = settings
         self.upload_dir = Path(settings.upload_dir)
         self.output_root = Path(settings.output_dir)
         self.staging_dir = self.upload_dir / ".staging"
         self.bundle_root = self.upload_dir / "bundles"
         self.max_upload_bytes = settings.max_upload_bytes
+        #: Uploads checked at once (each check reads its file in blocks).
+        self.checking = threading.BoundedSemaphore(settings.max_concurrent_checks)
 
     def ensure(self) -> None:
         """Create the folders, readable by the server's user only."""
@@ -94,6 +100,66 @@ class Storage:
 
     def output_dir(self, name: str) -> Path:
         return self.output_root / self._checked(name)
+
+    def partial_output_dir(self, name: str) -> Path:
+        """Where a running job writes; renamed to `output_dir` only when every file was written."""
+        return self.output_root / f".partial-{self._checked(name)}"
+
+    def publish_output(self, name: str) -> Path:
+        """Move a job's finished outputs into place (one rename) and return the folder."""
+        final = self.output_dir(name)
+        os.replace(self.partial_output_dir(name), final)
+        return final
+
+    def remove_output(self, name: str | None) -> None:
+        if not name:
+            return
+        with contextlib.suppress(ValueError):
+            shutil.rmtree(self.output_dir(name), ignore_errors=True)
+            shutil.rmtree(self.partial_output_dir(name), ignore_errors=True)
+
+    # --- disk --------------------------------------------------------------------------------------------
+
+    def usage_bytes(self) -> int:
+        """Bytes held under the upload and output folders (uploads, bundles, staging, job outputs)."""
+        total = 0
+        for root in (self.upload_dir, self.output_root):
+            for folder, _, files in os.walk(root):
+                for name in files:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(folder, name)).st_size
+        return total
+
+    def free_bytes(self) -> int:
+        """Free bytes on the disk of the upload folder."""
+        self.ensure()
+        return shutil.disk_usage(self.upload_dir).free
+
+    def disk_problem(self, incoming: int = 0) -> str | None:
+        """Return why the server cannot take ``incoming`` more bytes now (disk nearly full, quota used), or None."""
+        settings = self.settings
+        free = self.free_bytes()
+        if free - incoming < settings.min_free_disk_mb * 2**20:
+            return (f"the server's disk is nearly full ({free / 2**20:,.0f} MiB free); uploads are refused until "
+                    "space is freed. Try again later.")
+        if self.usage_bytes() + incoming > settings.disk_quota_mb * 2**20:
+            return (f"the server's storage quota ({settings.disk_quota_mb:,.0f} MiB) is used up by earlier uploads "
+                    "and results; they expire over time. Try again later.")
+        return None
+
+    def clean_stale(self, older_than: float = 3600.0, keep: set[str] | None = None) -> int:
+        """Delete staging files and partial outputs older than ``older_than`` seconds (not in ``keep``)."""
+        cutoff = time.time() - older_than
+        removed = 0
+        candidates = list(self.staging_dir.glob("*.part")) + list(self.output_root.glob(".partial-*"))
+        for path in candidates:
+            if keep and path.name.removeprefix(".partial-") in keep:
+                continue
+            with contextlib.suppress(OSError):
+                if path.lstat().st_mtime < cutoff:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                    removed += 1
+        return removed
 
     def bundle_dir(self, name: str) -> Path:
         return self.bundle_root / self._checked(name)
@@ -134,13 +200,38 @@ class Storage:
                 if handle.read(len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:
                     raise UploadRejected(422, f"{name}: not an h5ad file (no HDF5 signature). Write it with "
                                               "AnnData.write_h5ad.")
+        except OSError as err:
+            staged.unlink(missing_ok=True)
+            if is_write_failure(err):
+                raise UploadRejected(507, f"{name}: the server's disk is full; the upload was not kept. Try again "
+                                          "later.") from err
+            raise
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
         return staged
 
+    def gate_staged(self, staged: Path, *, name: str) -> Any:
+        """Run the validation gate on a staged file (HDF5 level: nothing is read into memory).
+
+        The data must fit a job's memory (`Settings.job_data_budget`) and expand at most
+        `Settings.max_expansion` times from disk to memory; a file declaring values it never wrote, in an
+        unknown encoding, or with links to other files is refused. Messages name the upload, never the
+        server's path.
+
+        Raises
+        ------
+        UploadRejected
+            422 with the gate's one line.
+        """
+        try:
+            return validate_input(staged, source=name, max_memory=self.settings.job_data_budget or 2**62,
+                                  in_memory=True, scan=False, max_expansion=self.settings.max_expansion)
+        except SchemaError as err:
+            raise UploadRejected(422, str(err).replace(str(staged), name)) from err
+
     def read_staged(self, staged: Path, *, name: str) -> ad.AnnData:
-        """Read a staged file as AnnData; messages name the upload, never the server's path.
+        """Open a staged file backed (the matrix stays on disk); messages name the upload, never the server's path.
 
         Raises
         ------
@@ -148,7 +239,7 @@ class Storage:
             422 when the file is HDF5 but not a readable AnnData.
         """
         try:
-            return read_h5ad(staged)
+            return read_h5ad(staged, backed=True)
         except SchemaError as err:
             raise UploadRejected(422, str(err).replace(str(staged), name)) from err
         except Exception as err:  # h5py and anndata raise many kinds on crafted files
@@ -215,19 +306,69 @@ class Storage:
             self.upload_path(name).unlink(missing_ok=True)
 
 
+#: Bytes per element of each safetensors dtype.
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+#: Most tensors and dimensions an uploaded bundle may declare.
+MAX_BUNDLE_TENSORS = 10_000
+MAX_TENSOR_DIMS = 8
+
+
 def _check_safetensors(path: Path) -> None:
-    """Refuse a file that is not safetensors: an 8-byte header length, then a JSON header within the file."""
+    """Refuse a file that is not a well-formed safetensors file, before any tensor is read.
+
+    The 8-byte header length and the JSON header must lie within the file; every tensor must have a
+    known dtype, a shape of non-negative integers, and data offsets inside the file whose span is
+    exactly its shape's size; spans may not overlap and must cover the data section.
+    """
+    weights = BUNDLE_WEIGHTS
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            raise UploadRejected(422, f"{BUNDLE_WEIGHTS}: not a safetensors file (too short).")
+            raise UploadRejected(422, f"{weights}: not a safetensors file (too short).")
         (length,) = struct.unpack("<Q", head)
         if length > size - 8 or length > 100 * CHUNK_BYTES:
-            raise UploadRejected(422, f"{BUNDLE_WEIGHTS}: not a safetensors file (bad header length).")
+            raise UploadRejected(422, f"{weights}: not a safetensors file (bad header length).")
         try:
             header = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UploadRejected(422, f"{BUNDLE_WEIGHTS}: not a safetensors file (bad header).") from err
+            raise UploadRejected(422, f"{weights}: not a safetensors file (bad header).") from err
     if not isinstance(header, dict):
-        raise UploadRejected(422, f"{BUNDLE_WEIGHTS}: not a safetensors file (bad header).")
+        raise UploadRejected(422, f"{weights}: not a safetensors file (bad header).")
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    if not tensors or len(tensors) > MAX_BUNDLE_TENSORS:
+        raise UploadRejected(422, f"{weights}: holds {len(tensors)} tensors; a head bundle holds 1 to "
+                                  f"{MAX_BUNDLE_TENSORS:,}.")
+    data_size = size - 8 - length
+    spans = []
+    for name, entry in tensors.items():
+        shown = repr(name[:80])
+        if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
+            raise UploadRejected(422, f"{weights}: tensor {shown} has no known dtype.")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise UploadRejected(422, f"{weights}: tensor {shown} has no valid shape ({str(shape)[:80]}).")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise UploadRejected(422, f"{weights}: tensor {shown} has data offsets {str(offsets)[:80]} outside the "
+                                      f"file's {data_size:,} bytes of data.")
+        expected = SAFETENSORS_DTYPES[entry["dtype"]]
+        for n in shape:
+            expected *= n
+        if offsets[1] - offsets[0] != expected:
+            raise UploadRejected(422, f"{weights}: tensor {shown} declares shape {shape} of {entry['dtype']} "
+                                      f"({expected:,} bytes) but holds {offsets[1] - offsets[0]:,} bytes.")
+        spans.append((offsets[0], offsets[1], shown))
+    spans.sort()
+    position = 0
+    for start, end, shown in spans:
+        if start != position:
+            problem = "overlaps another tensor" if start < position else "leaves a gap before it"
+            raise UploadRejected(422, f"{weights}: tensor {shown} {problem}; the file is damaged.")
+        position = end
+    if position != data_size:
+        raise UploadRejected(422, f"{weights}: {data_size - position:,} bytes after the last tensor; the file is "
+                                  "damaged.")

@@ -7,28 +7,41 @@ owns the job. At start it resumes queued jobs and marks running jobs whose worke
 dead process on this host, or no heartbeat for ``stale_seconds``) as ``interrupted``; a
 graceful stop marks its own unfinished jobs the same way. An interrupted job can be submitted
 again from its page.
+
+Each job runs in its own process (``python -m scdrugmap.web.jobrun``) under an address-space limit
+(``Settings.job_memory_mb``), so a job that needs too much memory fails alone with a clear message.
+Outputs are written into a partial folder and renamed into place only when every file is written:
+a failed write leaves nothing. Every ``cleanup_seconds`` the worker deletes jobs older than the
+retention time (their upload, outputs and uploaded bundle) and, over the disk quota, the oldest
+finished or unsubmitted jobs first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import secrets
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
-from scdrugmap.errors import ScDrugMapError
+from scdrugmap.errors import ScDrugMapError, is_write_failure
 from scdrugmap.report.projection import project_embedding
 from scdrugmap.report.serialise import make_json_safe
 from scdrugmap.web.bundles import bundle_folder
-from scdrugmap.web.db import HeadBundle, PredictionJob, utcnow
+from scdrugmap.web.db import ACTIVE_STATES, HeadBundle, PredictionJob, utcnow
 from scdrugmap.web.jobs import PREDICTIONS_CSV, PREDICTIONS_H5AD, PREDICTIONS_PARQUET
 
 if TYPE_CHECKING:
@@ -43,6 +56,21 @@ INTERRUPTED_MESSAGE = ("the server stopped while this job ran, so it did not fin
                        "from the start.")
 #: Seconds between two progress writes of one job.
 PROGRESS_INTERVAL = 0.5
+#: Threads each job process may use for BLAS/OpenMP (unless the server's environment sets them).
+JOB_THREADS = "4"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+class JobFailed(ScDrugMapError):
+    """A job process reported a failure the user can act on (its message is shown as it is)."""
+
+
+class JobCrashed(RuntimeError):
+    """A job process crashed on a bug; its traceback goes to the server's log only."""
+
+
+class JobStopped(Exception):
+    """The server stopped while the job's process ran; `JobWorker.stop` marks the job interrupted."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -82,9 +110,11 @@ def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights:
     """
     from scdrugmap import read_head, tl
     from scdrugmap.data import schema
+    from scdrugmap.data.gate import validate_input
     from scdrugmap.data.io import read_h5ad, write_h5ad_atomic
 
     progress("reading the data", 0.02)
+    validate_input(upload_path)  # the gate, against this process's memory (its RLIMIT_AS included)
     adata = read_h5ad(upload_path)
     head = read_head(bundle_path)
     if head.model != model:
@@ -153,6 +183,8 @@ class JobWorker:
         self._wake = threading.Event()
         self._loop_thread: threading.Thread | None = None
         self._last_beat = 0.0
+        self._last_clean = 0.0
+        self._processes: dict[int, subprocess.Popen] = {}
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -173,6 +205,10 @@ class JobWorker:
         """Stop claiming jobs; jobs still running are marked interrupted (their threads die with the process)."""
         self._stop.set()
         self._wake.set()
+        with self._lock:
+            processes = list(self._processes.values())
+        for process in processes:  # the jobs' processes end with the server; their jobs read as interrupted
+            self._kill(process)
         if self._loop_thread is not None:
             self._loop_thread.join(timeout)
         with self._lock:
@@ -257,6 +293,8 @@ class JobWorker:
             self._last_beat = now
             self._beat()
             self.recover()
+        if now - self._last_clean >= self.settings.cleanup_seconds:
+            self.clean()
         while not self._stop.is_set():
             with self._lock:
                 self._running = {k: t for k, t in self._running.items() if t.is_alive()}
@@ -316,26 +354,189 @@ class JobWorker:
                 raise ScDrugMapError("the head bundle of this job is no longer available; choose another one.")
             bundle_path = bundle_folder(bundle, self.storage)
             hidden.append(str(bundle_path))
-            log.info("job started", extra={"job": job_id, "model": job.model, "cells": job.n_cells})
-            summary = run_prediction(upload_path, bundle_path, model=str(job.model),
-                                     weights=self.settings.weights.get(str(job.model)), threshold=job.threshold,
-                                     out_dir=self.storage.output_dir(output_name),
-                                     projection=self.settings.projection, progress=progress)
+            log.info("job started", extra={"job": job_id, "model": job.model, "cells": job.n_cells,
+                                           "isolation": self.settings.job_isolation})
+            arguments = {"upload": str(upload_path), "bundle": str(bundle_path), "model": str(job.model),
+                         "weights": self.settings.weights.get(str(job.model)), "threshold": job.threshold,
+                         "out_dir": str(self.storage.partial_output_dir(output_name)),
+                         "projection": self.settings.projection}
+            if self.settings.job_isolation == "process":
+                summary = self._run_in_process(job_id, arguments, progress)
+            else:
+                summary = run_prediction(upload_path, bundle_path, model=arguments["model"],
+                                         weights=arguments["weights"], threshold=job.threshold,
+                                         out_dir=Path(arguments["out_dir"]), projection=arguments["projection"],
+                                         progress=progress)
+            self.storage.publish_output(output_name)
+        except JobStopped:
+            self.storage.remove_output(output_name)
+            return  # stop() marks the job interrupted
         except ScDrugMapError as err:
+            self.storage.remove_output(output_name)
             message = str(err)
             for secret in sorted(hidden, key=len, reverse=True):
                 message = message.replace(secret, job.display_name if secret == hidden[0] else "the head bundle")
             self._update(job_id, status="failed", message=message, stage="failed", finished_at=utcnow())
             log.warning("job failed", extra={"job": job_id, "error": message})
             return
-        except Exception:
-            reference = secrets.token_hex(4)
-            log.exception("job crashed", extra={"job": job_id, "reference": reference})
-            self._update(job_id, status="failed", stage="failed", finished_at=utcnow(),
-                         message=f"the prediction stopped on an internal error (reference {reference}); "
-                                 "the server's log has the details.")
+        except OSError as err:
+            self.storage.remove_output(output_name)
+            if not is_write_failure(err):
+                self._crashed(job_id, err)
+                return
+            from scdrugmap.web.jobrun import disk_message
+
+            self._update(job_id, status="failed", message=disk_message(), stage="failed", finished_at=utcnow())
+            log.error("job failed: disk full or not writable", extra={"job": job_id, "error": str(err)})
+            return
+        except Exception as err:
+            self.storage.remove_output(output_name)
+            self._crashed(job_id, err)
             return
         summary["seconds"] = round(time.perf_counter() - start, 2)
         if self._update(job_id, status="done", stage="done", progress=1.0, summary=summary, output_name=output_name,
                         finished_at=utcnow()):
             log.info("job done", extra={"job": job_id, "seconds": summary["seconds"]})
+        else:  # the job was taken away (interrupted, expired): its outputs belong to nobody
+            self.storage.remove_output(output_name)
+
+    def _crashed(self, job_id: int, err: BaseException) -> None:
+        reference = secrets.token_hex(4)
+        log.error("job crashed", exc_info=err, extra={"job": job_id, "reference": reference})
+        self._update(job_id, status="failed", stage="failed", finished_at=utcnow(),
+                     message=f"the prediction stopped on an internal error (reference {reference}); "
+                             "the server's log has the details.")
+
+    # --- one job, one process --------------------------------------------------------------------------
+
+    def _run_in_process(self, job_id: int, arguments: dict[str, Any], progress: Any) -> dict[str, Any]:
+        """Run a job in ``python -m scdrugmap.web.jobrun`` under the memory limit; return its summary.
+
+        Raises
+        ------
+        JobFailed
+            With the message to show: the job's own failure, memory, the time limit, or a process
+            that ended without an answer.
+        JobCrashed
+            When the job hit a bug (the child's traceback is in the message, for the log).
+        """
+        import scdrugmap
+
+        limit = self.settings.job_memory_bytes
+        env = dict(os.environ)
+        for name in THREAD_VARIABLES:
+            env.setdefault(name, JOB_THREADS)
+        package_root = str(Path(scdrugmap.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        process = subprocess.Popen([sys.executable, "-m", "scdrugmap.web.jobrun"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=None, env=env, text=True,
+                                   start_new_session=True)
+        with self._lock:
+            self._processes[job_id] = process
+        timed_out = threading.Event()
+
+        def stop_it() -> None:
+            timed_out.set()
+            self._kill(process)
+
+        timer = threading.Timer(self.settings.job_timeout_seconds, stop_it)
+        timer.daemon = True
+        timer.start()
+        outcome: dict[str, Any] | None = None
+        try:
+            assert process.stdin is not None and process.stdout is not None
+            process.stdin.write(json.dumps({**arguments, "memory_bytes": limit}))
+            process.stdin.close()
+            for line in process.stdout:
+                try:
+                    message = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "progress" in message:
+                    stage, fraction = message["progress"]
+                    progress(str(stage), float(fraction))
+                else:
+                    outcome = message
+            process.wait()
+        finally:
+            timer.cancel()
+            with self._lock:
+                self._processes.pop(job_id, None)
+            if process.poll() is None:
+                self._kill(process)
+        if outcome is None:
+            from scdrugmap.web.jobrun import memory_message
+
+            if timed_out.is_set():
+                hours = self.settings.job_timeout_seconds / 3600
+                raise JobFailed(f"the prediction took longer than this server allows one job ({hours:g} h) and "
+                                "was stopped. Upload fewer cells.")
+            if self._stop.is_set():
+                raise JobStopped
+            code = process.returncode
+            name = signal.Signals(-code).name if code is not None and code < 0 else f"exit code {code}"
+            log.error("job process ended without an answer", extra={"job": job_id, "returncode": code})
+            raise JobFailed(f"the prediction process ended without an answer ({name}): "
+                            + memory_message(limit, likely=True))
+        if "done" in outcome:
+            return dict(outcome["done"])
+        if "crashed" in outcome:
+            raise JobCrashed(f"the job process crashed:\n{outcome['crashed']}")
+        raise JobFailed(str(outcome.get("failed") or outcome.get("memory")))
+
+    @staticmethod
+    def _kill(process: subprocess.Popen) -> None:
+        """Kill a job's process group (the job and anything it started)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    # --- retention and quota ---------------------------------------------------------------------------
+
+    def remove_job(self, session: Any, job: PredictionJob) -> None:
+        """Delete a job's upload, outputs and uploaded bundle, then the job itself (its token reads as unknown)."""
+        for bundle in session.scalars(select(HeadBundle).where(HeadBundle.owner_job_id == job.id,
+                                                               HeadBundle.public.is_(False))).all():
+            self.storage.remove_bundle(bundle.location)
+            session.delete(bundle)
+        self.storage.remove_upload(job.upload_name)
+        self.storage.remove_output(job.output_name)
+        session.execute(delete(PredictionJob).where(PredictionJob.id == job.id))
+
+    def clean(self) -> dict[str, int]:
+        """Apply retention and the disk quota: delete expired jobs, then the oldest idle ones while over quota.
+
+        Jobs queued or running are never removed. Stale staging files and partial outputs go too.
+
+        Returns
+        -------
+        ``{"expired": n, "over_quota": n, "stale_files": n}``.
+        """
+        counts = {"expired": 0, "over_quota": 0, "stale_files": 0}
+        cutoff = utcnow() - timedelta(hours=self.settings.retention_hours)
+        with self.sessions() as session:
+            expired = session.scalars(select(PredictionJob).where(PredictionJob.created_at < cutoff,
+                                                                  PredictionJob.status.not_in(ACTIVE_STATES))).all()
+            for job in expired:
+                self.remove_job(session, job)
+                counts["expired"] += 1
+            session.commit()
+            quota = self.settings.disk_quota_mb * 2**20
+            if self.storage.usage_bytes() > quota:
+                idle = session.scalars(select(PredictionJob).where(PredictionJob.status.not_in(ACTIVE_STATES))
+                                       .order_by(PredictionJob.created_at, PredictionJob.id)).all()
+                for job in idle:
+                    if self.storage.usage_bytes() <= quota:
+                        break
+                    self.remove_job(session, job)
+                    session.commit()
+                    counts["over_quota"] += 1
+        with self._lock:
+            running = set(self._running)
+        with self.sessions() as session:
+            keep = {str(name) for name in session.scalars(select(PredictionJob.output_name)
+                                                          .where(PredictionJob.id.in_(running)))}
+        counts["stale_files"] = self.storage.clean_stale(keep=keep)
+        if any(counts.values()):
+            log.info("cleaned storage", extra=counts)
+        self._last_clean = time.monotonic()
+        return counts

@@ -75,14 +75,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def server(db_url, tmp_path, bundle_root, results_dir) -> Iterator[str]:
-    """A live server (worker running) on a free port; yields its base URL."""
+def server(request, db_url, tmp_path, bundle_root, results_dir) -> Iterator[str]:
+    """A live server (worker running) on a free port; yields its base URL.
+
+    Jobs run in their own processes, as in production; a test marked ``in_process_jobs`` runs them in
+    the server's process instead, so that its monkeypatches reach them.
+    """
     import uvicorn
 
     from scdrugmap.web import Settings, create_app
 
+    isolation = "thread" if request.node.get_closest_marker("in_process_jobs") else "process"
     settings = Settings(db_url=db_url, data_dir=tmp_path / "web", bundle_dir=bundle_root, results=(results_dir,),
-                        projection="pca", poll_seconds=0.1)
+                        projection="pca", poll_seconds=0.1, job_isolation=isolation)
     port = _free_port()
     instance = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
                                              access_log=False, log_config=None))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 
 
 def _write(adata, folder, name):
@@ -119,6 +120,7 @@ def test_home_and_catalog_filters_in_the_browser(server, page, artifacts):
     page.screenshot(path=str(artifacts / "09-dataset.png"), full_page=True)
 
 
+@pytest.mark.in_process_jobs
 def test_job_page_follows_the_progress_of_a_running_job(server, page, artifacts, tmp_path, adata_factory,
                                                         monkeypatch):
     import threading
