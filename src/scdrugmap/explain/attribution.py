@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     import torch
 
     from scdrugmap.models.base import Encoder, Progress, TorchEncoder
+    from scdrugmap.train.bundle import Head
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +207,16 @@ def probability_head(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor
     raise CheckpointError(msg)
 
 
-def _read_bundle(bundle: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from scdrugmap.train.heads import load_head_bundle
+def _read_bundle(bundle: str | Path | Head) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Return a head's facts and its network tensors (head weights, LoRA adapters, a baseline's fitted state) as
+    torch tensors; the trust kit and gene space are not part of the network."""
+    import torch
 
-    return load_head_bundle(bundle)
+    from scdrugmap.train.bundle import ENCODER_PREFIX, Head
+
+    head = bundle if isinstance(bundle, Head) else Head.read(bundle)
+    network = {**head.head_tensors, **{k: v for k, v in head.tensors.items() if k.startswith(ENCODER_PREFIX)}}
+    return head.meta, {k: torch.from_numpy(np.array(v)) for k, v in network.items()}
 
 
 # --- expression baselines ---------------------------------------------------------------------------------
@@ -422,13 +429,18 @@ def _integrated_gradients(model: torch.nn.Module, x: torch.Tensor, base: torch.T
 
 # --- in-silico deletion -----------------------------------------------------------------------------------
 
-def make_predict_function(encoder: Encoder, bundle: str | Path, *, layer: str | None = None,
+def make_predict_function(encoder: Encoder, bundle: str | Path | Head, *, layer: str | None = None,
                           allow_other_weights: bool = False) -> PredictFunction:
-    """Return ``adata -> P(sensitive)`` for a trained head bundle (`scdrugmap.train.predict.predict_cells`)."""
+    """Return ``adata -> calibrated P(sensitive)`` for a trained head, as `scdrugmap.tl.predict` computes it."""
+    from scdrugmap.train.bundle import Head
     from scdrugmap.train.predict import predict_cells
 
+    head = bundle if isinstance(bundle, Head) else Head.read(bundle)
+    kit = head.trust_kit()
+
     def predict(adata: ad.AnnData) -> np.ndarray:
-        return predict_cells(encoder, adata, bundle, layer=layer, allow_other_weights=allow_other_weights)
+        logits, _ = predict_cells(encoder, adata, head, layer=layer, allow_other_weights=allow_other_weights)
+        return kit.apply(logits, None).calibrated
 
     return predict
 
