@@ -22,7 +22,13 @@ from scdrugmap.explain.attribution import (
     token_attribution_hook,
 )
 from scdrugmap.models.baselines import HVGEncoder, PCAEncoder, log_normalise
-from scdrugmap.train.predict import predict_cells, train_bundle
+from scdrugmap.train.bundle import Head, sigmoid
+from scdrugmap.train.predict import fit_head, predict_cells
+
+
+def train_bundle(encoder, adata, y, groups, path, *, head="mlp"):
+    """Train a head with the package's own `fit_head` and save it as a bundle folder."""
+    return fit_head(encoder, adata, y, groups, head=head).save(path)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +88,7 @@ def test_torch_path_reproduces_predict_cells(encoder, head, kind, tmp_path):
         data.X = log_normalise(data.X, "counts")
     options = {"n_components": 10} if encoder is PCAEncoder else {"n_top_genes": 60}
     bundle = train_bundle(encoder(**options), data, labels(data), None, tmp_path / "bundle", head=head)
-    expected = predict_cells(encoder(**options), data, bundle)
+    expected = sigmoid(predict_cells(encoder(**options), data, Head.read(bundle))[0])
     for wrt in ("normalised", "expression"):
         result = attribute_expression(data, bundle, method="gradient", wrt=wrt, max_cells=None, batch_size=50)
         np.testing.assert_allclose(result.probability, expected, atol=2e-6)

@@ -138,7 +138,7 @@ class Attributions:
         if sp.issparse(values):
             values = values.astype(np.float64)
             mean = np.asarray(values.mean(axis=0)).ravel()
-            square = np.asarray(values.multiply(values).mean(axis=0)).ravel()
+            square = np.asarray(sp.csr_matrix(values).multiply(values).mean(axis=0)).ravel()
             absolute = np.asarray(abs(values).mean(axis=0)).ravel()
         else:
             values = np.asarray(values, dtype=np.float64)
@@ -193,6 +193,11 @@ def probability_head(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor
         return Probability(mlp).eval()
     if kind == "logistic":
         class Logistic(nn.Module):
+            mean: torch.Tensor
+            scale: torch.Tensor
+            coef: torch.Tensor
+            intercept: torch.Tensor
+
             def __init__(self) -> None:
                 super().__init__()
                 for name in ("mean", "scale", "coef", "intercept"):
@@ -251,12 +256,17 @@ def expression_model(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor
     components = tensors.get("encoder.components")
 
     class ExpressionModel(nn.Module):
+        columns: torch.Tensor
+        mean: torch.Tensor
+        components: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.head = head
-            self.register_buffer("columns", columns)
+            self.register_buffer("columns", torch.as_tensor(columns))
             self.projection = components is not None
-            if self.projection:
+            if components is not None:
+                assert mean is not None, "a pca state holds its mean with its components"
                 self.register_buffer("mean", mean.to(torch.float32))
                 self.register_buffer("components", components.to(torch.float32))
 
@@ -397,6 +407,7 @@ def attribute_expression(
             attribution = _integrated_gradients(model, x, base.expand_as(x), n_steps)
             with torch.no_grad():
                 p_base = model(base.expand_as(x))
+            assert delta is not None
             delta[lo : lo + len(x)] = (attribution.sum(dim=1) - (p - p_base)).numpy()
         else:
             gradient = _gradient(model, x)
@@ -431,16 +442,16 @@ def _integrated_gradients(model: torch.nn.Module, x: torch.Tensor, base: torch.T
 
 def make_predict_function(encoder: Encoder, bundle: str | Path | Head, *, layer: str | None = None,
                           allow_other_weights: bool = False) -> PredictFunction:
-    """Return ``adata -> calibrated P(sensitive)`` for a trained head, as `scdrugmap.tl.predict` computes it."""
-    from scdrugmap.train.bundle import Head
+    """Return ``adata -> P(sensitive)`` for a trained head: the head's own (uncalibrated) output, the quantity
+    the gradient attributions differentiate, so deletion effects and attributions share one scale."""
+    from scdrugmap.train.bundle import Head, sigmoid
     from scdrugmap.train.predict import predict_cells
 
     head = bundle if isinstance(bundle, Head) else Head.read(bundle)
-    kit = head.trust_kit()
 
     def predict(adata: ad.AnnData) -> np.ndarray:
         logits, _ = predict_cells(encoder, adata, head, layer=layer, allow_other_weights=allow_other_weights)
-        return kit.apply(logits, None).calibrated
+        return sigmoid(logits)
 
     return predict
 
@@ -661,6 +672,7 @@ def _token_head(encoder: TorchEncoder, bundle: str | Path | None,
         raise ConfigError(msg)
     if head is not None:
         return head
+    assert bundle is not None
     meta, tensors = _read_bundle(bundle)
     if meta.get("model") != encoder.name:
         msg = f"{bundle}: the head was trained on {meta.get('model')} embeddings, not {encoder.name}."

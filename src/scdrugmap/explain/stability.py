@@ -170,7 +170,7 @@ def bootstrap_stability(adata: ad.AnnData, rank: RankFunction, *, n_resamples: i
             resample = adata[rows].copy()
             resample.obs_names_make_unique()
         else:
-            resample = _resample_groups(adata, groups, group_key, label_key, rng)
+            resample = _resample_groups(adata, groups, str(group_key), label_key, rng)
         rankings[f"resample{i}"] = list(rank(resample))
         if progress is not None:
             progress(i + 1, n_resamples)
@@ -190,7 +190,9 @@ def _resample_groups(adata: ad.AnnData, groups: np.ndarray, group_key: str, labe
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
     code_of = {name: i for i, name in enumerate(uniques)}
-    pieces, copy_numbers, seen = [], [], {}
+    pieces: list[np.ndarray] = []
+    copy_numbers: list[np.ndarray] = []
+    seen: dict[str, int] = {}
     for name in chosen:
         code = code_of[name]
         rows = order[bounds[code] : bounds[code + 1]]
