@@ -22,12 +22,17 @@ from scdrugmap.data.gate import HDF5_SIGNATURE
 from scdrugmap.errors import SchemaError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     import anndata as ad
+    import scipy.sparse as sp
 
 log = logging.getLogger(__name__)
 
+#: Rows per block of `iter_row_blocks`.
+CHUNK_ROWS = 10_000
+#: Values per dense block of `iter_row_blocks` (fewer rows where genes are many): 128 MiB of float32.
+DENSE_BLOCK_VALUES = 2**25
 
 
 def read_h5ad(path: str | Path, *, backed: bool = False) -> ad.AnnData:
@@ -387,3 +392,41 @@ def data_fingerprint(adata: ad.AnnData, *, layer: str | None = None, chunk_rows:
         else:
             digest.update(np.ascontiguousarray(np.asarray(block, dtype=np.float32)).tobytes())
     return digest.hexdigest()
+
+
+def iter_row_blocks(X, *, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray | sp.csr_matrix]]:
+    """Yield ``(first row, block)`` over the rows of ``X`` in order, one block in memory at a time.
+
+    Parameters
+    ----------
+    X
+        Cells x genes, in memory (numpy, scipy sparse) or backed (an h5py dataset, or anndata's on-disk
+        CSR/CSC datasets from ``read_h5ad(path, backed=True)``).
+    chunk_rows
+        Rows per block; dense blocks hold at most `DENSE_BLOCK_VALUES` values (fewer rows where genes are
+        many).
+
+    Yields
+    ------
+    The first row of the block and the block: CSR for sparse ``X``, a numpy array for dense ``X``.
+
+    Notes
+    -----
+    A row-major matrix (CSR, dense; in memory or backed) is read one block of rows at a time. Rows of a
+    column-major matrix cannot be sliced cheaply: a CSC (or COO, ...) matrix in memory is converted to CSR
+    once, and a backed CSC matrix is read whole (both logged), so prefer CSR files for large data.
+    """
+    import scipy.sparse as sp
+
+    chunk_rows = max(1, int(chunk_rows))
+    n_cells, n_genes = (int(n) for n in X.shape)
+    layout = getattr(X, "format", None) if sp.issparse(X) or hasattr(X, "format") else "dense"
+    if layout not in ("csr", "dense"):
+        log.info("X is stored as %s, not by row: converting it to CSR whole to read it in row blocks", layout)
+        X = sp.csr_matrix(X.to_memory() if hasattr(X, "to_memory") else X)
+        layout = "csr"
+    if layout == "dense":
+        chunk_rows = min(chunk_rows, max(1, DENSE_BLOCK_VALUES // max(1, n_genes)))
+    for start in range(0, n_cells, chunk_rows):
+        block = X[start : start + chunk_rows]
+        yield start, (sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block))

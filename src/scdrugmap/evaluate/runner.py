@@ -91,7 +91,11 @@ def _run_prompt_jobs(jobs: list[Job], adata: ad.AnnData, labels: np.ndarray, key
 
 
 class _InMemory:
-    """The data in memory, read from the backed file the first time something needs the expression."""
+    """The data in memory, read from the backed file the first time something needs the expression.
+
+    Encoders that read a backed AnnData in row blocks themselves (``reads_backed``: the baselines) get
+    the backed data instead, so ``X`` is never loaded whole for them (`for_encoder`).
+    """
 
     def __init__(self, adata: ad.AnnData) -> None:
         self.adata, self._loaded = adata, None
@@ -100,6 +104,18 @@ class _InMemory:
         if self._loaded is None:
             self._loaded = self.adata.to_memory() if self.adata.isbacked else self.adata
         return self._loaded
+
+    def for_encoder(self, encoder: Any) -> ad.AnnData:
+        """Return the data as ``encoder`` should read it: backed when it streams, else in memory."""
+        return self.adata if getattr(encoder, "reads_backed", False) else self()
+
+
+def _rows_with_nan(embeddings: np.ndarray, chunk_rows: int = 65_536) -> np.ndarray:
+    """Return True per row holding a NaN, without a (cells x dim) temporary."""
+    rows = np.zeros(embeddings.shape[0], dtype=bool)
+    for start in range(0, embeddings.shape[0], chunk_rows):
+        rows[start : start + chunk_rows] = np.isnan(embeddings[start : start + chunk_rows]).any(axis=1)
+    return rows
 
 
 def pending_jobs(jobs: list[Job], finished: set[str]) -> list[Job]:
@@ -160,7 +176,8 @@ def _prepare_model(model: str, jobs: list[Job], config: BenchmarkConfig, adata: 
                                      resources=executor.resources, progress=report).embeddings
         else:
             def compute() -> np.ndarray:
-                return encoder.embed(memory(), layer=config.layer, batch_size=config.batch_size, progress=report)
+                return encoder.embed(memory.for_encoder(encoder), layer=config.layer, batch_size=config.batch_size,
+                                     progress=report)
         inputs.embeddings, facts = cached_embed(encoder, adata, data_fingerprint=fingerprint, layer=config.layer,
                                                 batch_size=config.batch_size, compute=compute)
     if (any(job.strategy == "lora" for job in jobs) and isinstance(encoder, TorchEncoder)
@@ -216,8 +233,9 @@ def _store_outcome(writer: JobWriter, unit: Unit, outcome: UnitOutcome, labels: 
 def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None = None) -> pd.DataFrame:
     """Run (or resume) the benchmark grid of ``config`` and return one row per job.
 
-    The data is opened backed: expression is read in chunks for the fingerprint and loaded whole only
-    when a model must embed (not cached) or fine-tune, or a language model is prompted.
+    The data is opened backed: expression is read in chunks for the fingerprint (and by the baselines,
+    which embed from row blocks), and loaded whole only when another model must embed (not cached) or
+    fine-tune, or a language model is prompted.
 
     Returns
     -------
@@ -310,12 +328,13 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
                                 "embed_cells_per_second": facts.get("cells_per_second")}
         valid = np.ones(adata.n_obs, dtype=bool)
         if inputs.embeddings is not None and inputs.embeddings.shape[1]:
-            valid = ~np.isnan(inputs.embeddings).any(axis=1)
+            valid = ~_rows_with_nan(inputs.embeddings)
             store.save_embedding_sample(model_name, inputs.embeddings, adata.obs_names, seed=config.seed)
         shared = executor.share(inputs)
         for unit in _units(runnable, valid):
             executor.submit(shared, unit)
         store_finished(wait=False)  # local: runs this model's units now; Ray: stores what is done so far
+        del inputs, shared  # the next model's embeddings never sit beside this one's
     store_finished(wait=True)
     results = store.consolidate()
     if model_facts:

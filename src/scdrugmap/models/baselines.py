@@ -7,6 +7,12 @@
 Counts, TPM and normalised values are scaled to 10,000 per cell and log1p-transformed;
 log-transformed and z-scored values are used as they are. Gene selection and PCA see
 all cells but no labels (like a foundation model's embedding, they are unsupervised).
+
+Both stream: the expression (in memory, or backed with ``read_h5ad(path, backed=True)``) is read in
+blocks of rows, each normalised on its own (the normalisation is per cell), and never densified or
+copied whole. Fitting reads it once for the gene statistics (mean and mean square of the normalised
+values of every gene), and PCA once more for the covariance of the selected genes; embedding reads it
+once for the output. Memory is one block plus the output, whatever the number of cells.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
+from scdrugmap.data.io import iter_row_blocks
 from scdrugmap.data.schema import detect_value_kind, expression_matrix
 from scdrugmap.errors import ConfigError
 from scdrugmap.models.base import Encoder, Progress
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import anndata as ad
     import numpy.typing as npt
 
@@ -31,30 +40,69 @@ log = logging.getLogger(__name__)
 TARGET_SUM = 1e4  # per-cell total before log1p, as scanpy's normalize_total default for this use
 N_TOP_GENES = 2000
 N_COMPONENTS = 50
+#: Cells read and normalised at a time: about 130 MB of transient memory at 1,650 stored values per cell
+#: over 20,000 genes, and a dense (cells x selected genes) float32 block of 33 MB at 2,000 genes.
+CHUNK_ROWS = 4096
+#: Value kinds used as they are (no per-cell scaling, no log).
+AS_IS_KINDS = frozenset({"log", "zscore", "negative"})
 
 
 def log_normalise(X: np.ndarray | sp.spmatrix, kind: str) -> sp.csr_matrix | np.ndarray:
-    """Return log1p(10,000 x X / row total) for count-like values, X itself for log or z-scored values."""
-    if kind in {"log", "zscore", "negative"}:
+    """Return log1p(10,000 x X / row total) for count-like values, X itself for log or z-scored values.
+
+    Row by row, so a block of rows normalises exactly as those rows of the whole matrix: the blocks of
+    `iter_row_blocks` are normalised one at a time. The result shares no memory with ``X`` where it
+    changes values.
+    """
+    if kind in AS_IS_KINDS:
         return sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
     X = sp.csr_matrix(X, dtype=np.float32)
     totals = np.asarray(X.sum(axis=1)).ravel()
     totals[totals == 0] = 1.0
-    X = sp.diags((TARGET_SUM / totals).astype(np.float32)) @ X
-    X.data = np.log1p(X.data)
-    return X.tocsr()
+    factors = (TARGET_SUM / totals).astype(np.float32)
+    data = X.data * np.repeat(factors, np.diff(X.indptr))  # float32: each value times its row's factor
+    np.log1p(data, out=data)
+    return sp.csr_matrix((data, X.indices, X.indptr), shape=X.shape)
 
 
-def highly_variable(X: sp.csr_matrix | np.ndarray, n_top: int) -> npt.NDArray[np.int64]:
-    """Return the column indices of the ``n_top`` most variable genes (ties by column order)."""
-    if sp.issparse(X):
-        mean = np.asarray(X.mean(axis=0)).ravel()
-        mean_sq = np.asarray(X.multiply(X).mean(axis=0)).ravel()
-    else:
-        mean, mean_sq = X.mean(axis=0), (X * X).mean(axis=0)
+def gene_moments(X, kind: str, *, chunk_rows: int = CHUNK_ROWS
+                 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Return the mean and the mean square of every gene's normalised values, in one pass over row blocks.
+
+    ``X`` may be in memory or backed (see `iter_row_blocks`); sums are float64.
+    """
+    n_cells, n_genes = (int(n) for n in X.shape)
+    total = np.zeros(n_genes, dtype=np.float64)
+    total_sq = np.zeros(n_genes, dtype=np.float64)
+    for _, block in iter_row_blocks(X, chunk_rows=chunk_rows):
+        normalised = log_normalise(block, kind)
+        if sp.issparse(normalised):
+            values = normalised.data.astype(np.float64)
+            total += np.bincount(normalised.indices, weights=values, minlength=n_genes)
+            total_sq += np.bincount(normalised.indices, weights=values * values, minlength=n_genes)
+        else:
+            values = normalised.astype(np.float64)
+            total += values.sum(axis=0)
+            total_sq += (values * values).sum(axis=0)
+    n = max(1, n_cells)
+    return total / n, total_sq / n
+
+
+def top_variable(mean: npt.NDArray[np.float64], mean_sq: npt.NDArray[np.float64],
+                 n_top: int) -> npt.NDArray[np.int64]:
+    """Return the column indices (sorted) of the ``n_top`` genes of largest variance (ties by column order)."""
     variance = mean_sq - mean**2
-    order = np.argsort(-variance, kind="stable")[: min(n_top, X.shape[1])]
+    order = np.argsort(-variance, kind="stable")[: min(n_top, variance.size)]
     return np.sort(order)
+
+
+def highly_variable(X, n_top: int, *, kind: str = "log", chunk_rows: int = CHUNK_ROWS) -> npt.NDArray[np.int64]:
+    """Return the column indices of the ``n_top`` most variable genes of ``X`` (ties by column order).
+
+    ``X`` holds values as they are by default (``kind="log"``: already normalised); pass the value kind
+    of raw data (``counts``, ...) to normalise it block by block first.
+    """
+    return top_variable(*gene_moments(X, kind, chunk_rows=chunk_rows), n_top)
 
 
 class _ExpressionBaseline(Encoder):
@@ -68,6 +116,8 @@ class _ExpressionBaseline(Encoder):
 
     family = "baseline"
     input_kind = "any"
+    #: `embed` and `fit` read a backed AnnData in row blocks themselves: callers need not load it.
+    reads_backed: ClassVar[bool] = True
 
     def __init__(self, n_top_genes: int = N_TOP_GENES) -> None:
         self.n_top_genes = n_top_genes
@@ -77,30 +127,39 @@ class _ExpressionBaseline(Encoder):
     def from_pretrained(cls, path_or_name: str | Path | None = None, **options: Any) -> Encoder:
         return cls(**options)
 
-    def _normalised(self, adata: ad.AnnData, layer: str | None) -> sp.csr_matrix | np.ndarray:
+    @staticmethod
+    def _source(adata: ad.AnnData, layer: str | None) -> tuple[Any, str]:
+        """Return the expression (in memory or backed, never loaded here) and its value kind."""
         X = expression_matrix(adata, layer)
-        if hasattr(X, "to_memory"):
-            X = X.to_memory()
-        return log_normalise(X, detect_value_kind(X))
+        return X, detect_value_kind(X)
 
-    def _select(self, adata: ad.AnnData, normalised, genes: np.ndarray) -> np.ndarray:
-        """Return the columns of ``genes`` (zeros for genes the data lacks, which are logged)."""
+    def _fit_genes(self, adata: ad.AnnData, X, kind: str) -> npt.NDArray[np.float64]:
+        """Pick the highly variable genes (one pass); return their mean normalised values."""
+        mean, mean_sq = gene_moments(X, kind)
+        columns = top_variable(mean, mean_sq, self.n_top_genes)
+        self.genes_ = np.asarray(adata.var_names.astype(str))[columns]
+        return mean[columns]
+
+    def _selected_blocks(self, adata: ad.AnnData, X, kind: str, genes: np.ndarray,
+                         ) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
+        """Yield (first row, dense float32 normalised values of ``genes``) per block of rows.
+
+        Genes the data lacks are columns of zeros (logged once).
+        """
         names = np.asarray(adata.var_names.astype(str))
         position = {name: i for i, name in enumerate(names)}
-        columns = np.array([position.get(g, -1) for g in genes])
-        missing = int((columns < 0).sum())
-        if missing:
-            log.warning("%d of the %d fitted genes are absent from the data; they count as 0", missing, genes.size)
-        dense = normalised[:, np.maximum(columns, 0)]
-        dense = dense.toarray() if sp.issparse(dense) else np.asarray(dense)
-        dense[:, columns < 0] = 0.0
-        return dense.astype(np.float32)
-
-    def _hvg_matrix(self, adata: ad.AnnData, layer: str | None, *, refit: bool) -> np.ndarray:
-        normalised = self._normalised(adata, layer)
-        if refit or self.genes_ is None:
-            self.genes_ = np.asarray(adata.var_names.astype(str))[highly_variable(normalised, self.n_top_genes)]
-        return self._select(adata, normalised, self.genes_)
+        columns = np.array([position.get(g, -1) for g in genes], dtype=np.int64)
+        missing = columns < 0
+        if missing.any():
+            log.warning("%d of the %d fitted genes are absent from the data; they count as 0",
+                        int(missing.sum()), genes.size)
+        taken = np.maximum(columns, 0)
+        for start, block in iter_row_blocks(X, chunk_rows=CHUNK_ROWS):
+            normalised = log_normalise(block, kind)
+            dense = normalised[:, taken]  # a new array either way
+            dense = dense.toarray() if sp.issparse(dense) else dense
+            dense[:, missing] = 0.0
+            yield start, dense
 
     def state(self) -> dict[str, np.ndarray]:
         """Return the fitted state (gene names as a fixed-width byte array, so safetensors can hold it)."""
@@ -125,27 +184,48 @@ class HVGEncoder(_ExpressionBaseline):
         return self.n_top_genes if self.genes_ is None else int(self.genes_.size)
 
     def fit(self, adata: ad.AnnData, *, layer: str | None = None) -> HVGEncoder:
-        self._hvg_matrix(adata, layer, refit=True)
+        X, kind = self._source(adata, layer)
+        self._fit_genes(adata, X, kind)
         return self
 
     def embed(self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int | None = None,
               progress: Progress | None = None) -> npt.NDArray[np.float32]:
-        if self.genes_ is not None:
-            return self._hvg_matrix(adata, layer, refit=False)
-        out = self._hvg_matrix(adata, layer, refit=True)  # unfitted: select on this data, stay stateless
-        self.genes_ = None
+        X, kind = self._source(adata, layer)
+        fitted_here = self.genes_ is None
+        if fitted_here:  # unfitted: select on this data, stay stateless
+            self._fit_genes(adata, X, kind)
+        out = np.empty((adata.n_obs, self.genes_.size), dtype=np.float32)
+        for start, block in self._selected_blocks(adata, X, kind, self.genes_):
+            out[start : start + block.shape[0]] = block
+            if progress:
+                progress(start + block.shape[0], adata.n_obs)
+        if fitted_here:
+            self.genes_ = None
         return out
 
 
 class PCAEncoder(_ExpressionBaseline):
-    """Principal components of the log-normalised highly variable genes."""
+    """Principal components of the log-normalised highly variable genes.
+
+    Notes
+    -----
+    The components are those of scikit-learn's exact ``PCA(svd_solver="covariance_eigh")``: the
+    eigenvectors of the covariance of the selected genes (largest first, signs by `svd_flip`), with the
+    covariance summed over row blocks (centred on the exact gene means) instead of from the whole
+    matrix. Before, they came from ``PCA(svd_solver="randomized")`` on the dense matrix, an
+    approximation: the leading components agree (tests/models/test_baselines.py), trailing ones with
+    near-equal variances may differ, so `describe` names the solver and old cached embeddings are not
+    reused. Head bundles of either keep working: they carry their own genes, mean and components.
+    """
 
     name: ClassVar[str] = "pca"
+    #: How the components are computed, part of the embedding cache key (see `describe`).
+    solver: ClassVar[str] = "covariance_eigh over row blocks"
 
     def __init__(self, n_components: int = N_COMPONENTS, n_top_genes: int = N_TOP_GENES, seed: int = 0) -> None:
         super().__init__(n_top_genes)
         self.n_components = n_components
-        self.seed = seed
+        self.seed = seed  # kept for old configurations: the exact solver draws no random numbers
         self.mean_: np.ndarray | None = None
         self.components_: np.ndarray | None = None
 
@@ -153,26 +233,47 @@ class PCAEncoder(_ExpressionBaseline):
     def embedding_dim(self) -> int:
         return self.n_components
 
-    def fit(self, adata: ad.AnnData, *, layer: str | None = None) -> PCAEncoder:
-        from sklearn.decomposition import PCA
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "solver": self.solver}
 
-        X = self._hvg_matrix(adata, layer, refit=True)
-        n_components = min(self.n_components, X.shape[0] - 1, X.shape[1])
-        pca = PCA(n_components=n_components, svd_solver="randomized", random_state=self.seed).fit(X)
-        self.mean_ = pca.mean_.astype(np.float32)
-        self.components_ = np.zeros((self.n_components, X.shape[1]), dtype=np.float32)
-        self.components_[:n_components] = pca.components_
+    def fit(self, adata: ad.AnnData, *, layer: str | None = None) -> PCAEncoder:
+        X, kind = self._source(adata, layer)
+        self._fit(adata, X, kind)
         return self
+
+    def _fit(self, adata: ad.AnnData, X, kind: str) -> None:
+        """Select genes (one pass), then sum the covariance of their values over row blocks (another)."""
+        from scipy.linalg import eigh
+        from sklearn.utils.extmath import svd_flip
+
+        mean = self._fit_genes(adata, X, kind)
+        n_cells, n_genes = adata.n_obs, int(self.genes_.size)
+        gram = np.zeros((n_genes, n_genes), dtype=np.float64)
+        for _, block in self._selected_blocks(adata, X, kind, self.genes_):
+            centred = block.astype(np.float64)
+            centred -= mean
+            gram += centred.T @ centred  # float64 throughout: the result does not depend on the block size
+        n_components = min(self.n_components, n_cells - 1, n_genes)
+        self.mean_ = mean.astype(np.float32)
+        self.components_ = np.zeros((self.n_components, n_genes), dtype=np.float32)
+        if n_components < 1:
+            return
+        covariance = gram / max(1, n_cells - 1)
+        _, vectors = eigh(covariance, subset_by_index=[n_genes - n_components, n_genes - 1])
+        _, components = svd_flip(None, vectors[:, ::-1].T, u_based_decision=False)  # largest first
+        self.components_[:n_components] = components
 
     def embed(self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int | None = None,
               progress: Progress | None = None) -> npt.NDArray[np.float32]:
-        if self.components_ is None:  # unfitted: fit on this data, without labels
-            self.fit(adata, layer=layer)
-            fitted_here = True
-        else:
-            fitted_here = False
-        X = self._hvg_matrix(adata, layer, refit=False)
-        out = ((X - self.mean_) @ self.components_.T).astype(np.float32)
+        X, kind = self._source(adata, layer)
+        fitted_here = self.components_ is None
+        if fitted_here:  # unfitted: fit on this data, without labels
+            self._fit(adata, X, kind)
+        out = np.empty((adata.n_obs, self.n_components), dtype=np.float32)
+        for start, block in self._selected_blocks(adata, X, kind, self.genes_):
+            out[start : start + block.shape[0]] = (block - self.mean_) @ self.components_.T
+            if progress:
+                progress(start + block.shape[0], adata.n_obs)
         if fitted_here:
             self.mean_ = self.components_ = self.genes_ = None  # stay stateless between data sets
         return out
@@ -194,6 +295,7 @@ class MajorityEncoder(Encoder):
 
     name: ClassVar[str] = "majority"
     shardable: ClassVar[bool] = True  # no computation per cell at all
+    reads_backed: ClassVar[bool] = True  # reads no expression at all
     family = "baseline"
     input_kind = "any"
 
