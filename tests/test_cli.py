@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -158,3 +161,35 @@ def test_predict_adds_gene_overlap_to_obs_and_csv(strategy, shared, tmp_path):
     assert ((overlap > 0) & (overlap < 1)).all()
     low = int((overlap < 0.5).sum())
     assert f"{low} of 48 cells have less than 50% of their expressed genes in scgpt's vocabulary" in predicted.output
+
+
+# --- start-up: commands that run no network import no torch ---------------------------------------------------------
+
+#: Runs the command line in a fresh interpreter and writes, at exit, whether torch was imported.
+TORCH_PROBE = ("import atexit, sys\n"
+               "atexit.register(lambda: sys.stderr.write(f\"torch imported: {'torch' in sys.modules}\\n\"))\n"
+               "from scdrugmap.cli import main\n"
+               "sys.argv = ['scdrugmap', *sys.argv[1:]]\n"
+               "main()\n")
+
+
+def run_fresh(*args: str) -> subprocess.CompletedProcess:
+    """Run ``scdrugmap ARGS`` in a fresh interpreter, so no test has imported torch into it."""
+    return subprocess.run([sys.executable, "-c", TORCH_PROBE, *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def small_h5ad(tmp_path):
+    path = tmp_path / "cells.h5ad"
+    make_adata().write_h5ad(path)
+    return path
+
+
+@pytest.mark.parametrize("args", [("--help",), ("check", "{h5ad}"), ("datasets", "list"), ("datasets", "show", "P07"),
+                                  ("datasets", "simulate", "--cells", "60", "--genes", "40", "--out", "{tmp}/sim")],
+                         ids=["help", "check", "datasets-list", "datasets-show", "datasets-simulate"])
+def test_commands_without_a_network_never_import_torch(args, small_h5ad, tmp_path):
+    args = [a.format(h5ad=small_h5ad, tmp=tmp_path) for a in args]
+    done = run_fresh(*args)
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stderr, done.stderr

@@ -8,8 +8,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from scipy.spatial.distance import cdist
+from sklearn.decomposition import PCA
 
 from scdrugmap.errors import ConfigError
+from scdrugmap.evaluate import projection
 from scdrugmap.report.projection import MIN_UMAP_CELLS, project_embedding, umap_fallback_reason
 
 
@@ -21,6 +24,7 @@ class FakeUMAP:
 
     def fit_transform(self, data):
         FakeUMAP.calls["shape"] = data.shape
+        FakeUMAP.calls["data"] = data
         return data[:, :2] * 2
 
 
@@ -34,7 +38,7 @@ def fake_umap(monkeypatch):
 def test_projection_falls_back_to_pca_without_umap_and_says_so(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "umap", None)  # import umap -> ImportError
     embedding = np.random.default_rng(0).normal(size=(40, 6))
-    with caplog.at_level(logging.WARNING, logger="scdrugmap.report.projection"):
+    with caplog.at_level(logging.WARNING, logger="scdrugmap.evaluate.projection"):
         coordinates, method = project_embedding(embedding, method="auto")
     assert coordinates.shape == (40, 2) and method == "pca"
     assert "instead of UMAP: umap-learn is not installed" in caplog.text
@@ -46,7 +50,7 @@ def test_projection_falls_back_to_pca_without_umap_and_says_so(monkeypatch, capl
 def test_umap_needs_the_minimum_of_cells_and_falls_back_to_pca_below_it(fake_umap, caplog):
     embedding = np.random.default_rng(0).normal(size=(MIN_UMAP_CELLS - 1, 6))
     for method in ("auto", "umap"):
-        with caplog.at_level(logging.WARNING, logger="scdrugmap.report.projection"):
+        with caplog.at_level(logging.WARNING, logger="scdrugmap.evaluate.projection"):
             coordinates, chosen = project_embedding(embedding, method=method)
         assert chosen == "pca" and coordinates.shape == (MIN_UMAP_CELLS - 1, 2)
     assert f"too few cells for UMAP ({MIN_UMAP_CELLS - 1} < {MIN_UMAP_CELLS})" in caplog.text
@@ -54,13 +58,22 @@ def test_umap_needs_the_minimum_of_cells_and_falls_back_to_pca_below_it(fake_uma
     assert project_embedding(np.vstack([embedding, embedding[:1]]), method="auto")[1] == "umap"
 
 
-def test_umap_runs_on_the_principal_components_with_a_fixed_seed(fake_umap):
+def test_umap_runs_on_the_distances_of_the_principal_components_with_a_fixed_seed(fake_umap):
     embedding = np.random.default_rng(0).normal(size=(80, 120))
     coordinates, method = project_embedding(embedding, method="auto", seed=7)
     assert method == "umap"
-    assert fake_umap["shape"] == (80, 50)  # at most 50 principal components go into UMAP
-    assert fake_umap["options"] == {"n_components": 2, "n_neighbors": 15, "random_state": 7}
+    assert fake_umap["options"] == {"n_components": 2, "n_neighbors": 15, "random_state": 7, "metric": "precomputed"}
+    components = PCA(n_components=50, random_state=7).fit_transform(embedding)  # at most 50 PCs go into UMAP
+    assert np.allclose(fake_umap["data"], cdist(components, components))
     assert coordinates.shape == (80, 2) and coordinates.dtype == np.float32
+
+
+def test_umap_searches_neighbours_itself_from_its_exact_limit_on(fake_umap, monkeypatch):
+    monkeypatch.setattr(projection, "UMAP_EXACT_BELOW", 60)
+    embedding = np.random.default_rng(0).normal(size=(80, 120))
+    project_embedding(embedding, method="auto", seed=7)
+    assert fake_umap["options"] == {"n_components": 2, "n_neighbors": 15, "random_state": 7}
+    assert fake_umap["shape"] == (80, 50)
 
 
 def test_pca_projection_gives_the_top_two_principal_components():
@@ -78,14 +91,14 @@ def test_cells_without_a_finite_embedding_keep_nan_coordinates(fake_umap):
     embedding[[3, 7], 1] = np.nan
     embedding[11, 0] = np.inf
     coordinates, method = project_embedding(embedding, method="auto")
-    assert method == "umap" and fake_umap["shape"][0] == 27
+    assert method == "umap" and fake_umap["shape"] == (27, 27)
     assert np.isnan(coordinates[[3, 7, 11]]).all()
     assert np.isfinite(np.delete(coordinates, [3, 7, 11], axis=0)).all()
 
 
 @pytest.mark.parametrize("embedding", [np.ones((30, 1)), np.full((30, 4), np.nan), np.ones((2, 4)), np.ones(30)])
 def test_no_view_without_two_dimensions_or_three_finite_cells(embedding, caplog):
-    with caplog.at_level(logging.WARNING, logger="scdrugmap.report.projection"):
+    with caplog.at_level(logging.WARNING, logger="scdrugmap.evaluate.projection"):
         assert project_embedding(embedding, method="pca") == (None, None)
     assert "no 2-D view" in caplog.text
 

@@ -23,7 +23,11 @@ the report, the web server and users. Its files:
 ``models.json``
     Facts per model: embedding time and cache use, size, input kind, LoRA targets.
 ``embeddings/<model>.npz``
-    Up to `EMBEDDING_SAMPLE` cells' embeddings (``embedding`` float32, ``cell`` names), for maps.
+    Up to `EMBEDDING_SAMPLE` cells' embeddings (``embedding`` float32, ``cell`` names) and their
+    2-D map, computed once in the run (``coordinates`` float32 cells x 2, NaN where the embedding
+    is not finite; ``projection``: the method used, ``umap`` or ``pca``; ``projection_requested``;
+    ``projection_seed``; ``projection_note``: why it fell back to PCA, or empty). Folders of older
+    runs have no map; readers compute one (`RunFolder.embedding_map` is then None).
 
 Every file is written to ``<name>.tmp`` first and renamed into place (`os.replace`), so a reader
 never sees half a file.
@@ -37,6 +41,7 @@ import logging
 import os
 import platform
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +57,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     from scdrugmap.evaluate.grid import Job
+    from scdrugmap.evaluate.projection import Projection
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,45 @@ def _read_json(path: Path) -> dict[str, Any]:
         log.info("%s is missing; what it would hold is left out", path)
         return {}
     return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class EmbeddingMap:
+    """A model's stored 2-D map of its embedding sample, row for row with `RunFolder.embedding`.
+
+    Attributes
+    ----------
+    coordinates
+        Float32, cells x 2; NaN where the cell's embedding is not finite.
+    method
+        The method that made it: ``umap`` or ``pca``.
+    requested
+        The method asked for (``auto``, ``umap`` or ``pca``).
+    seed
+        The seed it was made with.
+    note
+        Why ``method`` is PCA although UMAP could have been chosen (``auto``), else empty.
+    """
+
+    coordinates: npt.NDArray[np.float32]
+    method: str
+    requested: str
+    seed: int
+    note: str = ""
+
+
+def _embedding_map_arrays(sample: np.ndarray, projection: Projection, seed: int) -> dict[str, np.ndarray]:
+    """Return the arrays of a sample's 2-D map as the embedding file stores them (none without a 2-D view)."""
+    from scdrugmap.evaluate.projection import project_embedding, umap_fallback_reason
+
+    coordinates, method = project_embedding(sample, method=projection, seed=seed)
+    if coordinates is None or method is None:
+        return {}
+    note = ""
+    if method == "pca" and projection != "pca":
+        note = umap_fallback_reason(int(np.isfinite(sample).all(axis=1).sum())) or ""
+    return {"coordinates": coordinates, "projection": np.asarray(method), "projection_requested": np.asarray(projection),
+            "projection_seed": np.asarray(seed, dtype=np.int64), "projection_note": np.asarray(note)}
 
 
 def results_file(run_dir: str | Path) -> Path:
@@ -232,18 +277,27 @@ class ResultStore:
                 frame[name] = obs[column].astype(str).to_numpy()
         _write_parquet_atomic(frame, self.run_dir / CELLS)
 
-    def save_embedding_sample(self, model: str, embeddings: np.ndarray, obs_names: pd.Index, *, seed: int) -> None:
-        """Write up to `EMBEDDING_SAMPLE` cells' embeddings of ``model`` (drawn with ``seed``), for maps in reports."""
+    def save_embedding_sample(self, model: str, embeddings: np.ndarray, obs_names: pd.Index, *, seed: int,
+                              projection: Projection | None = "auto") -> None:
+        """Write up to `EMBEDDING_SAMPLE` cells' embeddings of ``model`` (drawn with ``seed``) and their 2-D map.
+
+        The map (`scdrugmap.evaluate.projection.project_embedding` of the sample, with ``seed``) is
+        computed here, once per model and run, so reports reuse it; ``projection=None`` stores none.
+        """
         rng = np.random.default_rng(seed)
         rows = np.arange(embeddings.shape[0])
         if rows.size > EMBEDDING_SAMPLE:
             rows = np.sort(rng.choice(rows, EMBEDDING_SAMPLE, replace=False))
+        sample = np.asarray(embeddings[rows], dtype=np.float32)
+        arrays: dict[str, np.ndarray] = {"embedding": sample, "cell": np.asarray(obs_names[rows], dtype=str)}
+        if projection is not None:
+            arrays.update(_embedding_map_arrays(sample, projection, seed))
         folder = self.run_dir / EMBEDDINGS_DIR
         folder.mkdir(exist_ok=True)
 
         def write(tmp: Path) -> None:
             with tmp.open("wb") as handle:  # a handle: numpy would add .npz to the name of a path
-                np.savez_compressed(handle, embedding=embeddings[rows], cell=np.asarray(obs_names[rows], dtype=str))
+                np.savez_compressed(handle, **arrays)
 
         _write_atomic(folder / f"{model}{EMBEDDING_SUFFIX}", write)
 
@@ -346,6 +400,9 @@ class RunFolder:
         True when the cells came from the simulator (``config["data"] == "demo"``).
     model_list
         Every model of the run, in the order of the run's config, then any other, sorted.
+
+    ``embedding_models()``, ``embedding(model)`` and ``embedding_map(model)`` read the saved
+    embedding samples and their stored 2-D maps (`EmbeddingMap`).
 
     Examples
     --------
@@ -458,6 +515,25 @@ class RunFolder:
                 raise ConfigError(msg) from err
         return embedding, cells
 
+    def embedding_map(self, model: str) -> EmbeddingMap | None:
+        """Return the 2-D map the run stored with a model's embedding sample, or None when it stored none.
+
+        Runs written before maps were stored, and samples with no 2-D view (fewer than two
+        dimensions or three finite cells), have none.
+
+        Raises
+        ------
+        FileNotFoundError
+            When the run saved no sample for ``model`` (see `embedding_models`).
+        """
+        path = self.path / EMBEDDINGS_DIR / f"{model}{EMBEDDING_SUFFIX}"
+        with np.load(path, allow_pickle=False) as saved:
+            if "coordinates" not in saved.files:
+                return None
+            return EmbeddingMap(coordinates=np.asarray(saved["coordinates"], dtype=np.float32),
+                                method=str(saved["projection"]), requested=str(saved["projection_requested"]),
+                                seed=int(saved["projection_seed"]), note=str(saved["projection_note"]))
+
 
 def _no_results(run_dir: Path) -> ConfigError:
     return ConfigError(f"{run_dir}: no results found; run `scdrugmap benchmark --out {run_dir}` first.")
@@ -477,7 +553,8 @@ def read_run(run_dir: str | Path) -> RunFolder:
     The run (`RunFolder`): ``results`` (one row per job), ``predictions`` (one row per cell and
     scored job), ``cells``, ``config``, ``environment``, ``models`` (facts per model),
     ``fingerprint``, ``splits``, ``simulated``, ``model_list``, and ``embedding_models()`` /
-    ``embedding(model)`` for the saved embedding samples. Files are read on first use.
+    ``embedding(model)`` / ``embedding_map(model)`` for the saved embedding samples and their 2-D
+    maps. Files are read on first use.
 
     Raises
     ------

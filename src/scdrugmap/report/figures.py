@@ -22,7 +22,7 @@ import functools
 import logging
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import matplotlib as mpl
@@ -32,8 +32,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from scdrugmap.evaluate.projection import Projection, project_embedding, umap_fallback_reason
 from scdrugmap.evaluate.store import MODELS, PREDICTIONS
-from scdrugmap.report.projection import Projection, project_embedding, umap_fallback_reason
+from scdrugmap.report.render import RenderedFigure
 from scdrugmap.report.run import (
     RunData,
     categories_order,
@@ -63,6 +64,8 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     from matplotlib.axes import Axes
     from matplotlib.projections.polar import PolarAxes
+
+    from scdrugmap.evaluate.store import EmbeddingMap
 
 log = logging.getLogger(__name__)
 
@@ -417,21 +420,51 @@ def plot_embedding(coordinates: npt.NDArray[np.floating], cells: pd.DataFrame, *
     return figure
 
 
-def embedding_figures(run: RunData, *, projection: Projection = "auto", seed: int = 0) -> list[tuple[str, Figure]]:
-    """Return (model, figure) for every model with a saved embedding sample."""
+def _stored_map(run: RunData, model: str, projection: Projection, seed: int) -> EmbeddingMap | None:
+    """Return the run's stored map of ``model`` when it is what ``projection`` and ``seed`` would compute."""
+    stored = run.embedding_map(model)
+    if stored is None or stored.seed != seed:
+        return None
+    if stored.requested == projection or stored.method == projection:
+        return stored
+    return None
+
+
+def _embedding_map(run: RunData, model: str, embedding: np.ndarray, *, projection: Projection,
+                   seed: int) -> tuple[np.ndarray | None, str | None, str]:
+    """Return (coordinates, method, fallback note) of a model's sample: the run's stored map, else computed."""
+    stored = _stored_map(run, model, projection, seed)
+    if stored is not None and stored.coordinates.shape == (embedding.shape[0], 2):
+        log.debug("the %s map is the one stored in the run (%s)", model, stored.method)
+        return stored.coordinates, stored.method, stored.note if projection != "pca" else ""
+    coordinates, method = project_embedding(embedding, method=projection, seed=seed)
+    note = ""
+    if method == "pca" and projection != "pca":
+        note = umap_fallback_reason(int(np.isfinite(embedding).all(axis=1).sum())) or ""
+    return coordinates, method, note
+
+
+def embedding_figures(run: RunData, *, projection: Projection = "auto",
+                      seed: int | None = None) -> list[tuple[str, Figure]]:
+    """Return (model, figure) for every model with a saved embedding sample.
+
+    The 2-D map is the one the run stored with the sample when it was made the same way (method
+    and seed; ``seed=None`` is the run's seed); older runs, or another method or seed, compute it.
+    """
+    seed = run.seed if seed is None else seed
     figures = []
     for model in run.embedding_models():
         embedding, cell_names = run.embedding(model)
         if embedding.ndim != 2 or embedding.shape[1] == 0 or embedding.shape[0] == 0:
             continue
-        finite = np.isfinite(embedding).all(axis=1)
-        embedding, cell_names = embedding[finite], cell_names[finite]
-        coordinates, method = project_embedding(embedding, method=projection, seed=seed)
+        coordinates, method, note = _embedding_map(run, model, embedding, projection=projection, seed=seed)
         if coordinates is None:
             continue
+        finite = np.isfinite(coordinates).all(axis=1)
+        coordinates, cell_names = coordinates[finite], cell_names[finite]
         label = "UMAP" if method == "umap" else "PCA 2-D"
-        if method == "pca" and projection != "pca":
-            label += f" (fallback: {umap_fallback_reason(len(embedding))})"
+        if note:
+            label += f" (fallback: {note})"
         if run.cells is not None:
             meta = run.cells.drop_duplicates("cell").set_index("cell").reindex(cell_names)
             meta = meta.fillna("unknown")
@@ -978,14 +1011,21 @@ class ReportFigure:
     caption: str
     figure: Figure
     section: str = "Paper figures"
+    _rendered: RenderedFigure | None = field(default=None, init=False, repr=False, compare=False)
+
+    def save(self, fmt: str) -> bytes:
+        """Return the figure saved as ``fmt``: laid out once, each format drawn once (`RenderedFigure`)."""
+        if self._rendered is None:
+            self._rendered = RenderedFigure(self.figure)
+        return self._rendered.save(fmt)
 
 
 def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-def build_figures(run: RunData, *, projection: Projection = "auto", seed: int = 0) -> list[ReportFigure]:
-    """Return every figure of a run's report, in report order."""
+def build_figures(run: RunData, *, projection: Projection = "auto", seed: int | None = None) -> list[ReportFigure]:
+    """Return every figure of a run's report, in report order (``seed=None``: the run's seed)."""
     results = run.results
     colours = model_colours(run.model_list)
     split = reference_split(results)

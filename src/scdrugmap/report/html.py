@@ -11,26 +11,18 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
-import io
 import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import matplotlib as mpl
 import pandas as pd
 
 from scdrugmap.evaluate.store import MODELS
 from scdrugmap.report.serialise import make_json_safe
-from scdrugmap.report.style import RC_PARAMS
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
     from scdrugmap.report.figures import ReportFigure
     from scdrugmap.report.run import RunData
-
-#: Resolution of figures embedded in the HTML (files on disk use the format's own setting).
-EMBED_DPI = 110
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1200px;
@@ -49,13 +41,10 @@ nav ul { columns: 2; font-size: .9rem; }
 """
 
 
-def figure_data_uri(figure: Figure, *, fmt: str = "png", dpi: int = EMBED_DPI) -> str:
-    """Return a figure as a base64 data URI (``png`` or ``svg``)."""
-    buffer = io.BytesIO()
-    with mpl.rc_context(RC_PARAMS):
-        figure.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight")
+def data_uri(image: bytes, *, fmt: str = "png") -> str:
+    """Return saved image bytes (``png`` or ``svg``) as a base64 data URI."""
     mime = "image/svg+xml" if fmt == "svg" else f"image/{fmt}"
-    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+    return f"data:{mime};base64,{base64.b64encode(image).decode('ascii')}"
 
 
 def _table(frame: pd.DataFrame, *, floats: str = "{:.3f}") -> str:
@@ -109,7 +98,8 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
     run
         The run read by `scdrugmap.report.run.read_run_data`.
     figures
-        Figures in report order; each is embedded as a PNG data URI with its caption.
+        Figures in report order; each is embedded as a PNG data URI with its caption: the PNG
+        the report writes as a file (`ReportFigure.save`), made once for both.
     best, scalability, unscored
         Tables from `scdrugmap.report.tables`.
     counts
@@ -151,7 +141,7 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
         parts.append(f"<h2 id='{_anchor(section)}'>{escape(section)}</h2>")
         for item in (f for f in figures if f.section == section):
             parts.append(f"<figure id='figure-{escape(item.name)}'><h3>{escape(item.title)}</h3>"
-                         f"<img src='{figure_data_uri(item.figure)}' alt='{escape(item.title)}'>"
+                         f"<img src='{data_uri(item.save('png'))}' alt='{escape(item.title)}'>"
                          f"<figcaption>{escape(item.caption)}</figcaption></figure>")
     if plotly_divs:
         parts.append("<h2 id='interactive'>Interactive figures</h2>")

@@ -1,118 +1,19 @@
-"""The one 2-D projection of cell embeddings: the report's embedding maps and the web's results page.
+"""The 2-D projection of cell embeddings, as the report, `scdrugmap.pl` and the web import it.
 
-`project_embedding` centres the cells and takes their principal components; UMAP
-(umap-learn) maps at most `UMAP_INPUT_PCS` of them to 2-D (the usual scanpy practice), or
-the first two components are the map. UMAP needs `MIN_UMAP_CELLS` cells; below that, or
-without umap-learn, ``method="auto"`` falls back to PCA and logs why.
+It lives in `scdrugmap.evaluate.projection`: a benchmark run computes each model's map once
+and stores it with the embedding sample (`scdrugmap.evaluate.store`), and the report reuses it.
 """
 
-from __future__ import annotations
+from scdrugmap.evaluate.projection import (
+    MIN_CELLS,
+    MIN_UMAP_CELLS,
+    UMAP_INPUT_PCS,
+    UMAP_MISSING,
+    UMAP_NEIGHBOURS,
+    Projection,
+    project_embedding,
+    umap_fallback_reason,
+)
 
-import logging
-import warnings
-from typing import TYPE_CHECKING, Literal
-
-import numpy as np
-
-from scdrugmap.errors import ConfigError
-
-if TYPE_CHECKING:
-    import numpy.typing as npt
-
-log = logging.getLogger(__name__)
-
-Projection = Literal["auto", "umap", "pca"]
-#: UMAP is run on at most this many principal components.
-UMAP_INPUT_PCS = 50
-#: Fewest cells (with a finite embedding) UMAP is run on; fewer give PCA, with a warning.
-MIN_UMAP_CELLS = 20
-#: Fewest cells (with a finite embedding) that get a 2-D view at all.
-MIN_CELLS = 3
-#: UMAP's neighbourhood size (umap-learn's default), lowered to the cells there are minus one.
-UMAP_NEIGHBOURS = 15
-
-
-UMAP_MISSING = "umap-learn is not installed"
-
-
-def _umap_installed() -> bool:
-    try:
-        import umap  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def umap_fallback_reason(n_cells: int) -> str | None:
-    """Return why UMAP cannot map ``n_cells`` cells (umap-learn missing, too few cells), or None when it can."""
-    if not _umap_installed():
-        return UMAP_MISSING
-    if n_cells < MIN_UMAP_CELLS:
-        return f"too few cells for UMAP ({n_cells} < {MIN_UMAP_CELLS})"
-    return None
-
-
-def project_embedding(embeddings: npt.NDArray[np.floating], *, method: Projection = "auto",
-                      seed: int = 0) -> tuple[npt.NDArray[np.float32] | None, Literal["umap", "pca"] | None]:
-    """Return 2-D coordinates of cells and the method used (``"umap"`` or ``"pca"``).
-
-    Parameters
-    ----------
-    embeddings
-        Cells x dimensions. Rows with a NaN or infinite value are left out of the fit and get
-        NaN coordinates.
-    method
-        ``"auto"``: UMAP when umap-learn is installed and at least `MIN_UMAP_CELLS` cells have a
-        finite embedding, else PCA with a warning naming why. ``"umap"``: the same, but a missing
-        umap-learn is an error. ``"pca"``: the first two principal components.
-    seed
-        Random state of UMAP (and of a randomised PCA solver on large inputs).
-
-    Returns
-    -------
-    ``(coordinates, method)``: float32 coordinates of shape (cells, 2), NaN on the rows left out,
-    and the method that made them; ``(None, None)`` when there is no 2-D view to draw (fewer than
-    two dimensions, or fewer than `MIN_CELLS` finite cells).
-
-    Raises
-    ------
-    ConfigError
-        When ``method="umap"`` and umap-learn is not installed, or ``method`` is unknown.
-    """
-    if method not in ("auto", "umap", "pca"):
-        msg = f"projection {method!r} is not available; choose from auto, umap, pca."
-        raise ConfigError(msg)
-    data = np.asarray(embeddings, dtype=np.float64)
-    if data.ndim != 2 or data.shape[1] < 2:
-        log.warning("no 2-D view: the embedding has shape %s; two or more dimensions are needed", data.shape)
-        return None, None
-    valid = np.isfinite(data).all(axis=1)
-    n_cells = int(valid.sum())
-    if n_cells < MIN_CELLS:
-        log.warning("no 2-D view: %d cells have a finite embedding; %d are needed", n_cells, MIN_CELLS)
-        return None, None
-    chosen: Literal["umap", "pca"] = "pca"
-    if method == "umap" and not _umap_installed():
-        msg = f"{UMAP_MISSING}; pip install 'scdrugmap[report]' or choose projection 'pca'."
-        raise ConfigError(msg)
-    if method != "pca":
-        reason = umap_fallback_reason(n_cells)
-        if reason is None:
-            chosen = "umap"
-        else:
-            log.warning("the 2-D view uses PCA instead of UMAP: %s", reason)
-    from sklearn.decomposition import PCA
-
-    cells = data[valid]
-    n_components = 2 if chosen == "pca" else min(UMAP_INPUT_PCS, n_cells - 1, data.shape[1])
-    components = PCA(n_components=n_components, random_state=seed).fit_transform(cells)
-    if chosen == "umap":
-        import umap
-
-        with warnings.catch_warnings():  # umap warns that a fixed random_state turns off parallelism
-            warnings.simplefilter("ignore", UserWarning)
-            reducer = umap.UMAP(n_components=2, n_neighbors=min(UMAP_NEIGHBOURS, n_cells - 1), random_state=seed)
-            components = reducer.fit_transform(components)
-    coordinates = np.full((data.shape[0], 2), np.nan, dtype=np.float32)
-    coordinates[valid] = components[:, :2]
-    return coordinates, chosen
+__all__ = ["MIN_CELLS", "MIN_UMAP_CELLS", "UMAP_INPUT_PCS", "UMAP_MISSING", "UMAP_NEIGHBOURS", "Projection",
+           "project_embedding", "umap_fallback_reason"]

@@ -19,7 +19,7 @@ import pandas as pd
 from scdrugmap.data.schema import CATEGORY_KINDS
 from scdrugmap.errors import ConfigError
 from scdrugmap.evaluate.metrics import METRICS
-from scdrugmap.evaluate.store import RunFolder, read_run
+from scdrugmap.evaluate.store import EmbeddingMap, RunFolder, read_run
 from scdrugmap.report.style import setting_name
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,15 @@ class RunData:
     def embedding(self, model: str) -> tuple[np.ndarray, np.ndarray]:
         """Return (embedding (cells x dim) float32, cell names) of a model's saved sample."""
         return self.folder.embedding(model)
+
+    def embedding_map(self, model: str) -> EmbeddingMap | None:
+        """Return the 2-D map the run stored with a model's sample, or None (older runs)."""
+        return self.folder.embedding_map(model)
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (0 when its config does not say)."""
+        return int(self.config.get("seed", 0) or 0)
 
 
 def settings_order(results: pd.DataFrame) -> list[str]:

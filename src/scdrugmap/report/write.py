@@ -41,7 +41,7 @@ def _quiet_font_subsetting() -> Iterator[None]:
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
                  formats: Sequence[str] | str = ("html", "png"), *, projection: str = "auto",
-                 seed: int = 0) -> list[Path]:
+                 seed: int | None = None) -> list[Path]:
     """Write a run's figures, tables and HTML report; return the paths written.
 
     Parameters
@@ -55,8 +55,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
         file per figure, named after the figure). Tables are always written as CSV.
     projection
         2-D maps of embeddings: ``auto`` (UMAP, PCA if umap-learn is missing), ``umap`` or ``pca``.
+        The map the run stored with each embedding sample is reused when it was made this way
+        and with this seed; older runs (no stored map) compute it.
     seed
-        Seed of UMAP and of the jitter in dot plots.
+        Seed of the maps (None: the run's seed, which made the stored maps).
 
     Returns
     -------
@@ -69,16 +71,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
         When a format is unknown, the run has no results, or matplotlib is not installed.
     """
     try:
-        import matplotlib as mpl
+        import matplotlib  # noqa: F401
     except ImportError as err:
         msg = "reports need matplotlib; install the report extra: pip install 'scdrugmap[report]'."
         raise ConfigError(msg) from err
 
     from scdrugmap.report.figures import build_figures
-    from scdrugmap.report.html import render_html
-    from scdrugmap.report.interactive import interactive_bars, plotly_available
     from scdrugmap.report.run import read_run_data
-    from scdrugmap.report.style import RC_PARAMS, model_colours
+    from scdrugmap.report.style import model_colours
     from scdrugmap.report.tables import best_models, job_counts, scalability_table, unscored_jobs
 
     chosen = _check_formats(formats)
@@ -92,11 +92,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     log.info("writing the report of %s into %s (%s)", run.run_dir, out, ", ".join(chosen))
     figures = build_figures(run, projection=projection, seed=seed)  # type: ignore[arg-type]
     written: list[Path] = []
-    with mpl.rc_context(RC_PARAMS), _quiet_font_subsetting():
+    with _quiet_font_subsetting():
         for fmt in (f for f in chosen if f in IMAGE_FORMATS):
-            for item in figures:
+            for item in figures:  # each figure is laid out once, and each format drawn once (`ReportFigure.save`)
                 path = out / f"{item.name}.{fmt}"
-                item.figure.savefig(path, format=fmt, bbox_inches="tight")
+                path.write_bytes(item.save(fmt))
                 written.append(path)
     best, scalability, unscored = best_models(run.results), scalability_table(run), unscored_jobs(run.results)
     for name, table in (("summary", best), ("scalability", scalability), ("unscored_jobs", unscored)):
@@ -104,6 +104,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
         table[[c for c in table.columns if not str(c).startswith("_")]].to_csv(path, index=False)
         written.append(path)
     if "html" in chosen:
+        from scdrugmap.report.html import render_html
+        from scdrugmap.report.interactive import interactive_bars, plotly_available
+
         interactive = []
         if plotly_available():
             bars = interactive_bars(run.results, model_colours(run.model_list))

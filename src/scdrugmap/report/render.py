@@ -1,0 +1,78 @@
+"""Save one report figure in several formats, laying it out and measuring it once.
+
+`savefig(bbox_inches="tight")` lays a constrained-layout figure out again, and draws it once
+more to measure its tight bounding box, for every format. A report saves each figure as PNG,
+SVG, PDF and the HTML page's PNG, so `RenderedFigure` does the layout and the measuring once
+(at the PNG resolution, with one Agg renderer), then fixes the layout and the box; each format
+is then one draw, and each format's bytes are made once and shared by its file and the HTML
+page. The PNG is pixel for pixel the one of ``savefig(bbox_inches="tight")``; SVG and PDF
+now share the PNG's layout (``savefig`` laid them out with their own renderers' text sizes,
+which moved some axes by a few points).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+import matplotlib as mpl
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+from scdrugmap.report.style import RC_PARAMS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from matplotlib.transforms import Bbox
+
+#: zlib level of the PNG files (and of the HTML page's PNGs): 1 writes them several times faster than
+#: Pillow's default 6, for files about a fifth larger.
+PNG_COMPRESS_LEVEL = 1
+#: What turns the rc-chosen layout engine off (`Figure.set_layout_engine(None)` reads these).
+_NO_AUTOMATIC_LAYOUT = {"figure.autolayout": False, "figure.constrained_layout.use": False}
+
+
+class RenderedFigure:
+    """A figure saved as bytes per format, laid out and measured once.
+
+    Parameters
+    ----------
+    figure
+        A finished figure; after the first `save` its layout is fixed (no layout engine), so it
+        must not be changed afterwards.
+    """
+
+    def __init__(self, figure: Figure) -> None:
+        self.figure = figure
+        self._bbox: Bbox | None = None
+        self._saved: dict[str, bytes] = {}
+
+    def _fix_layout(self) -> Bbox:
+        """Lay the figure out at the PNG resolution, fix that layout and return its padded tight box (inches)."""
+        figure = self.figure
+        FigureCanvasAgg(figure)  # one Agg renderer sizes the text for the layout and for the box
+        dpi = mpl.rcParams["savefig.dpi"]
+        original = figure.dpi
+        figure.set_dpi(original if dpi == "figure" else dpi)
+        try:
+            # the layout alone, without the draw `savefig` adds before measuring (the same PNG, tested)
+            if (engine := figure.get_layout_engine()) is not None:
+                engine.execute(figure)
+            box = figure.get_tightbbox()
+        finally:
+            figure.set_dpi(original)
+        with mpl.rc_context(_NO_AUTOMATIC_LAYOUT):
+            figure.set_layout_engine(None)  # keep the positions just computed
+        pad = mpl.rcParams["savefig.pad_inches"]
+        return box.padded(pad)
+
+    def save(self, fmt: str) -> bytes:
+        """Return the figure saved as ``fmt`` (``png``, ``svg``, ``pdf``), made on the first call only."""
+        if fmt not in self._saved:
+            with mpl.rc_context(RC_PARAMS):
+                if self._bbox is None:
+                    self._bbox = self._fix_layout()
+                buffer = io.BytesIO()
+                options = {"pil_kwargs": {"compress_level": PNG_COMPRESS_LEVEL}} if fmt == "png" else {}
+                self.figure.savefig(buffer, format=fmt, bbox_inches=self._bbox, **options)
+            self._saved[fmt] = buffer.getvalue()
+        return self._saved[fmt]
