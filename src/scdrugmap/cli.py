@@ -251,6 +251,7 @@ def benchmark(
     split: Annotated[str | None, typer.Option(help="Pooled split policy: sample (grouped), cell, or sample,cell.")] = None,
     folds: Annotated[int | None, typer.Option(help="Folds of the pooled scenario (default 10).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of splits and training.")] = None,
+    permutations: Annotated[int | None, typer.Option(help="Label permutations for an empirical null of the frozen jobs (labels shuffled within each category value, per sample under split=sample); default 0.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (rerunning resumes it).")] = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA when visible; the default), cpu, cuda or cuda:N.")] = None,
     executor: Annotated[str | None, typer.Option(help="local (default) or ray: one Ray task per unit of the grid.")] = None,
@@ -284,7 +285,7 @@ def benchmark(
     # what the user gave (None: not given); BenchmarkConfig.resolve merges it over --config and the defaults
     overrides = {"data": data, "models": _split_list(models), "strategies": _split_list(strategies),
                  "heads": _split_list(heads), "scenarios": _split_list(scenarios),
-                 "categories": _split_list(categories), "splits": _split_list(split), "folds": folds, "seed": seed,
+                 "categories": _split_list(categories), "splits": _split_list(split), "folds": folds, "seed": seed, "permutations": permutations,
                  "out": None if out is None else str(out), "device": device, "demo_cells": demo_cells, "layer": layer,
                  "executor": executor, "ray_address": ray_address, "cpus_per_job": cpus_per_job,
                  "gpus_per_job": gpus_per_job, "shard_cells": shard_cells}

@@ -21,7 +21,9 @@ def _config(tmp_path, data, **changes):
 
 def test_benchmark_writes_one_row_per_job_and_predictions(tmp_path):
     data = write_tiny_h5ad(tmp_path)
-    results = run_benchmark(_config(tmp_path, data))
+    everything = run_benchmark(_config(tmp_path, data))
+    assert not everything.duplicated(["key", "level"]).any()
+    results = everything[everything["level"] == "cell"]
     assert results["key"].is_unique
     assert set(results["split"]) == {"sample", "cell"}
     assert {"pooled", "cross"} <= set(results["scenario"])
@@ -30,8 +32,11 @@ def test_benchmark_writes_one_row_per_job_and_predictions(tmp_path):
     predictions = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
     assert set(predictions["key"]) == set(done["key"])
     assert predictions.groupby("key").size().to_dict() == done.set_index("key")["n_test"].to_dict()
-    table = summary_table(results)
+    table = summary_table(everything)
     assert {"f1_mean", "auroc_mean", "auroc_sd", "n_folds"} <= set(table.columns)
+    samples = everything[everything["level"] == "sample"]
+    assert set(samples["key"]) == set(done["key"])  # every scored job is also scored per sample
+    assert samples["auroc"].dropna().between(0, 1).all() and "auroc_fraction" in samples
 
 
 def test_interrupted_benchmark_resumes_with_exactly_one_row_per_job(tmp_path, monkeypatch):
@@ -52,8 +57,8 @@ def test_interrupted_benchmark_resumes_with_exactly_one_row_per_job(tmp_path, mo
     partial = len(list((tmp_path / "run" / "jobs").glob("*.parquet")))
     monkeypatch.setattr(frozen, "fit_predict_frozen", real)
     results = run_benchmark(config)
-    assert 0 < partial < len(results)
-    assert results["key"].is_unique
+    assert 0 < partial < results["key"].nunique()
+    assert not results.duplicated(["key", "level"]).any()
     assert not list((tmp_path / "run").rglob("*.tmp"))
 
     counted = {"n": 0}
@@ -83,7 +88,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one_when_part_of_a_batched_group_
     resumed_dir = tmp_path / "resumed"
     run_benchmark(_config(tmp_path, data, out=str(resumed_dir), splits=["cell"], folds=3))
     store = ResultStore(resumed_dir)
-    group = [key for key in whole["key"] if key.startswith("pca|frozen|mlp|pooled|tissue|Tumor tissue|")]
+    group = [key for key in whole.loc[whole["level"] == "cell", "key"]
+             if key.startswith("pca|frozen|mlp|pooled|tissue|Tumor tissue|")]
     assert len(group) == 3
     for key in group[:2]:  # as if the kill came after the first fold of the group was written
         (resumed_dir / "jobs" / f"{job_id(key)}.parquet").unlink()
@@ -161,6 +167,7 @@ def test_a_model_that_cannot_read_the_data_is_skipped_with_the_reason_and_the_ot
     data = _zscored_h5ad(tmp_path)
     config = _config(tmp_path, data, models=["pca", "minilm", "majority"], splits=["sample"])
     results = run_benchmark(config)
+    results = results[results["level"] == "cell"]
     minilm = results[results["model"] == "minilm"]
     assert len(minilm) and set(minilm["status"]) == {"skipped"}
     unreadable = minilm["reasons"].str.contains("minilm cannot read this data")

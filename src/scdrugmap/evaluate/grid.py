@@ -56,6 +56,7 @@ class BenchmarkConfig:
     splits: list[str] = field(default_factory=lambda: ["sample"])
     folds: int = 10
     seed: int = 0
+    permutations: int = 0
     layer: str | None = None
     batch_size: int | None = None
     device: str = "auto"
@@ -152,6 +153,9 @@ class BenchmarkConfig:
             if unknown:
                 msg = f"--{name} {','.join(unknown)} is not available; choose from {', '.join(allowed)}."
                 raise ConfigError(msg)
+        if self.permutations < 0:
+            msg = f"--permutations {self.permutations}: give 0 (no null) or a positive number of permutations."
+            raise ConfigError(msg)
         if self.folds < 2:
             msg = f"--folds {self.folds}: need at least 2 folds."
             raise ConfigError(msg)

@@ -14,7 +14,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from scdrugmap.evaluate.executors import (
     RayExecutor,
     Unit,
     UnitOutcome,
+    compute_unit,
     make_executor,
 )
 from scdrugmap.evaluate.grid import BenchmarkConfig, Job, data_file, make_folds
@@ -210,14 +211,15 @@ def _store_outcome(writer: JobWriter, unit: Unit, outcome: UnitOutcome, labels: 
 
 
 def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None = None) -> pd.DataFrame:
-    """Run (or resume) the benchmark grid of ``config`` and return one row per job.
+    """Run (or resume) the benchmark grid of ``config`` and return one row per job and level.
 
     The data is opened backed: expression is read in chunks for the fingerprint and loaded whole only
     when a model must embed (not cached) or fine-tune, or a language model is prompted.
 
     Returns
     -------
-    The consolidated results, one row per job. They and the per-cell predictions are also in the
+    The consolidated results, one row per job and level (``cell``; ``sample`` for scored jobs where
+    the data names samples). They and the per-cell predictions are also in the
     run folder ``config.out``; read it back with `scdrugmap.evaluate.store.read_run`.
     """
     from scdrugmap.data.io import data_fingerprint
@@ -316,9 +318,70 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     results = store.consolidate()
     if model_facts:
         store.write_model_facts(model_facts)
+    if config.permutations:
+        _run_permutations(config, store, jobs, adata, data_path, memory, fingerprint, labels, groups, executor)
     _complete_model_facts(store, config, [m for m in config.models if m not in model_facts], adata, fingerprint)
     log.info("    finished the benchmark in %.1fs", time.perf_counter() - start)
     return results
+
+
+def _run_permutations(config: BenchmarkConfig, store: ResultStore, jobs: list[Job], adata: ad.AnnData,
+                      data_path: Path, memory: _InMemory, fingerprint: str, labels: np.ndarray,
+                      groups: np.ndarray | None, executor: LocalExecutor | RayExecutor) -> None:
+    """Compute the label-permutation null of the frozen jobs: the same folds and heads, labels shuffled.
+
+    Permutation ``i`` shuffles the labels within each category value (per sample under a
+    patient-grouped split, per cell under a cell-level split: `permute_labels`), with a seed made
+    of the run's seed and ``i``, trains every frozen unit again and scores its test cells against
+    the shuffled labels. Permutations already stored are not rerun. LoRA and prompt jobs have no
+    null (too costly to repeat); the null runs here, whatever the executor.
+    """
+    from scdrugmap.evaluate.splits import permute_labels
+
+    runnable = [job for job in jobs if job.strategy == "frozen" and job.fold.skipped is None]
+    stored = store.read_permutations()
+    have = set(zip(stored["model"], stored["permutation"], strict=True)) if len(stored) else set()
+    keys = config.obs_keys()
+    obs = adata.obs
+    for model in dict.fromkeys(job.model for job in runnable):
+        model_jobs = [job for job in runnable if job.model == model]
+        todo = [i for i in range(config.permutations) if (model, i) not in have]
+        if not todo:
+            continue
+        try:
+            inputs, _ = _prepare_model(model, model_jobs, config, adata, data_path, memory, fingerprint, labels,
+                                       groups, LocalExecutor(), None)
+        except (ScDrugMapError, ValueError, RuntimeError, OSError) as err:
+            log.warning("no permutation null for %s: %s", model, err)
+            continue
+        valid = np.ones(adata.n_obs, dtype=bool)
+        if inputs.embeddings is not None and inputs.embeddings.shape[1]:
+            valid = ~np.isnan(inputs.embeddings).any(axis=1)
+        start = time.perf_counter()
+        rows = []
+        for permutation in todo:
+            rng = np.random.default_rng([config.seed, 11, permutation])
+            by_split: dict[tuple[str, str, str], list[Job]] = {}
+            for job in model_jobs:
+                by_split.setdefault((job.fold.scenario, job.fold.category, job.fold.split), []).append(job)
+            for (_, category, split), split_jobs in sorted(by_split.items()):
+                shuffled = permute_labels(labels, obs[keys.category(category)].astype(str).to_numpy(),
+                                          groups if split == "sample" else None, rng)
+                for unit in _units(split_jobs, valid):
+                    outcome = compute_unit(replace(inputs, labels=shuffled), unit)
+                    for index, job in enumerate(unit.jobs):
+                        auroc = float("nan")
+                        if outcome.status == "done":
+                            test = unit.fold_sets[index][1]
+                            auroc = compute_metrics(shuffled[test], outcome.predictions[index][0])[0]["auroc"]
+                        fold = job.fold
+                        rows.append({"model": model, "strategy": job.strategy, "head": job.head,
+                                     "scenario": fold.scenario, "category": fold.category, "value": fold.value,
+                                     "fold": fold.fold, "split": fold.split, "permutation": permutation,
+                                     "auroc": auroc})
+        store.add_permutations(pd.DataFrame(rows))
+        log.info("label-permutation null of %s: %d permutations in %.1fs", model, len(todo),
+                 time.perf_counter() - start)
 
 
 def _complete_model_facts(store: ResultStore, config: BenchmarkConfig, models: list[str], adata: ad.AnnData,
@@ -347,8 +410,16 @@ def _complete_model_facts(store: ResultStore, config: BenchmarkConfig, models: l
 
 
 def summary_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Return mean F1 and AUROC (with sd and fold counts) per model, strategy, scenario, category and split."""
+    """Return mean F1 and AUROC (with sd and fold counts) per model, strategy, scenario, category and split.
+
+    Cell-level rows only; sample-level results are summarised by `scdrugmap.evaluate.stats`.
+    """
     by = ["model", "strategy", "head", "scenario", "category", "split"]
+    if "level" in results:
+        results = results[results["level"].fillna("cell") == "cell"]
     table = summarise(results, by)
     skipped = results[results["status"] != "done"].groupby(by, observed=True).size().rename("n_not_scored")
-    return table.merge(skipped.reset_index(), on=by, how="left").fillna({"n_not_scored": 0})
+    table = table.merge(skipped.reset_index(), on=by, how="left").fillna({"n_not_scored": 0})
+    order = {"sample": 0, "cell": 1}  # the patient-grouped split first
+    return table.sort_values(["model", "strategy", "head", "scenario", "category", "split"], kind="stable",
+                             key=lambda c: c.map(order).fillna(2) if c.name == "split" else c, ignore_index=True)

@@ -165,3 +165,26 @@ def split_cross_study(obs: pd.DataFrame, labels: npt.NDArray, *, category_column
             folds.append(Fold("cross", category, value, study, "sample", train, test, skipped=reason))
     return folds
 
+
+
+def permute_labels(labels: npt.NDArray, values: npt.NDArray, groups: npt.NDArray | None,
+                   rng: np.random.Generator) -> npt.NDArray:
+    """Return labels shuffled within each category value, at the level of the split's groups.
+
+    With ``groups`` (the samples of a patient-grouped split) each sample takes the label of another
+    sample of its value (the label of most of that sample's cells), so every cell of a sample keeps
+    sharing one label, as real per-patient labels do; without (a cell-level split), cell labels are
+    shuffled. Folds stay as they are: this is the null distribution of the benchmark's own
+    procedure when labels carry no information.
+    """
+    permuted = np.asarray(labels).copy()
+    for value in np.unique(values):
+        rows = np.flatnonzero(values == value)
+        if groups is None:
+            permuted[rows] = rng.permutation(permuted[rows])
+            continue
+        names, position = np.unique(groups[rows], return_inverse=True)
+        share = np.bincount(position, weights=labels[rows].astype(np.float64)) / np.bincount(position)
+        sample_labels = (share >= 0.5).astype(permuted.dtype)
+        permuted[rows] = rng.permutation(sample_labels)[position]
+    return permuted

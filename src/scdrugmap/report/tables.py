@@ -140,3 +140,36 @@ def job_counts(results: pd.DataFrame) -> dict[str, int]:
     """Return how many jobs are done, skipped and failed."""
     counts = results["status"].value_counts()
     return {status: int(counts.get(status, 0)) for status in ("done", "skipped", "failed")}
+
+
+#: Why a report leads with sample-level results, by label design.
+DESIGN_NOTES = {
+    "per-sample": "Labels are given per sample (every sample's cells share one label), so a sample (patient) is "
+                  "the unit whose response is known: the sample-level results come first.",
+    "per-cell": "Labels differ between the cells of some samples, so cell-level results are primary; the "
+                "sample-level results score each sample by the label of most of its cells.",
+    "unknown": "The run's cells have no sample column; only cell-level results exist.",
+}
+
+
+def sample_level_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Return the printed sample-level table: one row per model, setting, scenario, split and category value.
+
+    ``scores`` is `scdrugmap.report.run.RunData.sample_scores`.
+    """
+    columns = ["model", "setting", "scenario", "split", "category", "value", "sample AUROC", "95% CI", "samples",
+               "pairs", "folds", "note"]
+    if scores.empty:
+        return pd.DataFrame(columns=columns)
+    order = {c: i for i, c in enumerate(categories_order(scores))}
+    frame = scores.sort_values(["scenario", "split", "category", "value", "setting", "model"],
+                               key=lambda c: c.map(order) if c.name == "category" else c, kind="stable")
+    return pd.DataFrame({
+        "model": frame["model"].map(model_name), "setting": frame["setting"], "scenario": frame["scenario"],
+        "split": frame["split"], "category": frame["category"].map(category_name), "value": frame["value"],
+        "sample AUROC": frame["auroc"].astype(float),
+        "95% CI": [("—" if np.isnan(lo) else f"{lo:.2f}–{hi:.2f}") for lo, hi in zip(frame["ci_low"],
+                                                                                      frame["ci_high"], strict=True)],
+        "samples": frame["n_samples"].astype(int), "pairs": frame["n_pairs"].astype(int),
+        "folds": frame["n_folds"].astype(int), "note": frame["reason"].fillna(""),
+    }, columns=columns)

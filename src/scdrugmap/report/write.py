@@ -61,7 +61,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     Returns
     -------
     The files written: ``<figure>.<format>`` per figure and format, ``summary.csv``
-    (best model per category), ``scalability.csv``, ``unscored_jobs.csv`` and ``report.html``.
+    (best model per category), ``sample_level.csv`` (sample-level AUROC with its interval per
+    category value), ``scalability.csv``, ``unscored_jobs.csv`` and ``report.html``.
 
     Raises
     ------
@@ -79,7 +80,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     from scdrugmap.report.interactive import interactive_bars, plotly_available
     from scdrugmap.report.run import read_run_data
     from scdrugmap.report.style import RC_PARAMS, model_colours
-    from scdrugmap.report.tables import best_models, job_counts, scalability_table, unscored_jobs
+    from scdrugmap.report.tables import (
+        DESIGN_NOTES,
+        best_models,
+        job_counts,
+        sample_level_table,
+        scalability_table,
+        unscored_jobs,
+    )
 
     chosen = _check_formats(formats)
     if projection not in ("auto", "umap", "pca"):
@@ -99,7 +107,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
                 item.figure.savefig(path, format=fmt, bbox_inches="tight")
                 written.append(path)
     best, scalability, unscored = best_models(run.results), scalability_table(run), unscored_jobs(run.results)
-    for name, table in (("summary", best), ("scalability", scalability), ("unscored_jobs", unscored)):
+    samples = sample_level_table(run.sample_scores)
+    for name, table in (("summary", best), ("sample_level", samples), ("scalability", scalability),
+                        ("unscored_jobs", unscored)):
         path = out / f"{name}.csv"
         table[[c for c in table.columns if not str(c).startswith("_")]].to_csv(path, index=False)
         written.append(path)
@@ -110,7 +120,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
             if bars is not None:
                 interactive.append(("Mean F1 / AUROC per category value", bars))
         document = render_html(run, figures, best=best, scalability=scalability, unscored=unscored,
-                               counts=job_counts(run.results), interactive=interactive)
+                               counts=job_counts(run.results), interactive=interactive, samples=samples,
+                               design_note=DESIGN_NOTES[run.label_design])
         path = out / "report.html"
         path.write_text(document, encoding="utf-8")
         written.append(path)
