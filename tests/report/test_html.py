@@ -63,14 +63,14 @@ def document(report):
 
 
 def _tables_for(run):
-    return {"best": best_models(run.results), "scalability": scalability_table(run),
+    return {"best": best_models(run.results, run.comparisons), "scalability": scalability_table(run),
             "unscored": unscored_jobs(run.results), "counts": job_counts(run.results)}
 
 
 def test_write_report_returns_every_file_it_wrote(report, document):
     out, paths = report
-    assert {p.name for p in paths} == {"report.html", "summary.csv", "sample_level.csv", "scalability.csv",
-                                       "unscored_jobs.csv"}
+    assert {p.name for p in paths} == {"report.html", "summary.csv", "sample_level.csv", "paired_tests.csv",
+                                       "scalability.csv", "unscored_jobs.csv"}
     assert all(p.exists() and p.parent == out for p in paths)
     _, parser = document
     figure_ids = [a["id"] for t, a in parser.tags if t == "figure" and a.get("id")]
@@ -112,7 +112,7 @@ def test_html_summary_table_gives_the_best_model_per_category(document):
     _, parser = document
     header = next(row for row in parser.rows if row and row[0] == "category")
     rows = [dict(zip(header, row, strict=True)) for row in parser.rows if len(row) == len(header) and row != header]
-    summary = [r for r in rows if "best model" in r]
+    summary = [r for r in rows if r["split"] in {"sample", "cell"}]
     assert {(r["category"], r["split"]) for r in summary} == {
         (c, s) for c in ("Tissue", "Cancer type", "Therapy", "Regimen") for s in ("sample", "cell")}
     assert {r["best model"] for r in summary} == {"scGPT"}
@@ -160,7 +160,7 @@ def test_write_report_defaults_to_the_report_folder_inside_the_run(tmp_path, mon
     paths = write_report(copy, formats="png, SVG,pdf")
     assert {p.relative_to(copy).as_posix() for p in paths} == {
         "report/only.png", "report/only.svg", "report/only.pdf", "report/summary.csv", "report/sample_level.csv",
-        "report/scalability.csv", "report/unscored_jobs.csv"}
+        "report/paired_tests.csv", "report/scalability.csv", "report/unscored_jobs.csv"}
     assert (copy / "report" / "only.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (copy / "report" / "only.pdf").read_bytes()[:5] == b"%PDF-"
     assert ET.parse(copy / "report" / "only.svg").getroot().tag.endswith("svg")

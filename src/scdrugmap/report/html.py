@@ -103,7 +103,7 @@ def _plotly_parts(interactive: Sequence[tuple[str, object]]) -> tuple[str, list[
 def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataFrame, scalability: pd.DataFrame,
                 unscored: pd.DataFrame, counts: dict[str, int],
                 interactive: Sequence[tuple[str, object]] = (), samples: pd.DataFrame | None = None,
-                design_note: str = "") -> str:
+                design_note: str = "", tests: pd.DataFrame | None = None) -> str:
     """Return the report as one HTML document that works offline.
 
     Parameters
@@ -122,6 +122,8 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
         The sample-level table (`scdrugmap.report.tables.sample_level_table`) and why it comes first
         or not; it is the report's first section when the run's labels are per sample, with the
         figures of that section.
+    tests
+        The paired tests (`scdrugmap.report.tables.comparison_table`), shown after the summary.
     """
     escape = html.escape
     config = run.config
@@ -156,10 +158,17 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
     if sample_first:
         parts.append(_sample_section(samples, design_note, [f for f in figures if f.section == SAMPLE_SECTION]))
     parts.append("<h2 id='summary'>Summary: best model per category</h2>"
-                 "<p>Pooled scenario; mean F1 over every scored fold of the category's values (SD over folds). "
-                 "The patient-grouped split (sample) is listed first; the cell-level split (cell) lets cells of "
-                 "one patient sit in both train and test.</p>")
+                 "<p>Pooled scenario; mean AUROC over every fold of the category's values where it is defined (SD "
+                 "over folds), and whether the best model beats the majority reference over paired folds. The "
+                 "patient-grouped split (sample) is listed first; the cell-level split (cell) lets cells of one "
+                 "patient sit in both train and test.</p>")
     parts.append(_table(best))
+    if tests is not None:
+        parts.append("<h3 id='paired-tests'>Paired tests</h3><p>Each model against the majority reference and "
+                     "against the best baseline of each category value, over the folds both scored: mean AUROC "
+                     "difference, bootstrap 95% interval over folds, and a one-sided sign-flip permutation p-value "
+                     "(exact for up to 16 folds). A model beats the other at p &lt; 0.05 with a positive mean.</p>")
+        parts.append(_table(tests))
     for section in sections:
         if section == SAMPLE_SECTION:
             parts.append(_sample_section(samples, design_note, [f for f in figures if f.section == section]))

@@ -20,7 +20,13 @@ import pandas as pd
 from scdrugmap.data.schema import CATEGORY_KINDS
 from scdrugmap.errors import ConfigError
 from scdrugmap.evaluate.metrics import METRICS
-from scdrugmap.evaluate.stats import label_design, sample_level_auroc
+from scdrugmap.evaluate.stats import (
+    CATEGORY_COLUMNS,
+    baseline_models,
+    compare_models,
+    label_design,
+    sample_level_auroc,
+)
 from scdrugmap.evaluate.store import RunFolder, read_run
 from scdrugmap.report.style import setting_name
 
@@ -93,6 +99,20 @@ class RunData:
         """
         table = sample_level_auroc(self.predictions, self.cells, self.results,
                                    seed=int(self.config.get("seed", 0) or 0))
+        settings = self.results.drop_duplicates(["strategy", "head"]).set_index(["strategy", "head"])["setting"]
+        table["setting"] = [settings.get((s, h), f"{s} · {h}") for s, h in zip(table["strategy"], table["head"],
+                                                                                   strict=True)]
+        return table
+
+    @cached_property
+    def comparisons(self) -> pd.DataFrame:
+        """Paired tests per category: each model against the majority reference and the best baseline.
+
+        `scdrugmap.evaluate.stats.compare_models` over all folds of a category's values, with ``setting``.
+        """
+        baselines = baseline_models(self.model_list, self.models)
+        table = compare_models(self.results, baselines=baselines, by=CATEGORY_COLUMNS,
+                               seed=int(self.config.get("seed", 0) or 0))
         settings = self.results.drop_duplicates(["strategy", "head"]).set_index(["strategy", "head"])["setting"]
         table["setting"] = [settings.get((s, h), f"{s} · {h}") for s, h in zip(table["strategy"], table["head"],
                                                                                    strict=True)]

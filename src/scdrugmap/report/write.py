@@ -62,7 +62,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     -------
     The files written: ``<figure>.<format>`` per figure and format, ``summary.csv``
     (best model per category), ``sample_level.csv`` (sample-level AUROC with its interval per
-    category value), ``scalability.csv``, ``unscored_jobs.csv`` and ``report.html``.
+    category value), ``paired_tests.csv`` (each model against the majority reference and the best
+    baseline), ``scalability.csv``, ``unscored_jobs.csv`` and ``report.html``.
 
     Raises
     ------
@@ -83,6 +84,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     from scdrugmap.report.tables import (
         DESIGN_NOTES,
         best_models,
+        comparison_table,
         job_counts,
         sample_level_table,
         scalability_table,
@@ -106,10 +108,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
                 path = out / f"{item.name}.{fmt}"
                 item.figure.savefig(path, format=fmt, bbox_inches="tight")
                 written.append(path)
-    best, scalability, unscored = best_models(run.results), scalability_table(run), unscored_jobs(run.results)
-    samples = sample_level_table(run.sample_scores)
-    for name, table in (("summary", best), ("sample_level", samples), ("scalability", scalability),
-                        ("unscored_jobs", unscored)):
+    best, scalability, unscored = (best_models(run.results, run.comparisons), scalability_table(run),
+                                   unscored_jobs(run.results))
+    samples, tests = sample_level_table(run.sample_scores), comparison_table(run.comparisons)
+    for name, table in (("summary", best), ("sample_level", samples), ("paired_tests", tests),
+                        ("scalability", scalability), ("unscored_jobs", unscored)):
         path = out / f"{name}.csv"
         table[[c for c in table.columns if not str(c).startswith("_")]].to_csv(path, index=False)
         written.append(path)
@@ -120,7 +123,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
             if bars is not None:
                 interactive.append(("Mean F1 / AUROC per category value", bars))
         document = render_html(run, figures, best=best, scalability=scalability, unscored=unscored,
-                               counts=job_counts(run.results), interactive=interactive, samples=samples,
+                               counts=job_counts(run.results), interactive=interactive, samples=samples, tests=tests,
                                design_note=DESIGN_NOTES[run.label_design])
         path = out / "report.html"
         path.write_text(document, encoding="utf-8")
