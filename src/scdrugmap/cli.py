@@ -58,12 +58,14 @@ CancerKey = Annotated[str, typer.Option(help="obs column of the cancer type.")]
 TherapyKey = Annotated[str, typer.Option(help="obs column of the therapy.")]
 RegimenKey = Annotated[str, typer.Option(help="obs column of the regimen.")]
 Layer = Annotated[str | None, typer.Option(help="Expression layer to use instead of X (e.g. counts).")]
+CellTypeKey = Annotated[str, typer.Option(help="obs column of the cell type (used when present: AUROC within each cell type).")]
 
 
 def _obs_keys(label_key: str, study_key: str, sample_key: str, tissue_key: str, cancer_type_key: str,
-              therapy_key: str, regimen_key: str) -> dict[str, str]:
+              therapy_key: str, regimen_key: str, cell_type_key: str = "cell_type") -> dict[str, str]:
     return {"response": label_key, "study": study_key, "sample": sample_key, "tissue": tissue_key,
-            "cancer_type": cancer_type_key, "therapy": therapy_key, "regimen": regimen_key}
+            "cancer_type": cancer_type_key, "therapy": therapy_key, "regimen": regimen_key,
+            "cell_type": cell_type_key}
 
 
 # --- check -------------------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ def check(
     file: Annotated[Path, typer.Argument(help="The .h5ad file to check.")],
     label_key: LabelKey = "response", study_key: StudyKey = "study", sample_key: SampleKey = "sample",
     tissue_key: TissueKey = "tissue", cancer_type_key: CancerKey = "cancer_type", therapy_key: TherapyKey = "therapy",
-    regimen_key: RegimenKey = "regimen", layer: Layer = None,
+    regimen_key: RegimenKey = "regimen", cell_type_key: CellTypeKey = "cell_type", layer: Layer = None,
     model: Annotated[str | None, typer.Option(help="Check the input needs of this model.")] = None,
     folds: Annotated[int, typer.Option(help="Folds of the intended pooled split.")] = 10,
     split: Annotated[str, typer.Option(help="Intended split policy: sample or cell.")] = "sample",
@@ -82,7 +84,8 @@ def check(
     """Check a data set against the data contract and describe it; exit 1 on any error."""
     from scdrugmap.commands import run_check
 
-    keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key)
+    keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key,
+                     cell_type_key)
     ok = run_check(file, keys=keys, layer=layer, model=model, folds=folds, split=split, strict=strict,
                    console=stdout, errors=stderr)
     if not ok:
@@ -277,7 +280,7 @@ def benchmark(
     api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key (default OPENAI_API_KEY).")] = None,
     label_key: LabelKey = "response", study_key: StudyKey = "study", sample_key: SampleKey = "sample",
     tissue_key: TissueKey = "tissue", cancer_type_key: CancerKey = "cancer_type", therapy_key: TherapyKey = "therapy",
-    regimen_key: RegimenKey = "regimen", layer: Layer = None,
+    regimen_key: RegimenKey = "regimen", cell_type_key: CellTypeKey = "cell_type", layer: Layer = None,
 ) -> None:
     """Run (or resume) the benchmark grid and print mean F1 and AUROC per model and category."""
     from scdrugmap.commands import run_benchmark_command
@@ -302,7 +305,8 @@ def benchmark(
             msg = f"--weights {malformed[0]}: expected MODEL=PATH, e.g. --weights scgpt=~/models/scGPT_human."
             raise ConfigError(msg)
         overrides["weights"] = dict(w.split("=", 1) for w in weights)
-    keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key)
+    keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key,
+                     cell_type_key)
     run_benchmark_command(config, overrides, keys, quiet=STATE["quiet"], console=stdout, progress_console=stderr)
 
 

@@ -313,6 +313,7 @@ def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> 
         CATEGORY_COLUMNS,
         baseline_models,
         compare_models,
+        confounder_auroc,
         findings,
         label_design,
         permutation_pvalues,
@@ -377,8 +378,9 @@ def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> 
         if len(samples):
             console.print(sample_view)
     console.print("[bold]Findings[/bold]")
+    confounders = confounder_auroc(folder.predictions, folder.cells, results)
     for number, sentence in enumerate(findings(results, comparisons=comparisons, samples=samples,
-                                               baselines=baselines), start=1):
+                                               baselines=baselines, confounders=confounders), start=1):
         console.print(f"{number}. {sentence}", soft_wrap=True)
     cell_rows = results[results["level"] == "cell"] if "level" in results else results
     counts = cell_rows["status"].value_counts().to_dict()

@@ -206,3 +206,17 @@ def test_model_facts_are_kept_when_a_run_is_resumed(tmp_path):
     run_benchmark(config)
     facts = read_run(tmp_path / "run").models
     assert {"pca", "majority"} <= set(facts) and facts["pca"]["cache"] == "hit"
+
+
+def test_auroc_within_cell_types_and_studies_is_in_the_results(tmp_path):
+    adata = make_adata(n_cells=120, n_samples=12, seed=0, n_studies=3)  # studies that hold both labels
+    adata.obs["cell_type"] = np.where(np.arange(120) % 3 == 0, "T cell", "malignant")
+    data = tmp_path / "typed.h5ad"
+    adata.write_h5ad(data)
+    results = run_benchmark(_config(tmp_path, data, splits=["cell"], scenarios=["pooled"]))
+    done = results[(results["status"] == "done") & (results["level"] == "cell") & (results["model"] == "pca")]
+    assert done["auroc_within_cell_type"].between(0, 1).all() and done["auroc_within_study"].between(0, 1).all()
+    majority = results[(results["status"] == "done") & (results["model"] == "majority") & (results["level"] == "cell")]
+    assert (majority["auroc_within_cell_type"] == 0.5).all()
+    cells = read_run(tmp_path / "run").cells
+    assert "cell_type" in cells

@@ -437,3 +437,14 @@ def test_a_value_run_once_for_several_categories_is_shown_under_all_its_names(tm
     frame.to_parquet(tmp_path / "results.parquet", index=False)
     values = set(read_run_data(tmp_path).results["value"])
     assert "Melanoma = Immunotherapy = anti-PD1" in values and "Melanoma" not in values
+
+
+def test_confounder_panel_scores_within_studies_and_each_study(run, colours):
+    scores = run.confounders
+    pca = scores[(scores["model"] == "pca") & (scores["setting"] == FROZEN) & (scores["scenario"] == "pooled")
+                 & (scores["split"] == "sample") & (scores["category"] == "tissue")]
+    assert {"all cells", "within study", "study: GSE1", "study: GSE2"} <= set(pca["scope"])
+    figure = figures.plot_confounders(scores, colours)
+    tissue = panel(figure, f"Tissue\n{FROZEN}")
+    assert gids(tissue, "confounder|pca|within study") == {"confounder|pca|within study": 1}
+    assert any(line.get_gid() == "chance" for line in tissue.lines)

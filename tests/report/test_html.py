@@ -70,12 +70,13 @@ def _tables_for(run):
 def test_write_report_returns_every_file_it_wrote(report, document):
     out, paths = report
     assert {p.name for p in paths} == {"report.html", "summary.csv", "sample_level.csv", "paired_tests.csv",
-                                       "scalability.csv", "unscored_jobs.csv"}
+                                       "confounders.csv", "scalability.csv", "unscored_jobs.csv"}
     assert all(p.exists() and p.parent == out for p in paths)
     _, parser = document
     figure_ids = [a["id"] for t, a in parser.tags if t == "figure" and a.get("id")]
     assert figure_ids == [f"figure-{stem}" for stem in (
         "f1_bars", "radar", "violin_cancer_type", "circular_bars", "embedding_pca", "embedding_scgpt", "scalability",
+        "confounders",
         "roc_pr", "cross_study_heatmap", "critical_difference", "leakage", "calibration", "sample_auroc")]
 
 
@@ -88,7 +89,7 @@ def test_html_report_loads_nothing_from_the_network(document):
         if tag == "script":
             assert "src" not in attributes
     images = [a["src"] for t, a in parser.tags if t == "img"]
-    assert len(images) == 13 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == 14 and all(src.startswith("data:image/png;base64,") for src in images)
     assert "@import" not in text
     assert "Plotly.newPlot" in text and len(text) > 1_000_000  # plotly.js is inlined, not fetched
 
@@ -127,7 +128,7 @@ def test_html_report_holds_config_environment_and_unscored_jobs(document):
 
 def test_every_figure_is_captioned_and_titled(document):
     text, _ = document
-    assert text.count("<figcaption>") == 13 + 1  # one per static figure, one for the interactive one
+    assert text.count("<figcaption>") == 14 + 1  # one per static figure, one for the interactive one
     assert "Leakage: split = sample vs split = cell" in text
 
 
@@ -160,7 +161,7 @@ def test_write_report_defaults_to_the_report_folder_inside_the_run(tmp_path, mon
     paths = write_report(copy, formats="png, SVG,pdf")
     assert {p.relative_to(copy).as_posix() for p in paths} == {
         "report/only.png", "report/only.svg", "report/only.pdf", "report/summary.csv", "report/sample_level.csv",
-        "report/paired_tests.csv", "report/scalability.csv", "report/unscored_jobs.csv"}
+        "report/paired_tests.csv", "report/confounders.csv", "report/scalability.csv", "report/unscored_jobs.csv"}
     assert (copy / "report" / "only.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (copy / "report" / "only.pdf").read_bytes()[:5] == b"%PDF-"
     assert ET.parse(copy / "report" / "only.svg").getroot().tag.endswith("svg")

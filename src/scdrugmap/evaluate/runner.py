@@ -259,7 +259,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     if progress:
         progress("jobs", done, len(jobs), "")
     groups = np.asarray(adata.obs[keys.sample].astype(str)) if keys.sample in adata.obs else None
-    writer = JobWriter(store, adata.obs, keys.sample, labels)
+    writer = JobWriter(store, adata.obs, keys.sample, labels, strata={"cell_type": keys.cell_type, "study": keys.study})
     model_facts: dict[str, Any] = {}
     prompt_jobs = [job for job in pending if job.strategy == "prompt"]
     if prompt_jobs:  # API calls, limited per key: they run here whatever the executor

@@ -361,7 +361,8 @@ def _count(n: int, word: str) -> str:
 
 
 def findings(results: pd.DataFrame, *, comparisons: pd.DataFrame, samples: pd.DataFrame,
-             baselines: set[str] | None = None, reference: str = REFERENCE, most: int = 5) -> list[str]:
+             baselines: set[str] | None = None, confounders: pd.DataFrame | None = None,
+             reference: str = REFERENCE, most: int = 5) -> list[str]:
     """Return three to five plain-language findings computed from a run's results (nothing hard-coded).
 
     Parameters
@@ -374,13 +375,15 @@ def findings(results: pd.DataFrame, *, comparisons: pd.DataFrame, samples: pd.Da
         `sample_level_auroc` per category (``by=CATEGORY_COLUMNS``).
     baselines
         The baseline models: only the others (foundation models) are compared with the best baseline.
+    confounders
+        `confounder_auroc` per category, for the AUROC within cell types.
 
     Returns
     -------
     Sentences on: the best model under patient-grouped pooled splits and whether it beats the
-    majority reference; its sample-level AUROC; the cell-level split's inflation; the
-    cross-study scenario against pooled; whether foundation models beat the best baseline.
-    Each appears only when the run holds what it needs.
+    majority reference; its sample-level AUROC; the cell-level split's inflation; its AUROC within
+    cell types; the cross-study scenario against pooled; whether foundation models beat the best
+    baseline. Each appears only when the run holds what it needs; the first five are kept.
     """
     category = main_category(results)
     if category is None:
@@ -434,6 +437,18 @@ def findings(results: pd.DataFrame, *, comparisons: pd.DataFrame, samples: pd.Da
                        f"patient-grouped folds on the same {_count(len(paired), category_text + ' value')} "
                        f"({gap:+.2f}), because cells of one "
                        "patient then sit on both sides of a fold.")
+    within = confounders[(confounders["model"] == best) & (confounders["scenario"] == "pooled")
+                         & (confounders["split"] == split) & (confounders["category"] == category)
+                         & (confounders["strategy"] == "frozen") & (confounders["head"] == "mlp")
+                         ].set_index("scope")["auroc"] if confounders is not None and len(confounders) else None
+    if within is not None and np.isfinite(within.get("within cell type", np.nan)):
+        inside, overall = float(within["within cell type"]), float(within["all cells"])
+        if inside < overall - 0.05:
+            out.append(f"Within cell types {best}'s AUROC falls to {inside:.2f} (from {overall:.2f} over all cells): "
+                       "part of its score comes from which cell types a sample holds, not from how cells respond.")
+        else:
+            out.append(f"The signal holds within cell types: {best}'s AUROC is {inside:.2f} comparing cells of one "
+                       f"cell type only ({overall:.2f} over all cells), so it is not cell-type composition alone.")
     cross = frozen[(frozen["scenario"] == "cross") & (frozen["model"] == best)]["auroc"].dropna()
     if len(cross):
         verb = "lower than" if cross.mean() < best_auroc - 0.02 else "close to" if cross.mean() < best_auroc + 0.02 \
@@ -455,3 +470,48 @@ def findings(results: pd.DataFrame, *, comparisons: pd.DataFrame, samples: pd.Da
             out.append(f"No model ({names}) beats the best baseline ({', '.join(sorted(set(challengers['against'])))})"
                        f" with evidence: a bigger model is not automatically a better predictor here.")
     return out[:most]
+
+
+# --- confounders: AUROC within cell types and studies ---------------------------------------------------------------
+
+def confounder_auroc(predictions: pd.DataFrame | None, cells: pd.DataFrame | None, results: pd.DataFrame, *,
+                     by: list[str] | None = None, groups: tuple[str, ...] = ("cell_type", "study")) -> pd.DataFrame:
+    """Return AUROC over all test cells, within each confounder, and within each of its values, per setting.
+
+    Every score compares a sensitive and a resistant cell only when the same fold's model scored
+    both (`within_fold_auroc`); "within cell type" further only when they share a cell type, so a
+    model that reads cell-type composition and nothing else scores 0.5 there.
+
+    Returns
+    -------
+    One row per setting (``by``, default `CATEGORY_COLUMNS`) and ``scope``: ``all cells``,
+    ``within <group>`` and ``<group>: <value>`` (e.g. ``cell_type: Cytotoxic CD8``), with ``auroc``,
+    ``n_cells``, ``n_pairs`` and ``reason``. Groups missing from ``cells`` are left out; empty
+    without predictions.
+    """
+    by = by or CATEGORY_COLUMNS
+    columns = [*by, "scope", "auroc", "n_cells", "n_pairs", "reason"]
+    if predictions is None or predictions.empty or cells is None:
+        return pd.DataFrame(columns=columns)
+    present = [g for g in groups if g in cells and cells[g].nunique() > 1]
+    jobs = results[results["status"] == "done"]
+    if "level" in jobs:
+        jobs = jobs[jobs["level"].fillna("cell") == "cell"]
+    jobs = jobs[["key", *by]].drop_duplicates("key")
+    frame = predictions.merge(jobs, on="key").merge(cells[["cell", *present]].drop_duplicates("cell"), on="cell")
+    rows = []
+
+    def add(facts: dict, scope: str, part: pd.DataFrame, strata: pd.Series) -> None:
+        scored = within_fold_auroc(part["label"], part["probability"], strata, n_bootstrap=0)
+        rows.append({**facts, "scope": scope, "auroc": scored["auroc"], "n_cells": scored["n_items"],
+                     "n_pairs": scored["n_pairs"], "reason": scored["reason"]})
+
+    for keys, part in frame.groupby(by, sort=False, observed=True):
+        facts = dict(zip(by, keys, strict=True))
+        add(facts, "all cells", part, part["key"])
+        for group in present:
+            add(facts, f"within {group.replace('_', ' ')}", part, part["key"] + "|" + part[group].astype(str))
+        for group in present:
+            for value, members in part.groupby(group, sort=True, observed=True):
+                add(facts, f"{group.replace('_', ' ')}: {value}", members, members["key"])
+    return pd.DataFrame(rows, columns=columns)

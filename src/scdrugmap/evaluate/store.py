@@ -13,7 +13,8 @@ the report, the web server and users. Its files:
     fold count and seed; -1 where a cell is in no test fold), reused when the run resumes.
 ``cells.parquet``
     One row per cell: ``cell``, and where the data has them ``response``, ``study``, ``sample``,
-    ``dataset``, ``tissue``, ``cancer_type``, ``therapy``, ``regimen`` (as text).
+    ``dataset``, ``tissue``, ``cancer_type``, ``therapy``, ``regimen``, ``cell_type`` and columns naming
+    cell lines, sublines, donors or batches (as text).
 ``jobs/<id>.parquet``, ``predictions/<id>.parquet``
     One finished job's rows (``level`` ``cell``, and ``sample`` where samples are known), and its per-cell predictions (``cell``, ``label``, ``probability``,
     ``key``). A job counts as finished once its row file exists (it is renamed into place after its
@@ -51,6 +52,7 @@ import pandas as pd
 from scdrugmap.data import schema
 from scdrugmap.errors import ConfigError, SplitError
 from scdrugmap.evaluate.metrics import METRICS, compute_sample_metrics
+from scdrugmap.evaluate.stats import within_fold_auroc
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -237,9 +239,13 @@ class ResultStore:
         _write_parquet_atomic(frame, self.run_dir / SPLITS, index=None)
 
     def save_cells(self, obs: pd.DataFrame, keys: schema.ObsKeys) -> None:
-        """Write each cell's label and categories, for reports that only read the run."""
+        """Write each cell's label, categories, cell type and the columns naming its units, for reports."""
+        from scdrugmap.data.confounders import unit_columns
+
         columns = {"response": keys.response, "study": keys.study, "sample": keys.sample, "dataset": keys.dataset,
-                   **{kind: keys.category(kind) for kind in schema.CATEGORY_KINDS}}
+                   **{kind: keys.category(kind) for kind in schema.CATEGORY_KINDS}, "cell_type": keys.cell_type,
+                   **{column: column for column, _ in unit_columns(list(obs.columns), keys)
+                      if column not in {keys.sample, keys.dataset, keys.study}}}
         frame = pd.DataFrame({"cell": obs.index.astype(str)})
         for name, column in columns.items():
             if column in obs:
@@ -289,10 +295,14 @@ class JobWriter:
     The per-cell sample names are read once per run, not once per job.
     """
 
-    def __init__(self, store: ResultStore, obs: pd.DataFrame, sample_column: str, labels: np.ndarray) -> None:
+    def __init__(self, store: ResultStore, obs: pd.DataFrame, sample_column: str, labels: np.ndarray,
+                 strata: dict[str, str] | None = None) -> None:
         self.store, self.labels = store, labels
         self.cells = obs.index.astype(str)
         self.samples = obs[sample_column].astype(str).to_numpy() if sample_column in obs else None
+        #: Per confounder (``cell_type``, ``study``), each cell's group: AUROC is also scored within them.
+        self.strata = {name: obs[column].astype(str).to_numpy() for name, column in (strata or {}).items()
+                       if column in obs}
 
     def row(self, job: Job, *, status: str, metrics: dict[str, float], reasons: dict[str, Any], seconds: float,
             extra: dict[str, Any]) -> dict[str, Any]:
@@ -325,11 +335,18 @@ class JobWriter:
         probability (`scdrugmap.evaluate.metrics.compute_sample_metrics`).
         """
         row = self.row(job, status="done", metrics=metrics, reasons=reasons, seconds=seconds, extra=extra)
+        for name, groups in self.strata.items():  # pairs of one cell type (study) only: composition cannot score
+            within = within_fold_auroc(self.labels[test], probability, groups[test], n_bootstrap=0)
+            row[f"auroc_within_{name}"] = within["auroc"]
+            if within["reason"]:
+                row["reasons"] = {**row["reasons"], f"auroc_within_{name}": f"no {name.replace('_', ' ')} of the "
+                                  "test fold holds both labels"}
         cells = pd.DataFrame({"cell": self.cells[test], "label": self.labels[test], "probability": probability})
         rows = [row]
         if self.samples is not None:
             values, why = compute_sample_metrics(self.labels[test], probability, self.samples[test])
-            rows.append({**row, "level": "sample", "reasons": why, "auroc_fraction": values.pop("auroc_fraction"),
+            rows.append({**{k: v for k, v in row.items() if not k.startswith("auroc_within_")}, "level": "sample",
+                         "reasons": why, "auroc_fraction": values.pop("auroc_fraction"),
                          **{name: values[name] for name in METRICS}})
         self.store.write_job(rows, cells)
 
@@ -353,7 +370,9 @@ class RunFolder:
         ``split``, ``status`` (``done``,
         ``skipped``, ``failed``), ``n_train``, ``n_test``, ``n_train_samples``, ``n_test_samples``,
         ``seconds``, ``reasons`` (JSON text: why a metric is NaN or a job was not scored), the
-        metrics ``f1``, ``auroc``, ``accuracy``, ``precision``, ``recall``, and the model's and the
+        metrics ``f1``, ``auroc``, ``accuracy``, ``precision``, ``recall``, ``auroc_within_cell_type`` and
+        ``auroc_within_study`` (cell level: pairs of one cell type or study only, so composition cannot
+        score; where the data names them), and the model's and the
         training's facts (``embed_seconds``, ``train_*``, ``prompt_*``). Read from the consolidated
         results, or from the per-job files when the run was cut short.
     predictions

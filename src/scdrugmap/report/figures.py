@@ -1015,6 +1015,60 @@ def plot_sample_auroc(scores: pd.DataFrame, colours: dict[str, str], *, split: s
     return figure
 
 
+# --- 12. confounders: AUROC within cell types and studies --------------------------------------------------------------
+
+@styled
+def plot_confounders(scores: pd.DataFrame, colours: dict[str, str], *, split: str = "sample",
+                     scenario: str = "pooled") -> Figure:
+    """Bars of AUROC over all test cells, within cell types, within studies and per cell type or study.
+
+    ``scores`` is `scdrugmap.report.run.RunData.confounders`: pairs of cells are compared only
+    within their fold (and within their cell type or study where the scope says so), so a model
+    that reads only cell-type composition scores 0.5 "within cell type". One panel per category
+    (columns) and setting (rows); the dotted line is chance.
+    """
+    frame = scores[(scores["scenario"] == scenario) & (scores["split"] == split)] if len(scores) else scores
+    frame = frame[frame["auroc"].notna()] if len(frame) else frame
+    if frame.empty or not frame["scope"].str.startswith("within").any():
+        return message_figure("AUROC within cell types and studies",
+                              "The run's cells name no cell type and no second study (--cell-type-key), or no "
+                              f"job was scored under split = {split}.")
+    categories = categories_order(frame)
+    settings = list(dict.fromkeys(frame["setting"]))
+    models = _models_in(frame, colours)
+    scopes_of = {c: list(dict.fromkeys(frame.loc[frame["category"] == c, "scope"])) for c in categories}
+    width = 0.8 / len(models)
+    longest = max(len(v) for v in scopes_of.values())
+    figure = _figure(max(6.0, sum(0.16 * len(models) * len(v) + 0.8 for v in scopes_of.values()) + 2.5),
+                     2.6 * len(settings) + 1.0 + 0.05 * longest)
+    axes = figure.subplots(len(settings), len(categories), squeeze=False, sharey=True)
+    for row, setting in enumerate(settings):
+        for column, category in enumerate(categories):
+            ax = axes[row, column]
+            scopes = scopes_of[category]
+            part = frame[(frame["setting"] == setting) & (frame["category"] == category)].set_index(["scope", "model"])
+            for number, model in enumerate(models):
+                for index, scope in enumerate(scopes):
+                    if (scope, model) in part.index:
+                        ax.bar(index - 0.4 + width * (number + 0.5), float(part.loc[(scope, model), "auroc"]), width,
+                               color=_colour(colours, model), edgecolor=EDGE_COLOUR, linewidth=0.4,
+                               gid=f"confounder|{model}|{scope}")
+            ax.axhline(0.5, gid="chance", **CHANCE_STYLE)
+            for bound in (0.5, 0.5 + sum(s.startswith("within") for s in scopes)):
+                ax.axvline(bound, color="#999999", linestyle="--", linewidth=0.7)
+            ax.set_xticks(range(len(scopes)), labels=[wrap_label(s, 18) for s in scopes], rotation=40, ha="right",
+                          rotation_mode="anchor", fontsize=7)
+            ax.set_xlim(-0.6, len(scopes) - 0.4)
+            ax.set_ylim(0, 1.05)
+            name = category_name(category)
+            ax.set_title(name if len(settings) == 1 else f"{name}\n{setting}", loc="left")
+        axes[row, 0].set_ylabel("AUROC (pairs within folds)")
+    _legend(figure, _model_handles(models, colours), "Model")
+    _suptitle(figure, f"Confounders: AUROC over all test cells, within cell types and studies, and per cell type or "
+                      f"study ({_scope(split, scenario)})")
+    return figure
+
+
 # --- all figures of a report -------------------------------------------------------------------------------------
 
 @dataclass
@@ -1074,6 +1128,13 @@ def build_figures(run: RunData, *, projection: Projection = "auto", seed: int = 
         f"scored both (so a fold's training balance cannot shift the score; the majority reference reads 0.5). "
         f"Bars: 95% percentile bootstrap interval over samples ({scope}); n/a: no fold held both labels.",
         plot_sample_auroc(run.sample_scores, colours, split=split), SAMPLE_SECTION)
+    figures.append(ReportFigure(
+        "confounders", "Confounders: AUROC within cell types and studies",
+        "A sensitive and a resistant cell are compared only when the same fold's model scored both, and for "
+        "\"within cell type\" (\"within study\") only when they also share a cell type (a study): a model that only "
+        "reads cell-type composition or study batch scores 0.5 there, whatever its AUROC over all cells. Right of "
+        f"the dashed lines, each cell type and study on its own ({scope}).",
+        plot_confounders(run.confounders, colours, split=split), "Beyond the paper"))
     figures.append(ReportFigure("scalability", "Scalability",
                                 f"Inference: cells embedded per second ({MODELS}). Training: mean seconds per fold "
                                 "for fitting the head or LoRA and predicting the test fold. Log scales.",

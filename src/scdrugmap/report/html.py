@@ -103,7 +103,8 @@ def _plotly_parts(interactive: Sequence[tuple[str, object]]) -> tuple[str, list[
 def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataFrame, scalability: pd.DataFrame,
                 unscored: pd.DataFrame, counts: dict[str, int],
                 interactive: Sequence[tuple[str, object]] = (), samples: pd.DataFrame | None = None,
-                design_note: str = "", tests: pd.DataFrame | None = None) -> str:
+                design_note: str = "", tests: pd.DataFrame | None = None,
+                confounders: pd.DataFrame | None = None) -> str:
     """Return the report as one HTML document that works offline.
 
     Parameters
@@ -124,6 +125,9 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
         figures of that section.
     tests
         The paired tests (`scdrugmap.report.tables.comparison_table`), shown after the summary.
+    confounders
+        AUROC within cell types and studies (`scdrugmap.report.tables.confounder_table`), shown after
+        the paired tests with the warnings where labels coincide with samples, cell lines or sublines.
     """
     escape = html.escape
     config = run.config
@@ -169,6 +173,16 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
                      "difference, bootstrap 95% interval over folds, and a one-sided sign-flip permutation p-value "
                      "(exact for up to 16 folds). A model beats the other at p &lt; 0.05 with a positive mean.</p>")
         parts.append(_table(tests))
+    warnings = run.coincidences
+    if confounders is not None or warnings:
+        parts.append("<h3 id='confounders'>Confounders</h3>")
+        parts.extend(f"<p class='banner' style='background:#FFF3CD;font-weight:400;font-size:.95rem'>Warning: "
+                     f"{escape(text)}</p>" for text in warnings)
+        if confounders is not None:
+            parts.append("<p>AUROC over all test cells, within each cell type and study (pairs of one cell type or "
+                         "study and one fold only), and per cell type or study. A score that holds over all cells "
+                         "but falls to 0.5 within cell types comes from cell-type composition.</p>")
+            parts.append(_table(confounders))
     for section in sections:
         if section == SAMPLE_SECTION:
             parts.append(_sample_section(samples, design_note, [f for f in figures if f.section == section]))

@@ -17,13 +17,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scdrugmap.data.schema import CATEGORY_KINDS
+from scdrugmap.data.confounders import label_coincidences
+from scdrugmap.data.schema import CATEGORY_KINDS, ObsKeys, encode_labels
 from scdrugmap.errors import ConfigError
 from scdrugmap.evaluate.metrics import METRICS
 from scdrugmap.evaluate.stats import (
     CATEGORY_COLUMNS,
     baseline_models,
     compare_models,
+    confounder_auroc,
     label_design,
     sample_level_auroc,
 )
@@ -117,6 +119,26 @@ class RunData:
         table["setting"] = [settings.get((s, h), f"{s} · {h}") for s, h in zip(table["strategy"], table["head"],
                                                                                    strict=True)]
         return table
+
+    @cached_property
+    def confounders(self) -> pd.DataFrame:
+        """AUROC over all cells, within cell types and studies, and per value, per setting and category.
+
+        `scdrugmap.evaluate.stats.confounder_auroc`, with ``setting``.
+        """
+        table = confounder_auroc(self.predictions, self.cells, self.results)
+        settings = self.results.drop_duplicates(["strategy", "head"]).set_index(["strategy", "head"])["setting"]
+        table["setting"] = [settings.get((s, h), f"{s} · {h}") for s, h in zip(table["strategy"], table["head"],
+                                                                                   strict=True)]
+        return table
+
+    @cached_property
+    def coincidences(self) -> list[str]:
+        """Warnings where labels coincide with samples, cell lines or sublines (`label_coincidences`)."""
+        if self.cells is None or "response" not in self.cells:
+            return []
+        labels = encode_labels(self.cells["response"].to_numpy(), source=str(self.run_dir))
+        return [c.message() for c in label_coincidences(self.cells, labels, ObsKeys())]
 
     def embedding_models(self) -> list[str]:
         """Models with a saved embedding sample, in run order."""

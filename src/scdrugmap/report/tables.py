@@ -213,3 +213,19 @@ def sample_level_table(scores: pd.DataFrame) -> pd.DataFrame:
         "samples": frame["n_samples"].astype(int), "pairs": frame["n_pairs"].astype(int),
         "folds": frame["n_folds"].astype(int), "note": frame["reason"].fillna(""),
     }, columns=columns)
+
+
+def confounder_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Return the printed confounder table: AUROC over all cells, within cell types and studies, and per value.
+
+    ``scores`` is `scdrugmap.report.run.RunData.confounders`.
+    """
+    columns = ["model", "setting", "scenario", "split", "category", "scope", "AUROC", "cells", "pairs", "note"]
+    if scores is None or scores.empty:
+        return pd.DataFrame(columns=columns)
+    return pd.DataFrame({
+        "model": scores["model"].map(model_name), "setting": scores["setting"], "scenario": scores["scenario"],
+        "split": scores["split"], "category": scores["category"].map(category_name), "scope": scores["scope"],
+        "AUROC": scores["auroc"].astype(float), "cells": scores["n_cells"].astype(int),
+        "pairs": scores["n_pairs"].astype(int), "note": scores["reason"].fillna(""),
+    }, columns=columns)

@@ -63,7 +63,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     The files written: ``<figure>.<format>`` per figure and format, ``summary.csv``
     (best model per category), ``sample_level.csv`` (sample-level AUROC with its interval per
     category value), ``paired_tests.csv`` (each model against the majority reference and the best
-    baseline), ``scalability.csv``, ``unscored_jobs.csv`` and ``report.html``.
+    baseline), ``confounders.csv`` (AUROC within cell types and studies), ``scalability.csv``, ``unscored_jobs.csv`` and ``report.html``.
 
     Raises
     ------
@@ -85,6 +85,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
         DESIGN_NOTES,
         best_models,
         comparison_table,
+        confounder_table,
         job_counts,
         sample_level_table,
         scalability_table,
@@ -111,8 +112,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     best, scalability, unscored = (best_models(run.results, run.comparisons), scalability_table(run),
                                    unscored_jobs(run.results))
     samples, tests = sample_level_table(run.sample_scores), comparison_table(run.comparisons)
+    confounders = confounder_table(run.confounders)
     for name, table in (("summary", best), ("sample_level", samples), ("paired_tests", tests),
-                        ("scalability", scalability), ("unscored_jobs", unscored)):
+                        ("confounders", confounders), ("scalability", scalability), ("unscored_jobs", unscored)):
         path = out / f"{name}.csv"
         table[[c for c in table.columns if not str(c).startswith("_")]].to_csv(path, index=False)
         written.append(path)
@@ -124,6 +126,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
                 interactive.append(("Mean F1 / AUROC per category value", bars))
         document = render_html(run, figures, best=best, scalability=scalability, unscored=unscored,
                                counts=job_counts(run.results), interactive=interactive, samples=samples, tests=tests,
+                               confounders=confounders,
                                design_note=DESIGN_NOTES[run.label_design])
         path = out / "report.html"
         path.write_text(document, encoding="utf-8")
