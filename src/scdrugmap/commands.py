@@ -286,6 +286,11 @@ def _setting(strategy: str, head: str) -> str:
     return strategy if head == "mlp" else f"{strategy}/{head}"
 
 
+def _split(row: Any) -> str:
+    """Return the split policy of a summary row ("-" for the external scenario: train and test are two files)."""
+    return "-" if row["scenario"] == "external" else row["split"]
+
+
 def _versus(comparisons: Any, row: Any, versus: str) -> str:
     """Return "+0.21 p=0.002 yes" for one row of the summary (mean paired AUROC difference), "—" without one."""
     match = comparisons[(comparisons["versus"] == versus) & (comparisons["model"] == row["model"])
@@ -344,7 +349,7 @@ def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> 
     for _, row in samples.iterrows():
         scored = np.isfinite(row["auroc"])
         sample_view.add_row(row["model"], *([_setting(row["strategy"], row["head"])] if settings else []),
-                            row["scenario"], names.get(row["category"], row["category"]), row["split"],
+                            row["scenario"], names.get((row["scenario"], row["category"]), row["category"]), _split(row),
                             f"{row['auroc']:.3f}" if scored else "n/a",
                             f"{row['ci_low']:.2f}-{row['ci_high']:.2f}" if scored else row["reason"],
                             str(int(row["n_samples"])), str(int(row["n_pairs"])))
@@ -353,11 +358,15 @@ def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> 
                       "mean AUROC difference over paired folds, one-sided p, beats it?",
                       [*first, "AUROC", "F1", "folds", "vs majority", "vs best baseline",
                        *(["perm. p"] if permuted else [])], {"AUROC", "F1", "folds", "perm. p"})
+    def mean_sd(row: Any, metric: str) -> str:
+        if not row[f"{metric}_n"]:
+            return "n/a"
+        return f"{row[f'{metric}_mean']:.3f}" + (f"±{row[f'{metric}_sd']:.2f}" if row[f"{metric}_n"] > 1 else "")
+
     for _, row in table.iterrows():
         cells = [row["model"], *([_setting(row["strategy"], row["head"])] if settings else []), row["scenario"],
-                 names.get(row["category"], row["category"]), row["split"],
-                 f"{row['auroc_mean']:.3f}±{row['auroc_sd']:.2f}" if row["auroc_n"] else "n/a",
-                 f"{row['f1_mean']:.3f}±{row['f1_sd']:.2f}" if row["f1_n"] else "n/a",
+                 names.get((row["scenario"], row["category"]), row["category"]), _split(row),
+                 mean_sd(row, "auroc"), mean_sd(row, "f1"),
                  f"{int(row['n_folds'])}/{int(row['n_folds'] + row['n_not_scored'])}",
                  _versus(comparisons, row, "reference"), _versus(comparisons, row, "best baseline")]
         if permuted:

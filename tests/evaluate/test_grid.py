@@ -73,5 +73,5 @@ def test_category_values_selecting_the_same_cells_run_once_under_all_their_names
     melanoma = results[results["category"] == "cancer_type"]
     assert set(melanoma["also"]) == {"therapy=Immunotherapy; regimen=anti-PD1"}
     assert (melanoma["level"] == "cell").sum() == 2  # two folds, run once
-    assert category_labels(results)["cancer_type"] == "cancer_type = regimen = therapy"
-    assert category_labels(results)["tissue"] == "tissue"
+    assert category_labels(results)[("pooled", "cancer_type")] == "cancer_type = regimen = therapy"
+    assert category_labels(results)[("pooled", "tissue")] == "tissue"

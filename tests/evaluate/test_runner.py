@@ -220,3 +220,33 @@ def test_auroc_within_cell_types_and_studies_is_in_the_results(tmp_path):
     assert (majority["auroc_within_cell_type"] == 0.5).all()
     cells = read_run(tmp_path / "run").cells
     assert "cell_type" in cells
+
+
+def test_external_validation_trains_on_the_data_and_scores_the_same_value_of_the_test_file(tmp_path):
+    data = write_tiny_h5ad(tmp_path)
+    test = write_tiny_h5ad(tmp_path, name="other.h5ad", seed=1)
+    config = _config(tmp_path, data, test_data=str(test), splits=["sample"], scenarios=["pooled"])
+    assert config.scenarios == ["pooled", "external"]
+    results = run_benchmark(config)
+    cell = results[results["level"] == "cell"]
+    external = cell[(cell["scenario"] == "external") & (cell["model"] == "pca") & (cell["status"] == "done")]
+    assert set(external["value"]) == {"Cell line", "Tumor tissue"}
+    assert (external["n_train"] == 60).all() and (external["n_test"] == 60).all()
+    pooled = cell[(cell["scenario"] == "pooled") & (cell["status"] == "done") & (cell["model"] == "pca")]
+    assert pooled["n_test"].sum() == 120  # the pooled folds hold the data's own cells only
+    predictions = read_run(tmp_path / "run").predictions
+    tested = predictions[predictions["key"].isin(external["key"])]
+    assert tested["cell"].str.startswith("test:").all()
+
+
+def test_external_validation_refuses_a_test_file_sharing_too_few_genes_or_other_values(tmp_path):
+    data = write_tiny_h5ad(tmp_path)
+    few = make_adata(n_cells=40, n_samples=4, seed=1)[:, :10].copy()
+    few.write_h5ad(tmp_path / "few.h5ad")
+    with pytest.raises(ConfigError, match=r"shares 10 of the 75 genes of --data .*at least 75 genes"):
+        run_benchmark(_config(tmp_path, data, test_data=str(tmp_path / "few.h5ad"), scenarios=["pooled"]))
+    zscored = _zscored_h5ad(tmp_path)
+    with pytest.raises(ConfigError, match="holds counts values but --test-data .* holds zscore"):
+        run_benchmark(_config(tmp_path, data, test_data=str(zscored), scenarios=["pooled"], out=str(tmp_path / "z")))
+    with pytest.raises(ConfigError, match="--scenarios external needs --test-data"):
+        BenchmarkConfig(scenarios=["external"]).validate()

@@ -33,7 +33,7 @@ from scdrugmap.evaluate.executors import (
     compute_unit,
     make_executor,
 )
-from scdrugmap.evaluate.grid import BenchmarkConfig, Job, data_file, make_folds
+from scdrugmap.evaluate.grid import TEST_ORIGIN, BenchmarkConfig, Job, data_file, external_file, make_folds
 from scdrugmap.evaluate.metrics import compute_metrics, summarise
 from scdrugmap.evaluate.store import JobWriter, ResultStore
 
@@ -230,6 +230,8 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     executor = make_executor(config.executor, address=config.ray_address, cpus_per_job=config.cpus_per_job,
                              gpus_per_job=config.gpus_per_job)
     data_path = data_file(config)
+    if config.test_data:  # both files in one, on their shared genes; the test file's cells form the external folds
+        data_path = external_file(config, data_path)
     adata = read_h5ad(data_path, backed=True)
     memory = _InMemory(adata)
     keys = config.obs_keys()
@@ -241,10 +243,12 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     store = ResultStore(run_dir)
     store.check_data(fingerprint)
     store.write_config(asdict(config))
-    saved = store.read_splits(adata.obs_names)
+    own = (adata.obs_names[~adata.obs[TEST_ORIGIN].to_numpy(dtype=bool)] if TEST_ORIGIN in adata.obs
+           else adata.obs_names)  # the pooled folds' cells: those of --data
+    saved = store.read_splits(own)
     folds, made = make_folds(adata, labels, config, saved)
     if made:
-        store.write_splits(adata.obs_names, {**saved, **made})
+        store.write_splits(own, {**saved, **made})
     store.save_cells(adata.obs, keys)
     jobs = [Job(model, strategy, head if strategy == "frozen" else "mlp", fold) for model in config.models
             for strategy in config.strategies if strategy != "prompt"

@@ -455,6 +455,12 @@ def findings(results: pd.DataFrame, *, comparisons: pd.DataFrame, samples: pd.Da
             else "higher than"
         out.append(f"Holding out a whole study is the harder test: {best}'s mean AUROC on a held-out study is "
                    f"{cross.mean():.2f} ({len(cross)} folds), {verb} {best_auroc:.2f} in pooled folds.")
+    external = frozen[(frozen["scenario"] == "external") & (frozen["model"] == best)]["auroc"].dropna()
+    if len(external):
+        verb = "holds up" if external.mean() >= best_auroc - 0.05 else "drops"
+        out.append(f"On the separate test file (--test-data), {best} trained on all of --data {verb}: AUROC "
+                   f"{external.mean():.2f} over {_count(len(external), category_text + ' value')} scored there, "
+                   f"against {best_auroc:.2f} within --data.")
     versus = comparisons[(comparisons["versus"] == "best baseline") & (comparisons["scenario"] == "pooled")
                          & (comparisons["split"] == split) & (comparisons["category"] == category)
                          & (comparisons["n"] > 0)] if not comparisons.empty else comparisons
