@@ -41,14 +41,17 @@ def test_benchmark_command_prints_summary_and_resumes(tmp_path):
     path = tmp_path / "d.h5ad"
     make_adata(n_cells=120, n_samples=12).write_h5ad(path)
     args = ["-q", "benchmark", "--data", str(path), "--models", "majority,pca", "--folds", "2",
-            "--categories", "tissue", "--out", str(tmp_path / "run")]
+            "--categories", "tissue", "--out", str(tmp_path / "run"), "--permutations", "2"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "AUROC" in first.output and "results.parquet" in first.output
     second = runner.invoke(app, args)
     assert second.exit_code == 0
     results = pd.read_parquet(tmp_path / "run" / "results.parquet")
-    assert results["key"].is_unique and np.isfinite(results.loc[results.status == "done", "auroc"]).all()
+    cells = results[results["level"] == "cell"]
+    assert cells["key"].is_unique and np.isfinite(cells.loc[cells.status == "done", "auroc"]).all()
+    assert "vs majority" in first.output and "Findings" in first.output and "sample level" in first.output
+    assert "perm. p" in first.output
 
 
 def test_unknown_model_is_one_clear_error(tmp_path):

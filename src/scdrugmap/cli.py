@@ -62,12 +62,14 @@ MaxMemory = Annotated[str | None, typer.Option(
     "--max-memory", envvar="SCDRUGMAP_MAX_MEMORY",
     help="Memory the data may need, e.g. 8G (default: 80% of the memory available now). Larger inputs are "
          "refused before they are read.")]
+CellTypeKey = Annotated[str, typer.Option(help="obs column of the cell type (used when present: AUROC within each cell type).")]
 
 
 def _obs_keys(label_key: str, study_key: str, sample_key: str, tissue_key: str, cancer_type_key: str,
-              therapy_key: str, regimen_key: str) -> dict[str, str]:
+              therapy_key: str, regimen_key: str, cell_type_key: str = "cell_type") -> dict[str, str]:
     return {"response": label_key, "study": study_key, "sample": sample_key, "tissue": tissue_key,
-            "cancer_type": cancer_type_key, "therapy": therapy_key, "regimen": regimen_key}
+            "cancer_type": cancer_type_key, "therapy": therapy_key, "regimen": regimen_key,
+            "cell_type": cell_type_key}
 
 
 # --- check -------------------------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ def check(
     file: Annotated[Path, typer.Argument(help="The .h5ad file to check.")],
     label_key: LabelKey = "response", study_key: StudyKey = "study", sample_key: SampleKey = "sample",
     tissue_key: TissueKey = "tissue", cancer_type_key: CancerKey = "cancer_type", therapy_key: TherapyKey = "therapy",
-    regimen_key: RegimenKey = "regimen", layer: Layer = None,
+    regimen_key: RegimenKey = "regimen", cell_type_key: CellTypeKey = "cell_type", layer: Layer = None,
     model: Annotated[str | None, typer.Option(help="Check the input needs of this model.")] = None,
     folds: Annotated[int, typer.Option(help="Folds of the intended pooled split.")] = 10,
     split: Annotated[str, typer.Option(help="Intended split policy: sample or cell.")] = "sample",
@@ -87,7 +89,8 @@ def check(
     """Check a data set against the data contract and describe it; exit 1 on any error."""
     from scdrugmap.commands import run_check
 
-    keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key)
+    keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key,
+                     cell_type_key)
     ok = run_check(file, keys=keys, layer=layer, model=model, folds=folds, split=split, strict=strict,
                    console=stdout, errors=stderr, max_memory=max_memory)
     if not ok:
@@ -271,11 +274,13 @@ def benchmark(
     models: Annotated[str | None, typer.Option(help="Comma-separated models (default pca,minilm,majority).")] = None,
     strategies: Annotated[str | None, typer.Option(help="Comma-separated strategies: frozen, lora, prompt.")] = None,
     heads: Annotated[str | None, typer.Option(help="Heads of the frozen strategy: mlp, logistic.")] = None,
-    scenarios: Annotated[str | None, typer.Option(help="pooled, cross (leave-one-study-out).")] = None,
+    scenarios: Annotated[str | None, typer.Option(help="pooled, cross (leave-one-study-out); external is added by --test-data.")] = None,
     categories: Annotated[str | None, typer.Option(help="tissue, cancer_type, therapy, regimen.")] = None,
     split: Annotated[str | None, typer.Option(help="Pooled split policy: sample (grouped), cell, or sample,cell.")] = None,
     folds: Annotated[int | None, typer.Option(help="Folds of the pooled scenario (default 10).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of splits and training.")] = None,
+    test_data: Annotated[Path | None, typer.Option(help="A labelled .h5ad to score on: heads trained on all of --data within each category value are tested on the same value here (scenario external).")] = None,
+    permutations: Annotated[int | None, typer.Option(help="Label permutations for an empirical null of the frozen jobs (labels shuffled within each category value, per sample under split=sample); default 0.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (rerunning resumes it).")] = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA when visible; the default), cpu, cuda or cuda:N.")] = None,
     executor: Annotated[str | None, typer.Option(help="local (default) or ray: one Ray task per unit of the grid.")] = None,
@@ -301,7 +306,8 @@ def benchmark(
     api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key (default OPENAI_API_KEY).")] = None,
     label_key: LabelKey = "response", study_key: StudyKey = "study", sample_key: SampleKey = "sample",
     tissue_key: TissueKey = "tissue", cancer_type_key: CancerKey = "cancer_type", therapy_key: TherapyKey = "therapy",
-    regimen_key: RegimenKey = "regimen", layer: Layer = None, max_memory: MaxMemory = None,
+    regimen_key: RegimenKey = "regimen", cell_type_key: CellTypeKey = "cell_type", layer: Layer = None,
+    max_memory: MaxMemory = None,
 ) -> None:
     """Run (or resume) the benchmark grid and print mean F1 and AUROC per model and category."""
     from scdrugmap.commands import run_benchmark_command
@@ -310,7 +316,8 @@ def benchmark(
     overrides: dict[str, Any]
     overrides = {"data": data, "models": _split_list(models), "strategies": _split_list(strategies),
                  "heads": _split_list(heads), "scenarios": _split_list(scenarios),
-                 "categories": _split_list(categories), "splits": _split_list(split), "folds": folds, "seed": seed,
+                 "categories": _split_list(categories), "splits": _split_list(split), "folds": folds, "seed": seed, "permutations": permutations,
+                 "test_data": None if test_data is None else str(test_data),
                  "out": None if out is None else str(out), "device": device, "demo_cells": demo_cells, "layer": layer,
                  "executor": executor, "ray_address": ray_address, "cpus_per_job": cpus_per_job,
                  "gpus_per_job": gpus_per_job, "shard_cells": shard_cells}
@@ -327,7 +334,8 @@ def benchmark(
             msg = f"--weights {malformed[0]}: expected MODEL=PATH, e.g. --weights scgpt=~/models/scGPT_human."
             raise ConfigError(msg)
         overrides["weights"] = dict(w.split("=", 1) for w in weights)
-    keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key)
+    keys = _obs_keys(label_key, study_key, sample_key, tissue_key, cancer_type_key, therapy_key, regimen_key,
+                     cell_type_key)
     run_benchmark_command(config, overrides, keys, quiet=STATE["quiet"], console=stdout, progress_console=stderr,
                           max_memory=max_memory)
 

@@ -406,22 +406,120 @@ def remove_unstarted_run(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> None:
-    """Print mean (sd) F1 and AUROC per model, strategy, scenario, category and split."""
-    from scdrugmap.evaluate.grid import category_labels
-    from scdrugmap.evaluate.store import results_file
+def _setting(strategy: str, head: str) -> str:
+    return strategy if head == "mlp" else f"{strategy}/{head}"
 
+
+def _split(row: Any) -> str:
+    """Return the split policy of a summary row ("-" for the external scenario: train and test are two files)."""
+    return "-" if row["scenario"] == "external" else row["split"]
+
+
+def _versus(comparisons: Any, row: Any, versus: str) -> str:
+    """Return "+0.21 p=0.002 yes" for one row of the summary (mean paired AUROC difference), "—" without one."""
+    match = comparisons[(comparisons["versus"] == versus) & (comparisons["model"] == row["model"])
+                        & (comparisons["strategy"] == row["strategy"]) & (comparisons["head"] == row["head"])
+                        & (comparisons["scenario"] == row["scenario"]) & (comparisons["category"] == row["category"])
+                        & (comparisons["split"] == row["split"])] if len(comparisons) else comparisons
+    if not len(match) or not match["n"].iloc[0]:
+        return "—"
+    test = match.iloc[0]
+    answer = "[green]yes[/green]" if test["beats"] else "no"
+    return f"{test['mean']:+.2f} p={test['p_value']:.2g} {answer}"
+
+
+def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> None:
+    """Print the run's summary: sample-level and cell-level results, paired tests, and findings.
+
+    Where labels are per sample (every sample's cells share one label), the sample-level table comes
+    first and says why. The cell-level table gives mean (sd) AUROC and F1 over the folds where each
+    is defined, and whether the model beats the majority reference and the best baseline (paired
+    folds: mean AUROC difference and one-sided sign-flip p-value; the report adds the bootstrap
+    intervals); with ``--permutations`` also the empirical p-value against the label-permutation null.
+    """
+    from scdrugmap.evaluate.grid import category_labels
+    from scdrugmap.evaluate.stats import (
+        CATEGORY_COLUMNS,
+        baseline_models,
+        compare_models,
+        confounder_auroc,
+        findings,
+        label_design,
+        permutation_pvalues,
+        sample_level_auroc,
+    )
+    from scdrugmap.evaluate.store import read_run, results_file
+
+    if results.empty:
+        console.print(f"0 jobs; nothing stored in {run_dir}.")
+        return
+    folder = read_run(run_dir)
+    seed = int(folder.config.get("seed", 0) or 0)
     names = category_labels(results)
-    view = Table(title="mean over scored folds (sd)", title_justify="left", padding=(0, 1))
-    for name in ("model", "strategy", "scenario", "category", "split", "F1", "AUROC", "folds", "unscored"):
-        view.add_column(name, justify="right" if name in {"F1", "AUROC", "folds", "unscored"} else "left",
-                        no_wrap=True)
+    design = label_design(folder.cells)
+    samples = sample_level_auroc(folder.predictions, folder.cells, results, by=CATEGORY_COLUMNS, seed=seed)
+    baselines = baseline_models(list(dict.fromkeys(results["model"].astype(str))), folder.models)
+    comparisons = compare_models(results, baselines=baselines, by=CATEGORY_COLUMNS, seed=seed)
+    null = permutation_pvalues(results, folder.permutations, by=CATEGORY_COLUMNS)
+    settings = len(table[["strategy", "head"]].drop_duplicates()) > 1 if len(table) else False
+
+    def start(title: str, names_: list[str], right: set[str]) -> Table:
+        view = Table(title=title, title_justify="left", padding=(0, 1))
+        for name in names_:
+            view.add_column(name, justify="right" if name in right else "left", no_wrap=name != "category")
+        return view
+
+    first = ["model", *(["setting"] if settings else []), "scenario", "category", "split"]
+    sample_view = start("sample level: AUROC of each sample's mean probability (pairs compared within their fold) "
+                        "with bootstrap 95% CI", [*first, "AUROC", "95% CI", "samples", "pairs"],
+                        {"AUROC", "samples", "pairs"})
+    for _, row in samples.iterrows():
+        scored = np.isfinite(row["auroc"])
+        sample_view.add_row(row["model"], *([_setting(row["strategy"], row["head"])] if settings else []),
+                            row["scenario"], names.get((row["scenario"], row["category"]), row["category"]), _split(row),
+                            f"{row['auroc']:.3f}" if scored else "n/a",
+                            f"{row['ci_low']:.2f}-{row['ci_high']:.2f}" if scored else row["reason"],
+                            str(int(row["n_samples"])), str(int(row["n_pairs"])))
+    permuted = len(null) > 0
+    cell_view = start("cell level: mean ± sd over the folds where a metric is defined; vs majority / best baseline: "
+                      "mean AUROC difference over paired folds, one-sided p, beats it?",
+                      [*first, "AUROC", "F1", "folds", "vs majority", "vs best baseline",
+                       *(["perm. p"] if permuted else [])], {"AUROC", "F1", "folds", "perm. p"})
+    def mean_sd(row: Any, metric: str) -> str:
+        if not row[f"{metric}_n"]:
+            return "n/a"
+        return f"{row[f'{metric}_mean']:.3f}" + (f"±{row[f'{metric}_sd']:.2f}" if row[f"{metric}_n"] > 1 else "")
+
     for _, row in table.iterrows():
-        strategy = row["strategy"] if row["head"] == "mlp" else f"{row['strategy']}/{row['head']}"
-        view.add_row(row["model"], strategy, row["scenario"], names.get(row["category"], row["category"]), row["split"],
-                     f"{row['f1_mean']:.3f}±{row['f1_sd']:.2f}", f"{row['auroc_mean']:.3f}±{row['auroc_sd']:.2f}",
-                     str(int(row["n_folds"])), str(int(row["n_not_scored"])))
-    console.print(view)
-    counts = results["status"].value_counts().to_dict() if "status" in results else {}
-    console.print(f"{len(results)} jobs ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
-                  f"results in {results_file(run_dir)}")
+        cells = [row["model"], *([_setting(row["strategy"], row["head"])] if settings else []), row["scenario"],
+                 names.get((row["scenario"], row["category"]), row["category"]), _split(row),
+                 mean_sd(row, "auroc"), mean_sd(row, "f1"),
+                 f"{int(row['n_folds'])}/{int(row['n_folds'] + row['n_not_scored'])}",
+                 _versus(comparisons, row, "reference"), _versus(comparisons, row, "best baseline")]
+        if permuted:
+            match = null[(null["model"] == row["model"]) & (null["strategy"] == row["strategy"])
+                         & (null["head"] == row["head"]) & (null["scenario"] == row["scenario"])
+                         & (null["category"] == row["category"]) & (null["split"] == row["split"])]
+            cells.append(f"{match['p_value'].iloc[0]:.3g} ({int(match['n_permutations'].iloc[0])})" if len(match)
+                         else "—")
+        cell_view.add_row(*cells)
+
+    if design == "per-sample":
+        console.print("Labels are per sample (every sample's cells share one label): a sample is the unit whose "
+                      "response is known, so sample-level results come first.", soft_wrap=True)
+        console.print(sample_view)
+        console.print(cell_view)
+    else:
+        console.print(cell_view)
+        if len(samples):
+            console.print(sample_view)
+    console.print("[bold]Findings[/bold]")
+    confounders = confounder_auroc(folder.predictions, folder.cells, results)
+    for number, sentence in enumerate(findings(results, comparisons=comparisons, samples=samples,
+                                               baselines=baselines, confounders=confounders), start=1):
+        console.print(f"{number}. {sentence}", soft_wrap=True)
+    cell_rows = results[results["level"] == "cell"] if "level" in results else results
+    counts = cell_rows["status"].value_counts().to_dict() if "status" in cell_rows else {}
+    console.print(f"{len(cell_rows)} jobs ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
+                  f"results in {results_file(run_dir)}; `scdrugmap report {run_dir}` draws the figures.",
+                  soft_wrap=True)

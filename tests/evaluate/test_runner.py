@@ -21,7 +21,9 @@ def _config(tmp_path, data, **changes):
 
 def test_benchmark_writes_one_row_per_job_and_predictions(tmp_path):
     data = write_tiny_h5ad(tmp_path)
-    results = run_benchmark(_config(tmp_path, data))
+    everything = run_benchmark(_config(tmp_path, data))
+    assert not everything.duplicated(["key", "level"]).any()
+    results = everything[everything["level"] == "cell"]
     assert results["key"].is_unique
     assert set(results["split"]) == {"sample", "cell"}
     assert {"pooled", "cross"} <= set(results["scenario"])
@@ -30,8 +32,11 @@ def test_benchmark_writes_one_row_per_job_and_predictions(tmp_path):
     predictions = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
     assert set(predictions["key"]) == set(done["key"])
     assert predictions.groupby("key").size().to_dict() == done.set_index("key")["n_test"].to_dict()
-    table = summary_table(results)
+    table = summary_table(everything)
     assert {"f1_mean", "auroc_mean", "auroc_sd", "n_folds"} <= set(table.columns)
+    samples = everything[everything["level"] == "sample"]
+    assert set(samples["key"]) == set(done["key"])  # every scored job is also scored per sample
+    assert samples["auroc"].dropna().between(0, 1).all() and "auroc_fraction" in samples
 
 
 def test_interrupted_benchmark_resumes_with_exactly_one_row_per_job(tmp_path, monkeypatch):
@@ -52,8 +57,8 @@ def test_interrupted_benchmark_resumes_with_exactly_one_row_per_job(tmp_path, mo
     partial = len(list((tmp_path / "run" / "jobs").glob("*.parquet")))
     monkeypatch.setattr(frozen, "fit_predict_frozen", real)
     results = run_benchmark(config)
-    assert 0 < partial < len(results)
-    assert results["key"].is_unique
+    assert 0 < partial < results["key"].nunique()
+    assert not results.duplicated(["key", "level"]).any()
     assert not list((tmp_path / "run").rglob("*.tmp"))
 
     counted = {"n": 0}
@@ -83,7 +88,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one_when_part_of_a_batched_group_
     resumed_dir = tmp_path / "resumed"
     run_benchmark(_config(tmp_path, data, out=str(resumed_dir), splits=["cell"], folds=3))
     store = ResultStore(resumed_dir)
-    group = [key for key in whole["key"] if key.startswith("pca|frozen|mlp|pooled|tissue|Tumor tissue|")]
+    group = [key for key in whole.loc[whole["level"] == "cell", "key"]
+             if key.startswith("pca|frozen|mlp|pooled|tissue|Tumor tissue|")]
     assert len(group) == 3
     for key in group[:2]:  # as if the kill came after the first fold of the group was written
         (resumed_dir / "jobs" / f"{job_id(key)}.parquet").unlink()
@@ -161,6 +167,7 @@ def test_a_model_that_cannot_read_the_data_is_skipped_with_the_reason_and_the_ot
     data = _zscored_h5ad(tmp_path)
     config = _config(tmp_path, data, models=["pca", "minilm", "majority"], splits=["sample"])
     results = run_benchmark(config)
+    results = results[results["level"] == "cell"]
     minilm = results[results["model"] == "minilm"]
     assert len(minilm) and set(minilm["status"]) == {"skipped"}
     unreadable = minilm["reasons"].str.contains("minilm cannot read this data")
@@ -199,3 +206,47 @@ def test_model_facts_are_kept_when_a_run_is_resumed(tmp_path):
     run_benchmark(config)
     facts = read_run(tmp_path / "run").models
     assert {"pca", "majority"} <= set(facts) and facts["pca"]["cache"] == "hit"
+
+
+def test_auroc_within_cell_types_and_studies_is_in_the_results(tmp_path):
+    adata = make_adata(n_cells=120, n_samples=12, seed=0, n_studies=3)  # studies that hold both labels
+    adata.obs["cell_type"] = np.where(np.arange(120) % 3 == 0, "T cell", "malignant")
+    data = tmp_path / "typed.h5ad"
+    adata.write_h5ad(data)
+    results = run_benchmark(_config(tmp_path, data, splits=["cell"], scenarios=["pooled"]))
+    done = results[(results["status"] == "done") & (results["level"] == "cell") & (results["model"] == "pca")]
+    assert done["auroc_within_cell_type"].between(0, 1).all() and done["auroc_within_study"].between(0, 1).all()
+    majority = results[(results["status"] == "done") & (results["model"] == "majority") & (results["level"] == "cell")]
+    assert (majority["auroc_within_cell_type"] == 0.5).all()
+    cells = read_run(tmp_path / "run").cells
+    assert "cell_type" in cells
+
+
+def test_external_validation_trains_on_the_data_and_scores_the_same_value_of_the_test_file(tmp_path):
+    data = write_tiny_h5ad(tmp_path)
+    test = write_tiny_h5ad(tmp_path, name="other.h5ad", seed=1)
+    config = _config(tmp_path, data, test_data=str(test), splits=["sample"], scenarios=["pooled"])
+    assert config.scenarios == ["pooled", "external"]
+    results = run_benchmark(config)
+    cell = results[results["level"] == "cell"]
+    external = cell[(cell["scenario"] == "external") & (cell["model"] == "pca") & (cell["status"] == "done")]
+    assert set(external["value"]) == {"Cell line", "Tumor tissue"}
+    assert (external["n_train"] == 60).all() and (external["n_test"] == 60).all()
+    pooled = cell[(cell["scenario"] == "pooled") & (cell["status"] == "done") & (cell["model"] == "pca")]
+    assert pooled["n_test"].sum() == 120  # the pooled folds hold the data's own cells only
+    predictions = read_run(tmp_path / "run").predictions
+    tested = predictions[predictions["key"].isin(external["key"])]
+    assert tested["cell"].str.startswith("test:").all()
+
+
+def test_external_validation_refuses_a_test_file_sharing_too_few_genes_or_other_values(tmp_path):
+    data = write_tiny_h5ad(tmp_path)
+    few = make_adata(n_cells=40, n_samples=4, seed=1)[:, :10].copy()
+    few.write_h5ad(tmp_path / "few.h5ad")
+    with pytest.raises(ConfigError, match=r"shares 10 of the 75 genes of --data .*at least 75 genes"):
+        run_benchmark(_config(tmp_path, data, test_data=str(tmp_path / "few.h5ad"), scenarios=["pooled"]))
+    zscored = _zscored_h5ad(tmp_path)
+    with pytest.raises(ConfigError, match="holds counts values but --test-data .* holds zscore"):
+        run_benchmark(_config(tmp_path, data, test_data=str(zscored), scenarios=["pooled"], out=str(tmp_path / "z")))
+    with pytest.raises(ConfigError, match="--scenarios external needs --test-data"):
+        BenchmarkConfig(scenarios=["external"]).validate()

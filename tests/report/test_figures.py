@@ -15,7 +15,13 @@ from scdrugmap.report import figures
 from scdrugmap.report.run import labelled_predictions, read_run_data
 from scdrugmap.report.stats import friedman_nemenyi, nemenyi_q
 from scdrugmap.report.style import KNOWN_MODEL_COLOURS, OKABE_ITO, model_colours
-from scdrugmap.report.tables import best_models, scalability_table, unscored_jobs, value_scores
+from scdrugmap.report.tables import (
+    best_models,
+    comparison_table,
+    scalability_table,
+    unscored_jobs,
+    value_scores,
+)
 
 FROZEN, LORA = "frozen · MLP head", "LoRA · MLP head"
 
@@ -387,12 +393,25 @@ def test_leakage_panel_says_what_ran_when_a_split_is_missing(run, colours):
 # --- tables ------------------------------------------------------------------------------------------------------------------
 
 def test_best_model_per_category_and_split(run):
-    table = best_models(run.results)
+    table = best_models(run.results, run.comparisons)
     assert list(table["split"]) == ["sample"] * 4 + ["cell"] * 4
     assert list(table["category"][:4]) == ["Tissue", "Cancer type", "Therapy", "Regimen"]
     assert set(table["best model"]) == {"scGPT"}
     assert set(table["setting"]) == {LORA}  # the fixture gives LoRA a small bonus
     assert all(table["runner-up"].str.startswith("scGPT (frozen"))
+    assert set(table["beats majority"]) == {"yes"}  # the fixture's majority trails by 0.4 on every fold
+    assert table["vs majority: Δ AUROC [95% CI], p"].str.contains("folds").all()
+
+
+def test_paired_tests_compare_every_model_with_the_reference_and_the_best_baseline(run):
+    table = comparison_table(run.comparisons)
+    assert set(table["versus"]) == {"reference", "best baseline"}
+    scgpt = table[(table["model"] == "scGPT") & (table["versus"] == "best baseline")]
+    assert set(scgpt["against"]) == {"PCA"}
+    assert (scgpt.loc[scgpt["scenario"] == "pooled", "beats it"] == "yes").all()
+    cross = scgpt[scgpt["scenario"] == "cross"]  # at most 4 held-out studies: p can never pass 1/16
+    assert (cross["paired folds"] <= 4).all() and (cross["beats it"] == "no").all()
+    assert not ((table["model"] == "Majority") & (table["versus"] == "reference")).any()
 
 
 def test_unscored_jobs_are_listed_with_their_reason(run):
@@ -418,3 +437,14 @@ def test_a_value_run_once_for_several_categories_is_shown_under_all_its_names(tm
     frame.to_parquet(tmp_path / "results.parquet", index=False)
     values = set(read_run_data(tmp_path).results["value"])
     assert "Melanoma = Immunotherapy = anti-PD1" in values and "Melanoma" not in values
+
+
+def test_confounder_panel_scores_within_studies_and_each_study(run, colours):
+    scores = run.confounders
+    pca = scores[(scores["model"] == "pca") & (scores["setting"] == FROZEN) & (scores["scenario"] == "pooled")
+                 & (scores["split"] == "sample") & (scores["category"] == "tissue")]
+    assert {"all cells", "within study", "study: GSE1", "study: GSE2"} <= set(pca["scope"])
+    figure = figures.plot_confounders(scores, colours)
+    tissue = panel(figure, f"Tissue\n{FROZEN}")
+    assert gids(tissue, "confounder|pca|within study") == {"confounder|pca|within study": 1}
+    assert any(line.get_gid() == "chance" for line in tissue.lines)

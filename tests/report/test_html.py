@@ -63,19 +63,21 @@ def document(report):
 
 
 def _tables_for(run):
-    return {"best": best_models(run.results), "scalability": scalability_table(run),
+    return {"best": best_models(run.results, run.comparisons), "scalability": scalability_table(run),
             "unscored": unscored_jobs(run.results), "counts": job_counts(run.results)}
 
 
 def test_write_report_returns_every_file_it_wrote(report, document):
     out, paths = report
-    assert {p.name for p in paths} == {"report.html", "summary.csv", "scalability.csv", "unscored_jobs.csv"}
+    assert {p.name for p in paths} == {"report.html", "summary.csv", "sample_level.csv", "paired_tests.csv",
+                                       "confounders.csv", "scalability.csv", "unscored_jobs.csv"}
     assert all(p.exists() and p.parent == out for p in paths)
     _, parser = document
     figure_ids = [a["id"] for t, a in parser.tags if t == "figure" and a.get("id")]
     assert figure_ids == [f"figure-{stem}" for stem in (
         "f1_bars", "radar", "violin_cancer_type", "circular_bars", "embedding_pca", "embedding_scgpt", "scalability",
-        "roc_pr", "trust", "cross_study_heatmap", "critical_difference", "leakage", "calibration")]
+        "confounders",
+        "roc_pr", "trust", "cross_study_heatmap", "critical_difference", "leakage", "calibration", "sample_auroc")]
 
 
 def test_html_report_loads_nothing_from_the_network(document):
@@ -87,7 +89,7 @@ def test_html_report_loads_nothing_from_the_network(document):
         if tag == "script":
             assert "src" not in attributes
     images = [a["src"] for t, a in parser.tags if t == "img"]
-    assert len(images) == 12 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == 14 and all(src.startswith("data:image/png;base64,") for src in images)
     assert "@import" not in text
     assert "Plotly.newPlot" in text and len(text) > 1_000_000  # plotly.js is inlined, not fetched
 
@@ -111,7 +113,7 @@ def test_html_summary_table_gives_the_best_model_per_category(document):
     _, parser = document
     header = next(row for row in parser.rows if row and row[0] == "category")
     rows = [dict(zip(header, row, strict=True)) for row in parser.rows if len(row) == len(header) and row != header]
-    summary = [r for r in rows if "best model" in r]
+    summary = [r for r in rows if r["split"] in {"sample", "cell"}]
     assert {(r["category"], r["split"]) for r in summary} == {
         (c, s) for c in ("Tissue", "Cancer type", "Therapy", "Regimen") for s in ("sample", "cell")}
     assert {r["best model"] for r in summary} == {"scGPT"}
@@ -126,7 +128,7 @@ def test_html_report_holds_config_environment_and_unscored_jobs(document):
 
 def test_every_figure_is_captioned_and_titled(document):
     text, _ = document
-    assert text.count("<figcaption>") == 12 + 1  # one per static figure, one for the interactive one
+    assert text.count("<figcaption>") == 14 + 1  # one per static figure, one for the interactive one
     assert "Leakage: split = sample vs split = cell" in text
 
 
@@ -158,8 +160,8 @@ def test_write_report_defaults_to_the_report_folder_inside_the_run(tmp_path, mon
     monkeypatch.setattr("scdrugmap.report.figures.build_figures", one_figure)
     paths = write_report(copy, formats="png, SVG,pdf")
     assert {p.relative_to(copy).as_posix() for p in paths} == {
-        "report/only.png", "report/only.svg", "report/only.pdf", "report/summary.csv", "report/scalability.csv",
-        "report/unscored_jobs.csv"}
+        "report/only.png", "report/only.svg", "report/only.pdf", "report/summary.csv", "report/sample_level.csv",
+        "report/paired_tests.csv", "report/confounders.csv", "report/scalability.csv", "report/unscored_jobs.csv"}
     assert (copy / "report" / "only.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (copy / "report" / "only.pdf").read_bytes()[:5] == b"%PDF-"
     assert ET.parse(copy / "report" / "only.svg").getroot().tag.endswith("svg")
@@ -176,3 +178,23 @@ def test_write_report_refuses_unknown_formats_and_projections(run_dir, tmp_path)
 def test_write_report_refuses_a_folder_without_results(tmp_path):
     with pytest.raises(ConfigError, match="no results found"):
         write_report(tmp_path)
+
+
+def test_the_report_leads_with_sample_level_results_when_labels_are_per_sample(run_dir, monkeypatch):
+    from scdrugmap.report import figures as report_figures
+    from scdrugmap.report.figures import build_figures
+    from scdrugmap.report.tables import DESIGN_NOTES, sample_level_table
+
+    run = read_run_data(run_dir)
+    run.__dict__["label_design"] = "per-sample"  # as if every sample's cells shared one label
+    tables = _tables_for(run)
+    monkeypatch.setattr(report_figures, "embedding_figures", lambda *args, **kwargs: [])  # not under test: slow
+    figures = build_figures(run)
+    assert figures[0].name == "sample_auroc"
+    samples = sample_level_table(run.sample_scores)
+    text = render_html(run, figures, best=tables["best"], scalability=tables["scalability"],
+                       unscored=tables["unscored"], counts=tables["counts"], samples=samples,
+                       design_note=DESIGN_NOTES["per-sample"])
+    headings = re.findall(r"<h2 id='([^']+)'>", text)
+    assert headings[0] == "sample-level-results" and headings[1] == "summary"
+    assert "Labels are given per sample" in text and "sample AUROC" in text

@@ -18,6 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scdrugmap.data import schema
+from scdrugmap.data.confounders import label_coincidences
 from scdrugmap.errors import SchemaError
 
 if TYPE_CHECKING:
@@ -444,4 +445,6 @@ def check_adata(adata: ad.AnnData, *, source: str = "data", keys: schema.ObsKeys
                    "test. Name the patient/sample column with --sample-key, or use --split cell.")
     _fold_problems(report, obs, keys, labels, n_folds, split if keys.sample in obs else "cell",
                    "error" if strict else "warning")
+    for coincidence in label_coincidences(obs, labels, keys):  # samples, cell lines, sublines with one label each
+        report.add("warning", f"obs[{coincidence.column!r}]", coincidence.message())
     return report

@@ -26,6 +26,7 @@ TISSUE = "tissue"
 CANCER_TYPE = "cancer_type"
 THERAPY = "therapy"
 REGIMEN = "regimen"
+CELL_TYPE = "cell_type"
 
 SENSITIVE = "sensitive"
 RESISTANT = "resistant"
@@ -53,11 +54,11 @@ class ObsKeys:
     cancer_type: str = CANCER_TYPE
     therapy: str = THERAPY
     regimen: str = REGIMEN
+    cell_type: str = CELL_TYPE
 
     def category(self, kind: str) -> str:
         """Return the obs column of a category kind (``tissue``, ``cancer_type``, ...)."""
-        names = {f.name for f in fields(self)}
-        if kind not in names:
+        if kind not in CATEGORY_KINDS and kind not in {f.name for f in fields(self)}:
             msg = f"unknown category {kind!r}; expected one of {sorted(CATEGORY_KINDS)}."
             raise SchemaError(msg)
         return getattr(self, kind)

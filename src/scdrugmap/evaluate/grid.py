@@ -22,7 +22,7 @@ import pandas as pd
 
 from scdrugmap.data import schema
 from scdrugmap.errors import ConfigError
-from scdrugmap.evaluate.splits import Fold, split_cross_study, split_pooled
+from scdrugmap.evaluate.splits import Fold, split_cross_study, split_external, split_pooled
 from scdrugmap.train.heads import HeadConfig
 
 if TYPE_CHECKING:
@@ -32,7 +32,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("frozen", "lora", "prompt")
-SCENARIOS = ("pooled", "cross")
+SCENARIOS = ("pooled", "cross", "external")
+DEFAULT_SCENARIOS = ("pooled", "cross")
+#: External validation: the test file must share at least this many genes with --data (all of them when it has
+#: fewer), and this share of them.
+MIN_SHARED_GENES = 200
+MIN_SHARED_FRACTION = 0.2
+#: Below this share of --data's genes the models read the test cells over part of their training genes: logged.
+WARN_SHARED_FRACTION = 0.5
+#: obs column of a combined (--data + --test-data) file: True for the test file's cells.
+TEST_ORIGIN = "scdrugmap_test_data"
+#: Prefix of the test file's cell names in a combined file (cell names must be unique).
+TEST_PREFIX = "test:"
 DEFAULT_MODELS = ("pca", "minilm", "majority")
 DEMO_CELLS = 1500
 DEMO_GENES = 2000
@@ -51,11 +62,13 @@ class BenchmarkConfig:
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     strategies: list[str] = field(default_factory=lambda: ["frozen"])
     heads: list[str] = field(default_factory=lambda: ["mlp"])
-    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    scenarios: list[str] = field(default_factory=lambda: list(DEFAULT_SCENARIOS))
     categories: list[str] = field(default_factory=lambda: list(schema.CATEGORY_KINDS))
     splits: list[str] = field(default_factory=lambda: ["sample"])
     folds: int = 10
     seed: int = 0
+    permutations: int = 0
+    test_data: str | None = None
     layer: str | None = None
     batch_size: int | None = None
     device: str = "auto"
@@ -126,6 +139,10 @@ class BenchmarkConfig:
             values["out"] = str(Path(RUNS_DIR) / stem)
         return cls(**values)
 
+    def __post_init__(self) -> None:
+        if self.test_data and "external" not in self.scenarios:  # a test file is scored in its own scenario
+            self.scenarios = [*self.scenarios, "external"]
+
     def obs_keys(self) -> schema.ObsKeys:
         return schema.ObsKeys(**self.keys)
 
@@ -152,6 +169,12 @@ class BenchmarkConfig:
             if unknown:
                 msg = f"--{name} {','.join(unknown)} is not available; choose from {', '.join(allowed)}."
                 raise ConfigError(msg)
+        if "external" in self.scenarios and not self.test_data:
+            msg = "--scenarios external needs --test-data FILE: the labelled file to score."
+            raise ConfigError(msg)
+        if self.permutations < 0:
+            msg = f"--permutations {self.permutations}: give 0 (no null) or a positive number of permutations."
+            raise ConfigError(msg)
         if self.folds < 2:
             msg = f"--folds {self.folds}: need at least 2 folds."
             raise ConfigError(msg)
@@ -212,6 +235,93 @@ def data_file(config: BenchmarkConfig) -> Path:
     return path
 
 
+def _value_kind_class(kind: str) -> str:
+    """Group value kinds by how models read them: counts-like are normalised, log and z-scores used as they are."""
+    return {"counts": "counts-like", "tpm": "counts-like", "normalised": "counts-like", "log": "log"}.get(kind, kind)
+
+
+def external_file(config: BenchmarkConfig, data_path: Path) -> Path:
+    """Return one file holding the cells of ``--data`` and of ``--test-data`` on their shared genes (made once).
+
+    The test file's cells are named ``test:<name>`` and marked in ``obs[TEST_ORIGIN]``; models embed
+    both files together (baselines fit genes and components on all cells, without labels, as in the
+    other scenarios), and the external folds train on the data's cells and test on the test file's.
+
+    Raises
+    ------
+    ConfigError
+        When the test file is missing or has no label column, when the files share fewer than
+        `MIN_SHARED_GENES` genes or `MIN_SHARED_FRACTION` of the data's genes, or when their values are
+        of different kinds (e.g. counts and z-scores), the same guards `scdrugmap predict` applies.
+    """
+    import anndata as ad
+
+    from scdrugmap import config as paths
+    from scdrugmap.data.io import read_h5ad
+
+    test_path = Path(str(config.test_data))
+    if not test_path.exists():
+        msg = f"--test-data {test_path}: no such file. Pass a labelled .h5ad to score the trained heads on."
+        raise ConfigError(msg)
+    keys = config.obs_keys()
+    stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in (data_path, test_path))
+    stamp += f"|{config.layer}|{sorted(config.keys.items())}"
+    path = paths.home_dir() / "external" / f"{hashlib.sha1(stamp.encode()).hexdigest()[:16]}.h5ad"
+    if path.exists():
+        return path
+    data, test = read_h5ad(data_path), read_h5ad(test_path)
+    if keys.response not in test.obs:
+        msg = f"--test-data {test_path}: obs has no {keys.response!r} column; the test file must be labelled."
+        raise ConfigError(msg)
+    data_genes = data.var_names.astype(str)
+    shared = data_genes[data_genes.isin(test.var_names.astype(str))]
+    fraction = shared.size / max(1, data_genes.size)
+    needed = min(MIN_SHARED_GENES, data_genes.size)
+    if shared.size < needed or fraction < MIN_SHARED_FRACTION:
+        examples = f"{list(data_genes[:2])} against {list(test.var_names.astype(str)[:2])}"
+        hint = (f"The files name genes differently (e.g. {examples}): use one kind of gene id in both."
+                if fraction < 0.05 else "The test file measures too few of the genes the models read in --data.")
+        msg = (f"--test-data {test_path} shares {shared.size} of the {data_genes.size} genes of --data {data_path} "
+               f"({fraction:.0%}); at least {needed} genes and {MIN_SHARED_FRACTION:.0%} of them are needed to score "
+               f"heads trained on --data there. {hint}")
+        raise ConfigError(msg)
+    if fraction < WARN_SHARED_FRACTION:
+        log.warning("--test-data shares %d of the %d genes of --data (%.0f%%): models read both on these genes only",
+                    shared.size, data_genes.size, 100 * fraction)
+    kinds = [schema.detect_value_kind(schema.expression_matrix(a, config.layer)) for a in (data, test)]
+    if _value_kind_class(kinds[0]) != _value_kind_class(kinds[1]):
+        msg = (f"--data {data_path} holds {kinds[0]} values but --test-data {test_path} holds {kinds[1]}; a head "
+               f"trained on one cannot score the other. Give both files the same kind of values (e.g. --layer counts).")
+        raise ConfigError(msg)
+    columns = [c for c in dataclasses.asdict(keys).values() if c in data.obs and c in test.obs]
+    parts = []
+    for part, is_test in ((data, False), (test, True)):
+        part = part[:, shared].copy()
+        part.obs = part.obs[columns].astype(str).assign(**{TEST_ORIGIN: is_test})
+        if is_test:
+            part.obs_names = [f"{TEST_PREFIX}{name}" for name in part.obs_names.astype(str)]
+        part.uns, part.obsm, part.varm, part.obsp = {}, {}, {}, {}
+        if config.layer:
+            part.layers = {config.layer: part.layers[config.layer]}
+        else:
+            part.layers = {}
+        parts.append(part)
+    combined = ad.concat(parts, join="inner", merge="first")
+    combined.obs[TEST_ORIGIN] = combined.obs[TEST_ORIGIN].astype(bool)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.h5ad")
+    combined.write_h5ad(tmp)
+    tmp.replace(path)
+    log.info("external validation: %d cells of %s and %d of %s on %d shared genes in %s", data.n_obs, data_path,
+             test.n_obs, test_path, shared.size, path)
+    return path
+
+
+def _shifted(folds: list[Fold], rows: npt.NDArray[np.int64]) -> list[Fold]:
+    """Return folds made on a subset of cells with their positions mapped back to the whole data."""
+    return [dataclasses.replace(f, train=rows[f.train], test=rows[f.test]) for f in folds]
+
+
 def make_folds(adata: ad.AnnData, labels: np.ndarray, config: BenchmarkConfig,
                saved: Mapping[str, npt.NDArray[np.int8]] | None = None
                ) -> tuple[list[Fold], dict[str, npt.NDArray[np.int8]]]:
@@ -224,7 +334,8 @@ def make_folds(adata: ad.AnnData, labels: np.ndarray, config: BenchmarkConfig,
     config
         The run's scenarios, categories, split policies, fold count and seed.
     saved
-        Pooled test-fold numbers per cell from an earlier run of the same folder, by name
+        Pooled test-fold numbers per cell of the data (not of a test file's cells, see
+        `external_file`) from an earlier run of the same folder, by name
         (``<category>|<split>|k<folds>|seed<seed>``), reused so a resumed run has the same folds.
 
     Returns
@@ -234,7 +345,11 @@ def make_folds(adata: ad.AnnData, labels: np.ndarray, config: BenchmarkConfig,
     """
     saved = saved or {}
     keys = config.obs_keys()
-    obs = adata.obs
+    everything = adata.obs
+    origin = (everything[TEST_ORIGIN].to_numpy(dtype=bool) if TEST_ORIGIN in everything
+              else np.zeros(adata.n_obs, dtype=bool))
+    rows = np.flatnonzero(~origin)  # pooled and cross-study folds use the data's own cells only
+    obs, data_labels = everything.iloc[rows], labels[rows]
     made: dict[str, npt.NDArray[np.int8]] = {}
     folds: list[Fold] = []
     for category in config.categories:
@@ -245,42 +360,51 @@ def make_folds(adata: ad.AnnData, labels: np.ndarray, config: BenchmarkConfig,
         if "pooled" in config.scenarios:
             for split in config.splits:
                 name = f"{category}|{split}|k{config.folds}|seed{config.seed}"
-                category_folds = split_pooled(obs, labels, category_column=column, category=category,
+                category_folds = split_pooled(obs, data_labels, category_column=column, category=category,
                                               sample_column=keys.sample, split=split, n_folds=config.folds,
                                               seed=config.seed, assignment=saved.get(name, made.get(name)))
                 if name not in saved and name not in made:
-                    assignment = np.full(adata.n_obs, -1, dtype=np.int8)
+                    assignment = np.full(rows.size, -1, dtype=np.int8)
                     for fold in category_folds:
                         if fold.skipped is None:
                             assignment[fold.test] = int(fold.fold)
                     made[name] = assignment
-                folds.extend(category_folds)
+                folds.extend(_shifted(category_folds, rows))
         if "cross" in config.scenarios:
-            folds.extend(split_cross_study(obs, labels, category_column=column, category=category,
-                                           study_column=keys.study))
-    return merge_identical_values(folds, obs, keys), made
+            folds.extend(_shifted(split_cross_study(obs, data_labels, category_column=column, category=category,
+                                                    study_column=keys.study), rows))
+        if "external" in config.scenarios and origin.any():
+            folds.extend(split_external(everything, labels, category_column=column, category=category,
+                                        origin=origin))
+    return merge_identical_values(folds, everything, keys, origin=origin), made
 
 
-def merge_identical_values(folds: list[Fold], obs: pd.DataFrame, keys: schema.ObsKeys) -> list[Fold]:
+def merge_identical_values(folds: list[Fold], obs: pd.DataFrame, keys: schema.ObsKeys,
+                           origin: npt.NDArray[np.bool_] | None = None) -> list[Fold]:
     """Keep one set of folds per cell set: category values selecting the same cells run once.
 
     On a file of one study, tissue = Tumor tissue, cancer type = Melanoma and therapy =
     Immunotherapy often select the very same cells, so their folds (same cells, labels and seed)
     are identical. The first value in category order keeps its folds and names the others in
-    `Fold.also`; theirs are dropped. Values are compared per scenario and split policy.
+    `Fold.also`; theirs are dropped. Values are compared per scenario and split policy, over the
+    data's own cells for the pooled and cross-study folds and over both files' (``origin`` marks a
+    test file's) for the external ones.
     """
-    signatures: dict[tuple[str, str], str] = {}
+    origin = np.zeros(len(obs), dtype=bool) if origin is None else origin
+    signatures: dict[tuple[str, str, bool], str] = {}
     for category in dict.fromkeys(fold.category for fold in folds):
         values = obs[keys.category(category)].astype(str).to_numpy()
         for value in np.unique(values):
-            rows = np.flatnonzero(values == value)
-            signatures[(category, str(value))] = hashlib.sha1(rows.astype(np.int64).tobytes()).hexdigest()
+            for external in (False, True):
+                rows = np.flatnonzero((values == value) & (~origin | external))
+                signatures[(category, str(value), external)] = hashlib.sha1(rows.astype(np.int64).tobytes()).hexdigest()
     owner: dict[tuple[str, str, str], tuple[str, str]] = {}
     aliases: dict[tuple[str, str, str, str], list[str]] = {}
     kept = []
     for fold in folds:
         name = (fold.category, fold.value)
-        first = owner.setdefault((fold.scenario, fold.split, signatures[name]), name)
+        signature = signatures[(*name, fold.scenario == "external")]
+        first = owner.setdefault((fold.scenario, fold.split, signature), name)
         if first == name:
             kept.append(fold)
             continue
@@ -295,24 +419,25 @@ def merge_identical_values(folds: list[Fold], obs: pd.DataFrame, keys: schema.Ob
             for fold in kept]
 
 
-def category_labels(results: pd.DataFrame) -> dict[str, str]:
-    """Return, per category of ``results``, its name and the categories whose values it also stands for.
+def category_labels(results: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """Return, per scenario and category of ``results``, the category's name and those it also stands for.
 
-    ``{"tissue": "tissue = cancer_type = therapy", "regimen": "regimen"}`` when tissue's values
-    select the same cells as all of cancer type's and therapy's (`merge_identical_values`), which
-    then have no rows of their own; ``"tissue (+ cancer_type)"`` when only some of them do.
+    ``{("pooled", "tissue"): "tissue = cancer_type = therapy", ("pooled", "regimen"): "regimen"}`` when,
+    in the pooled scenario, every scored tissue value selects the same cells as values of cancer type
+    and therapy (`merge_identical_values`); ``"tissue (+ cancer_type)"`` when only some do.
     """
-    labels: dict[str, str] = {}
-    also = results["also"].fillna("") if "also" in results else pd.Series("", index=results.index)
-    present = set(results["category"].astype(str))
-    for category, part in also.groupby(results["category"].astype(str), sort=False):
-        covered = [set(a.split("=", 1)[0] for a in text.split("; ") if a) for text in part]
+    labels: dict[tuple[str, str], str] = {}
+    frame = results.assign(also=results["also"].fillna("") if "also" in results else "")
+    if "status" in frame:
+        frame = frame[frame["status"] == "done"] if (frame["status"] == "done").any() else frame
+    for (scenario, category), part in frame.groupby(["scenario", "category"], sort=False, observed=True):
+        covered = [{a.split("=", 1)[0] for a in text.split("; ") if a} for text in part["also"]]
         every = set.intersection(*covered) if covered else set()
         some = set.union(*covered) if covered else set()
-        if every and every == some and not every & present:
-            labels[category] = " = ".join([category, *sorted(every)])
+        if every and every == some:
+            labels[(scenario, category)] = " = ".join([category, *sorted(every)])
         elif some:
-            labels[category] = f"{category} (+ {', '.join(sorted(some))})"
+            labels[(scenario, category)] = f"{category} (+ {', '.join(sorted(some))})"
         else:
-            labels[category] = category
+            labels[(scenario, category)] = category
     return labels

@@ -14,7 +14,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,9 +30,10 @@ from scdrugmap.evaluate.executors import (
     RayExecutor,
     Unit,
     UnitOutcome,
+    compute_unit,
     make_executor,
 )
-from scdrugmap.evaluate.grid import BenchmarkConfig, Job, data_file, make_folds
+from scdrugmap.evaluate.grid import TEST_ORIGIN, BenchmarkConfig, Job, data_file, external_file, make_folds
 from scdrugmap.evaluate.metrics import compute_metrics, summarise
 from scdrugmap.evaluate.store import JobWriter, ResultStore
 
@@ -231,7 +232,7 @@ def _store_outcome(writer: JobWriter, unit: Unit, outcome: UnitOutcome, labels: 
 
 
 def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None = None) -> pd.DataFrame:
-    """Run (or resume) the benchmark grid of ``config`` and return one row per job.
+    """Run (or resume) the benchmark grid of ``config`` and return one row per job and level.
 
     The data is opened backed: expression is read in chunks for the fingerprint (and by the baselines,
     which embed from row blocks), and loaded whole only when another model must embed (not cached) or
@@ -239,7 +240,8 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
 
     Returns
     -------
-    The consolidated results, one row per job. They and the per-cell predictions are also in the
+    The consolidated results, one row per job and level (``cell``; ``sample`` for scored jobs where
+    the data names samples). They and the per-cell predictions are also in the
     run folder ``config.out``; read it back with `scdrugmap.evaluate.store.read_run`.
     """
     from scdrugmap.data.io import data_fingerprint
@@ -250,6 +252,8 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     executor = make_executor(config.executor, address=config.ray_address, cpus_per_job=config.cpus_per_job,
                              gpus_per_job=config.gpus_per_job)
     data_path = data_file(config)
+    if config.test_data:  # both files in one, on their shared genes; the test file's cells form the external folds
+        data_path = external_file(config, data_path)
     adata = read_h5ad(data_path, backed=True)
     memory = _InMemory(adata)
     keys = config.obs_keys()
@@ -261,10 +265,12 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     store = ResultStore(run_dir)
     store.check_data(fingerprint)
     store.write_config(asdict(config))
-    saved = store.read_splits(adata.obs_names)
+    own = (adata.obs_names[~adata.obs[TEST_ORIGIN].to_numpy(dtype=bool)] if TEST_ORIGIN in adata.obs
+           else adata.obs_names)  # the pooled folds' cells: those of --data
+    saved = store.read_splits(own)
     folds, made = make_folds(adata, labels, config, saved)
     if made:
-        store.write_splits(adata.obs_names, {**saved, **made})
+        store.write_splits(own, {**saved, **made})
     store.save_cells(adata.obs, keys)
     jobs = [Job(model, strategy, head if strategy == "frozen" else "mlp", fold) for model in config.models
             for strategy in config.strategies if strategy != "prompt"
@@ -279,7 +285,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     if progress:
         progress("jobs", done, len(jobs), "")
     groups = np.asarray(adata.obs[keys.sample].astype(str)) if keys.sample in adata.obs else None
-    writer = JobWriter(store, adata.obs, keys.sample, labels)
+    writer = JobWriter(store, adata.obs, keys.sample, labels, strata={"cell_type": keys.cell_type, "study": keys.study})
     model_facts: dict[str, Any] = {}
     prompt_jobs = [job for job in pending if job.strategy == "prompt"]
     if prompt_jobs:  # API calls, limited per key: they run here whatever the executor
@@ -339,9 +345,70 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     results = store.consolidate()
     if model_facts:
         store.write_model_facts(model_facts)
+    if config.permutations:
+        _run_permutations(config, store, jobs, adata, data_path, memory, fingerprint, labels, groups, executor)
     _complete_model_facts(store, config, [m for m in config.models if m not in model_facts], adata, fingerprint)
     log.info("    finished the benchmark in %.1fs", time.perf_counter() - start)
     return results
+
+
+def _run_permutations(config: BenchmarkConfig, store: ResultStore, jobs: list[Job], adata: ad.AnnData,
+                      data_path: Path, memory: _InMemory, fingerprint: str, labels: np.ndarray,
+                      groups: np.ndarray | None, executor: LocalExecutor | RayExecutor) -> None:
+    """Compute the label-permutation null of the frozen jobs: the same folds and heads, labels shuffled.
+
+    Permutation ``i`` shuffles the labels within each category value (per sample under a
+    patient-grouped split, per cell under a cell-level split: `permute_labels`), with a seed made
+    of the run's seed and ``i``, trains every frozen unit again and scores its test cells against
+    the shuffled labels. Permutations already stored are not rerun. LoRA and prompt jobs have no
+    null (too costly to repeat); the null runs here, whatever the executor.
+    """
+    from scdrugmap.evaluate.splits import permute_labels
+
+    runnable = [job for job in jobs if job.strategy == "frozen" and job.fold.skipped is None]
+    stored = store.read_permutations()
+    have = set(zip(stored["model"], stored["permutation"], strict=True)) if len(stored) else set()
+    keys = config.obs_keys()
+    obs = adata.obs
+    for model in dict.fromkeys(job.model for job in runnable):
+        model_jobs = [job for job in runnable if job.model == model]
+        todo = [i for i in range(config.permutations) if (model, i) not in have]
+        if not todo:
+            continue
+        try:
+            inputs, _ = _prepare_model(model, model_jobs, config, adata, data_path, memory, fingerprint, labels,
+                                       groups, LocalExecutor(), None)
+        except (ScDrugMapError, ValueError, RuntimeError, OSError) as err:
+            log.warning("no permutation null for %s: %s", model, err)
+            continue
+        valid = np.ones(adata.n_obs, dtype=bool)
+        if inputs.embeddings is not None and inputs.embeddings.shape[1]:
+            valid = ~np.isnan(inputs.embeddings).any(axis=1)
+        start = time.perf_counter()
+        rows = []
+        for permutation in todo:
+            rng = np.random.default_rng([config.seed, 11, permutation])
+            by_split: dict[tuple[str, str, str], list[Job]] = {}
+            for job in model_jobs:
+                by_split.setdefault((job.fold.scenario, job.fold.category, job.fold.split), []).append(job)
+            for (_, category, split), split_jobs in sorted(by_split.items()):
+                shuffled = permute_labels(labels, obs[keys.category(category)].astype(str).to_numpy(),
+                                          groups if split == "sample" else None, rng)
+                for unit in _units(split_jobs, valid):
+                    outcome = compute_unit(replace(inputs, labels=shuffled), unit)
+                    for index, job in enumerate(unit.jobs):
+                        auroc = float("nan")
+                        if outcome.status == "done":
+                            test = unit.fold_sets[index][1]
+                            auroc = compute_metrics(shuffled[test], outcome.predictions[index][0])[0]["auroc"]
+                        fold = job.fold
+                        rows.append({"model": model, "strategy": job.strategy, "head": job.head,
+                                     "scenario": fold.scenario, "category": fold.category, "value": fold.value,
+                                     "fold": fold.fold, "split": fold.split, "permutation": permutation,
+                                     "auroc": auroc})
+        store.add_permutations(pd.DataFrame(rows))
+        log.info("label-permutation null of %s: %d permutations in %.1fs", model, len(todo),
+                 time.perf_counter() - start)
 
 
 def _complete_model_facts(store: ResultStore, config: BenchmarkConfig, models: list[str], adata: ad.AnnData,
@@ -370,8 +437,16 @@ def _complete_model_facts(store: ResultStore, config: BenchmarkConfig, models: l
 
 
 def summary_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Return mean F1 and AUROC (with sd and fold counts) per model, strategy, scenario, category and split."""
+    """Return mean F1 and AUROC (with sd and fold counts) per model, strategy, scenario, category and split.
+
+    Cell-level rows only; sample-level results are summarised by `scdrugmap.evaluate.stats`.
+    """
     by = ["model", "strategy", "head", "scenario", "category", "split"]
+    if "level" in results:
+        results = results[results["level"].fillna("cell") == "cell"]
     table = summarise(results, by)
     skipped = results[results["status"] != "done"].groupby(by, observed=True).size().rename("n_not_scored")
-    return table.merge(skipped.reset_index(), on=by, how="left").fillna({"n_not_scored": 0})
+    table = table.merge(skipped.reset_index(), on=by, how="left").fillna({"n_not_scored": 0})
+    order = {"sample": 0, "cell": 1}  # the patient-grouped split first
+    return table.sort_values(["model", "strategy", "head", "scenario", "category", "split"], kind="stable",
+                             key=lambda c: c.map(order).fillna(2) if c.name == "split" else c, ignore_index=True)

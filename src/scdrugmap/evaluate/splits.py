@@ -4,6 +4,8 @@
 regimen), stratified by label and grouped by ``sample`` so that one patient never
 sits in both train and test (``split="cell"`` gives the paper's cell-level split).
 ``cross``: leave-one-study-out within each category value.
+``external``: train on every cell of a category value in one file, test on the same value of another
+(`split_external`).
 
 Folds that cannot be formed are returned with a ``skipped`` reason, never dropped.
 Fold assignments depend only on obs, the labels and the seed, so every model sees
@@ -24,7 +26,7 @@ from scdrugmap.errors import SplitError
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-Scenario = Literal["pooled", "cross"]
+Scenario = Literal["pooled", "cross", "external"]
 SplitPolicy = Literal["sample", "cell"]
 
 
@@ -165,3 +167,62 @@ def split_cross_study(obs: pd.DataFrame, labels: npt.NDArray, *, category_column
             folds.append(Fold("cross", category, value, study, "sample", train, test, skipped=reason))
     return folds
 
+
+
+def permute_labels(labels: npt.NDArray, values: npt.NDArray, groups: npt.NDArray | None,
+                   rng: np.random.Generator) -> npt.NDArray:
+    """Return labels shuffled within each category value, at the level of the split's groups.
+
+    With ``groups`` (the samples of a patient-grouped split) each sample takes the label of another
+    sample of its value (the label of most of that sample's cells), so every cell of a sample keeps
+    sharing one label, as real per-patient labels do; without (a cell-level split), cell labels are
+    shuffled. Folds stay as they are: this is the null distribution of the benchmark's own
+    procedure when labels carry no information.
+    """
+    permuted = np.asarray(labels).copy()
+    for value in np.unique(values):
+        rows = np.flatnonzero(values == value)
+        if groups is None:
+            permuted[rows] = rng.permutation(permuted[rows])
+            continue
+        names, position = np.unique(groups[rows], return_inverse=True)
+        share = np.bincount(position, weights=labels[rows].astype(np.float64)) / np.bincount(position)
+        sample_labels = (share >= 0.5).astype(permuted.dtype)
+        permuted[rows] = rng.permutation(sample_labels)[position]
+    return permuted
+
+
+def split_external(obs: pd.DataFrame, labels: npt.NDArray, *, category_column: str, category: str,
+                   origin: npt.NDArray[np.bool_]) -> list[Fold]:
+    """Return one fold per category value: train on its cells of the data, test on its cells of the test file.
+
+    Parameters
+    ----------
+    obs, labels
+        Cells of both files (``origin`` True for the test file's cells) and their labels.
+    category_column, category
+        The obs column and the category kind it holds.
+
+    Values present in one file only, or whose training cells hold one class, are returned skipped
+    with the reason.
+    """
+    if category_column not in obs:
+        msg = f"obs has no column {category_column!r} for category {category!r}; name it with --{category.replace('_', '-')}-key."
+        raise SplitError(msg)
+    values = obs[category_column].astype(str).to_numpy()
+    folds = []
+    for value in sorted(np.unique(values)):
+        train = np.flatnonzero((values == value) & ~origin)
+        test = np.flatnonzero((values == value) & origin)
+        reason = None
+        if not train.size:
+            reason = "only in --test-data: no training cells of this value in --data"
+        elif not test.size:
+            reason = "only in --data: the test file has no cells of this value"
+        elif np.unique(labels[train]).size < 2:
+            reason = f"the training cells hold only {'sensitive' if labels[train][0] else 'resistant'} cells"
+        if reason is not None:
+            folds.append(Fold("external", category, value, "test", "sample", _empty(), _empty(), skipped=reason))
+        else:
+            folds.append(Fold("external", category, value, "test", "sample", train, test))
+    return folds

@@ -13,13 +13,18 @@ the report, the web server and users. Its files:
     fold count and seed; -1 where a cell is in no test fold), reused when the run resumes.
 ``cells.parquet``
     One row per cell: ``cell``, and where the data has them ``response``, ``study``, ``sample``,
-    ``dataset``, ``tissue``, ``cancer_type``, ``therapy``, ``regimen`` (as text).
+    ``dataset``, ``tissue``, ``cancer_type``, ``therapy``, ``regimen``, ``cell_type`` and columns naming
+    cell lines, sublines, donors or batches (as text).
 ``jobs/<id>.parquet``, ``predictions/<id>.parquet``
-    One finished job's row, and its per-cell predictions (``cell``, ``label``, ``probability``,
+    One finished job's rows (``level`` ``cell``, and ``sample`` where samples are known), and its per-cell predictions (``cell``, ``label``, ``probability``,
     ``key``). A job counts as finished once its row file exists (it is renamed into place after its
     predictions), so a killed run leaves no half job and a rerun skips exactly the finished ones.
 ``results.parquet``, ``predictions.parquet``
-    All job rows (one per job), and the predictions of every scored job, gathered by `consolidate`.
+    All job rows (one per job and level), and the predictions of every scored job, gathered by `consolidate`.
+``permutations.parquet``
+    The label-permutation null (``--permutations N``): one row per permutation, model, setting and
+    fold (``model``, ``strategy``, ``head``, ``scenario``, ``category``, ``value``, ``fold``, ``split``,
+    ``permutation``, ``auroc`` against the permuted labels).
 ``models.json``
     Facts per model: embedding time and cache use, size, input kind, LoRA targets.
 ``embeddings/<model>.npz``
@@ -51,7 +56,8 @@ import pandas as pd
 
 from scdrugmap.data import schema
 from scdrugmap.errors import ConfigError, SplitError
-from scdrugmap.evaluate.metrics import METRICS
+from scdrugmap.evaluate.metrics import METRICS, compute_sample_metrics
+from scdrugmap.evaluate.stats import within_fold_auroc
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -68,12 +74,13 @@ CELLS = "cells.parquet"
 RESULTS = "results.parquet"
 PREDICTIONS = "predictions.parquet"
 MODELS = "models.json"
+PERMUTATIONS = "permutations.parquet"
 JOBS_DIR = "jobs"
 PREDICTIONS_DIR = "predictions"
 EMBEDDINGS_DIR = "embeddings"
 EMBEDDING_SUFFIX = ".npz"
 #: Every file of a run folder, by name (folders end in ``/``): what `scdrugmap.evaluate.store` alone names.
-FILE_NAMES = (CONFIG, FINGERPRINT, SPLITS, CELLS, RESULTS, PREDICTIONS, MODELS, f"{JOBS_DIR}/",
+FILE_NAMES = (CONFIG, FINGERPRINT, SPLITS, CELLS, RESULTS, PREDICTIONS, MODELS, PERMUTATIONS, f"{JOBS_DIR}/",
               f"{PREDICTIONS_DIR}/", f"{EMBEDDINGS_DIR}/")
 #: Most cells of a model's embedding sample.
 EMBEDDING_SAMPLE = 5000
@@ -148,7 +155,7 @@ def _embedding_map_arrays(sample: np.ndarray, projection: Projection, seed: int)
 
 
 def results_file(run_dir: str | Path) -> Path:
-    """Return the path of a run's consolidated results (one row per job)."""
+    """Return the path of a run's consolidated results (one row per job and level)."""
     return Path(run_dir) / RESULTS
 
 
@@ -187,23 +194,32 @@ class ResultStore:
         """Return True when at least one job is stored."""
         return self.jobs_dir.exists() and next(self.jobs_dir.glob("*.parquet"), None) is not None
 
-    def write_job(self, row: dict[str, Any], predictions: pd.DataFrame | None = None) -> None:
-        """Store one finished job: its predictions first, then its row (which marks it finished)."""
+    def write_job(self, rows: dict[str, Any] | list[dict[str, Any]], predictions: pd.DataFrame | None = None) -> None:
+        """Store one finished job: its predictions first, then its rows (which mark it finished).
+
+        ``rows`` is the job's row, or its rows per level (``cell`` first, then ``sample``).
+        """
+        rows = [rows] if isinstance(rows, dict) else rows
+        key = rows[0]["key"]
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        identifier = job_id(row["key"])
+        identifier = job_id(key)
         if predictions is not None and len(predictions):
             self.predictions_dir.mkdir(parents=True, exist_ok=True)
-            _write_parquet_atomic(predictions.assign(key=row["key"]), self.predictions_dir / f"{identifier}.parquet")
-        frame = pd.DataFrame([{k: (json.dumps(v) if isinstance(v, dict | list) else v) for k, v in row.items()}])
+            _write_parquet_atomic(predictions.assign(key=key), self.predictions_dir / f"{identifier}.parquet")
+        frame = pd.DataFrame([{k: (json.dumps(v) if isinstance(v, dict | list) else v) for k, v in row.items()}
+                              for row in rows])
         _write_parquet_atomic(frame, self.jobs_dir / f"{identifier}.parquet")
 
     def results(self) -> pd.DataFrame:
-        """Return every stored job row (one per job), sorted by key."""
+        """Return every stored job row (one per job and level), sorted by key, cell level first."""
         files = sorted(self.jobs_dir.glob("*.parquet")) if self.jobs_dir.exists() else []
         if not files:
             return pd.DataFrame()
-        return pd.concat([pd.read_parquet(path) for path in files], ignore_index=True).sort_values("key",
-                                                                                                    ignore_index=True)
+        results = pd.concat([pd.read_parquet(path) for path in files], ignore_index=True)
+        if "level" not in results:
+            results["level"] = "cell"
+        results["level"] = results["level"].fillna("cell")
+        return results.sort_values(["key", "level"], ignore_index=True)
 
     def consolidate(self) -> pd.DataFrame:
         """Write ``results.parquet`` and ``predictions.parquet`` from the per-job files; return the results."""
@@ -268,9 +284,13 @@ class ResultStore:
         _write_parquet_atomic(frame, self.run_dir / SPLITS, index=None)
 
     def save_cells(self, obs: pd.DataFrame, keys: schema.ObsKeys) -> None:
-        """Write each cell's label and categories, for reports that only read the run."""
+        """Write each cell's label, categories, cell type and the columns naming its units, for reports."""
+        from scdrugmap.data.confounders import unit_columns
+
         columns = {"response": keys.response, "study": keys.study, "sample": keys.sample, "dataset": keys.dataset,
-                   **{kind: keys.category(kind) for kind in schema.CATEGORY_KINDS}}
+                   **{kind: keys.category(kind) for kind in schema.CATEGORY_KINDS}, "cell_type": keys.cell_type,
+                   **{column: column for column, _ in unit_columns(list(obs.columns), keys)
+                      if column not in {keys.sample, keys.dataset, keys.study}}}
         frame = pd.DataFrame({"cell": obs.index.astype(str)})
         for name, column in columns.items():
             if column in obs:
@@ -301,6 +321,16 @@ class ResultStore:
 
         _write_atomic(folder / f"{model}{EMBEDDING_SUFFIX}", write)
 
+    def read_permutations(self) -> pd.DataFrame:
+        """Return the label-permutation null computed so far (empty when none)."""
+        path = self.run_dir / PERMUTATIONS
+        return pd.read_parquet(path) if path.exists() else pd.DataFrame()
+
+    def add_permutations(self, rows: pd.DataFrame) -> None:
+        """Add rows of the label-permutation null to those stored (the file is rewritten atomically)."""
+        frame = pd.concat([self.read_permutations(), rows], ignore_index=True)
+        _write_parquet_atomic(frame, self.run_dir / PERMUTATIONS)
+
     def model_facts(self) -> dict[str, dict[str, Any]]:
         """Return the facts stored per model (empty when none are)."""
         path = self.run_dir / MODELS
@@ -319,10 +349,14 @@ class JobWriter:
     The per-cell sample names are read once per run, not once per job.
     """
 
-    def __init__(self, store: ResultStore, obs: pd.DataFrame, sample_column: str, labels: np.ndarray) -> None:
+    def __init__(self, store: ResultStore, obs: pd.DataFrame, sample_column: str, labels: np.ndarray,
+                 strata: dict[str, str] | None = None) -> None:
         self.store, self.labels = store, labels
         self.cells = obs.index.astype(str)
         self.samples = obs[sample_column].astype(str).to_numpy() if sample_column in obs else None
+        #: Per confounder (``cell_type``, ``study``), each cell's group: AUROC is also scored within them.
+        self.strata = {name: obs[column].astype(str).to_numpy() for name, column in (strata or {}).items()
+                       if column in obs}
 
     def row(self, job: Job, *, status: str, metrics: dict[str, float], reasons: dict[str, Any], seconds: float,
             extra: dict[str, Any]) -> dict[str, Any]:
@@ -330,7 +364,7 @@ class JobWriter:
         row: dict[str, Any] = {
             "key": job.key, "model": job.model, "strategy": job.strategy, "head": job.head, "scenario": fold.scenario,
             "category": fold.category, "value": fold.value, "also": "; ".join(fold.also), "fold": fold.fold,
-            "split": fold.split, "status": status,
+            "split": fold.split, "level": "cell", "status": status,
             "n_train": int(fold.train.size), "n_test": int(fold.test.size),
             "n_train_samples": int(np.unique(samples[fold.train]).size) if samples is not None else None,
             "n_test_samples": int(np.unique(samples[fold.test]).size) if samples is not None else None,
@@ -350,11 +384,29 @@ class JobWriter:
     def scored(self, job: Job, test: np.ndarray, probability: np.ndarray, *, metrics: dict[str, float],
                reasons: dict[str, Any], seconds: float, extra: dict[str, Any],
                calibrated: np.ndarray | None = None) -> None:
+        """Store a scored job: its cell-level row, its sample-level row (when samples are known), its predictions.
+
+        The sample-level row scores the same predictions per sample: each test sample's mean
+        probability (`scdrugmap.evaluate.metrics.compute_sample_metrics`). ``calibrated`` is each test
+        cell's calibrated probability (the report's trust figure).
+        """
         row = self.row(job, status="done", metrics=metrics, reasons=reasons, seconds=seconds, extra=extra)
+        for name, groups in self.strata.items():  # pairs of one cell type (study) only: composition cannot score
+            within = within_fold_auroc(self.labels[test], probability, groups[test], n_bootstrap=0)
+            row[f"auroc_within_{name}"] = within["auroc"]
+            if within["reason"]:
+                row["reasons"] = {**row["reasons"], f"auroc_within_{name}": f"no {name.replace('_', ' ')} of the "
+                                  "test fold holds both labels"}
         cells = pd.DataFrame({"cell": self.cells[test], "label": self.labels[test], "probability": probability})
-        if calibrated is not None:  # the head's calibrated probability (the trust figure of the report)
+        if calibrated is not None:
             cells["calibrated"] = np.asarray(calibrated, dtype=np.float32)
-        self.store.write_job(row, cells)
+        rows = [row]
+        if self.samples is not None:
+            values, why = compute_sample_metrics(self.labels[test], probability, self.samples[test])
+            rows.append({**{k: v for k, v in row.items() if not k.startswith("auroc_within_")}, "level": "sample",
+                         "reasons": why, "auroc_fraction": values.pop("auroc_fraction"),
+                         **{name: values[name] for name in METRICS}})
+        self.store.write_job(rows, cells)
 
 
 class RunFolder:
@@ -368,13 +420,17 @@ class RunFolder:
     path
         The run folder.
     results
-        One row per job of the grid (`pandas.DataFrame`): ``key``, ``model``, ``strategy``,
+        One row per job of the grid and level (`pandas.DataFrame`; ``level`` ``cell``, and for
+        scored jobs with known samples a ``sample`` row scoring each test sample's mean probability,
+        with ``auroc_fraction`` for the fraction of its cells called sensitive): ``key``, ``model``, ``strategy``,
         ``head``, ``scenario``, ``category``, ``value``, ``also`` (other category values selecting the
         same cells, run once under this one: ``cancer_type=Melanoma; therapy=Immunotherapy``), ``fold``,
         ``split``, ``status`` (``done``,
         ``skipped``, ``failed``), ``n_train``, ``n_test``, ``n_train_samples``, ``n_test_samples``,
         ``seconds``, ``reasons`` (JSON text: why a metric is NaN or a job was not scored), the
-        metrics ``f1``, ``auroc``, ``accuracy``, ``precision``, ``recall``, and the model's and the
+        metrics ``f1``, ``auroc``, ``accuracy``, ``precision``, ``recall``, ``auroc_within_cell_type`` and
+        ``auroc_within_study`` (cell level: pairs of one cell type or study only, so composition cannot
+        score; where the data names them), and the model's and the
         training's facts (``embed_seconds``, ``train_*``, ``prompt_*``). Read from the consolidated
         results, or from the per-job files when the run was cut short.
     predictions
@@ -419,10 +475,13 @@ class RunFolder:
 
     @cached_property
     def results(self) -> pd.DataFrame:
-        """One row per job (see the class docstring)."""
+        """One row per job and level (see the class docstring)."""
         path = self.path / RESULTS
         if path.exists():
-            return pd.read_parquet(path)
+            results = pd.read_parquet(path)
+            if "level" not in results:  # runs of versions without sample-level rows
+                results["level"] = "cell"
+            return results
         results = ResultStore(self.path).results()
         if results.empty:
             raise _no_results(self.path)
@@ -437,6 +496,12 @@ class RunFolder:
         predictions = pd.read_parquet(path)
         predictions["key"] = predictions["key"].astype(str)
         return predictions
+
+    @cached_property
+    def permutations(self) -> pd.DataFrame | None:
+        """The label-permutation null per permutation, model, setting and fold; None when not run."""
+        path = self.path / PERMUTATIONS
+        return pd.read_parquet(path) if path.exists() else None
 
     @cached_property
     def cells(self) -> pd.DataFrame | None:
@@ -550,7 +615,7 @@ def read_run(run_dir: str | Path) -> RunFolder:
 
     Returns
     -------
-    The run (`RunFolder`): ``results`` (one row per job), ``predictions`` (one row per cell and
+    The run (`RunFolder`): ``results`` (one row per job and level), ``predictions`` (one row per cell and
     scored job), ``cells``, ``config``, ``environment``, ``models`` (facts per model),
     ``fingerprint``, ``splits``, ``simulated``, ``model_list``, and ``embedding_models()`` /
     ``embedding(model)`` / ``embedding_map(model)`` for the saved embedding samples and their 2-D

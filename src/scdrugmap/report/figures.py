@@ -832,7 +832,8 @@ def plot_critical_difference(results: pd.DataFrame, colours: dict[str, str], *, 
         where = category_name(category).lower() if category else "any category"
         if not drawn[setting]:
             ax.set_title(setting, loc="left", fontsize=9)
-            reason = (f"Not drawn: N = {wide.shape[0]} independent blocks ({where} values scored by "
+            blocks_text = f"{wide.shape[0]} independent block{'' if wide.shape[0] == 1 else 's'}"
+            reason = (f"Not drawn: N = {blocks_text} ({where} values scored by "
                       f"{wide.shape[1]} model(s) each); a rank test needs at least {min_blocks} blocks and two "
                       "models. Values of different categories share cells, so they are not pooled into more blocks.")
             ax.text(0, 0.5, textwrap.fill(reason, 120), transform=ax.transAxes, va="center", fontsize=8,
@@ -1000,6 +1001,108 @@ def plot_leakage(results: pd.DataFrame, colours: dict[str, str], *,
     return figure
 
 
+# --- 11. sample-level AUROC with bootstrap intervals ----------------------------------------------------------------
+
+@styled
+def plot_sample_auroc(scores: pd.DataFrame, colours: dict[str, str], *, split: str = "sample",
+                      scenario: str = "pooled") -> Figure:
+    """Sample-level AUROC with its bootstrap 95% interval per model (colour) and category value (rows).
+
+    ``scores`` is `scdrugmap.report.run.RunData.sample_scores`: each sample's mean probability,
+    scored over all out-of-fold samples of a value with pairs compared within their fold. One
+    panel per setting; values without a score (no fold held both labels) are marked "n/a".
+    """
+    frame = scores[(scores["scenario"] == scenario) & (scores["split"] == split)] if not scores.empty else scores
+    if frame.empty:
+        return message_figure("Sample-level AUROC", f"No sample-level score under split = {split} ({scenario}); "
+                              "the run needs a sample column and stored predictions.")
+    settings = [s for s in dict.fromkeys(frame["setting"])]
+    models = _models_in(frame, colours)
+    rows = [(c, v) for c in categories_order(frame) for v in sorted(set(frame.loc[frame["category"] == c, "value"]))]
+    figure = _figure(8.5, 0.32 * len(rows) * max(1, len(models)) / 2 + 1.6 * len(settings) + 0.6)
+    axes = figure.subplots(1, len(settings), sharey=True, squeeze=False)[0]
+    step = 0.7 / max(1, len(models))
+    for ax, setting in zip(axes, settings, strict=True):
+        part = frame[frame["setting"] == setting].set_index(["category", "value", "model"])
+        ax.axvline(0.5, gid="chance", **CHANCE_STYLE)
+        for number, model in enumerate(models):
+            for index, (category, value) in enumerate(rows):
+                y = index - 0.35 + step * (number + 0.5)
+                if (category, value, model) not in part.index:
+                    continue
+                facts = part.loc[(category, value, model)]
+                if np.isnan(facts["auroc"]):
+                    ax.text(0.02, y, "n/a", fontsize=6, color="#777777", va="center", gid=f"missing|{model}")
+                    continue
+                low, high = facts["ci_low"], facts["ci_high"]
+                ax.errorbar(facts["auroc"], y, xerr=[[facts["auroc"] - low], [high - facts["auroc"]]], fmt="o",
+                            color=_colour(colours, model), markersize=4, elinewidth=1.0, capsize=2,
+                            gid=f"sample_auroc|{model}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set_yticks(range(len(rows)), labels=[f"{category_name(c)}: {wrap_label(v, 30)}" for c, v in rows])
+        ax.set_xlabel("Sample-level AUROC (95% bootstrap interval)")
+        ax.set_title(setting, loc="left", fontweight="bold")
+    _legend(figure, _model_handles(models, colours, kind="line"), "Model")
+    _suptitle(figure, f"Sample-level AUROC: each sample's mean probability, pairs compared within their fold "
+                      f"({_scope(split, scenario)})")
+    return figure
+
+
+# --- 12. confounders: AUROC within cell types and studies --------------------------------------------------------------
+
+@styled
+def plot_confounders(scores: pd.DataFrame, colours: dict[str, str], *, split: str = "sample",
+                     scenario: str = "pooled") -> Figure:
+    """Bars of AUROC over all test cells, within cell types, within studies and per cell type or study.
+
+    ``scores`` is `scdrugmap.report.run.RunData.confounders`: pairs of cells are compared only
+    within their fold (and within their cell type or study where the scope says so), so a model
+    that reads only cell-type composition scores 0.5 "within cell type". One panel per category
+    (columns) and setting (rows); the dotted line is chance.
+    """
+    frame = scores[(scores["scenario"] == scenario) & (scores["split"] == split)] if len(scores) else scores
+    frame = frame[frame["auroc"].notna()] if len(frame) else frame
+    if frame.empty or not frame["scope"].str.startswith("within").any():
+        return message_figure("AUROC within cell types and studies",
+                              "The run's cells name no cell type and no second study (--cell-type-key), or no "
+                              f"job was scored under split = {split}.")
+    categories = categories_order(frame)
+    settings = list(dict.fromkeys(frame["setting"]))
+    models = _models_in(frame, colours)
+    scopes_of = {c: list(dict.fromkeys(frame.loc[frame["category"] == c, "scope"])) for c in categories}
+    width = 0.8 / len(models)
+    longest = max(len(v) for v in scopes_of.values())
+    figure = _figure(max(6.0, sum(0.16 * len(models) * len(v) + 0.8 for v in scopes_of.values()) + 2.5),
+                     2.6 * len(settings) + 1.0 + 0.05 * longest)
+    axes = figure.subplots(len(settings), len(categories), squeeze=False, sharey=True)
+    for row, setting in enumerate(settings):
+        for column, category in enumerate(categories):
+            ax = axes[row, column]
+            scopes = scopes_of[category]
+            part = frame[(frame["setting"] == setting) & (frame["category"] == category)].set_index(["scope", "model"])
+            for number, model in enumerate(models):
+                for index, scope in enumerate(scopes):
+                    if (scope, model) in part.index:
+                        ax.bar(index - 0.4 + width * (number + 0.5), float(part.loc[(scope, model), "auroc"]), width,
+                               color=_colour(colours, model), edgecolor=EDGE_COLOUR, linewidth=0.4,
+                               gid=f"confounder|{model}|{scope}")
+            ax.axhline(0.5, gid="chance", **CHANCE_STYLE)
+            for bound in (0.5, 0.5 + sum(s.startswith("within") for s in scopes)):
+                ax.axvline(bound, color="#999999", linestyle="--", linewidth=0.7)
+            ax.set_xticks(range(len(scopes)), labels=[wrap_label(s, 18) for s in scopes], rotation=40, ha="right",
+                          rotation_mode="anchor", fontsize=7)
+            ax.set_xlim(-0.6, len(scopes) - 0.4)
+            ax.set_ylim(0, 1.05)
+            name = category_name(category)
+            ax.set_title(name if len(settings) == 1 else f"{name}\n{setting}", loc="left")
+        axes[row, 0].set_ylabel("AUROC (pairs within folds)")
+    _legend(figure, _model_handles(models, colours), "Model")
+    _suptitle(figure, f"Confounders: AUROC over all test cells, within cell types and studies, and per cell type or "
+                      f"study ({_scope(split, scenario)})")
+    return figure
+
+
 # --- all figures of a report -------------------------------------------------------------------------------------
 
 @dataclass
@@ -1022,6 +1125,10 @@ class ReportFigure:
 
 def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+#: The report section of sample-level results: first when labels are per sample.
+SAMPLE_SECTION = "Sample-level results"
 
 
 def build_figures(run: RunData, *, projection: Projection = "auto", seed: int | None = None) -> list[ReportFigure]:
@@ -1055,6 +1162,20 @@ def build_figures(run: RunData, *, projection: Projection = "auto", seed: int | 
                                     "2-D map of the saved embedding sample (up to 5,000 cells), coloured by cancer "
                                     "type and by response. The method (UMAP, or PCA as fallback) is in the title.",
                                     figure))
+    sample_figure = ReportFigure(
+        "sample_auroc", "Sample-level AUROC",
+        "Each test sample's cells are aggregated to their mean probability; all out-of-fold samples of a category "
+        f"value are scored together, a sensitive and a resistant sample compared only when the same fold's model "
+        f"scored both (so a fold's training balance cannot shift the score; the majority reference reads 0.5). "
+        f"Bars: 95% percentile bootstrap interval over samples ({scope}); n/a: no fold held both labels.",
+        plot_sample_auroc(run.sample_scores, colours, split=split), SAMPLE_SECTION)
+    figures.append(ReportFigure(
+        "confounders", "Confounders: AUROC within cell types and studies",
+        "A sensitive and a resistant cell are compared only when the same fold's model scored both, and for "
+        "\"within cell type\" (\"within study\") only when they also share a cell type (a study): a model that only "
+        "reads cell-type composition or study batch scores 0.5 there, whatever its AUROC over all cells. Right of "
+        f"the dashed lines, each cell type and study on its own ({scope}).",
+        plot_confounders(run.confounders, colours, split=split), "Beyond the paper"))
     figures.append(ReportFigure("scalability", "Scalability",
                                 f"Inference: cells embedded per second ({MODELS}). Training: mean seconds per fold "
                                 "for fitting the head or LoRA and predicting the test fold. Log scales.",
@@ -1093,4 +1214,4 @@ def build_figures(run: RunData, *, projection: Projection = "auto", seed: int | 
                      f"({scope}); Brier score in the legend (lower is better).",
                      plot_calibration(predictions, colours, split=split, settings=settings), beyond),
     ]
-    return figures
+    return [sample_figure, *figures] if run.label_design == "per-sample" else [*figures, sample_figure]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from scdrugmap.evaluate.store import MODELS
+from scdrugmap.report.figures import SAMPLE_SECTION
 from scdrugmap.report.serialise import make_json_safe
 
 if TYPE_CHECKING:
@@ -90,7 +91,9 @@ def _plotly_parts(interactive: Sequence[tuple[str, object]]) -> tuple[str, list[
 
 def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataFrame, scalability: pd.DataFrame,
                 unscored: pd.DataFrame, counts: dict[str, int],
-                interactive: Sequence[tuple[str, object]] = ()) -> str:
+                interactive: Sequence[tuple[str, object]] = (), samples: pd.DataFrame | None = None,
+                design_note: str = "", tests: pd.DataFrame | None = None,
+                confounders: pd.DataFrame | None = None) -> str:
     """Return the report as one HTML document that works offline.
 
     Parameters
@@ -106,6 +109,15 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
         Jobs done, skipped and failed.
     interactive
         (title, plotly figure) pairs; plotly.js is inlined once, never loaded from a CDN.
+    samples, design_note
+        The sample-level table (`scdrugmap.report.tables.sample_level_table`) and why it comes first
+        or not; it is the report's first section when the run's labels are per sample, with the
+        figures of that section.
+    tests
+        The paired tests (`scdrugmap.report.tables.comparison_table`), shown after the summary.
+    confounders
+        AUROC within cell types and studies (`scdrugmap.report.tables.confounder_table`), shown after
+        the paired tests with the warnings where labels coincide with samples, cell lines or sublines.
     """
     escape = html.escape
     config = run.config
@@ -125,24 +137,48 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
                  f"{counts['skipped']} skipped, {counts['failed']} failed · run folder "
                  f"<code>{escape(str(run.run_dir))}</code> · generated {generated}</p>")
     sections = list(dict.fromkeys(f.section for f in figures))
-    parts.append("<nav><ul><li><a href='#summary'>Summary: best model per category</a></li>")
+    sample_first = run.label_design == "per-sample" and samples is not None
+    parts.append("<nav><ul>")
+    if sample_first:
+        parts.append(f"<li><a href='#{_anchor(SAMPLE_SECTION)}'>{SAMPLE_SECTION}</a></li>")
+        sections = [s for s in sections if s != SAMPLE_SECTION]
+    parts.append("<li><a href='#summary'>Summary: best model per category</a></li>")
     for section in sections:
         parts.append(f"<li><a href='#{_anchor(section)}'>{escape(section)}</a></li>")
     if plotly_divs:
         parts.append("<li><a href='#interactive'>Interactive figures</a></li>")
     parts.append("<li><a href='#scalability-table'>Scalability table</a></li><li><a href='#unscored'>Jobs not "
                  "scored</a></li><li><a href='#config'>Config and environment</a></li></ul></nav>")
+    if sample_first:
+        parts.append(_sample_section(samples, design_note, [f for f in figures if f.section == SAMPLE_SECTION]))
     parts.append("<h2 id='summary'>Summary: best model per category</h2>"
-                 "<p>Pooled scenario; mean F1 over every scored fold of the category's values (SD over folds). "
-                 "The patient-grouped split (sample) is listed first; the cell-level split (cell) lets cells of "
-                 "one patient sit in both train and test.</p>")
+                 "<p>Pooled scenario; mean AUROC over every fold of the category's values where it is defined (SD "
+                 "over folds), and whether the best model beats the majority reference over paired folds. The "
+                 "patient-grouped split (sample) is listed first; the cell-level split (cell) lets cells of one "
+                 "patient sit in both train and test.</p>")
     parts.append(_table(best))
+    if tests is not None:
+        parts.append("<h3 id='paired-tests'>Paired tests</h3><p>Each model against the majority reference and "
+                     "against the best baseline of each category value, over the folds both scored: mean AUROC "
+                     "difference, bootstrap 95% interval over folds, and a one-sided sign-flip permutation p-value "
+                     "(exact for up to 16 folds). A model beats the other at p &lt; 0.05 with a positive mean.</p>")
+        parts.append(_table(tests))
+    warnings = run.coincidences
+    if confounders is not None or warnings:
+        parts.append("<h3 id='confounders'>Confounders</h3>")
+        parts.extend(f"<p class='banner' style='background:#FFF3CD;font-weight:400;font-size:.95rem'>Warning: "
+                     f"{escape(text)}</p>" for text in warnings)
+        if confounders is not None:
+            parts.append("<p>AUROC over all test cells, within each cell type and study (pairs of one cell type or "
+                         "study and one fold only), and per cell type or study. A score that holds over all cells "
+                         "but falls to 0.5 within cell types comes from cell-type composition.</p>")
+            parts.append(_table(confounders))
     for section in sections:
+        if section == SAMPLE_SECTION:
+            parts.append(_sample_section(samples, design_note, [f for f in figures if f.section == section]))
+            continue
         parts.append(f"<h2 id='{_anchor(section)}'>{escape(section)}</h2>")
-        for item in (f for f in figures if f.section == section):
-            parts.append(f"<figure id='figure-{escape(item.name)}'><h3>{escape(item.title)}</h3>"
-                         f"<img src='{data_uri(item.save('png'))}' alt='{escape(item.title)}'>"
-                         f"<figcaption>{escape(item.caption)}</figcaption></figure>")
+        parts.extend(_figure_html(item) for item in figures if item.section == section)
     if plotly_divs:
         parts.append("<h2 id='interactive'>Interactive figures</h2>")
         for name, div in plotly_divs:
@@ -160,6 +196,24 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
     parts.append(f"<h3>Config</h3><pre>{escape(json.dumps(make_json_safe(config), indent=1, default=str))}</pre>")
     parts.append(f"<h3>Environment</h3><pre>{escape(json.dumps(make_json_safe(run.environment), indent=1, default=str))}</pre>")
     parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _figure_html(item: ReportFigure) -> str:
+    escape = html.escape
+    return (f"<figure id='figure-{escape(item.name)}'><h3>{escape(item.title)}</h3>"
+            f"<img src='{data_uri(item.save('png'))}' alt='{escape(item.title)}'>"
+            f"<figcaption>{escape(item.caption)}</figcaption></figure>")
+
+
+def _sample_section(samples: pd.DataFrame | None, note: str, figures: Sequence[ReportFigure]) -> str:
+    """Return the sample-level section: why it stands where it does, its figures and its table."""
+    parts = [f"<h2 id='{_anchor(SAMPLE_SECTION)}'>{SAMPLE_SECTION}</h2>", f"<p>{html.escape(note)}</p>"]
+    parts.extend(_figure_html(item) for item in figures)
+    parts.append("<h3>Sample-level AUROC per category value</h3><p>Each sample's mean probability over its test "
+                 "cells; pairs of a sensitive and a resistant sample are compared within their fold; 95% "
+                 "percentile bootstrap interval over samples. A note says why a value has no score.</p>")
+    parts.append(_table(samples if samples is not None else pd.DataFrame(), floats="{:.2f}"))
     return "\n".join(parts)
 
 

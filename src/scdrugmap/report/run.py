@@ -10,15 +10,25 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from scdrugmap.data.schema import CATEGORY_KINDS
+from scdrugmap.data.confounders import label_coincidences
+from scdrugmap.data.schema import CATEGORY_KINDS, ObsKeys, encode_labels
 from scdrugmap.errors import ConfigError
 from scdrugmap.evaluate.metrics import METRICS
+from scdrugmap.evaluate.stats import (
+    CATEGORY_COLUMNS,
+    baseline_models,
+    compare_models,
+    confounder_auroc,
+    label_design,
+    sample_level_auroc,
+)
 from scdrugmap.evaluate.store import EmbeddingMap, RunFolder, read_run
 from scdrugmap.report.style import setting_name
 
@@ -34,13 +44,15 @@ HEAD_ORDER = ("mlp", "logistic")
 class RunData:
     """Everything a report shows about one run: its folder (`RunFolder`) and its normalised results.
 
-    ``results`` has every column of `ROW_DEFAULTS` (filled for older runs), text keys, numeric
-    metrics and a ``setting`` column (strategy and head, as the figures name them). The other
+    ``results`` has the cell-level rows, with every column of `ROW_DEFAULTS` (filled for older runs),
+    text keys, numeric metrics and a ``setting`` column (strategy and head, as the figures name
+    them); ``sample_results`` the sample-level rows alike (None when the run has none). The other
     attributes are the folder's, read on first use.
     """
 
     folder: RunFolder
     results: pd.DataFrame
+    sample_results: pd.DataFrame | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -75,6 +87,58 @@ class RunData:
     def model_list(self) -> list[str]:
         """Every model of the run, in the order the run config lists them (then any other, sorted)."""
         return self.folder.model_list
+
+    @cached_property
+    def label_design(self) -> str:
+        """``per-sample`` when every sample's cells share one label, ``per-cell``, or ``unknown`` (no samples)."""
+        return label_design(self.cells)
+
+    @cached_property
+    def sample_scores(self) -> pd.DataFrame:
+        """Sample-level AUROC [bootstrap 95% interval] per model, setting and category value (computed once).
+
+        Columns of `scdrugmap.evaluate.stats.sample_level_auroc`, and ``setting``.
+        """
+        table = sample_level_auroc(self.predictions, self.cells, self.results,
+                                   seed=int(self.config.get("seed", 0) or 0))
+        settings = self.results.drop_duplicates(["strategy", "head"]).set_index(["strategy", "head"])["setting"]
+        table["setting"] = [settings.get((s, h), f"{s} · {h}") for s, h in zip(table["strategy"], table["head"],
+                                                                                   strict=True)]
+        return table
+
+    @cached_property
+    def comparisons(self) -> pd.DataFrame:
+        """Paired tests per category: each model against the majority reference and the best baseline.
+
+        `scdrugmap.evaluate.stats.compare_models` over all folds of a category's values, with ``setting``.
+        """
+        baselines = baseline_models(self.model_list, self.models)
+        table = compare_models(self.results, baselines=baselines, by=CATEGORY_COLUMNS,
+                               seed=int(self.config.get("seed", 0) or 0))
+        settings = self.results.drop_duplicates(["strategy", "head"]).set_index(["strategy", "head"])["setting"]
+        table["setting"] = [settings.get((s, h), f"{s} · {h}") for s, h in zip(table["strategy"], table["head"],
+                                                                                   strict=True)]
+        return table
+
+    @cached_property
+    def confounders(self) -> pd.DataFrame:
+        """AUROC over all cells, within cell types and studies, and per value, per setting and category.
+
+        `scdrugmap.evaluate.stats.confounder_auroc`, with ``setting``.
+        """
+        table = confounder_auroc(self.predictions, self.cells, self.results)
+        settings = self.results.drop_duplicates(["strategy", "head"]).set_index(["strategy", "head"])["setting"]
+        table["setting"] = [settings.get((s, h), f"{s} · {h}") for s, h in zip(table["strategy"], table["head"],
+                                                                                   strict=True)]
+        return table
+
+    @cached_property
+    def coincidences(self) -> list[str]:
+        """Warnings where labels coincide with samples, cell lines or sublines (`label_coincidences`)."""
+        if self.cells is None or "response" not in self.cells:
+            return []
+        labels = encode_labels(self.cells["response"].to_numpy(), source=str(self.run_dir))
+        return [c.message() for c in label_coincidences(self.cells, labels, ObsKeys())]
 
     def embedding_models(self) -> list[str]:
         """Models with a saved embedding sample, in run order."""
@@ -142,7 +206,11 @@ def read_run_data(run: str | Path | RunFolder) -> RunData:
         When the folder is not one or holds no results, or the results lack a job column.
     """
     folder = run if isinstance(run, RunFolder) else read_run(run)
-    return RunData(folder=folder, results=_normalise_results(folder.results))
+    results = _normalise_results(folder.results)
+    level = results.pop("level").fillna("cell") if "level" in results else pd.Series("cell", index=results.index)
+    samples = results[level == "sample"].reset_index(drop=True)
+    return RunData(folder=folder, results=results[level == "cell"].reset_index(drop=True),
+                   sample_results=samples if len(samples) else None)
 
 
 def scored(results: pd.DataFrame, *, scenario: str | None = None, split: str | None = None) -> pd.DataFrame:

@@ -41,11 +41,20 @@ def category_scores(results: pd.DataFrame, *, split: str, scenario: str = "poole
     return _aggregate(scored(results, scenario=scenario, split=split), ["setting", "model", "category"])
 
 
-def best_models(results: pd.DataFrame) -> pd.DataFrame:
-    """Return the best model and setting per category and split by mean F1 (pooled scenario).
+def _test_text(test: pd.Series | None) -> str:
+    if test is None or not test["n"]:
+        return "—"
+    return (f"{test['mean']:+.2f} [{test['ci_low']:+.2f}, {test['ci_high']:+.2f}], p = {test['p_value']:.2g} "
+            f"({int(test['n'])} folds)")
 
-    Ties on mean F1 are listed together. The runner-up column gives the next model and its F1,
-    so the margin is visible.
+
+def best_models(results: pd.DataFrame, comparisons: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Return the best model and setting per category and split by mean AUROC (pooled scenario).
+
+    Ties on mean AUROC are listed together. ``comparisons`` (`scdrugmap.evaluate.stats.compare_models`
+    per category) adds whether the best model beats the majority reference: the mean paired AUROC
+    difference [bootstrap 95% CI], its one-sided p-value and the number of paired folds. The
+    runner-up column gives the next model and its AUROC, so the margin is visible.
     """
     rows = []
     done = scored(results, scenario="pooled")
@@ -53,25 +62,56 @@ def best_models(results: pd.DataFrame) -> pd.DataFrame:
     for split in splits:
         table = category_scores(results, split=split)
         for category in categories_order(table) if not table.empty else []:
-            part = table[(table["category"] == category) & table["f1_mean"].notna()]
+            part = table[(table["category"] == category) & table["auroc_mean"].notna()]
             if part.empty:
                 continue
-            part = part.sort_values("f1_mean", ascending=False, kind="stable")
-            top = part["f1_mean"].iloc[0]
-            best = part[np.isclose(part["f1_mean"], top)]
-            rest = part[~np.isclose(part["f1_mean"], top)]
+            part = part.sort_values("auroc_mean", ascending=False, kind="stable")
+            top = part["auroc_mean"].iloc[0]
+            best = part[np.isclose(part["auroc_mean"], top)]
+            rest = part[~np.isclose(part["auroc_mean"], top)]
             runner = (f"{model_name(rest['model'].iloc[0])} ({rest['setting'].iloc[0]}): "
-                      f"{rest['f1_mean'].iloc[0]:.3f}") if not rest.empty else "—"
+                      f"{rest['auroc_mean'].iloc[0]:.3f}") if not rest.empty else "—"
+            test = None
+            if comparisons is not None and len(comparisons):
+                match = comparisons[(comparisons["versus"] == "reference") & (comparisons["scenario"] == "pooled")
+                                    & (comparisons["split"] == split) & (comparisons["category"] == category)
+                                    & (comparisons["model"] == best["model"].iloc[0])
+                                    & (comparisons["setting"] == best["setting"].iloc[0])]
+                test = match.iloc[0] if len(match) else None
             rows.append({
                 "category": category_name(category), "split": split,
                 "best model": ", ".join(model_name(m) for m in best["model"]),
                 "setting": ", ".join(dict.fromkeys(best["setting"])),
-                "mean F1": float(top), "SD F1": float(best["f1_sd"].iloc[0]),
-                "mean AUROC": float(best["auroc_mean"].iloc[0]), "scored folds": int(best["f1_n"].iloc[0]),
+                "mean AUROC": float(top), "SD AUROC": float(best["auroc_sd"].iloc[0]),
+                "mean F1": float(best["f1_mean"].iloc[0]), "scored folds": int(best["auroc_n"].iloc[0]),
+                "vs majority: Δ AUROC [95% CI], p": _test_text(test),
+                "beats majority": "—" if test is None or not test["n"] else ("yes" if test["beats"] else "no"),
                 "runner-up": runner,
             })
-    return pd.DataFrame(rows, columns=["category", "split", "best model", "setting", "mean F1", "SD F1",
-                                       "mean AUROC", "scored folds", "runner-up"])
+    return pd.DataFrame(rows, columns=["category", "split", "best model", "setting", "mean AUROC", "SD AUROC",
+                                       "mean F1", "scored folds", "vs majority: Δ AUROC [95% CI], p",
+                                       "beats majority", "runner-up"])
+
+
+def comparison_table(comparisons: pd.DataFrame) -> pd.DataFrame:
+    """Return the printed paired tests: every model against the majority reference and the best baseline.
+
+    ``comparisons`` is `scdrugmap.evaluate.stats.compare_models` (with ``setting``).
+    """
+    columns = ["model", "setting", "scenario", "split", "category", "versus", "against", "paired folds",
+               "mean Δ AUROC", "95% CI", "p (one-sided)", "beats it"]
+    if comparisons is None or comparisons.empty:
+        return pd.DataFrame(columns=columns)
+    frame = comparisons[comparisons["n"] > 0]
+    return pd.DataFrame({
+        "model": frame["model"].map(model_name), "setting": frame["setting"], "scenario": frame["scenario"],
+        "split": frame["split"], "category": frame["category"].map(category_name), "versus": frame["versus"],
+        "against": frame["against"].map(lambda names: ", ".join(model_name(n) for n in names.split(", "))),
+        "paired folds": frame["n"].astype(int), "mean Δ AUROC": frame["mean"].astype(float),
+        "95% CI": [f"{lo:+.2f} to {hi:+.2f}" for lo, hi in zip(frame["ci_low"], frame["ci_high"], strict=True)],
+        "p (one-sided)": frame["p_value"].map(lambda p: f"{p:.2g}"),
+        "beats it": frame["beats"].map({True: "yes", False: "no"}),
+    }, columns=columns)
 
 
 def scalability_table(run: RunData) -> pd.DataFrame:
@@ -140,3 +180,52 @@ def job_counts(results: pd.DataFrame) -> dict[str, int]:
     """Return how many jobs are done, skipped and failed."""
     counts = results["status"].value_counts()
     return {status: int(counts.get(status, 0)) for status in ("done", "skipped", "failed")}
+
+
+#: Why a report leads with sample-level results, by label design.
+DESIGN_NOTES = {
+    "per-sample": "Labels are given per sample (every sample's cells share one label), so a sample (patient) is "
+                  "the unit whose response is known: the sample-level results come first.",
+    "per-cell": "Labels differ between the cells of some samples, so cell-level results are primary; the "
+                "sample-level results score each sample by the label of most of its cells.",
+    "unknown": "The run's cells have no sample column; only cell-level results exist.",
+}
+
+
+def sample_level_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Return the printed sample-level table: one row per model, setting, scenario, split and category value.
+
+    ``scores`` is `scdrugmap.report.run.RunData.sample_scores`.
+    """
+    columns = ["model", "setting", "scenario", "split", "category", "value", "sample AUROC", "95% CI", "samples",
+               "pairs", "folds", "note"]
+    if scores.empty:
+        return pd.DataFrame(columns=columns)
+    order = {c: i for i, c in enumerate(categories_order(scores))}
+    frame = scores.sort_values(["scenario", "split", "category", "value", "setting", "model"],
+                               key=lambda c: c.map(order) if c.name == "category" else c, kind="stable")
+    return pd.DataFrame({
+        "model": frame["model"].map(model_name), "setting": frame["setting"], "scenario": frame["scenario"],
+        "split": frame["split"], "category": frame["category"].map(category_name), "value": frame["value"],
+        "sample AUROC": frame["auroc"].astype(float),
+        "95% CI": [("—" if np.isnan(lo) else f"{lo:.2f}–{hi:.2f}") for lo, hi in zip(frame["ci_low"],
+                                                                                      frame["ci_high"], strict=True)],
+        "samples": frame["n_samples"].astype(int), "pairs": frame["n_pairs"].astype(int),
+        "folds": frame["n_folds"].astype(int), "note": frame["reason"].fillna(""),
+    }, columns=columns)
+
+
+def confounder_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Return the printed confounder table: AUROC over all cells, within cell types and studies, and per value.
+
+    ``scores`` is `scdrugmap.report.run.RunData.confounders`.
+    """
+    columns = ["model", "setting", "scenario", "split", "category", "scope", "AUROC", "cells", "pairs", "note"]
+    if scores is None or scores.empty:
+        return pd.DataFrame(columns=columns)
+    return pd.DataFrame({
+        "model": scores["model"].map(model_name), "setting": scores["setting"], "scenario": scores["scenario"],
+        "split": scores["split"], "category": scores["category"].map(category_name), "scope": scores["scope"],
+        "AUROC": scores["auroc"].astype(float), "cells": scores["n_cells"].astype(int),
+        "pairs": scores["n_pairs"].astype(int), "note": scores["reason"].fillna(""),
+    }, columns=columns)

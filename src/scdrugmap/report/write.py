@@ -63,7 +63,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     Returns
     -------
     The files written: ``<figure>.<format>`` per figure and format, ``summary.csv``
-    (best model per category), ``scalability.csv``, ``unscored_jobs.csv`` and ``report.html``.
+    (best model per category), ``sample_level.csv`` (sample-level AUROC with its interval per
+    category value), ``paired_tests.csv`` (each model against the majority reference and the best
+    baseline), ``confounders.csv`` (AUROC within cell types and studies), ``scalability.csv``, ``unscored_jobs.csv`` and ``report.html``.
 
     Raises
     ------
@@ -79,7 +81,16 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     from scdrugmap.report.figures import build_figures
     from scdrugmap.report.run import read_run_data
     from scdrugmap.report.style import model_colours
-    from scdrugmap.report.tables import best_models, job_counts, scalability_table, unscored_jobs
+    from scdrugmap.report.tables import (
+        DESIGN_NOTES,
+        best_models,
+        comparison_table,
+        confounder_table,
+        job_counts,
+        sample_level_table,
+        scalability_table,
+        unscored_jobs,
+    )
 
     chosen = _check_formats(formats)
     if projection not in ("auto", "umap", "pca"):
@@ -98,8 +109,12 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
                 path = out / f"{item.name}.{fmt}"
                 path.write_bytes(item.save(fmt))
                 written.append(path)
-    best, scalability, unscored = best_models(run.results), scalability_table(run), unscored_jobs(run.results)
-    for name, table in (("summary", best), ("scalability", scalability), ("unscored_jobs", unscored)):
+    best, scalability, unscored = (best_models(run.results, run.comparisons), scalability_table(run),
+                                   unscored_jobs(run.results))
+    samples, tests = sample_level_table(run.sample_scores), comparison_table(run.comparisons)
+    confounders = confounder_table(run.confounders)
+    for name, table in (("summary", best), ("sample_level", samples), ("paired_tests", tests),
+                        ("confounders", confounders), ("scalability", scalability), ("unscored_jobs", unscored)):
         path = out / f"{name}.csv"
         table[[c for c in table.columns if not str(c).startswith("_")]].to_csv(path, index=False)
         written.append(path)
@@ -113,7 +128,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
             if bars is not None:
                 interactive.append(("Mean F1 / AUROC per category value", bars))
         document = render_html(run, figures, best=best, scalability=scalability, unscored=unscored,
-                               counts=job_counts(run.results), interactive=interactive)
+                               counts=job_counts(run.results), interactive=interactive, samples=samples, tests=tests,
+                               confounders=confounders,
+                               design_note=DESIGN_NOTES[run.label_design])
         path = out / "report.html"
         path.write_text(document, encoding="utf-8")
         written.append(path)

@@ -51,6 +51,8 @@ def import_results(session: Session, run_dir: str | Path) -> BenchmarkRun:
     run_dir = Path(run_dir).expanduser().resolve()
     folder = read_run(run_dir)
     results = folder.results
+    if "level" in results:  # the explorer shows cell-level rows; sample-level ones are in the run's report
+        results = results[results["level"] == "cell"]
     missing = [c for c in REQUIRED_COLUMNS if c not in results.columns]
     if missing:
         msg = f"{run_dir}: results lack the columns {missing}; is this a `scdrugmap benchmark` run folder?"
