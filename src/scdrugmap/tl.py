@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,7 +31,7 @@ from scdrugmap.data.gate import validate_input
 from scdrugmap.errors import ConfigError, SchemaError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     import anndata as ad
     import numpy.typing as npt
@@ -763,8 +764,28 @@ def _run_probabilities(run_dir: str | Path, model: str | None, cells: npt.NDArra
     return model, probability, facts
 
 
+@contextmanager
+def _quiet_resamples() -> Iterator[None]:
+    """Keep the per-resample log lines and anndata's duplicate-name warning (resamples repeat cells) out of the way."""
+    import warnings
+
+    logger = logging.getLogger("scdrugmap.explain")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Observation names are not unique", category=UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _caveats(comparison: str, tests: list[str], per_sample: bool, value_kind: str, n_cells: int) -> list[str]:
     notes = []
+    if value_kind == "log" and "wilcoxon" in tests:
+        notes.append(f"{comparison}: the values are already log-transformed (base unknown); the Wilcoxon fold change "
+                     "assumes natural log1p values, so log2fc orders genes correctly but its size is not a calibrated "
+                     "fold change.")
     if "wilcoxon" in tests and per_sample:
         why = (f"the values are {value_kind}, not raw counts, so pseudobulk DESeq2 could not run"
                if value_kind != "counts" else "too few samples per group for pseudobulk")
@@ -889,7 +910,8 @@ def biomarkers(
     (negative: the gene pushes these cells towards resistance); ``attribution_abs_mean``: mean
     |attribution| over every attributed cell (the gene's weight in the model); ``deletion_delta``: mean
     change in P(sensitive) when the gene is zeroed, over the cells expressing it (NaN for genes not
-    deleted); ``stability``: share of bootstrap resamples with the gene in the comparison's top ``top_k``.
+    deleted); ``stability``: share of bootstrap resamples (of samples, within each group) with the gene among
+    the comparison's top ``top_k`` of its direction.
     ``enrichment`` has one row per comparison, method (``ora_up``, ``ora_down``: hypergeometric test of the
     top ``top_k`` genes per direction; ``rank``: GSEA preranked on ``score``) and gene set.
 
@@ -1010,13 +1032,19 @@ def biomarkers(
             present = np.flatnonzero([g is not None for g in labels])
             subset = work[present].copy()
             subset.obs[column] = labels[present].astype(str)
-            rank = stability.de_ranking(top_k, label_key=column, **options)
-            result = stability.bootstrap_stability(subset, rank, n_resamples=n_bootstrap, group_key=sample_key,
-                                                   label_key=column, k=top_k, seed=seed,
-                                                   progress=_stage(progress, f"bootstrap ({name})"))
+
+            # the top_k of each direction in every resample, as the table and the printout list them
+            def rank(resample: ad.AnnData, column: str = column) -> list[str]:
+                tested = de.differential_expression(resample, label_key=column, **options)
+                return de.top_genes(tested, top_k, direction="up") + de.top_genes(tested, top_k, direction="down")
+
+            with _quiet_resamples():
+                result = stability.bootstrap_stability(subset, rank, n_resamples=n_bootstrap, group_key=sample_key,
+                                                       label_key=column, k=2 * top_k, seed=seed,
+                                                       progress=_stage(progress, f"bootstrap ({name})"))
             stable.append(result.frequency.rename("stability").reset_index().assign(comparison=name))
             facts.setdefault("stability", {})[name] = {"jaccard_mean": result.jaccard_mean,
-                                                       "resamples": n_bootstrap, "k": top_k}
+                                                       "resamples": n_bootstrap, "k_per_direction": top_k}
     if stable:
         table = table.merge(pd.concat(stable, ignore_index=True), on=["gene", "comparison"], how="left")
         table["stability"] = table["stability"].fillna(0.0)
