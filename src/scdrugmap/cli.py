@@ -341,6 +341,41 @@ def benchmark(
 
 
 @app.command()
+def biomarkers(
+    data: Annotated[Path, typer.Argument(help="The .h5ad file of cells.")],
+    model: Annotated[str, typer.Option(help="Registry name of the model (of the head, or of the run's jobs).")],
+    out: Annotated[Path, typer.Option(help="Folder for the tables, figures and facts.")],
+    head: Annotated[Path | None, typer.Option(help="Head bundle from `scdrugmap train`: its predictions on DATA form "
+                                                   "the predicted groups, and it is the model attributed.")] = None,
+    run: Annotated[Path | None, typer.Option(help="A `scdrugmap benchmark` run folder on DATA: its out-of-fold "
+                                                  "predictions form the predicted groups.")] = None,
+    label_key: LabelKey = "response", sample_key: SampleKey = "sample",
+    cell_type_key: Annotated[str | None, typer.Option(help="obs column of cell types: test within each.")] = None,
+    gene_sets: Annotated[Path | None, typer.Option(help="GMT file of gene sets for the enrichment (read from disk).")] = None,
+    comparisons: Annotated[str | None, typer.Option(help="observed, predicted or both (default: observed when the "
+                                                         "labels exist, predicted with --head or --run).")] = None,
+    top_k: Annotated[int, typer.Option(help="Top genes per direction (stability, enrichment, deletion).")] = 20,
+    cells: Annotated[int, typer.Option(help="Most cells attributed and deleted from.")] = 500,
+    genes: Annotated[int, typer.Option(help="Most genes deleted in silico (0: none).")] = 50,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of samples for stability (0: none).")] = 20,
+    layer: Layer = None,
+    weights: Annotated[Path | None, typer.Option(help="Local folder/file of the official weights.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of cell sampling, bootstrap and permutations.")] = 0,
+    device: Annotated[str, typer.Option(help="Where the model runs: auto (CUDA when visible), cpu, cuda or cuda:N.")] = "auto",
+    max_memory: MaxMemory = None,
+) -> None:
+    """Find the genes that separate resistant from sensitive cells and the genes a model relies on."""
+    from scdrugmap.commands import run_biomarkers
+
+    for path in run_biomarkers(data, model=model, out=out, head=head, run=run, label_key=label_key,
+                               sample_key=sample_key, cell_type_key=cell_type_key, gene_sets=gene_sets,
+                               comparisons=_split_list(comparisons), top_k=top_k, cells=cells, genes=genes,
+                               bootstrap=bootstrap, layer=layer, weights=weights, seed=seed, device=device,
+                               quiet=STATE["quiet"], console=stdout, progress_console=stderr, max_memory=max_memory):
+        stdout.print(str(path))
+
+
+@app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="The --out folder of a `scdrugmap benchmark` run.")],
     fmt: Annotated[str, typer.Option("--format", help="Comma-separated: html, png, svg, pdf.")] = "html,png",

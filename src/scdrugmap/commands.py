@@ -523,3 +523,74 @@ def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> 
     console.print(f"{len(cell_rows)} jobs ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
                   f"results in {results_file(run_dir)}; `scdrugmap report {run_dir}` draws the figures.",
                   soft_wrap=True)
+
+
+def run_biomarkers(data: Path, *, model: str, out: Path, head: Path | None, run: Path | None, label_key: str,
+                   sample_key: str | None, cell_type_key: str | None, gene_sets: Path | None,
+                   comparisons: list[str] | None, top_k: int, cells: int, genes: int, bootstrap: int,
+                   layer: str | None, weights: Path | None, seed: int, device: str, quiet: bool, console: Console,
+                   progress_console: Console, max_memory: str | None = None) -> list[Path]:
+    """Find biomarkers in ``data`` (observed labels, a head's predictions or a run's), write them, print the top genes."""
+    from scdrugmap import tl
+    from scdrugmap.data.io import read_h5ad
+    from scdrugmap.readwrite import read_head
+
+    trained = None
+    if head is not None:
+        trained = read_head(head)
+        if trained.model != model:
+            msg = f"{head}: the head was trained on {trained.model} embeddings, not {model}. Use --model {trained.model}."
+            raise ConfigError(msg)
+    if gene_sets is not None and not gene_sets.is_file():
+        msg = f"--gene-sets {gene_sets}: no such file; give a GMT file (one set per line: name, description, genes)."
+        raise ConfigError(msg)
+    gate(data, model=model if trained is not None else None, layer=layer, max_memory=max_memory)
+    adata = read_h5ad(data)
+    with progress_bar(progress_console, quiet=quiet) as update:
+        try:
+            found = tl.biomarkers(adata, model, head=trained, run=run, label_key=label_key, sample_key=sample_key,
+                                  cell_type_key=cell_type_key, gene_sets=gene_sets,
+                                  comparisons=comparisons,  # type: ignore[arg-type]
+                                  top_k=top_k, max_cells=cells, max_genes=genes, n_bootstrap=bootstrap, layer=layer,
+                                  weights=weights, device=device, seed=seed, progress=update)
+        except SchemaError as err:  # name the file, not "the data"
+            raise SchemaError(f"{data}: {err}") from err
+    with writing(out):
+        paths = found.write(out)
+    print_biomarkers(console, found, top=min(top_k, 10))
+    return paths
+
+
+def print_biomarkers(console: Console, found: Any, *, top: int = 10) -> None:
+    """Print, per comparison, the top genes higher and lower in resistant cells, and the caveats."""
+    facts = found.facts
+    for name in facts["comparisons"]:
+        rows = found.table[found.table["comparison"] == name]
+        counts = facts["groups"][name]
+        tests = ", ".join(facts["tests"].get(name, []))
+        for direction, word in (("up", "higher"), ("down", "lower")):
+            view = Table(title=escape(f"{name} labels: top genes {word} in resistant cells ({tests}; "
+                                      f"{counts['cells']['resistant']:,} resistant vs {counts['cells']['sensitive']:,} "
+                                      f"sensitive cells, {counts['samples']['resistant']} vs "
+                                      f"{counts['samples']['sensitive']} samples)"), title_justify="left")
+            for column in ("gene", "log2fc", "p", "q", "attribution", "deletion", "stability"):
+                view.add_column(column, justify="left" if column == "gene" else "right", no_wrap=True)
+            best = rows.dropna(subset=["pvalue"]).drop_duplicates("gene").set_index("gene")
+            for gene in found.top_genes(name, direction=direction, k=top):
+                row = best.loc[gene]
+                view.add_row(escape(gene), _number(row["log2fc"], "+.2f"), _number(row["pvalue"], ".1e"),
+                             _number(row["qvalue"], ".1e"), _number(row["attribution_abs_mean"], ".3f"),
+                             _number(row["deletion_delta"], "+.3f"), _number(row["stability"], ".2f"))
+            console.print(view)
+    about = facts.get("attribution", {})
+    if about.get("method"):
+        console.print(f"attribution: {about['method']} of {about['explains']} on {about['n_cells']} cells "
+                      "(mean |attribution| per cell); deletion: change in P(sensitive) when the gene is zeroed")
+    elif about.get("reason") or about.get("note"):
+        console.print(escape(f"attribution: {about.get('reason') or about.get('note')}"), soft_wrap=True)
+    for caveat in facts.get("caveats", []):
+        console.print(f"[yellow]caveat: {escape(caveat)}[/yellow]", soft_wrap=True)
+
+
+def _number(value: Any, spec: str) -> str:
+    return "" if value is None or value != value else format(float(value), spec)

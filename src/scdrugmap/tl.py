@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,7 +31,7 @@ from scdrugmap.data.gate import validate_input
 from scdrugmap.errors import ConfigError, SchemaError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator, Sequence
 
     import anndata as ad
     import numpy.typing as npt
@@ -607,3 +609,547 @@ def benchmark(data: str | Path | ad.AnnData = "demo", *, progress: Callable[[str
     settings.setdefault("out", str(Path("scdrugmap-runs") / ("demo" if str(data) == "demo" else Path(data).stem)))
     config = BenchmarkConfig(data=str(data), **settings)
     return run_benchmark(config, progress=progress)
+
+
+# --- biomarkers -----------------------------------------------------------------------------------------------
+
+#: Columns of `Biomarkers.table`, in order.
+BIOMARKER_COLUMNS = ("gene", "comparison", "stratum", "test", "log2fc", "pvalue", "qvalue", "score", "n_resistant",
+                     "n_sensitive", "attribution_mean", "attribution_sd", "attribution_abs_mean", "deletion_delta",
+                     "stability")
+#: Files `Biomarkers.write` writes (figures only where they have something to show).
+BIOMARKER_FILES = {"table": "biomarkers.parquet", "enrichment": "enrichment.parquet", "facts": "biomarkers.json",
+                   "volcano": "volcano.png", "dotplot": "dotplot.png", "attribution": "attribution.png",
+                   "enrichment_figure": "enrichment.png"}
+#: Genes per direction in the dot plot.
+DOTPLOT_GENES = 10
+
+
+@dataclass
+class Biomarkers:
+    """What `biomarkers` found: one row per gene and comparison, the enrichment, and the facts.
+
+    Attributes
+    ----------
+    table
+        One row per gene, comparison, stratum and test, columns `BIOMARKER_COLUMNS` (see `biomarkers`).
+    enrichment
+        One row per comparison, method and gene set, or None when no gene sets were given.
+    facts
+        What was run on what: source, model, head, cells and samples per group, tests, caveats, attribution
+        and deletion settings, seeds, timings (JSON-serialisable).
+    expression
+        The dot plot's data: per top gene, sample and group, ``mean_expression`` (log-normalised),
+        ``fraction_expressing`` and ``n_cells``.
+    """
+
+    table: pd.DataFrame
+    enrichment: pd.DataFrame | None
+    facts: dict[str, Any]
+    expression: pd.DataFrame | None = field(default=None, repr=False)
+
+    def top_genes(self, comparison: str | None = None, *, direction: Literal["up", "down", "both"] = "up",
+                  k: int = 20) -> list[str]:
+        """Return the ``k`` genes with the smallest p-values of one comparison (default: the first).
+
+        ``up``: higher in resistant cells; ``down``: lower in resistant cells.
+        """
+        from scdrugmap.explain.de import top_genes
+
+        comparison = comparison or self.facts["comparisons"][0]
+        return top_genes(self.table[self.table["comparison"] == comparison], k, direction=direction)
+
+    def write(self, out_dir: str | Path) -> list[Path]:
+        """Write the table, the enrichment, the facts and the figures (PNG) into ``out_dir``, atomically.
+
+        Every file is written to a temporary name first and moved into place only when all were written,
+        so a failure leaves the earlier files of ``out_dir`` as they were.
+
+        Returns
+        -------
+        The paths written: ``biomarkers.parquet``, ``enrichment.parquet`` (with gene sets), ``biomarkers.json``,
+        and the figures ``volcano.png``, ``dotplot.png``, ``attribution.png`` (with a head) and
+        ``enrichment.png`` (with gene sets).
+        """
+        import json
+        import os
+        import tempfile
+
+        from scdrugmap.report import biomarkers as figures
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writers: dict[str, Callable[[Path], None]] = {
+            "table": lambda path: self.table.to_parquet(path, index=False),
+            "volcano": lambda path: _save(figures.plot_volcano(self.table), path),
+        }
+        if self.enrichment is not None:
+            writers["enrichment"] = lambda path: self.enrichment.to_parquet(path, index=False)  # type: ignore[union-attr]
+            if len(self.enrichment):
+                writers["enrichment_figure"] = lambda path: _save(
+                    figures.plot_enrichment(self.enrichment, top=10), path)  # type: ignore[arg-type]
+        if self.expression is not None and len(self.expression):
+            writers["dotplot"] = lambda path: _save(figures.plot_dotplot(self.expression, self.facts), path)
+        if self.table["attribution_abs_mean"].notna().any() or self.table["deletion_delta"].notna().any():
+            writers["attribution"] = lambda path: _save(figures.plot_attribution(self.table, self.facts), path)
+        facts = {**self.facts, "files": sorted(BIOMARKER_FILES[name] for name in [*writers, "facts"])}
+        writers["facts"] = lambda path: path.write_text(json.dumps(facts, indent=2, default=str) + "\n")
+        temporary: dict[str, Path] = {}
+        try:
+            for name, write in writers.items():
+                handle, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{BIOMARKER_FILES[name]}.", suffix=".tmp")
+                os.close(handle)
+                temporary[name] = Path(tmp)
+                write(temporary[name])
+            for name, tmp in temporary.items():
+                os.replace(tmp, out_dir / BIOMARKER_FILES[name])
+        finally:
+            for tmp in temporary.values():
+                tmp.unlink(missing_ok=True)
+        return [out_dir / BIOMARKER_FILES[name] for name in writers]
+
+
+def _save(figure: Any, path: Path) -> None:
+    figure.savefig(path, format="png")
+
+
+def _stage(progress: Callable[[str, int, int, str], None] | None, stage: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(stage, done, total, "")
+
+
+def _run_probabilities(run_dir: str | Path, model: str | None, cells: npt.NDArray[np.str_]
+                       ) -> tuple[str, npt.NDArray[np.float64], dict[str, Any]]:
+    """Return (model, out-of-fold P(sensitive) per cell of ``cells`` (NaN where the run has none), facts)."""
+    import pandas as pd
+
+    from scdrugmap.evaluate.store import read_run
+
+    run = read_run(run_dir)
+    predictions = run.predictions
+    if predictions is None or predictions.empty:
+        msg = f"{run_dir}: the run stored no out-of-fold predictions; rerun `scdrugmap benchmark` with this version."
+        raise ConfigError(msg)
+    done = run.results[run.results["status"] == "done"]
+    models = sorted(done["model"].astype(str).unique())
+    if model is None and len(models) == 1:
+        model = models[0]
+    if model not in models:
+        msg = f"{run_dir}: no scored job of model {model!r}; the run has {', '.join(models) or 'none'}. Pass --model."
+        raise ConfigError(msg)
+    jobs = done[done["model"].astype(str) == model]
+    for column, preferred in (("scenario", "pooled"), ("split", "sample")):
+        if column in jobs and (jobs[column] == preferred).any():
+            jobs = jobs[jobs[column] == preferred]
+    # one setting (strategy, head, category): the one whose test folds predict the most cells
+    setting = [c for c in ("strategy", "head", "category") if c in jobs]
+    rows = predictions.merge(jobs[["key", *setting]].astype({"key": str}), on="key")
+    wanted = set(cells)
+    rows = rows[rows["cell"].astype(str).isin(wanted)]
+    if rows.empty:
+        msg = (f"{run_dir}: none of the run's predicted cells of {model} is in the data (cell names differ); "
+               "give the data the run was made on.")
+        raise SchemaError(msg)
+    reach = rows.groupby(setting, sort=True)["cell"].nunique().sort_values(ascending=False, kind="stable")
+    chosen = dict(zip(setting, reach.index[0] if len(setting) > 1 else (reach.index[0],), strict=True))
+    picked = rows
+    for column, value in chosen.items():
+        picked = picked[picked[column] == value]
+    per_cell = picked.groupby("cell", sort=False)["probability"].mean()
+    probability = pd.Series(per_cell).reindex(pd.Index(cells)).to_numpy(dtype=np.float64)
+    facts = {"run": str(run_dir), "jobs": int(picked["key"].nunique()), "setting": {k: str(v) for k, v in chosen.items()},
+             "cells_predicted": int(np.isfinite(probability).sum()),
+             "cells_predicted_twice": int((picked.groupby("cell")["key"].nunique() > 1).sum())}
+    return model, probability, facts
+
+
+@contextmanager
+def _quiet_resamples() -> Iterator[None]:
+    """Keep the per-resample log lines and anndata's duplicate-name warning (resamples repeat cells) out of the way."""
+    import warnings
+
+    logger = logging.getLogger("scdrugmap.explain")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Observation names are not unique", category=UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _caveats(comparison: str, tests: list[str], per_sample: bool, value_kind: str, n_cells: int) -> list[str]:
+    notes = []
+    if value_kind == "log" and "wilcoxon" in tests:
+        notes.append(f"{comparison}: the values are already log-transformed (base unknown); the Wilcoxon fold change "
+                     "assumes natural log1p values, so log2fc orders genes correctly but its size is not a calibrated "
+                     "fold change.")
+    if "wilcoxon" in tests and per_sample:
+        why = (f"the values are {value_kind}, not raw counts, so pseudobulk DESeq2 could not run"
+               if value_kind != "counts" else "too few samples per group for pseudobulk")
+        notes.append(f"{comparison}: labels are per sample but the Wilcoxon test treats the {n_cells} cells as "
+                     f"replicates (pseudoreplication; {why}): its p- and q-values are far too small. Read them as a "
+                     "ranking, not as evidence.")
+    elif "wilcoxon" in tests:
+        notes.append(f"{comparison}: the Wilcoxon test treats cells as independent, but cells of one sample are "
+                     "not: its p-values are optimistic.")
+    return notes
+
+
+def _dotplot_expression(adata: ad.AnnData, genes: list[str], groups: npt.NDArray[np.object_],
+                        samples: npt.NDArray[np.object_], layer: str | None) -> pd.DataFrame:
+    """Mean log-normalised expression and share of expressing cells per gene, sample and group."""
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from scdrugmap.data.schema import detect_value_kind, expression_matrix
+    from scdrugmap.models.baselines import log_normalise
+
+    X = expression_matrix(adata, layer)
+    if hasattr(X, "to_memory"):
+        X = X.to_memory()
+    labelled = np.array([g is not None for g in groups])
+    columns = adata.var_names.get_indexer(genes)
+    values = log_normalise(X[labelled], detect_value_kind(X))
+    values = values[:, columns]
+    dense = np.asarray(values.toarray() if sp.issparse(values) else values, dtype=np.float64)
+    frame = pd.DataFrame(dense, columns=genes)
+    frame["sample"], frame["group"] = samples[labelled].astype(str), groups[labelled].astype(str)
+    long = frame.melt(id_vars=["sample", "group"], var_name="gene", value_name="value")
+    long["expressing"] = long["value"] > 0
+    summary = long.groupby(["gene", "sample", "group"], sort=False).agg(
+        mean_expression=("value", "mean"), fraction_expressing=("expressing", "mean"), n_cells=("value", "size"))
+    return summary.reset_index()
+
+
+def biomarkers(
+    adata: ad.AnnData,
+    model: str | None = None,
+    *,
+    head: Head | str | Path | None = None,
+    run: str | Path | None = None,
+    label_key: str = "response",
+    sample_key: str | None = "sample",
+    cell_type_key: str | None = None,
+    gene_sets: str | Path | dict[str, list[str]] | None = None,
+    comparisons: Sequence[Literal["observed", "predicted"]] | None = None,
+    top_k: int = 20,
+    max_cells: int | None = 500,
+    max_genes: int | None = 50,
+    n_bootstrap: int = 20,
+    n_permutations: int = 1000,
+    test: Literal["auto", "wilcoxon", "pseudobulk", "both"] = "auto",
+    non_counts: Literal["raise", "wilcoxon"] = "wilcoxon",
+    layer: str | None = None,
+    weights: str | Path | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    progress: Callable[[str, int, int, str], None] | None = None,
+    **model_options: Any,
+) -> Biomarkers:
+    """Find the genes that separate resistant from sensitive cells, the genes a model relies on, and their programs.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes (raw counts for pseudobulk; see ``non_counts``). Not changed.
+    model
+        The registry name of the model (checked against ``head``; picks the model's jobs of ``run``).
+    head
+        A trained head (`train`, `scdrugmap.read_head`, or its folder). Its predictions on ``adata``
+        (`predict`, calibrated, threshold 0.5) form the ``predicted`` groups, unless ``run`` is given, and
+        it is the model that is attributed and whose genes are deleted.
+    run
+        A benchmark run folder (`benchmark`): the ``predicted`` groups come from its out-of-fold
+        probabilities of ``model`` on these cells (threshold 0.5), in the pooled scenario and patient-grouped
+        split where the run has them, and the one strategy, head and category whose test folds cover the most
+        cells (a cell predicted by several of its jobs takes their mean). The run keeps no fold models, so
+        attributions come from ``head`` when given (a head trained on all cells, not each fold's model: the
+        facts say so), else none.
+    label_key
+        obs column of the observed labels (the ``observed`` comparison).
+    sample_key
+        obs column of the sample (patient): pseudobulk replicates, bootstrap units, dot-plot columns.
+    cell_type_key
+        obs column of cell types: differential expression runs within each (the ``stratum`` column).
+    gene_sets
+        A GMT file (or ``{name: genes}``) for the enrichment; None: no enrichment.
+    comparisons
+        ``observed`` (labels in ``obs[label_key]``) and/or ``predicted`` (needs ``head`` or ``run``).
+        Default: ``observed`` when the labels are there, and ``predicted`` when a head or run is given.
+    top_k
+        Top genes per direction: the stability ranking, the over-representation lists, the genes deleted.
+    max_cells
+        Cells attributed and deleted from (drawn with ``seed``; None: all).
+    max_genes
+        Genes deleted in silico (the top genes of each comparison and of the attribution; 0: no deletion).
+    n_bootstrap
+        Bootstrap resamples of samples for the ``stability`` column (0: NaN stability).
+    n_permutations
+        Gene-set permutations of the rank enrichment.
+    test, non_counts
+        As `scdrugmap.explain.de.differential_expression`; by default pseudobulk where labels are per
+        sample and values are counts, else the Wilcoxon test, with the caveat in ``facts["caveats"]``.
+    layer, weights, device, model_options
+        As in `predict`.
+    seed
+        Seed of the cell sample, the bootstrap and the enrichment permutations: the same seed gives the
+        same output.
+    progress
+        Called with (stage, done, total, detail).
+
+    Returns
+    -------
+    `Biomarkers`. ``table`` has one row per gene, comparison, stratum and test (columns `BIOMARKER_COLUMNS`):
+    ``log2fc`` (resistant over sensitive), ``pvalue``, ``qvalue`` (BH within comparison, stratum and test),
+    ``score`` (signed test statistic, positive: higher in resistant), ``n_resistant``/``n_sensitive`` (cells,
+    or pseudobulk samples); ``attribution_mean`` and ``attribution_sd``: integrated gradients of calibrated
+    P(sensitive) over the comparison's resistant cells among those attributed, relative to the average cell
+    (negative: the gene pushes these cells towards resistance); ``attribution_abs_mean``: mean
+    |attribution| over every attributed cell (the gene's weight in the model); ``deletion_delta``: mean
+    change in P(sensitive) when the gene is zeroed, over the cells expressing it (NaN for genes not
+    deleted); ``stability``: share of bootstrap resamples (of samples, within each group) with the gene among
+    the comparison's top ``top_k`` of its direction.
+    ``enrichment`` has one row per comparison, method (``ora_up``, ``ora_down``: hypergeometric test of the
+    top ``top_k`` genes per direction; ``rank``: GSEA preranked on ``score``) and gene set.
+
+    Raises
+    ------
+    SchemaError
+        For missing obs columns, unreadable labels, data the head cannot read, or cells unknown to the run.
+    ConfigError
+        For a comparison that cannot run, or a head of another model.
+
+    Examples
+    --------
+    >>> import scdrugmap as sdm
+    >>> adata = sdm.datasets.simulate(n_cells=400, n_genes=200, seed=0)
+    >>> found = sdm.tl.biomarkers(adata, n_bootstrap=0)
+    >>> found.facts["comparisons"], found.facts["tests"]["observed"]
+    (['observed'], ['pseudobulk'])
+    """
+    import anndata
+    import pandas as pd
+
+    from scdrugmap.explain import attribution as attr
+    from scdrugmap.explain import de, enrichment, stability
+    from scdrugmap.train.bundle import Head as HeadClass
+    from scdrugmap.version import __version__
+
+    validate_input(adata, layer=layer)
+    start = time.perf_counter()
+    if isinstance(adata, anndata.AnnData) and adata.is_view:
+        adata = adata.copy()
+    # a light working copy: obs is ours to add to, X is shared and never written
+    work = anndata.AnnData(X=adata.X, obs=adata.obs.copy(), var=adata.var.copy(), layers=dict(adata.layers),
+                           uns=dict(adata.uns))
+    trained = None if head is None else head if isinstance(head, HeadClass) else HeadClass.read(head)
+    if trained is not None:
+        if model is not None and model != trained.model:
+            msg = f"the head was trained on {trained.model} embeddings, not {model}. Use model={trained.model!r}."
+            raise ConfigError(msg)
+        model = trained.model
+    if top_k < 1:
+        msg = f"top_k={top_k}; expected at least 1."
+        raise ConfigError(msg)
+    if comparisons is None:
+        comparisons = [c for c, present in (("observed", label_key in work.obs),
+                                            ("predicted", trained is not None or run is not None)) if present]
+        if not comparisons:
+            msg = (f"nothing to compare: obs has no {label_key!r} column and no head or run was given. Name the label "
+                   "column (label_key=), or give a head or a run for predicted groups.")
+            raise SchemaError(msg)
+    comparisons = list(dict.fromkeys(comparisons))
+    unknown = [c for c in comparisons if c not in ("observed", "predicted")]
+    if unknown:
+        msg = f"comparisons {unknown}; expected observed and/or predicted."
+        raise ConfigError(msg)
+    if "predicted" in comparisons and trained is None and run is None:
+        msg = "the predicted comparison needs a head (head=, --head) or a benchmark run (run=, --run)."
+        raise ConfigError(msg)
+    if sample_key is not None and sample_key not in work.obs:
+        msg = f"obs has no {sample_key!r} column for the samples; columns: {list(work.obs.columns)[:10]}. Pass sample_key."
+        raise SchemaError(msg)
+    samples = (work.obs[sample_key].astype(str).to_numpy().astype(object) if sample_key is not None
+               else np.full(work.n_obs, "all", dtype=object))
+    facts: dict[str, Any] = {"version": __version__, "model": model, "head": None if trained is None else
+                             str(trained.path or "in memory"), "comparisons": comparisons, "label_key": label_key,
+                             "sample_key": sample_key, "cell_type_key": cell_type_key, "seed": seed, "top_k": top_k,
+                             "n_cells": int(work.n_obs), "n_genes": int(work.n_vars), "caveats": [], "groups": {},
+                             "tests": {}, "skipped_strata": {}}
+
+    # 1. the groups of each comparison ---------------------------------------------------------------------
+    groups: dict[str, npt.NDArray[np.object_]] = {}
+    if "observed" in comparisons:
+        groups["observed"] = de.label_groups(work, None, label_key)
+    if "predicted" in comparisons:
+        if run is not None:
+            model, probability, facts["run"] = _run_probabilities(run, model, np.asarray(work.obs_names.astype(str)))
+            facts["model"] = model
+            facts["predicted_from"] = "the run's out-of-fold probabilities (threshold 0.5)"
+        else:
+            assert trained is not None
+            predict(work, trained, weights=weights, layer=layer, device=device, progress=_stage(progress, "predict"),
+                    **model_options)
+            probability = work.obs[probability_column(prediction_key(trained.model))].to_numpy(dtype=np.float64)
+            facts["predicted_from"] = "the head's calibrated P(sensitive) on these cells (threshold 0.5)"
+        groups["predicted"] = de.predicted_groups(probability)
+    for name, labels in groups.items():
+        present = np.array([g is not None for g in labels])
+        facts["groups"][name] = {
+            "cells": {g: int((labels == g).sum()) for g in de.GROUPS},
+            "samples": {g: len(set(samples[present & (labels == g)])) for g in de.GROUPS},
+            "unlabelled_cells": int((~present).sum()),
+            "labels_per_sample": bool(sample_key is not None and de.labels_are_per_sample(labels, samples)),
+        }
+
+    # 2. differential expression ---------------------------------------------------------------------------
+    options: dict[str, Any] = {"sample_key": sample_key, "cell_type_key": cell_type_key, "test": test, "layer": layer,
+                               "non_counts": non_counts}
+    tables = []
+    for name, labels in groups.items():
+        table = de.differential_expression(work, labels=labels, comparison=name,
+                                           progress=_stage(progress, f"differential expression ({name})"), **options)
+        tests = sorted(set(table["test"]))
+        facts["tests"][name] = tests
+        facts["value_kind"] = table.attrs.get("value_kind")
+        facts["skipped_strata"][name] = dict(table.attrs.get("skipped", {}))
+        if table.attrs.get("designs"):
+            facts.setdefault("designs", {})[name] = dict(table.attrs["designs"])
+        labelled = sum(g is not None for g in labels)
+        facts["caveats"] += _caveats(name, tests, facts["groups"][name]["labels_per_sample"],
+                                     str(table.attrs.get("value_kind")), labelled)
+        tables.append(table)
+    table = pd.concat(tables, ignore_index=True)
+
+    # 3. stability over bootstrap resamples of samples -----------------------------------------------------
+    stable = []
+    if n_bootstrap > 0:
+        for name, labels in groups.items():
+            column = "_scdrugmap_group"
+            present = np.flatnonzero([g is not None for g in labels])
+            subset = work[present].copy()
+            subset.obs[column] = labels[present].astype(str)
+
+            # the top_k of each direction in every resample, as the table and the printout list them
+            def rank(resample: ad.AnnData, column: str = column) -> list[str]:
+                tested = de.differential_expression(resample, label_key=column, **options)
+                return de.top_genes(tested, top_k, direction="up") + de.top_genes(tested, top_k, direction="down")
+
+            with _quiet_resamples():
+                result = stability.bootstrap_stability(subset, rank, n_resamples=n_bootstrap, group_key=sample_key,
+                                                       label_key=column, k=2 * top_k, seed=seed,
+                                                       progress=_stage(progress, f"bootstrap ({name})"))
+            stable.append(result.frequency.rename("stability").reset_index().assign(comparison=name))
+            facts.setdefault("stability", {})[name] = {"jaccard_mean": result.jaccard_mean,
+                                                       "resamples": n_bootstrap, "k_per_direction": top_k}
+    if stable:
+        table = table.merge(pd.concat(stable, ignore_index=True), on=["gene", "comparison"], how="left")
+        table["stability"] = table["stability"].fillna(0.0)
+    else:
+        table["stability"] = np.nan
+
+    # 4. attribution and in-silico deletion of the head ----------------------------------------------------
+    table["attribution_mean"] = table["attribution_sd"] = table["attribution_abs_mean"] = np.nan
+    table["deletion_delta"] = np.nan
+    if trained is None:
+        facts["attribution"] = {"method": None, "reason": "no head given: train one (sdm.tl.train, `scdrugmap train`) "
+                                                          "and pass it to attribute genes"}
+    else:
+        found, note = None, ""
+        encoder = None
+        if trained.model in attr.EXPRESSION_MODELS:
+            found = attr.attribute_expression(work, trained, layer=layer, max_cells=max_cells, seed=seed,
+                                              progress=_stage(progress, "attribution"))
+        else:
+            encoder = _load_encoder(trained.model, weights, device, model_options)
+            try:
+                attr.token_attribution_hook(encoder)
+            except ConfigError as err:
+                note = f"{err} Only in-silico deletion was run."
+                log.warning("%s", note)
+            else:
+                found = attr.attribute_tokens(encoder, work, trained, layer=layer, max_cells=max_cells, seed=seed,
+                                              progress=_stage(progress, "attribution"))
+        facts["attribution"] = {"method": None if found is None else found.method, "note": note,
+                                "baseline": "the mean attributed cell" if trained.model in attr.EXPRESSION_MODELS
+                                else "every gene token replaced by padding",
+                                "n_cells": 0 if found is None else len(found.obs_names),
+                                "explains": "calibrated P(sensitive)" if trained.model in attr.EXPRESSION_MODELS
+                                else "P(sensitive) of the head"}
+        if run is not None:
+            facts["attribution"]["model"] = ("the given head (trained on its own data), not each fold's model: the "
+                                             "run keeps no fold models")
+        if found is not None:
+            overall = found.summary().set_index("gene")["attribution_abs_mean"]
+            pieces = []
+            for name, labels in groups.items():
+                position = {c: i for i, c in enumerate(work.obs_names.astype(str))}
+                resistant = np.array([labels[position[c]] == de.GROUPS[0] for c in found.obs_names])
+                summary = (found.summary(resistant) if resistant.any() else
+                           found.summary().assign(attribution_mean=np.nan, attribution_sd=np.nan))
+                pieces.append(summary[["gene", "attribution_mean", "attribution_sd"]].assign(comparison=name))
+                facts["attribution"].setdefault("resistant_cells", {})[name] = int(resistant.sum())
+            per_comparison = pd.concat(pieces, ignore_index=True)
+            table = table.drop(columns=["attribution_mean", "attribution_sd"]).merge(
+                per_comparison, on=["gene", "comparison"], how="left")
+            table["attribution_abs_mean"] = table["gene"].map(overall)
+        if max_genes is None or max_genes > 0:
+            # the top genes of every list in turn (up and down of each comparison, the attribution), so that
+            # a small max_genes still deletes some of each
+            lists = [de.top_genes(table[table["comparison"] == name], top_k, direction=direction)
+                     for name in groups for direction in ("up", "down")]
+            if found is not None:
+                lists.append(found.top_genes(top_k))
+            chosen = list(dict.fromkeys(g for rank in range(top_k) for genes in lists if rank < len(genes)
+                                        for g in [genes[rank]]))[: max_genes or None]
+            encoder = encoder or _load_encoder(trained.model, weights, device, model_options)
+            predict_fn = attr.make_predict_function(encoder, trained, layer=layer)
+            deleted = attr.measure_deletion_effects(work, predict_fn, genes=chosen, layer=layer, max_cells=max_cells,
+                                                    max_genes=None, seed=seed, progress=_stage(progress, "deletion"))
+            table["deletion_delta"] = table["gene"].map(deleted.set_index("gene")["deletion_delta"])
+            facts["deletion"] = {"n_genes": len(chosen), "n_cells": int(deleted["n_cells"].iloc[0]) if len(deleted)
+                                 else 0, "explains": "calibrated P(sensitive), zeroed gene minus cell"}
+    table = table.loc[:, list(BIOMARKER_COLUMNS)]
+    table = table.sort_values(["comparison", "test", "stratum", "pvalue", "gene"], kind="stable",
+                              na_position="last").reset_index(drop=True)
+
+    # 5. enrichment ----------------------------------------------------------------------------------------
+    found_sets = None
+    if gene_sets is not None:
+        sets = enrichment.read_gmt(gene_sets) if isinstance(gene_sets, str | Path) else dict(gene_sets)
+        facts["gene_sets"] = {"source": str(gene_sets) if isinstance(gene_sets, str | Path) else "given",
+                              "n_sets": len(sets)}
+        parts = []
+        steps = len(groups)
+        for i, name in enumerate(groups):
+            part = table[table["comparison"] == name]
+            universe = part.loc[part["pvalue"].notna(), "gene"].unique()
+            for direction in ("up", "down"):
+                listed = de.top_genes(part, top_k, direction=direction)
+                ora = enrichment.over_representation(listed, sets, universe=universe)
+                parts.append(ora.assign(comparison=name, method=f"ora_{direction}"))
+            ranked = enrichment.rank_enrichment(enrichment.de_scores(part), sets, n_permutations=n_permutations,
+                                                seed=seed)
+            parts.append(ranked.rename(columns={"leading_edge": "genes"}).assign(comparison=name, method="rank"))
+            if progress is not None:
+                progress("enrichment", i + 1, steps, "")
+        columns = ["comparison", "method", "gene_set", "size", "overlap", "expected", "fold_enrichment",
+                   "enrichment_score", "nes", "pvalue", "qvalue", "genes"]
+        found_sets = pd.concat(parts, ignore_index=True).reindex(columns=columns)
+
+    # 6. the dot plot: top genes by sample and (predicted) group ---------------------------------------------
+    shown = "predicted" if "predicted" in groups else comparisons[0]
+    part = table[table["comparison"] == shown]
+    genes = list(dict.fromkeys(de.top_genes(part, DOTPLOT_GENES, direction="up")
+                               + de.top_genes(part, DOTPLOT_GENES, direction="down")))
+    expression = _dotplot_expression(work, genes, groups[shown], samples, layer) if genes else None
+    facts["dotplot"] = {"comparison": shown, "genes_up": de.top_genes(part, DOTPLOT_GENES, direction="up"),
+                        "genes_down": de.top_genes(part, DOTPLOT_GENES, direction="down"),
+                        "unit": "log1p(counts per 10,000)" if facts.get("value_kind") in de.UNLOGGED_KINDS
+                        else f"{facts.get('value_kind')} values as given"}
+    facts["seconds"] = round(time.perf_counter() - start, 2)
+    log.info("biomarkers of %s (%s) in %.1fs", model or "observed labels", ", ".join(comparisons), facts["seconds"])
+    return Biomarkers(table=table, enrichment=found_sets, facts=facts, expression=expression)

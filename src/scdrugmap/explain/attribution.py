@@ -290,7 +290,7 @@ def _dense(block) -> np.ndarray:
 
 def attribute_expression(
     adata: ad.AnnData,
-    bundle: str | Path,
+    bundle: str | Path | Head,
     *,
     method: ExpressionMethod = "integrated_gradients",
     baseline: Literal["mean", "zero"] = "mean",
@@ -309,7 +309,8 @@ def attribute_expression(
     adata
         The cells, expression in ``X`` or ``layers[layer]`` (as given to `predict_cells`).
     bundle
-        A head bundle trained on ``pca`` or ``hvg`` (``scdrugmap train``): genes, components and head.
+        A head trained on ``pca`` or ``hvg`` (``scdrugmap train``; its folder or the `Head`): genes, components
+        and head.
     method
         ``integrated_gradients`` (IG: (x - baseline) x mean gradient along the straight path, midpoint rule),
         ``gradient`` (dP/dx at the cell) or ``gradient_x_input``.
@@ -663,7 +664,7 @@ def token_attribution_hook(encoder: Encoder) -> TokenAttributionHook:
     return factory()
 
 
-def _token_head(encoder: TorchEncoder, bundle: str | Path | None,
+def _token_head(encoder: TorchEncoder, bundle: str | Path | Head | None,
                 head: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[torch.Tensor], torch.Tensor]:
     import torch
 
@@ -689,7 +690,7 @@ def _token_head(encoder: TorchEncoder, bundle: str | Path | None,
 def attribute_tokens(
     encoder: TorchEncoder,
     adata: ad.AnnData,
-    bundle: str | Path | None = None,
+    bundle: str | Path | Head | None = None,
     *,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     layer: str | None = None,
