@@ -89,7 +89,7 @@ def test_html_report_loads_nothing_from_the_network(document):
         if tag == "script":
             assert "src" not in attributes
     images = [a["src"] for t, a in parser.tags if t == "img"]
-    assert len(images) == 14 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == 15 and all(src.startswith("data:image/png;base64,") for src in images)
     assert "@import" not in text
     assert "Plotly.newPlot" in text and len(text) > 1_000_000  # plotly.js is inlined, not fetched
 
@@ -128,7 +128,7 @@ def test_html_report_holds_config_environment_and_unscored_jobs(document):
 
 def test_every_figure_is_captioned_and_titled(document):
     text, _ = document
-    assert text.count("<figcaption>") == 14 + 1  # one per static figure, one for the interactive one
+    assert text.count("<figcaption>") == 15 + 1  # one per static figure, one for the interactive one
     assert "Leakage: split = sample vs split = cell" in text
 
 
