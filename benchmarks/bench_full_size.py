@@ -1,27 +1,39 @@
-"""Benchmark memory at full size on one machine: simulate, check, tokenize and the frozen benchmark, stage by stage.
+"""Benchmark memory at full size on one machine: every stage of the pipeline, each in a fresh process.
 
 The primary collection's full size (326,751 cells x 20,000 genes, about 4 GB on disk) is streamed to
 ``--path`` by the simulator, then each stage runs on it, reading expression from disk in chunks:
 
 * ``simulate``: `simulate_collection` writes the file (skipped when ``--path`` exists with the right shape);
 * ``check``: ``read_h5ad(path, backed=True)`` and `check_adata` (row chunks), as ``scdrugmap check`` does;
+* ``embed-pca``, ``embed-hvg``: the baseline's ``embed`` on the backed file (unfitted: it selects genes,
+  and for pca fits the components, on these cells, as the benchmark does), read in row blocks; the
+  embedding is saved as ``.npy`` in the run folder;
 * ``tokenize``: Geneformer V2 tokenisation of the whole file with `GeneformerTokenizer.tokenize_h5ad`, the
   official gc95M dictionaries from ``../shared/vocab/geneformer_v2`` (genes matched by ``var['ensembl_id']``,
   which the simulator writes, through the official Ensembl mapping dictionary);
-* ``benchmark``: the frozen-head 10-fold pooled benchmark through the real runner (`run_benchmark`) on
-  CACHED embeddings. Embedding every cell with Geneformer on a CPU is out of reach (a few cells/s), so a
-  setup step (``cache``, reported on its own line) first fills the cache as a previous run, or
-  ``scdrugmap embed`` on a GPU cluster, would have: it writes a random-weight Geneformer-V1-10M checkpoint
-  folder (official layout, V1 dictionaries beside it), loads it as the runner does, computes the runner's
-  cache key from the chunked data fingerprint, and writes a (cells x 256) float32 embedding with a planted
-  signal (8 dimensions shifted by +-0.25 sd with the response) plus the cache's ``.json`` facts. The run
-  must then report cache ``hit`` in ``models.json``; its mean AUROC is printed.
+* ``benchmark``: the frozen-head 10-fold pooled benchmark through the real runner (`run_benchmark`) over
+  ``--categories`` (all four by default), one fresh process per model of ``--models`` (majority, pca,
+  geneformer, hvg: ``benchmark:<model>``), all writing into one run folder as a resumed run would, so each
+  model's peak memory is its own (in one process for all models the runner frees a model's embeddings before
+  the next model's, so the peak is about the largest of these). pca and hvg are embedded by the runner (a
+  cache miss: it hands them the backed file, read in row blocks); Geneformer comes from the embedding cache. Embedding every cell with Geneformer on a CPU is out of reach
+  (a few cells/s), so a setup step (``cache``, reported on its own line) first fills the cache as a previous
+  run, or ``scdrugmap embed`` on a GPU cluster, would have: it writes a random-weight Geneformer-V1-10M
+  checkpoint folder (official layout, V1 dictionaries beside it), loads it as the runner does, computes the
+  runner's cache key from the chunked data fingerprint, and writes a (cells x 256) float32 STAND-IN
+  embedding: random normal values with a planted signal (8 dimensions shifted by +-0.25 sd with the
+  response), not Geneformer's output, plus the cache's ``.json`` facts. The run must then report cache
+  ``hit`` for geneformer in ``models.json``; its AUROC measures the planted signal, nothing about
+  Geneformer;
+* ``report``: `write_report` of the benchmark's run folder (HTML and PNG), as ``scdrugmap report`` does.
 
 Every stage runs in a fresh child process (``--stage NAME``), so one stage's memory never counts for
 another. The child reports its wall time (the stage's work, after imports), its peak resident memory
 (``ru_maxrss``) and the largest ``VmRSS`` a thread read every 20 ms, next to its resident memory before
-the work (interpreter and imports). One JSON line is printed per stage, then a table; the goal of
-issue 8 is a peak under 8 GB (8e9 bytes) for ``check``, ``tokenize`` and ``benchmark``.
+the work (interpreter and imports), and the load average when it started (this machine is shared). One
+JSON line is printed per stage, then a table; ``--json`` also writes them all to a file. The goal of issue
+17 is a peak under 3 GB (3e9 bytes) for every stage: the script exits with status 1 naming the stages
+that miss it.
 
 ``SCDRUGMAP_HOME`` points into the run folder (``--run-dir``, default beside ``--path``), so nothing
 leaks into the user's cache; the run folder and a file this run simulated are deleted at the end unless
@@ -30,7 +42,7 @@ leaks into the user's cache; the run folder and a file this run simulated are de
 Usage::
 
     python benchmarks/bench_full_size.py --cells 20000 --path /tmp/scdrugmap-full/small.h5ad   # a quick look
-    python benchmarks/bench_full_size.py --keep            # full size; keep the 4 GB file for later runs
+    python benchmarks/bench_full_size.py --keep --json /tmp/bench_full_size.json   # full size; keep the file
     python benchmarks/bench_full_size.py --stages benchmark --categories tissue,cancer_type --epochs 10
 """
 
@@ -49,11 +61,15 @@ from pathlib import Path
 
 from _common import FULL_CELLS, FULL_GENES
 
-STAGES = ("simulate", "check", "tokenize", "benchmark")
-#: The limit issue 8 sets for every stage reading the full collection: 8 GB.
-LIMIT_BYTES = 8e9
+STAGES = ("simulate", "check", "embed-pca", "embed-hvg", "tokenize", "benchmark", "report")
+#: The limit issue 17 sets for every stage at full size: 3 GB.
+LIMIT_BYTES = 3e9
+#: The benchmark's models, cheapest first (so each model's sampled peak is its own).
+BENCHMARK_MODELS = ("majority", "pca", "geneformer", "hvg")
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VOCAB = REPO.parent / "shared" / "vocab"
+STAND_IN = ("geneformer embeddings are a STAND-IN: random normal values with a planted signal, written to the "
+            "cache under the runner's key for a random-weight Geneformer-V1-10M checkpoint; not Geneformer's output")
 #: Planted signal of the cached embeddings: this many dimensions shifted by +-SIGNAL_SHIFT (unit noise).
 SIGNAL_DIMS = 8
 SIGNAL_SHIFT = 0.25
@@ -93,16 +109,17 @@ class PeakSampler:
 
 
 def measured(stage: str, work, *args) -> dict:
-    """Run ``work(*args)`` (returning a dict of facts) and add wall/CPU time and memory figures."""
-    rss_before = _rss_bytes()
+    """Run ``work(*args, sampler)`` (returning a dict of facts) and add wall/CPU time and memory figures."""
+    rss_before, load = _rss_bytes(), os.getloadavg()[0]
     with PeakSampler() as sampler:
         started, cpu_started = time.perf_counter(), time.process_time()
-        facts = work(*args)
+        facts = work(*args, sampler)
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"stage": stage, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
-            "rss_before_mib": round(rss_before / MIB, 1), "peak_rss_mib": round(peak / MIB, 1),
-            "peak_vmrss_sampled_mib": round(sampler.peak / MIB, 1), "under_8gb": bool(peak < LIMIT_BYTES),
+            "load_average": round(load, 2), "rss_before_mib": round(rss_before / MIB, 1),
+            "peak_rss_mib": round(peak / MIB, 1), "peak_rss_bytes": int(peak),
+            "peak_vmrss_sampled_mib": round(sampler.peak / MIB, 1), "under_3gb": bool(peak < LIMIT_BYTES),
             **facts}
 
 
@@ -117,7 +134,7 @@ def _h5_shape(path: Path) -> tuple[int, int]:
         return int(shape[0]), int(shape[1])
 
 
-def stage_simulate(args: argparse.Namespace) -> dict:
+def stage_simulate(args: argparse.Namespace, sampler: PeakSampler) -> dict:
     from scdrugmap.data.simulate import simulate_collection
 
     path = Path(args.path)
@@ -133,7 +150,7 @@ def stage_simulate(args: argparse.Namespace) -> dict:
             "simulated": True}
 
 
-def stage_check(args: argparse.Namespace) -> dict:
+def stage_check(args: argparse.Namespace, sampler: PeakSampler) -> dict:
     from scdrugmap.data.check import check_adata
     from scdrugmap.data.io import read_h5ad
 
@@ -147,6 +164,26 @@ def stage_check(args: argparse.Namespace) -> dict:
             "warnings": len(report.problems) - len(report.errors), "chunk_rows": args.chunk_rows}
 
 
+def stage_embed(args: argparse.Namespace, sampler: PeakSampler) -> dict:
+    """Embed every cell with a baseline (unfitted: genes and components fitted on these cells), backed."""
+    import numpy as np
+
+    from scdrugmap.data.io import read_h5ad
+    from scdrugmap.models.base import load_encoder
+    from scdrugmap.models.baselines import CHUNK_ROWS
+
+    model = args.stage.removeprefix("embed-")
+    adata = read_h5ad(args.path, backed=True)
+    encoder = load_encoder(model)
+    embeddings = encoder.embed(adata)
+    n_cells = adata.n_obs
+    adata.file.close()
+    path = _run_dir(args) / f"{model}-embeddings.npy"
+    np.save(path, embeddings, allow_pickle=False)
+    return {"cells": n_cells, "model": model, "dim": int(embeddings.shape[1]),
+            "embedding_mib": round(embeddings.nbytes / MIB, 1), "saved": str(path), "chunk_rows": CHUNK_ROWS}
+
+
 def _v2_vocabulary(vocab_dir: Path):
     from scdrugmap.models.geneformer import GeneformerVocabulary
 
@@ -156,7 +193,7 @@ def _v2_vocabulary(vocab_dir: Path):
                                            folder / "ensembl_mapping_dict_gc95M.pkl", version="V2")
 
 
-def stage_tokenize(args: argparse.Namespace, tokenizer) -> dict:
+def stage_tokenize(args: argparse.Namespace, tokenizer, sampler: PeakSampler) -> dict:
     tokens = tokenizer.tokenize_h5ad(args.path)
     lengths = tokens.lengths
     return {"cells": int(tokens.n_cells), "dropped_cells": len(tokens.dropped),
@@ -187,7 +224,7 @@ def _write_checkpoint(folder: Path, vocab_dir: Path, seed: int) -> None:
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / "model.safetensors"))
 
 
-def stage_cache(args: argparse.Namespace) -> dict:
+def stage_cache(args: argparse.Namespace, sampler: PeakSampler) -> dict:
     """Fill the embedding cache as a previous run would have: the runner's key, a planted signal."""
     import numpy as np
 
@@ -230,56 +267,56 @@ def stage_cache(args: argparse.Namespace) -> dict:
                                                      "dim": encoder.embedding_dim}))
     return {"cells": n_cells, "key": key, "checkpoint": str(checkpoint), "cache_file": str(path),
             "cache_mib": round(path.stat().st_size / MIB, 1), "fingerprint_seconds": round(fingerprint_seconds, 2),
-            "signal": f"{SIGNAL_DIMS} dims shifted +-{SIGNAL_SHIFT} sd by response"}
+            "signal": f"{SIGNAL_DIMS} dims shifted +-{SIGNAL_SHIFT} sd by response", "stand_in": STAND_IN}
 
 
-def stage_benchmark(args: argparse.Namespace) -> dict:
-    from scdrugmap.data.schema import CATEGORY_KINDS
+def stage_benchmark(args: argparse.Namespace, sampler: PeakSampler) -> dict:
+    """Run the frozen benchmark of one model (``--models``) into the shared run folder."""
     from scdrugmap.evaluate.grid import BenchmarkConfig
     from scdrugmap.evaluate.runner import run_benchmark
 
     run = _run_dir(args)
     out = run / "run"
-    if out.exists():  # a fresh run each time: the runner would otherwise skip finished jobs
-        shutil.rmtree(out)
     categories = [c for c in args.categories.split(",") if c]
-    config = BenchmarkConfig(data=str(args.path), out=str(out), models=["geneformer"], strategies=["frozen"],
+    (model,) = [m for m in args.models.split(",") if m]
+    config = BenchmarkConfig(data=str(args.path), out=str(out), models=[model], strategies=["frozen"],
                              scenarios=["pooled"], categories=categories, folds=args.folds, seed=args.seed,
                              device="cpu", weights={"geneformer": str(run / "Geneformer-V1-10M")},
                              model_options={"geneformer": {"device": "cpu"}}, head={"epochs": args.epochs})
-    events: dict[str, float] = {}
     started = time.perf_counter()
+    first_job: list[float] = []
 
     def progress(stage: str, done: int, total: int, detail: str) -> None:
-        now = time.perf_counter() - started
-        events.setdefault(f"first_{stage}", now)
-        events[f"last_{stage}"] = now
+        if stage == "jobs" and detail == model and not first_job:
+            first_job.append(time.perf_counter() - started)
 
     results = run_benchmark(config, progress=progress)
-    seconds = time.perf_counter() - started
-    facts = json.loads((out / "models.json").read_text())["geneformer"]
-    if facts.get("cache") != "hit":
-        raise SystemExit(f"the runner did not hit the embedding cache (cache={facts.get('cache')!r}); "
+    facts = json.loads((out / "models.json").read_text()).get(model, {})
+    if model == "geneformer" and facts.get("cache") != "hit":
+        raise SystemExit(f"the runner did not hit the embedding cache for geneformer (cache={facts.get('cache')!r}); "
                          "the planted key does not match the runner's.")
-    done = results[results["status"] == "done"]
-    by_category = {c: {"jobs": int((results["category"] == c).sum()),
-                       "done": int((done["category"] == c).sum()),
-                       "values": int(results.loc[results["category"] == c, "value"].nunique()),
-                       "mean_auroc": round(float(done.loc[done["category"] == c, "auroc"].mean()), 4)}
-                   for c in categories}
-    # the runner's fixed part (open, fingerprint, folds) ends when the model is prepared; heads train after
-    setup = events.get("first_embed", 0.0)
-    training = seconds - setup
-    per_category = training / max(1, len(categories))
-    return {"cells": int(facts.get("n_cells", 0)), "categories": categories, "epochs": args.epochs,
-            "folds": args.folds, "cache": facts["cache"], "jobs": len(results), "done": len(done),
-            "skipped": int((results["status"] == "skipped").sum()),
-            "failed": int((results["status"] == "failed").sum()),
-            "mean_auroc": round(float(done["auroc"].mean()), 4), "mean_f1": round(float(done["f1"].mean()), 4),
-            "by_category": by_category, "runner_setup_seconds": round(setup, 2), "heads_seconds": round(training, 2),
-            "heads_seconds_per_category": round(per_category, 2),
-            # every category splits all cells among its values, so each costs about the same head training
-            "estimated_four_categories_seconds": round(setup + len(CATEGORY_KINDS) * per_category, 1)}
+    rows = results[results["model"] == model]
+    done = rows[rows["status"] == "done"]
+    return {"cells": _h5_shape(Path(args.path))[0], "model": model, "categories": categories, "epochs": args.epochs,
+            "folds": args.folds, "cache": facts.get("cache"), "embed_seconds": facts.get("seconds"),
+            "first_job_seconds": round(first_job[0], 1) if first_job else None, "jobs": len(rows),
+            "done": len(done), "skipped": int((rows["status"] == "skipped").sum()),
+            "failed": int((rows["status"] == "failed").sum()),
+            "mean_auroc": round(float(done["auroc"].mean()), 4) if len(done) else None,
+            "mean_auroc_by_category": {c: round(float(done.loc[done["category"] == c, "auroc"].mean()), 4)
+                                       for c in categories},
+            "note": STAND_IN if model == "geneformer" else None}
+
+
+def stage_report(args: argparse.Namespace, sampler: PeakSampler) -> dict:
+    from scdrugmap.report import write_report
+
+    run = _run_dir(args) / "run"
+    if not (run / "results.parquet").exists():
+        raise SystemExit(f"{run}: no benchmark results; run the benchmark stage first.")
+    written = write_report(run, formats=("html", "png"))
+    return {"files": len(written), "report_mib": round(sum(p.stat().st_size for p in written) / MIB, 1),
+            "predictions_mib": round((run / "predictions.parquet").stat().st_size / MIB, 1)}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -304,10 +341,11 @@ def child(args: argparse.Namespace) -> None:
     else:
         if args.stage in ("cache", "benchmark"):
             import torch  # noqa: F401
-        work = {"simulate": stage_simulate, "check": stage_check, "cache": stage_cache,
-                "benchmark": stage_benchmark}[args.stage]
+        work = {"simulate": stage_simulate, "check": stage_check, "embed-pca": stage_embed,
+                "embed-hvg": stage_embed, "cache": stage_cache, "benchmark": stage_benchmark,
+                "report": stage_report}[args.stage]
         result = measured(args.stage, work, args)
-        if "cells" in result and result["seconds"] and not result.get("skipped"):
+        if result.get("cells") and result["seconds"] and not result.get("skipped") and args.stage != "benchmark":
             result["cells_per_s"] = round(result["cells"] / result["seconds"], 1)
     print(json.dumps(result), flush=True)
 
@@ -324,36 +362,55 @@ def _matched_genes(path: str, tokenizer) -> int:
 
 # --- the parent -------------------------------------------------------------------------------------------
 
-def run_stage(name: str, args: argparse.Namespace, env: dict) -> dict:
+def _record(results: list[dict], result: dict, json_path: Path | None) -> None:
+    """Print a stage's JSON line and keep it (in ``json_path`` too, rewritten after every stage)."""
+    print(json.dumps(result), flush=True)
+    results.append(result)
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=1))
+
+
+def run_stage(name: str, args: argparse.Namespace, env: dict, *, models: str | None = None) -> dict:
     command = [sys.executable, __file__, "--stage", name, "--cells", str(args.cells), "--genes", str(args.genes),
                "--path", str(args.path), "--run-dir", str(_run_dir(args)), "--seed", str(args.seed),
                "--folds", str(args.folds), "--epochs", str(args.epochs), "--categories", args.categories,
+               "--models", models or args.models,
                "--chunk-rows", str(args.chunk_rows), "--token-chunk", str(args.token_chunk),
                "--vocab", str(args.vocab)]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    label = f"benchmark:{models}" if name == "benchmark" else name
     started = time.perf_counter()
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        raise SystemExit(f"stage {name} failed (exit code {done.returncode}): {done.stdout[-2000:]}")
+        return {"stage": label, "stage_failed": f"exit code {done.returncode}", "output": done.stdout[-2000:],
+                "process_seconds": round(time.perf_counter() - started, 2)}
     result = json.loads(lines[-1])
+    result["stage"] = label
     result["process_seconds"] = round(time.perf_counter() - started, 2)
     return result
 
 
 def _table(results: list[dict]) -> str:
-    head = (f"{'stage':<12}{'wall s':>10}{'cells/s':>11}{'RSS before MiB':>16}{'peak RSS MiB':>14}"
-            f"{'peak sampled MiB':>18}{'< 8 GB':>8}")
+    head = (f"{'stage':<22}{'wall s':>10}{'cells/s':>13}{'load':>6}{'RSS before MiB':>16}{'peak RSS MiB':>14}"
+            f"{'peak sampled MiB':>18}{'< 3 GB':>8}")
     rows = [head, "-" * len(head)]
     for r in results:
-        rate = f"{r['cells_per_s']:,.0f}" if r.get("cells_per_s") else "-"
         stage = "(cache)" if r["stage"] == "cache" else r["stage"]
-        rows.append(f"{stage:<12}{r['seconds']:>10,.1f}{rate:>11}{r['rss_before_mib']:>16,.0f}"
+        if "stage_failed" in r:
+            rows.append(f"{stage:<22}  failed ({r['stage_failed']})")
+            continue
+        rate = f"{r['cells_per_s']:,.0f}" if r.get("cells_per_s") else "-"
+        if r.get("mean_auroc") is not None:
+            rate = f"AUROC {r['mean_auroc']:.3f}"
+        rows.append(f"{stage:<22}{r['seconds']:>10,.1f}{rate:>13}{r['load_average']:>6.1f}{r['rss_before_mib']:>16,.0f}"
                     f"{r['peak_rss_mib']:>14,.0f}{r['peak_vmrss_sampled_mib']:>18,.0f}"
-                    f"{'yes' if r['under_8gb'] else 'NO':>8}")
+                    f"{'yes' if r['under_3gb'] else 'NO':>8}")
     if any(r["stage"] == "cache" for r in results):
-        rows.append("(cache): setup of the benchmark stage, filling the embedding cache; not a stage of issue 8")
+        rows.append("(cache): setup of the benchmark, filling the embedding cache with geneformer's stand-in")
+        rows.append(STAND_IN)
+    rows.append(f"limit: {LIMIT_BYTES / 1e9:g} GB = {LIMIT_BYTES / MIB:,.0f} MiB of peak resident memory per stage")
     return "\n".join(rows)
 
 
@@ -366,8 +423,10 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     parser.add_argument("--keep", action="store_true",
                         help="keep the file this run simulated and the run folder (checkpoint, cache, results)")
-    parser.add_argument("--categories", default="tissue",
+    parser.add_argument("--categories", default="tissue,cancer_type,therapy,regimen",
                         help="benchmark categories (comma list of tissue, cancer_type, therapy, regimen)")
+    parser.add_argument("--models", default=",".join(BENCHMARK_MODELS),
+                        help="benchmark models (comma list; geneformer comes from the stand-in cache)")
     parser.add_argument("--epochs", type=int, default=10, help="MLP head epochs (the paper's 10)")
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -377,6 +436,7 @@ def main() -> None:
     parser.add_argument("--token-chunk", type=int, default=2048, help="cells per chunk of the tokenizer")
     parser.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: its own)")
     parser.add_argument("--vocab", type=Path, default=DEFAULT_VOCAB, help="folder with geneformer_v1/, geneformer_v2/")
+    parser.add_argument("--json", type=Path, default=None, help="also write every stage's JSON here (a list)")
     parser.add_argument("--stage", choices=(*STAGES, "cache"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
@@ -397,31 +457,28 @@ def main() -> None:
                       "stages": stages, "cpu_count": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2),
                       "disk_free_gib": round(shutil.disk_usage(args.path.parent if args.path.parent.exists()
                                                               else "/").free / 2**30, 1)}), flush=True)
-    results = []
+    models = [m for m in args.models.split(",") if m]
+    results: list[dict] = []
     for name in STAGES:
         if name not in stages:
             continue
-        if name == "benchmark":  # setup, reported on its own line (not one of the stages issue 8 limits)
-            setup = run_stage("cache", args, env)
-            print(json.dumps(setup), flush=True)
-            results.append(setup)
-        result = run_stage(name, args, env)
-        print(json.dumps(result), flush=True)
-        results.append(result)
+        if name == "benchmark":
+            shutil.rmtree(run / "run", ignore_errors=True)  # a fresh run: the runner would skip finished jobs
+            if "geneformer" in models:  # setup, reported on its own line
+                _record(results, run_stage("cache", args, env), args.json)
+            for model in models:  # one process per model, all into one run folder
+                _record(results, run_stage(name, args, env, models=model), args.json)
+            continue
+        _record(results, run_stage(name, args, env), args.json)
     print()
     print(_table(results))
-    bench = next((r for r in results if r["stage"] == "benchmark"), None)
-    if bench is not None:
-        print(f"benchmark: cache {bench['cache']}, {bench['done']} of {bench['jobs']} jobs done "
-              f"({bench['skipped']} skipped, {bench['failed']} failed), mean AUROC {bench['mean_auroc']:.3f}; "
-              f"runner setup {bench['runner_setup_seconds']:.0f} s, heads {bench['heads_seconds']:.0f} s "
-              f"for {len(bench['categories'])} categor{'y' if len(bench['categories']) == 1 else 'ies'} "
-              f"({bench['epochs']} epochs); all four categories: about "
-              f"{bench['estimated_four_categories_seconds'] / 60:.0f} min")
+    missed = [r["stage"] for r in results if "stage_failed" in r or not r["under_3gb"]]
     if not args.keep:
         shutil.rmtree(run, ignore_errors=True)
         if not existed and args.path.exists():
             args.path.unlink()
+    if missed:
+        raise SystemExit(f"stages failed or over {LIMIT_BYTES / 1e9:g} GB of peak resident memory: {', '.join(missed)}")
 
 
 if __name__ == "__main__":
