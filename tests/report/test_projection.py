@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -106,3 +106,21 @@ def test_no_view_without_two_dimensions_or_three_finite_cells(embedding, caplog)
 def test_unknown_projection_is_refused():
     with pytest.raises(ConfigError, match="projection 'tsne'"):
         project_embedding(np.ones((5, 3)), method="tsne")  # type: ignore[arg-type]
+
+
+def test_umap_functions_get_numba_disk_caching_once_per_module(monkeypatch):
+    numba = pytest.importorskip("numba")
+    from numba.core.dispatcher import Dispatcher
+
+    cached = []
+    monkeypatch.setattr(Dispatcher, "enable_caching", lambda self: cached.append(self.py_func.__qualname__))
+    module = ModuleType("umap.stand_in")
+    module.__file__ = __file__
+    exec("import numba\n@numba.njit\ndef jitted(x):\n    return x + 1\n", module.__dict__)
+    module.borrowed = numba.njit(lambda x: x)  # a function of another module, only imported here
+    monkeypatch.setitem(sys.modules, "umap.stand_in", module)
+    projection.cache_umap_compilation()
+    projection.cache_umap_compilation()
+    assert cached == ["jitted"]
+    assert "umap.stand_in" in projection._CACHED_MODULES
+    projection._CACHED_MODULES.discard("umap.stand_in")

@@ -364,6 +364,8 @@ def _gene_problems(report: CheckReport, adata: ad.AnnData) -> None:
 
 def _fold_problems(report: CheckReport, obs: pd.DataFrame, keys: schema.ObsKeys, labels: np.ndarray,
                    n_folds: int, split: str, severity: Severity) -> None:
+    # samples as integer codes, once: counting distinct ones per value and class then sorts integers, not text
+    samples = pd.factorize(obs[keys.sample])[0] if split == "sample" and keys.sample in obs else None
     for kind in schema.CATEGORY_KINDS:
         column = keys.category(kind)
         if column not in obs:
@@ -375,8 +377,8 @@ def _fold_problems(report: CheckReport, obs: pd.DataFrame, keys: schema.ObsKeys,
                 report.add(severity, where, f"only {'sensitive' if y[0] else 'resistant'} cells; no fold can be "
                            "scored there (the benchmark lists it as skipped).")
                 continue
-            if split == "sample" and keys.sample in obs:
-                units = obs[keys.sample].to_numpy()[rows]
+            if samples is not None:
+                units = samples[rows]
                 per_class = [np.unique(units[y == c]).size for c in (0, 1)]
                 if min(per_class) < 2:
                     report.add(severity, where, f"{per_class[1]} sensitive and {per_class[0]} resistant samples; "

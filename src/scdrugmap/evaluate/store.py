@@ -309,7 +309,7 @@ class ResultStore:
         if rows.size > EMBEDDING_SAMPLE:
             rows = np.sort(rng.choice(rows, EMBEDDING_SAMPLE, replace=False))
         sample = np.asarray(embeddings[rows], dtype=np.float32)
-        arrays: dict[str, np.ndarray] = {"embedding": sample, "cell": np.asarray(obs_names[rows], dtype=str)}
+        arrays: dict[str, Any] = {"embedding": sample, "cell": np.asarray(obs_names[rows], dtype=str)}
         if projection is not None:
             arrays.update(_embedding_map_arrays(sample, projection, seed))
         folder = self.run_dir / EMBEDDINGS_DIR

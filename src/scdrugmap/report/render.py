@@ -13,7 +13,7 @@ which moved some axes by a few points).
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import matplotlib as mpl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 #: Pillow's default 6, for files about a fifth larger.
 PNG_COMPRESS_LEVEL = 1
 #: What turns the rc-chosen layout engine off (`Figure.set_layout_engine(None)` reads these).
-_NO_AUTOMATIC_LAYOUT = {"figure.autolayout": False, "figure.constrained_layout.use": False}
+_NO_AUTOMATIC_LAYOUT: dict[Any, Any] = {"figure.autolayout": False, "figure.constrained_layout.use": False}
 
 
 class RenderedFigure:
@@ -72,7 +72,7 @@ class RenderedFigure:
                 if self._bbox is None:
                     self._bbox = self._fix_layout()
                 buffer = io.BytesIO()
-                options = {"pil_kwargs": {"compress_level": PNG_COMPRESS_LEVEL}} if fmt == "png" else {}
+                options: dict[str, Any] = {"pil_kwargs": {"compress_level": PNG_COMPRESS_LEVEL}} if fmt == "png" else {}
                 self.figure.savefig(buffer, format=fmt, bbox_inches=self._bbox, **options)
             self._saved[fmt] = buffer.getvalue()
         return self._saved[fmt]
