@@ -23,7 +23,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     import pandas as pd
 
-    from scdrugmap.models.base import Encoder
+    from scdrugmap.models.base import Encoder, TorchEncoder
     from scdrugmap.train.bundle import Head
 
 log = logging.getLogger(__name__)
@@ -687,25 +687,29 @@ class Biomarkers:
             writers["enrichment"] = lambda path: self.enrichment.to_parquet(path, index=False)  # type: ignore[union-attr]
             if len(self.enrichment):
                 writers["enrichment_figure"] = lambda path: _save(
-                    figures.plot_enrichment(self.enrichment, top=10), path)  # type: ignore[arg-type]
+                    figures.plot_enrichment(self.enrichment, top=10), path)
         if self.expression is not None and len(self.expression):
             writers["dotplot"] = lambda path: _save(figures.plot_dotplot(self.expression, self.facts), path)
         if self.table["attribution_abs_mean"].notna().any() or self.table["deletion_delta"].notna().any():
             writers["attribution"] = lambda path: _save(figures.plot_attribution(self.table, self.facts), path)
         facts = {**self.facts, "files": sorted(BIOMARKER_FILES[name] for name in [*writers, "facts"])}
-        writers["facts"] = lambda path: path.write_text(json.dumps(facts, indent=2, default=str) + "\n")
+
+        def write_facts(path: Path) -> None:
+            path.write_text(json.dumps(facts, indent=2, default=str) + "\n")
+
+        writers["facts"] = write_facts
         temporary: dict[str, Path] = {}
         try:
             for name, write in writers.items():
-                handle, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{BIOMARKER_FILES[name]}.", suffix=".tmp")
+                handle, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=f".{BIOMARKER_FILES[name]}.", suffix=".tmp")
                 os.close(handle)
-                temporary[name] = Path(tmp)
+                temporary[name] = Path(tmp_name)
                 write(temporary[name])
-            for name, tmp in temporary.items():
-                os.replace(tmp, out_dir / BIOMARKER_FILES[name])
+            for name, tmp_path in temporary.items():
+                os.replace(tmp_path, out_dir / BIOMARKER_FILES[name])
         finally:
-            for tmp in temporary.values():
-                tmp.unlink(missing_ok=True)
+            for tmp_path in temporary.values():
+                tmp_path.unlink(missing_ok=True)
         return [out_dir / BIOMARKER_FILES[name] for name in writers]
 
 
@@ -761,7 +765,7 @@ def _run_probabilities(run_dir: str | Path, model: str | None, cells: npt.NDArra
     facts = {"run": str(run_dir), "jobs": int(picked["key"].nunique()), "setting": {k: str(v) for k, v in chosen.items()},
              "cells_predicted": int(np.isfinite(probability).sum()),
              "cells_predicted_twice": int((picked.groupby("cell")["key"].nunique() > 1).sum())}
-    return model, probability, facts
+    return str(model), probability, facts
 
 
 @contextmanager
@@ -812,7 +816,7 @@ def _dotplot_expression(adata: ad.AnnData, genes: list[str], groups: npt.NDArray
         X = X.to_memory()
     labelled = np.array([g is not None for g in groups])
     columns = adata.var_names.get_indexer(genes)
-    values = log_normalise(X[labelled], detect_value_kind(X))
+    values: Any = log_normalise(X[labelled], detect_value_kind(X))
     values = values[:, columns]
     dense = np.asarray(values.toarray() if sp.issparse(values) else values, dtype=np.float64)
     frame = pd.DataFrame(dense, columns=genes)
@@ -924,11 +928,14 @@ def biomarkers(
 
     Examples
     --------
+    >>> import tempfile
     >>> import scdrugmap as sdm
     >>> adata = sdm.datasets.simulate(n_cells=400, n_genes=200, seed=0)
     >>> found = sdm.tl.biomarkers(adata, n_bootstrap=0)
-    >>> found.facts["comparisons"], found.facts["tests"]["observed"]
-    (['observed'], ['pseudobulk'])
+    >>> found.facts["comparisons"], len(found.top_genes("observed", direction="up", k=5))
+    (['observed'], 5)
+    >>> found.write(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+    [PosixPath('.../biomarkers.parquet'), ...]
     """
     import anndata
     import pandas as pd
@@ -955,17 +962,20 @@ def biomarkers(
         msg = f"top_k={top_k}; expected at least 1."
         raise ConfigError(msg)
     if comparisons is None:
-        comparisons = [c for c, present in (("observed", label_key in work.obs),
-                                            ("predicted", trained is not None or run is not None)) if present]
-        if not comparisons:
+        requested = [c for c, present in (("observed", label_key in work.obs),
+                                          ("predicted", trained is not None or run is not None)) if present]
+        if not requested:
             msg = (f"nothing to compare: obs has no {label_key!r} column and no head or run was given. Name the label "
                    "column (label_key=), or give a head or a run for predicted groups.")
             raise SchemaError(msg)
-    comparisons = list(dict.fromkeys(comparisons))
-    unknown = [c for c in comparisons if c not in ("observed", "predicted")]
+    else:
+        requested = list(comparisons)
+    requested = list(dict.fromkeys(requested))
+    unknown = [c for c in requested if c not in ("observed", "predicted")]
     if unknown:
         msg = f"comparisons {unknown}; expected observed and/or predicted."
         raise ConfigError(msg)
+    comparisons = cast("list[Literal['observed', 'predicted']]", requested)
     if "predicted" in comparisons and trained is None and run is None:
         msg = "the predicted comparison needs a head (head=, --head) or a benchmark run (run=, --run)."
         raise ConfigError(msg)
@@ -1071,7 +1081,7 @@ def biomarkers(
                 note = f"{err} Only in-silico deletion was run."
                 log.warning("%s", note)
             else:
-                found = attr.attribute_tokens(encoder, work, trained, layer=layer, max_cells=max_cells, seed=seed,
+                found = attr.attribute_tokens(cast("TorchEncoder", encoder), work, trained, layer=layer, max_cells=max_cells, seed=seed,
                                               progress=_stage(progress, "attribution"))
         facts["attribution"] = {"method": None if found is None else found.method, "note": note,
                                 "baseline": "the mean attributed cell" if trained.model in attr.EXPRESSION_MODELS

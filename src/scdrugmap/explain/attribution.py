@@ -673,7 +673,7 @@ def _token_head(encoder: TorchEncoder, bundle: str | Path | Head | None,
         raise ConfigError(msg)
     if head is not None:
         return head
-    assert bundle is not None
+    assert bundle is not None  # exactly one of the two, checked above
     meta, tensors = _read_bundle(bundle)
     if meta.get("model") != encoder.name:
         msg = f"{bundle}: the head was trained on {meta.get('model')} embeddings, not {encoder.name}."
