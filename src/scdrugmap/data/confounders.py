@@ -49,8 +49,8 @@ class Coincidence:
 def unit_columns(columns: list[str], keys: ObsKeys) -> list[tuple[str, str]]:
     """Return (column, kind) of the columns that may carry labels: sample, dataset, study, cell lines..."""
     found = [(keys.sample, "sample"), (keys.dataset, "dataset"), (keys.study, "study")]
-    found += [(c, UNIT_COLUMN.search(c).group(1).lower().replace("_", " ")) for c in columns
-              if UNIT_COLUMN.search(c) and c not in {keys.sample, keys.dataset, keys.study}]
+    found += [(c, match.group(1).lower().replace("_", " ")) for c in columns
+              if (match := UNIT_COLUMN.search(c)) and c not in {keys.sample, keys.dataset, keys.study}]
     return [(column, kind) for column, kind in found if column in columns]
 
 

@@ -21,7 +21,7 @@ import traceback
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     from scdrugmap.evaluate.grid import Job
-    from scdrugmap.models.base import Encoder, TokenizedCells
+    from scdrugmap.models.base import Encoder, TokenizedCells, TorchEncoder
     from scdrugmap.models.sharded import EncoderSpec
     from scdrugmap.train.heads import HeadConfig
     from scdrugmap.train.lora import LoRAConfig
@@ -113,6 +113,7 @@ def _frozen(inputs: ModelInputs, unit: Unit) -> list[tuple[np.ndarray, dict[str,
     from scdrugmap.models.base import resolve_device
     from scdrugmap.train.frozen import fit_predict_frozen
 
+    assert inputs.embeddings is not None  # the runner embeds every model that has frozen jobs
     with warnings.catch_warnings():  # arrays from Ray's object store are read-only; heads never write to them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         predicted = fit_predict_frozen(inputs.embeddings, inputs.labels, inputs.groups, unit.fold_sets,
@@ -128,14 +129,19 @@ def _lora(inputs: ModelInputs, unit: Unit) -> list[tuple[np.ndarray, dict[str, A
     if inputs.tokens is None:
         msg = f"{inputs.model} has no network to adapt; LoRA applies to foundation models"
         raise NotApplicable(msg)
-    encoder = inputs.encoder if inputs.encoder is not None else inputs.spec.load()
+    if inputs.encoder is not None:
+        encoder = inputs.encoder
+    else:
+        assert inputs.spec is not None  # the runner gives every model's inputs its spec
+        encoder = inputs.spec.load()
     tokens = inputs.tokens
     position = np.full(inputs.labels.shape[0], -1, dtype=np.int64)
     position[tokens.cell_index] = np.arange(tokens.n_cells)
     token_groups = None if inputs.groups is None else inputs.groups[tokens.cell_index]
     token_folds = [(position[train][position[train] >= 0], position[test][position[test] >= 0])
                    for train, test in unit.fold_sets]
-    fitted = fit_predict_lora(encoder, tokens, inputs.labels[tokens.cell_index], token_groups, token_folds,
+    # tokens are only made for a TorchEncoder (`scdrugmap.evaluate.runner._prepare_model`)
+    fitted = fit_predict_lora(cast("TorchEncoder", encoder), tokens, inputs.labels[tokens.cell_index], token_groups, token_folds,
                               inputs.lora_config)
     results = []
     for (_, test), (probability, info) in zip(unit.fold_sets, fitted, strict=True):

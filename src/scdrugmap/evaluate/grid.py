@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,8 @@ from scdrugmap.train.heads import HeadConfig
 if TYPE_CHECKING:
     import anndata as ad
     import numpy.typing as npt
+
+    from scdrugmap.evaluate.splits import SplitPolicy
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +363,7 @@ def make_folds(adata: ad.AnnData, labels: np.ndarray, config: BenchmarkConfig,
             for split in config.splits:
                 name = f"{category}|{split}|k{config.folds}|seed{config.seed}"
                 category_folds = split_pooled(obs, data_labels, category_column=column, category=category,
-                                              sample_column=keys.sample, split=split, n_folds=config.folds,
+                                              sample_column=keys.sample, split=cast("SplitPolicy", split), n_folds=config.folds,
                                               seed=config.seed, assignment=saved.get(name, made.get(name)))
                 if name not in saved and name not in made:
                     assignment = np.full(rows.size, -1, dtype=np.int8)

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -53,6 +53,7 @@ def _run_prompt_jobs(jobs: list[Job], adata: ad.AnnData, labels: np.ndarray, key
     from scdrugmap.prompting import fit_predict_prompt
 
     for job in (job for job in jobs if job.fold.skipped is not None):
+        assert job.fold.skipped is not None
         writer.skipped(job, job.fold.skipped)
         done += 1
     grouped: dict[tuple, list[Job]] = {}
@@ -78,6 +79,7 @@ def _run_prompt_jobs(jobs: list[Job], adata: ad.AnnData, labels: np.ndarray, key
             if failure is not None:
                 writer.failed(job, failure, seconds=seconds, extra={})
                 continue
+            assert predictions is not None  # set whenever there is no failure
             probability, info = predictions[index]
             metrics, reasons = compute_metrics(labels[test], probability)
             if not info["has_probabilities"]:  # 0/1 answers rank nothing: no AUROC from them
@@ -170,7 +172,7 @@ def _prepare_model(model: str, jobs: list[Job], config: BenchmarkConfig, adata: 
     if any(job.strategy == "frozen" for job in jobs):
         if progress:
             progress("embed", 0, adata.n_obs, model)
-        if on_cluster:
+        if isinstance(executor, RayExecutor):  # on_cluster, spelt out so the closure sees a RayExecutor
             def compute() -> np.ndarray:
                 return embed_sharded(spec, data_path, n_obs=adata.n_obs, layer=config.layer,
                                      batch_size=config.batch_size, shard_cells=config.shard_cells,
@@ -221,6 +223,7 @@ def _store_outcome(writer: JobWriter, unit: Unit, outcome: UnitOutcome, labels: 
             writer.failed(job, outcome.reason, seconds=seconds, extra=extra)
             continue
         _, test = unit.fold_sets[index]
+        assert outcome.predictions is not None  # a "done" outcome carries its predictions
         probability, info = outcome.predictions[index]
         metrics, reasons = compute_metrics(labels[test], probability)
         trust = dict(info.pop("trust", None) or {})  # per-fold calibration and conformal metrics, on the test cells
@@ -291,6 +294,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     if prompt_jobs:  # API calls, limited per key: they run here whatever the executor
         from scdrugmap.prompting import describe_config
 
+        assert prompt_config is not None  # prompt jobs exist only when a prompt config does
         done = _run_prompt_jobs(prompt_jobs, memory(), labels, keys, prompt_config, writer, progress=progress,
                                 done=done, total=len(jobs))
         model_facts[prompt_config.model] = {"strategy": "prompt", **describe_config(prompt_config)}
@@ -311,6 +315,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
     for model_name, model_jobs in by_model.items():
         skipped = [job for job in model_jobs if job.fold.skipped is not None]
         for job in skipped:
+            assert job.fold.skipped is not None
             writer.skipped(job, job.fold.skipped)
         done += len(skipped)
         runnable = [job for job in model_jobs if job.fold.skipped is None]
@@ -383,7 +388,7 @@ def _run_permutations(config: BenchmarkConfig, store: ResultStore, jobs: list[Jo
             continue
         valid = np.ones(adata.n_obs, dtype=bool)
         if inputs.embeddings is not None and inputs.embeddings.shape[1]:
-            valid = ~np.isnan(inputs.embeddings).any(axis=1)
+            valid = cast("np.ndarray", ~np.isnan(inputs.embeddings).any(axis=1))
         start = time.perf_counter()
         rows = []
         for permutation in todo:
@@ -400,6 +405,7 @@ def _run_permutations(config: BenchmarkConfig, store: ResultStore, jobs: list[Jo
                         auroc = float("nan")
                         if outcome.status == "done":
                             test = unit.fold_sets[index][1]
+                            assert outcome.predictions is not None  # a "done" outcome carries its predictions
                             auroc = compute_metrics(shuffled[test], outcome.predictions[index][0])[0]["auroc"]
                         fold = job.fold
                         rows.append({"model": model, "strategy": job.strategy, "head": job.head,

@@ -125,6 +125,7 @@ def split_pooled(obs: pd.DataFrame, labels: npt.NDArray, *, category_column: str
     values = obs[category_column].astype(str).to_numpy()
     for value in sorted(np.unique(values)):
         rows = np.flatnonzero(values == value)
+        local: npt.NDArray[np.int8] | None
         if assignment is not None:
             local = assignment[rows]
             reason = None if (local >= 0).any() else "no fold could be formed (see saved splits)"

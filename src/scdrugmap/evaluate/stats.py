@@ -77,23 +77,23 @@ def within_fold_auroc(labels: npt.ArrayLike, scores: npt.ArrayLike, strata: npt.
     ``auroc``, ``ci_low``, ``ci_high``, ``n_items``, ``n_pairs``, ``n_strata`` (strata holding both
     labels) and ``reason`` (why the AUROC is NaN; empty otherwise).
     """
-    labels = np.asarray(labels, dtype=np.int64)
-    scores = np.asarray(scores, dtype=np.float64)
-    strata = np.asarray(strata)
-    keep = np.isfinite(scores)
-    labels, scores, strata = labels[keep], scores[keep], strata[keep]
+    item_labels: npt.NDArray[np.int64] = np.asarray(labels, dtype=np.int64)
+    item_scores: npt.NDArray[np.float64] = np.asarray(scores, dtype=np.float64)
+    item_strata: npt.NDArray[np.generic] = np.asarray(strata)
+    keep = np.isfinite(item_scores)
+    item_labels, item_scores, item_strata = item_labels[keep], item_scores[keep], item_strata[keep]
     blocks = []  # per stratum with both labels: item positions of its sensitive and resistant items, pair matrix
-    for stratum in np.unique(strata):
-        pos = np.flatnonzero((strata == stratum) & (labels == 1))
-        neg = np.flatnonzero((strata == stratum) & (labels == 0))
+    for stratum in np.unique(item_strata):
+        pos = np.flatnonzero((item_strata == stratum) & (item_labels == 1))
+        neg = np.flatnonzero((item_strata == stratum) & (item_labels == 0))
         if pos.size and neg.size:
-            a, b = scores[pos][:, None], scores[neg][None, :]
+            a, b = item_scores[pos][:, None], item_scores[neg][None, :]
             blocks.append((pos, neg, (a > b) + 0.5 * (a == b)))
     out: dict[str, float | int | str] = {"auroc": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
-                                         "n_items": int(labels.size), "n_pairs": 0, "n_strata": len(blocks),
+                                         "n_items": int(item_labels.size), "n_pairs": 0, "n_strata": len(blocks),
                                          "reason": ""}
     if not blocks:
-        out["reason"] = ("no fold's test samples hold both labels" if labels.size
+        out["reason"] = ("no fold's test samples hold both labels" if item_labels.size
                          else "no sample with a prediction")
         return out
     total = sum(matrix.size for _, _, matrix in blocks)
@@ -102,7 +102,7 @@ def within_fold_auroc(labels: npt.ArrayLike, scores: npt.ArrayLike, strata: npt.
     if n_bootstrap < 1:
         return out
     rng = np.random.default_rng(seed)
-    counts = rng.multinomial(labels.size, np.full(labels.size, 1 / labels.size), size=n_bootstrap).astype(np.float64)
+    counts = rng.multinomial(item_labels.size, np.full(item_labels.size, 1 / item_labels.size), size=n_bootstrap).astype(np.float64)
     wins = np.zeros(n_bootstrap)
     pairs = np.zeros(n_bootstrap)
     for pos, neg, matrix in blocks:
@@ -254,6 +254,7 @@ def compare_models(results: pd.DataFrame, *, baselines: set[str], metric: str = 
         wanted = []
         for row in model_rows.itertuples(index=False):
             head = row.head if row.head in heads else "mlp"
+            name: str | None
             if comparison == "reference":
                 name = reference
             else:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -78,9 +78,10 @@ def gene_moments(X, kind: str, *, chunk_rows: int = CHUNK_ROWS
     for _, block in iter_row_blocks(X, chunk_rows=chunk_rows):
         normalised = log_normalise(block, kind)
         if sp.issparse(normalised):
-            values = normalised.data.astype(np.float64)
-            total += np.bincount(normalised.indices, weights=values, minlength=n_genes)
-            total_sq += np.bincount(normalised.indices, weights=values * values, minlength=n_genes)
+            matrix = cast("sp.csr_matrix", normalised)
+            values = matrix.data.astype(np.float64)
+            total += np.bincount(matrix.indices, weights=values, minlength=n_genes)
+            total_sq += np.bincount(matrix.indices, weights=values * values, minlength=n_genes)
         else:
             values = normalised.astype(np.float64)
             total += values.sum(axis=0)
@@ -158,7 +159,7 @@ class _ExpressionBaseline(Encoder):
         for start, block in iter_row_blocks(X, chunk_rows=CHUNK_ROWS):
             normalised = log_normalise(block, kind)
             dense = normalised[:, taken]  # a new array either way
-            dense = dense.toarray() if sp.issparse(dense) else dense
+            dense = cast("sp.csr_matrix", dense).toarray() if sp.issparse(dense) else dense
             dense[:, missing] = 0.0
             yield start, dense
 
@@ -195,6 +196,7 @@ class HVGEncoder(_ExpressionBaseline):
         fitted_here = self.genes_ is None
         if fitted_here:  # unfitted: select on this data, stay stateless
             self._fit_genes(adata, X, kind)
+        assert self.genes_ is not None  # fitted above or before
         out = np.empty((adata.n_obs, self.genes_.size), dtype=np.float32)
         for start, block in self._selected_blocks(adata, X, kind, self.genes_):
             out[start : start + block.shape[0]] = block
@@ -248,6 +250,7 @@ class PCAEncoder(_ExpressionBaseline):
         from sklearn.utils.extmath import svd_flip
 
         mean = self._fit_genes(adata, X, kind)
+        assert self.genes_ is not None  # set by _fit_genes
         n_cells, n_genes = adata.n_obs, int(self.genes_.size)
         gram = np.zeros((n_genes, n_genes), dtype=np.float64)
         for _, block in self._selected_blocks(adata, X, kind, self.genes_):
@@ -270,6 +273,8 @@ class PCAEncoder(_ExpressionBaseline):
         fitted_here = self.components_ is None
         if fitted_here:  # unfitted: fit on this data, without labels
             self._fit(adata, X, kind)
+        # fitted above or before (fit and load_state set all three)
+        assert self.genes_ is not None and self.mean_ is not None and self.components_ is not None
         out = np.empty((adata.n_obs, self.n_components), dtype=np.float32)
         for start, block in self._selected_blocks(adata, X, kind, self.genes_):
             out[start : start + block.shape[0]] = (block - self.mean_) @ self.components_.T
@@ -283,6 +288,7 @@ class PCAEncoder(_ExpressionBaseline):
         if self.components_ is None:
             msg = "pca is not fitted; call fit(adata) first."
             raise ConfigError(msg)
+        assert self.mean_ is not None  # fitted together with the components
         return {**super().state(), "mean": self.mean_, "components": self.components_}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
