@@ -54,7 +54,8 @@ def fit_predict_frozen(embeddings: npt.NDArray[np.float32], labels: npt.NDArray,
     if head == "logistic":  # fitted on the fit cells, as `fit_head` does, so the validation cells calibrate it
         for (fit, val), (_, test) in zip(fits, folds, strict=True):
             logistic = LogisticHead.fit(embeddings[fit], labels[fit], seed=config.seed)
-            kit = fit_trust(logistic.decision_function(embeddings[val]), labels[val], None, seed=config.seed)
+            kit = fit_trust(logistic.decision_function(embeddings[val]), labels[val], None, seed=config.seed,
+                            quiet=True)
             trust = fold_trust_metrics(labels[test], logistic.decision_function(embeddings[test]), kit)
             results.append(FoldPrediction(logistic.predict_proba(embeddings[test]),
                                           {"n_fit": int(fit.size), "n_val": int(val.size), "trust": trust}))
@@ -68,7 +69,7 @@ def fit_predict_frozen(embeddings: npt.NDArray[np.float32], labels: npt.NDArray,
     tests_logits = predict_mlp_heads(model, X, [test for _, test in folds], logits=True)
     vals_logits = predict_mlp_heads(model, X, [val for _, val in fits], logits=True)
     for index, (probability, record, (fit, val)) in enumerate(zip(probabilities, records, fits, strict=True)):
-        kit = fit_trust(vals_logits[index], labels[val], None, seed=config.seed)
+        kit = fit_trust(vals_logits[index], labels[val], None, seed=config.seed, quiet=True)
         trust = fold_trust_metrics(labels[folds[index][1]], tests_logits[index], kit)
         results.append(FoldPrediction(probability, {**record, "n_fit": int(fit.size), "n_val": int(val.size),
                                                     "trust": trust}))

@@ -14,6 +14,8 @@ benchmark's per-fold coverage measures it on truly held-out cells).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -116,8 +118,24 @@ class TrustKit:
         return TrustedPrediction(raw.astype(np.float32), calibrated.astype(np.float32), sets, score, flagged, reason)
 
 
+@contextmanager
+def _fallbacks_at_debug(quiet: bool) -> Iterator[None]:
+    """Lower the calibration and conformal fallback warnings to debug (the benchmark records them per fold)."""
+    loggers = [logging.getLogger(f"scdrugmap.train.{name}") for name in ("calibration", "conformal")]
+    levels = [logger.level for logger in loggers]
+    if quiet:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def fit_trust(val_logits: npt.ArrayLike, val_labels: npt.ArrayLike,
-              train_embeddings: npt.ArrayLike | None, *, alpha: float = ALPHA, seed: int = 0) -> TrustKit:
+              train_embeddings: npt.ArrayLike | None, *, alpha: float = ALPHA, seed: int = 0,
+              quiet: bool = False) -> TrustKit:
     """Fit calibration (Platt, on the head's logits) and conformal sets on the validation cells, and the
     OOD reference on the training cells.
 
@@ -127,9 +145,10 @@ def fit_trust(val_logits: npt.ArrayLike, val_labels: npt.ArrayLike,
     p = np.clip(np.asarray(val_logits, dtype=np.float64), -LOGIT_LIMIT, LOGIT_LIMIT)
     y = np.asarray(val_labels)
     keep = ~np.isnan(p)
-    calibrator = PlattCalibrator(score_kind="logit").fit(p[keep], y[keep])
-    calibrated = calibrator.transform(p[keep])
-    conformal = MondrianConformal(alpha=alpha).fit(calibrated, y[keep])
+    with _fallbacks_at_debug(quiet):  # a fold's fallback is stored in its row (trust_reason), not logged
+        calibrator = PlattCalibrator(score_kind="logit").fit(p[keep], y[keep])
+        calibrated = calibrator.transform(p[keep])
+        conformal = MondrianConformal(alpha=alpha).fit(calibrated, y[keep])
     detector = None
     if train_embeddings is not None and np.asarray(train_embeddings).shape[1]:
         detector = OutOfDistributionDetector(seed=seed).fit(train_embeddings)
