@@ -133,3 +133,11 @@ def test_auto_uses_wilcoxon_with_a_warning_when_a_group_has_one_sample(collectio
         table = differential_expression(subset, min_cells=1)
     assert set(table["test"]) == {"wilcoxon"}
     assert "pseudoreplicates" in caplog.text
+
+
+def test_wilcoxon_leaves_the_torch_thread_count_as_it_was(collection):
+    import torch
+
+    torch.set_num_threads(1)  # numba's OpenMP pool (scanpy) would reset it to the core count
+    differential_expression(collection[:, :20].copy(), test="wilcoxon")
+    assert torch.get_num_threads() == 1
