@@ -192,6 +192,11 @@ def probability_head(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor
         return Probability(mlp).eval()
     if kind == "logistic":
         class Logistic(nn.Module):
+            mean: torch.Tensor
+            scale: torch.Tensor
+            coef: torch.Tensor
+            intercept: torch.Tensor
+
             def __init__(self) -> None:
                 super().__init__()
                 for name in ("mean", "scale", "coef", "intercept"):
@@ -239,17 +244,21 @@ def expression_model(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor
     from scdrugmap.models.baselines import TARGET_SUM
 
     head = probability_head(meta, tensors)
-    columns = torch.as_tensor(np.asarray(columns, dtype=np.int64))
+    column_index = torch.as_tensor(np.asarray(columns, dtype=np.int64))
     mean = tensors.get("encoder.mean")
     components = tensors.get("encoder.components")
 
     class ExpressionModel(nn.Module):
+        columns: torch.Tensor
+        mean: torch.Tensor
+        components: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.head = head
-            self.register_buffer("columns", columns)
-            self.projection = components is not None
-            if self.projection:
+            self.register_buffer("columns", column_index)
+            self.projection = mean is not None and components is not None
+            if mean is not None and components is not None:
                 self.register_buffer("mean", mean.to(torch.float32))
                 self.register_buffer("components", components.to(torch.float32))
 
@@ -378,7 +387,7 @@ def attribute_expression(
     reference = inputs.mean(axis=0, keepdims=True) if baseline == "mean" else np.zeros((1, inputs.shape[1]), np.float32)
     values = np.empty(inputs.shape, dtype=np.float32)
     probability = np.empty(len(rows), dtype=np.float32)
-    delta = np.empty(len(rows), dtype=np.float32) if method == "integrated_gradients" else None
+    delta = np.full(len(rows), np.nan, dtype=np.float32)
     base = torch.as_tensor(reference)
     log.info("attributing %d cells x %d genes (%s, %s)", len(rows), inputs.shape[1], meta["model"], method)
     for lo in range(0, len(rows), batch_size):
@@ -400,7 +409,7 @@ def attribute_expression(
     log.info("    finished attribution in %.1fs", time.perf_counter() - start)
     return Attributions(values=values, genes=np.asarray(genes).astype(str),
                         obs_names=np.asarray(adata.obs_names.astype(str))[rows], probability=probability,
-                        method=method, convergence_delta=delta)
+                        method=method, convergence_delta=delta if method == "integrated_gradients" else None)
 
 
 def _gradient(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -649,6 +658,7 @@ def _token_head(encoder: TorchEncoder, bundle: str | Path | None,
         raise ConfigError(msg)
     if head is not None:
         return head
+    assert bundle is not None  # checked above; for the type checker
     meta, tensors = _read_bundle(bundle)
     if meta.get("model") != encoder.name:
         msg = f"{bundle}: the head was trained on {meta.get('model')} embeddings, not {encoder.name}."

@@ -165,7 +165,7 @@ def bootstrap_stability(adata: ad.AnnData, rank: RankFunction, *, n_resamples: i
     rankings = {}
     for i in range(n_resamples):
         rng = np.random.default_rng([seed, i])
-        if groups is None:
+        if groups is None or group_key is None:
             rows = np.sort(rng.integers(0, adata.n_obs, adata.n_obs))
             resample = adata[rows].copy()
             resample.obs_names_make_unique()
@@ -190,7 +190,9 @@ def _resample_groups(adata: ad.AnnData, groups: np.ndarray, group_key: str, labe
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
     code_of = {name: i for i, name in enumerate(uniques)}
-    pieces, copy_numbers, seen = [], [], {}
+    pieces: list[np.ndarray] = []
+    copy_numbers: list[np.ndarray] = []
+    seen: dict[str, int] = {}
     for name in chosen:
         code = code_of[name]
         rows = order[bounds[code] : bounds[code + 1]]
