@@ -90,6 +90,9 @@ def test_torch_path_reproduces_predict_cells(encoder, head, kind, tmp_path):
 def test_integrated_gradients_are_complete_and_gradients_match_finite_differences(tmp_path):
     data = small_data(60)
     bundle = train_bundle(HVGEncoder(n_top_genes=40), data, labels(data), None, tmp_path / "b")
+    calls = []
+    attribute_expression(data, bundle, batch_size=25, max_cells=None, progress=lambda *done: calls.append(done))
+    assert calls == [(25, 60), (50, 60), (60, 60)]
     for baseline in ("zero", "mean"):
         ig = attribute_expression(data, bundle, baseline=baseline, n_steps=64, max_cells=None)
         assert np.abs(ig.convergence_delta).max() < 2e-3  # sum of attributions = P(cell) - P(baseline)
@@ -134,7 +137,10 @@ def test_deletion_equals_predicting_on_the_cells_with_the_gene_zeroed(tmp_path):
     bundle = train_bundle(HVGEncoder(n_top_genes=60), data, labels(data), None, tmp_path / "b")
     predict = make_predict_function(HVGEncoder(), bundle)
     genes = [*sorted(planted(data) & set(data.var_names))[:2], str(data.var_names[0])]
-    table = measure_deletion_effects(data, predict, genes=genes, max_cells=None, rows_per_call=60)
+    calls = []
+    table = measure_deletion_effects(data, predict, genes=genes, max_cells=None, rows_per_call=60,
+                                     progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]  # 60 rows a call: one gene's copies of the 50 cells
     assert list(table.columns) == list(DELETION_COLUMNS) and set(table["gene"]) == set(genes)
     before = predict(data)
     for gene in genes:
