@@ -65,7 +65,10 @@ def test_same_data_same_table(collection, pseudobulk_table):
 
 
 def test_wilcoxon_runs_within_each_cell_type_and_names_the_strata_it_leaves_out(collection):
-    table = differential_expression(collection, cell_type_key="cell_type", test="wilcoxon", min_cells=20)
+    calls = []
+    table = differential_expression(collection, cell_type_key="cell_type", test="wilcoxon", min_cells=20,
+                                    progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (collection.obs["cell_type"].nunique(),) * 2
     counts = collection.obs.groupby(["cell_type", "response"], observed=True).size().unstack(fill_value=0)
     kept = set(counts.index[(counts >= 20).all(axis=1)])
     assert set(table["stratum"]) == kept and set(table["test"]) == {"wilcoxon"}
@@ -133,3 +136,11 @@ def test_auto_uses_wilcoxon_with_a_warning_when_a_group_has_one_sample(collectio
         table = differential_expression(subset, min_cells=1)
     assert set(table["test"]) == {"wilcoxon"}
     assert "pseudoreplicates" in caplog.text
+
+
+def test_wilcoxon_leaves_the_torch_thread_count_as_it_was(collection):
+    import torch
+
+    torch.set_num_threads(1)  # numba's OpenMP pool (scanpy) would reset it to the core count
+    differential_expression(collection[:, :20].copy(), test="wilcoxon")
+    assert torch.get_num_threads() == 1

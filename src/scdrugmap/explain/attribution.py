@@ -251,7 +251,7 @@ def expression_model(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor
     from scdrugmap.models.baselines import TARGET_SUM
 
     head = probability_head(meta, tensors)
-    columns = torch.as_tensor(np.asarray(columns, dtype=np.int64))
+    column_index = torch.as_tensor(np.asarray(columns, dtype=np.int64))
     mean = tensors.get("encoder.mean")
     components = tensors.get("encoder.components")
 
@@ -263,7 +263,7 @@ def expression_model(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor
         def __init__(self) -> None:
             super().__init__()
             self.head = head
-            self.register_buffer("columns", torch.as_tensor(columns))
+            self.register_buffer("columns", column_index)
             self.projection = components is not None
             if components is not None:
                 assert mean is not None, "a pca state holds its mean with its components"
@@ -396,7 +396,7 @@ def attribute_expression(
     reference = inputs.mean(axis=0, keepdims=True) if baseline == "mean" else np.zeros((1, inputs.shape[1]), np.float32)
     values = np.empty(inputs.shape, dtype=np.float32)
     probability = np.empty(len(rows), dtype=np.float32)
-    delta = np.empty(len(rows), dtype=np.float32) if method == "integrated_gradients" else None
+    delta = np.full(len(rows), np.nan, dtype=np.float32)
     base = torch.as_tensor(reference)
     log.info("attributing %d cells x %d genes (%s, %s)", len(rows), inputs.shape[1], meta["model"], method)
     for lo in range(0, len(rows), batch_size):
@@ -419,7 +419,7 @@ def attribute_expression(
     log.info("    finished attribution in %.1fs", time.perf_counter() - start)
     return Attributions(values=values, genes=np.asarray(genes).astype(str),
                         obs_names=np.asarray(adata.obs_names.astype(str))[rows], probability=probability,
-                        method=method, convergence_delta=delta)
+                        method=method, convergence_delta=delta if method == "integrated_gradients" else None)
 
 
 def _gradient(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -290,6 +292,23 @@ def differential_expression(
 
 # --- Wilcoxon ---------------------------------------------------------------------------------------------
 
+@contextmanager
+def _keep_torch_threads() -> Iterator[None]:
+    """Restore torch's thread count after scanpy's numba kernels, which can change it.
+
+    numba's OpenMP layer and torch share libgomp: starting numba's pool (scanpy's Wilcoxon does) sets the
+    process-wide OpenMP thread count, so a caller's ``torch.set_num_threads(1)`` silently became 2 again
+    (attribution after DE ran several times slower on 2 shared cores). torch is not imported here.
+    """
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if torch is not None and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def _wilcoxon(X, kind: str, groups: np.ndarray, in_stratum: np.ndarray, genes: np.ndarray,
               min_cells: int) -> tuple[pd.DataFrame | None, str]:
     import anndata as ad
@@ -307,8 +326,9 @@ def _wilcoxon(X, kind: str, groups: np.ndarray, in_stratum: np.ndarray, genes: n
     obs.index = obs.index.astype(str)
     cells = ad.AnnData(X=sp.csr_matrix(values, dtype=np.float32) if sp.issparse(values) else
                        np.asarray(values, dtype=np.float32), obs=obs, var=pd.DataFrame(index=genes))
-    sc.tl.rank_genes_groups(cells, "group", groups=[schema.RESISTANT], reference=schema.SENSITIVE, method="wilcoxon",
-                            tie_correct=True, use_raw=False, key_added="scdrugmap_de")
+    with _keep_torch_threads():
+        sc.tl.rank_genes_groups(cells, "group", groups=[schema.RESISTANT], reference=schema.SENSITIVE,
+                                method="wilcoxon", tie_correct=True, use_raw=False, key_added="scdrugmap_de")
     result = sc.get.rank_genes_groups_df(cells, group=schema.RESISTANT, key="scdrugmap_de")
     log2fc = result["logfoldchanges"].to_numpy(dtype=np.float64) if kind in FOLD_CHANGE_KINDS else np.nan
     frame = pd.DataFrame({"gene": result["names"].astype(str).to_numpy(), "log2fc": log2fc,

@@ -165,7 +165,7 @@ def bootstrap_stability(adata: ad.AnnData, rank: RankFunction, *, n_resamples: i
     rankings = {}
     for i in range(n_resamples):
         rng = np.random.default_rng([seed, i])
-        if groups is None:
+        if groups is None or group_key is None:
             rows = np.sort(rng.integers(0, adata.n_obs, adata.n_obs))
             resample = adata[rows].copy()
             resample.obs_names_make_unique()
