@@ -257,6 +257,7 @@ def stage_benchmark(args: argparse.Namespace) -> dict:
 
     results = run_benchmark(config, progress=progress)
     seconds = time.perf_counter() - started
+    results = results[results["level"] == "cell"]  # one row per job (sample-level rows score the same jobs)
     facts = json.loads((out / "models.json").read_text())["geneformer"]
     if facts.get("cache") != "hit":
         raise SystemExit(f"the runner did not hit the embedding cache (cache={facts.get('cache')!r}); "
