@@ -291,6 +291,7 @@ def stage_benchmark(args: argparse.Namespace, sampler: PeakSampler) -> dict:
             first_job.append(time.perf_counter() - started)
 
     results = run_benchmark(config, progress=progress)
+    results = results[results["level"] == "cell"]  # one row per job (sample-level rows score the same jobs)
     facts = json.loads((out / "models.json").read_text()).get(model, {})
     if model == "geneformer" and facts.get("cache") != "hit":
         raise SystemExit(f"the runner did not hit the embedding cache for geneformer (cache={facts.get('cache')!r}); "

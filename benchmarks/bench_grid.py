@@ -28,6 +28,7 @@ def _run(config_values: dict, out: Path) -> dict:
     start = time.perf_counter()
     results = run_benchmark(BenchmarkConfig(out=str(out), **config_values))
     seconds = time.perf_counter() - start
+    results = results[results["level"] == "cell"]  # one row per job (sample-level rows score the same jobs)
     scored = results[results["status"] == "done"]
     return {"jobs": len(results), "scored": len(scored), "seconds": round(seconds, 2),
             "jobs_per_second": round(len(results) / seconds, 2), "mean_auroc": round(float(scored["auroc"].mean()), 4)}

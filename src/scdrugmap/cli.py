@@ -143,7 +143,7 @@ def datasets_simulate(
     cells: Annotated[int, typer.Option(help="Number of cells.")] = 4000,
     genes: Annotated[int, typer.Option(help="Number of genes (real human symbols).")] = 2000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    resistance_strength: Annotated[float, typer.Option(help="Strength of the drug-resistance program.")] = 1.0,
+    resistance_strength: Annotated[float | None, typer.Option(help="Strength of the drug-resistance program (default: the simulator's, as in the demo).")] = None,
     out: Annotated[Path, typer.Option(help="Output .h5ad file, or a folder for simulated.h5ad.")] = Path("simulated"),
 ) -> None:
     """Simulate a collection shaped like the catalog (marked as simulated), streamed to disk."""
@@ -151,10 +151,10 @@ def datasets_simulate(
     from scdrugmap.data.simulate import simulate_collection
 
     path = out / "simulated.h5ad" if out.suffix != ".h5ad" else out
+    strength = {} if resistance_strength is None else {"resistance_strength": resistance_strength}
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        simulate_collection(n_cells=cells, n_genes=genes, seed=seed, resistance_strength=resistance_strength,
-                            out_path=path)
+        simulate_collection(n_cells=cells, n_genes=genes, seed=seed, out_path=path, **strength)
     stdout.print(f"{path} (SIMULATED: {cells} cells x {genes} genes, seed {seed})")
 
 

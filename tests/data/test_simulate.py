@@ -220,3 +220,11 @@ def test_the_data_room_never_imports_torch():
     code = ("import sys, scdrugmap.data.genes, scdrugmap.data.simulate; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_simulated_files_are_named_after_the_simulators_parameters(monkeypatch):
+    from scdrugmap.data import simulate
+
+    before = simulate.simulator_version()
+    monkeypatch.setattr(simulate, "STUDY_PROGRAM_SD", simulate.STUDY_PROGRAM_SD + 0.1)
+    assert simulate.simulator_version() != before  # a cached demo made with other effect sizes is never reused

@@ -3,7 +3,7 @@
 import pytest
 
 from scdrugmap.errors import ConfigError
-from scdrugmap.evaluate.grid import BenchmarkConfig, category_labels
+from scdrugmap.evaluate.grid import DEMO_SETTINGS, BenchmarkConfig, category_labels
 from tests_helpers import make_adata
 
 #: What the CLI passes when no option is given: every contract column under its own name.
@@ -17,9 +17,14 @@ def _yaml(tmp_path, text):
     return path
 
 
-def test_nothing_given_is_the_defaults():
-    assert BenchmarkConfig.resolve() == BenchmarkConfig()
-    assert BenchmarkConfig.resolve(None, {"data": None, "folds": None}, CONTRACT_KEYS) == BenchmarkConfig()
+def test_nothing_given_is_the_defaults_with_the_demos_own_where_it_runs_the_demo():
+    demo = BenchmarkConfig(**DEMO_SETTINGS)
+    assert BenchmarkConfig.resolve() == demo
+    assert BenchmarkConfig.resolve(None, {"data": None, "folds": None}, CONTRACT_KEYS) == demo
+    assert demo.splits == ["sample", "cell"] and demo.folds == 5
+    real = BenchmarkConfig.resolve(overrides={"data": "cells.h5ad"})
+    assert real.folds == 10 and real.splits == ["sample"] and real.head == {}  # the paper's head on real data
+    assert BenchmarkConfig.resolve(overrides={"folds": 3}).folds == 3  # a flag wins over the demo's setting
 
 
 def test_flags_win_over_the_file_and_the_file_over_the_defaults(tmp_path):

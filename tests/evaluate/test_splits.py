@@ -81,3 +81,12 @@ def test_a_category_value_with_fewer_cells_per_class_than_folds_is_a_reason_not_
     groups = np.array(["a", "b", "c", "d", "e", "f"])
     assignment, reason = assign_pooled_folds(labels, groups, n_folds=5, seed=0)
     assert assignment is None and "too few to stratify 5 folds" in reason
+
+
+def test_a_value_without_folds_gives_the_same_reason_from_saved_splits():
+    obs = pd.DataFrame({"tissue": ["T"] * 6, "sample": ["a", "a", "b", "b", "c", "c"]})
+    labels = np.array([1, 1, 0, 0, 1, 1])
+    fresh = split_pooled(obs, labels, category_column="tissue", category="tissue", sample_column="sample", n_folds=5)
+    saved = split_pooled(obs, labels, category_column="tissue", category="tissue", sample_column="sample", n_folds=5,
+                         assignment=np.full(6, -1, dtype=np.int8))
+    assert fresh[0].skipped == saved[0].skipped == "3 samples, fewer than 5 folds (use fewer folds or --split cell)"

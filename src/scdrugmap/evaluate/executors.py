@@ -114,9 +114,11 @@ def _frozen(inputs: ModelInputs, unit: Unit) -> list[tuple[np.ndarray, dict[str,
     from scdrugmap.train.frozen import fit_predict_frozen
 
     assert inputs.embeddings is not None  # the runner embeds every model that has frozen jobs
+    # the paper's cell-level split holds out random cells for early stopping too; the other splits whole samples
+    groups = None if unit.jobs[0].fold.split == "cell" else inputs.groups
     with warnings.catch_warnings():  # arrays from Ray's object store are read-only; heads never write to them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        predicted = fit_predict_frozen(inputs.embeddings, inputs.labels, inputs.groups, unit.fold_sets,
+        predicted = fit_predict_frozen(inputs.embeddings, inputs.labels, groups, unit.fold_sets,
                                        head=unit.jobs[0].head, config=inputs.head_config,
                                        device=resolve_device(inputs.device))
     return [(p.probability, p.info) for p in predicted]
@@ -137,7 +139,8 @@ def _lora(inputs: ModelInputs, unit: Unit) -> list[tuple[np.ndarray, dict[str, A
     tokens = inputs.tokens
     position = np.full(inputs.labels.shape[0], -1, dtype=np.int64)
     position[tokens.cell_index] = np.arange(tokens.n_cells)
-    token_groups = None if inputs.groups is None else inputs.groups[tokens.cell_index]
+    cell_split = unit.jobs[0].fold.split == "cell"  # early stopping on random cells, as the paper's cell-level split
+    token_groups = None if inputs.groups is None or cell_split else inputs.groups[tokens.cell_index]
     token_folds = [(position[train][position[train] >= 0], position[test][position[test] >= 0])
                    for train, test in unit.fold_sets]
     # tokens are only made for a TorchEncoder (`scdrugmap.evaluate.runner._prepare_model`)

@@ -126,12 +126,13 @@ def split_pooled(obs: pd.DataFrame, labels: npt.NDArray, *, category_column: str
     for value in sorted(np.unique(values)):
         rows = np.flatnonzero(values == value)
         local: npt.NDArray[np.int8] | None
-        if assignment is not None:
-            local = assignment[rows]
-            reason = None if (local >= 0).any() else "no fold could be formed (see saved splits)"
-        else:
-            groups = obs[sample_column].astype(str).to_numpy()[rows] if split == "sample" else None
+        groups = obs[sample_column].astype(str).to_numpy()[rows] if split == "sample" else None
+        if assignment is not None and (assignment[rows] >= 0).any():
+            local, reason = assignment[rows], None
+        else:  # no saved folds, or none could be formed: the reason is the same as when the run began
             local, reason = assign_pooled_folds(labels[rows], groups, n_folds=n_folds, seed=seed)
+            if assignment is not None and reason is None:
+                reason = "no fold could be formed (see saved splits)"
         if reason is not None or local is None:
             folds.append(Fold("pooled", category, value, "all", split, _empty(), _empty(), skipped=reason))
             continue
