@@ -148,13 +148,13 @@ def datasets_simulate(
 ) -> None:
     """Simulate a collection shaped like the catalog (marked as simulated), streamed to disk."""
     from scdrugmap.commands import writing
-    from scdrugmap.data.simulate import simulate_collection
+    from scdrugmap.data.simulate import DEFAULT_RESISTANCE_STRENGTH, simulate_collection
 
     path = out / "simulated.h5ad" if out.suffix != ".h5ad" else out
-    strength = {} if resistance_strength is None else {"resistance_strength": resistance_strength}
+    strength = DEFAULT_RESISTANCE_STRENGTH if resistance_strength is None else resistance_strength
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        simulate_collection(n_cells=cells, n_genes=genes, seed=seed, out_path=path, **strength)
+        simulate_collection(n_cells=cells, n_genes=genes, seed=seed, resistance_strength=strength, out_path=path)
     stdout.print(f"{path} (SIMULATED: {cells} cells x {genes} genes, seed {seed})")
 
 
