@@ -23,7 +23,7 @@ from scdrugmap.data import schema  # noqa: E402
 from scdrugmap.explain.attribution import attribute_expression  # noqa: E402
 from scdrugmap.explain.de import differential_expression, top_genes  # noqa: E402
 from scdrugmap.models.baselines import HVGEncoder  # noqa: E402
-from scdrugmap.train.predict import train_bundle  # noqa: E402
+from scdrugmap.train.predict import fit_head  # noqa: E402
 
 CELL_TYPE = "CD56+ NK"
 MARKERS = ("GNLY", "NKG7")
@@ -48,7 +48,7 @@ def test_nk_markers_lead_differential_expression(pbmc):
 
 def test_nk_markers_lead_the_attribution_of_an_hvg_head(pbmc, tmp_path):
     labels = schema.encode_labels(pbmc.obs[schema.RESPONSE]).astype(np.float32)
-    bundle = train_bundle(HVGEncoder(), pbmc, labels, None, tmp_path / "hvg")  # the paper's MLP head, defaults
+    bundle = fit_head(HVGEncoder(), pbmc, labels).save(tmp_path / "hvg")  # the paper's MLP head, defaults
     result = attribute_expression(pbmc, bundle, max_cells=None)
     resistant = pbmc.obs_names[labels == 0]
     top = result.top_genes(10, cells=resistant)  # what makes the model call the NK cells resistant

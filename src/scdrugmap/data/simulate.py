@@ -433,7 +433,8 @@ class _Programs:
     study_resistance: np.ndarray  # (studies, program genes) each study's own part of the program
 
 
-def _programs(genes: pd.DataFrame, catalog: pd.DataFrame, n_samples: int, rng: np.random.Generator) -> _Programs:
+def _programs(genes: pd.DataFrame, catalog: pd.DataFrame, n_samples: int, rng: np.random.Generator,
+              study_program_sd: float = STUDY_PROGRAM_SD) -> _Programs:
     symbols = pd.Index(genes["gene_symbol"])
     n = len(symbols)
 
@@ -486,7 +487,7 @@ def _programs(genes: pd.DataFrame, catalog: pd.DataFrame, n_samples: int, rng: n
                             replace=False)
         therapy_part[k, chosen] = rng.normal(0.0, THERAPY_EFFECT_SD, len(chosen))
     theta = np.exp(rng.normal(np.log(NB_THETA_MEDIAN), NB_THETA_SD, n))
-    study_part = rng.normal(0.0, STUDY_PROGRAM_SD, (len(study), len(program)))
+    study_part = rng.normal(0.0, 1.0, (len(study), len(program))) * study_program_sd  # same draws at any sd
     order = np.argsort(program, kind="stable")
     return _Programs(base=base, cell_type=cell_type, lineage=lineage, study=study, patient=patient,
                      resistance_genes=program[order], resistance=(core[None, :] + therapy_part)[:, order],
@@ -755,6 +756,7 @@ def simulate_collection(
     n_genes: int = 2000,
     seed: int = 0,
     resistance_strength: float = DEFAULT_RESISTANCE_STRENGTH,
+    study_program_sd: float = STUDY_PROGRAM_SD,
     catalog_path: str | Path | None = None,
     counts_path: str | Path | None = None,
     collection: Collection = "primary",
@@ -776,6 +778,11 @@ def simulate_collection(
     resistance_strength
         Mean difference of the resistance program's activity between resistant and sensitive cells, in units
         of its log fold changes; 0 leaves no label signal but patient and study effects.
+    study_program_sd
+        Spread of each study's own part of the resistance program (log fold per unit activity). 0 makes the
+        program act alike in every study, so the planted genes are exactly the genes that separate the
+        labels in every study (what tests of biomarker recovery want); the default makes held-out studies
+        harder, as real cohorts are.
     catalog_path
         The catalog's ``datasets.csv``; the package's own by default.
     counts_path
@@ -826,9 +833,10 @@ def simulate_collection(
     layout = _layout(catalog, cells, np.random.default_rng([seed, 1]))
     genes = _simulation_genes(n_genes)
     n_samples = int(catalog["n_samples"].sum())
-    programs = _programs(genes, catalog, n_samples, np.random.default_rng([seed, 3]))
+    programs = _programs(genes, catalog, n_samples, np.random.default_rng([seed, 3]), float(study_program_sd))
     params = {
         "n_cells": total, "n_genes": n_genes, "seed": seed, "resistance_strength": float(resistance_strength),
+        "study_program_sd": float(study_program_sd),
         "collection": collection, "catalog": catalog_path.name, "n_datasets": len(catalog),
         "median_umis": MEDIAN_UMIS, "rng_block_cells": RNG_BLOCK_CELLS,
         "resistance_genes": genes["gene_symbol"].to_numpy()[programs.resistance_genes].tolist(),
