@@ -167,6 +167,8 @@ def test_bad_input_is_one_clear_error(collection, head, tmp_path):
     other = runner.invoke(app, ["biomarkers", str(data), "--model", "hvg", "--head", str(head.path),
                                 "--out", str(tmp_path / "o")])
     assert isinstance(other.exception, ConfigError) and "trained on pca" in str(other.exception)
+    nowhere = runner.invoke(app, ["biomarkers", str(data), "--model", "pca"])
+    assert isinstance(nowhere.exception, ConfigError) and "defaults to RUN/biomarkers" in str(nowhere.exception)
     with pytest.raises(ConfigError, match="needs a head"):
         sdm.tl.biomarkers(collection, comparisons=["predicted"])
     assert not (tmp_path / "o").exists()

@@ -617,10 +617,6 @@ def benchmark(data: str | Path | ad.AnnData = "demo", *, progress: Callable[[str
 BIOMARKER_COLUMNS = ("gene", "comparison", "stratum", "test", "log2fc", "pvalue", "qvalue", "score", "n_resistant",
                      "n_sensitive", "attribution_mean", "attribution_sd", "attribution_abs_mean", "deletion_delta",
                      "stability")
-#: Files `Biomarkers.write` writes (figures only where they have something to show).
-BIOMARKER_FILES = {"table": "biomarkers.parquet", "enrichment": "enrichment.parquet", "facts": "biomarkers.json",
-                   "volcano": "volcano.png", "dotplot": "dotplot.png", "attribution": "attribution.png",
-                   "enrichment_figure": "enrichment.png"}
 #: Genes per direction in the dot plot.
 DOTPLOT_GENES = 10
 
@@ -662,6 +658,9 @@ class Biomarkers:
     def write(self, out_dir: str | Path) -> list[Path]:
         """Write the table, the enrichment, the facts and the figures (PNG) into ``out_dir``, atomically.
 
+        A run's ``biomarkers/`` folder (`scdrugmap.evaluate.store.biomarkers_dir`) is where its report
+        looks; `scdrugmap.evaluate.store.read_biomarkers` reads any such folder back.
+
         Every file is written to a temporary name first and moved into place only when all were written,
         so a failure leaves the earlier files of ``out_dir`` as they were.
 
@@ -675,6 +674,7 @@ class Biomarkers:
         import os
         import tempfile
 
+        from scdrugmap.evaluate.store import BIOMARKER_FILES
         from scdrugmap.report import biomarkers as figures
 
         out_dir = Path(out_dir)
@@ -1140,7 +1140,7 @@ def biomarkers(
                                 "baseline": "every gene token replaced by padding" if token_model
                                 else "the mean attributed cell",
                                 "n_cells": 0 if found is None else len(found.obs_names),
-                                "explains": "P(sensitive) of the head, before calibration"}
+                                "explains": "uncalibrated P(sensitive)"}
         if fold_heads is not None:
             facts["attribution"]["model"] = ("each fold's model, retrained from the run and checked against its saved "
                                              "predictions, on its own test cells")
@@ -1192,7 +1192,7 @@ def biomarkers(
                                                         progress=_stage(progress, "deletion"))
             table["deletion_delta"] = table["gene"].map(deleted.set_index("gene")["deletion_delta"])
             facts["deletion"] = {"n_genes": len(chosen), "n_cells": int(deleted["n_cells"].max()) if len(deleted)
-                                 else 0, "explains": "P(sensitive) before calibration, zeroed gene minus cell"}
+                                 else 0, "explains": "uncalibrated P(sensitive), zeroed gene minus cell"}
     table = table.loc[:, list(BIOMARKER_COLUMNS)]
     table = table.sort_values(["comparison", "test", "stratum", "pvalue", "gene"], kind="stable",
                               na_position="last").reset_index(drop=True)
