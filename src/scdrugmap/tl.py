@@ -861,6 +861,8 @@ def biomarkers(
     cell_type_key: str | None = None,
     gene_sets: str | Path | dict[str, list[str]] | None = None,
     comparisons: Sequence[Literal["observed", "predicted"]] | None = None,
+    threshold: float = 0.5,
+    probability_key: str | None = None,
     top_k: int = 20,
     max_cells: int | None = 500,
     max_genes: int | None = 50,
@@ -908,8 +910,15 @@ def biomarkers(
     gene_sets
         A GMT file (or ``{name: genes}``) for the enrichment; None: no enrichment.
     comparisons
-        ``observed`` (labels in ``obs[label_key]``) and/or ``predicted`` (needs ``head`` or ``run``).
-        Default: ``observed`` when the labels are there, and ``predicted`` when a head or run is given.
+        ``observed`` (labels in ``obs[label_key]``) and/or ``predicted`` (needs ``head``, ``run`` or
+        ``probability_key``). Default: ``observed`` when the labels are there, and ``predicted`` when a head
+        or run is given.
+    threshold
+        P(sensitive) at and above which a cell is predicted sensitive (the ``predicted`` groups).
+    probability_key
+        obs column of P(sensitive) already predicted on these cells (`predict` writes
+        ``scdrugmap_<model>_prob_sensitive``): it forms the ``predicted`` groups instead of predicting
+        again with ``head`` (which is still the model attributed). Not with ``run``.
     top_k
         Top genes per direction: the stability ranking, the over-representation lists, the genes deleted.
     max_cells
@@ -993,8 +1002,8 @@ def biomarkers(
         msg = f"top_k={top_k}; expected at least 1."
         raise ConfigError(msg)
     if comparisons is None:
-        requested = [c for c, present in (("observed", label_key in work.obs),
-                                          ("predicted", trained is not None or run is not None)) if present]
+        predicted = trained is not None or run is not None or probability_key is not None
+        requested = [c for c, present in (("observed", label_key in work.obs), ("predicted", predicted)) if present]
         if not requested:
             msg = (f"nothing to compare: obs has no {label_key!r} column and no head or run was given. Name the label "
                    "column (label_key=), or give a head or a run for predicted groups.")
@@ -1007,8 +1016,14 @@ def biomarkers(
         msg = f"comparisons {unknown}; expected observed and/or predicted."
         raise ConfigError(msg)
     comparisons = cast("list[Literal['observed', 'predicted']]", requested)
-    if "predicted" in comparisons and trained is None and run is None:
+    if "predicted" in comparisons and trained is None and run is None and probability_key is None:
         msg = "the predicted comparison needs a head (head=, --head) or a benchmark run (run=, --run)."
+        raise ConfigError(msg)
+    if run is not None and probability_key is not None:
+        msg = "give a run (its out-of-fold predictions) or probability_key (predictions on these cells), not both."
+        raise ConfigError(msg)
+    if not 0.0 < threshold < 1.0:
+        msg = f"threshold={threshold}; choose a probability between 0 and 1."
         raise ConfigError(msg)
     if sample_key is not None and sample_key not in work.obs:
         msg = f"obs has no {sample_key!r} column for the samples; columns: {list(work.obs.columns)[:10]}. Pass sample_key."
@@ -1031,14 +1046,22 @@ def biomarkers(
             model, probability, facts["run"], run_keys = _run_probabilities(run, model,
                                                                             np.asarray(work.obs_names.astype(str)))
             facts["model"] = model
-            facts["predicted_from"] = "the run's out-of-fold probabilities (threshold 0.5)"
+            facts["predicted_from"] = f"the run's out-of-fold probabilities (threshold {threshold:g})"
+        elif probability_key is not None:
+            if probability_key not in work.obs:
+                msg = (f"obs has no {probability_key!r} column of predicted P(sensitive); predict first "
+                       "(sdm.tl.predict) or leave probability_key out to predict with the head.")
+                raise SchemaError(msg)
+            probability = work.obs[probability_key].to_numpy(dtype=np.float64)
+            facts["predicted_from"] = f"obs[{probability_key!r}], P(sensitive) as predicted (threshold {threshold:g})"
         else:
             assert trained is not None
             predict(work, trained, weights=weights, layer=layer, device=device, progress=_stage(progress, "predict"),
                     **model_options)
             probability = work.obs[probability_column(prediction_key(trained.model))].to_numpy(dtype=np.float64)
-            facts["predicted_from"] = "the head's calibrated P(sensitive) on these cells (threshold 0.5)"
-        groups["predicted"] = de.predicted_groups(probability)
+            facts["predicted_from"] = f"the head's calibrated P(sensitive) on these cells (threshold {threshold:g})"
+        groups["predicted"] = de.predicted_groups(probability, threshold=threshold)
+        facts["threshold"] = threshold
     fold_heads = None
     if run is not None and trained is None and attribute and (max_cells is None or max_cells > 0):
         fold_heads = _refit_folds(run, work, str(model), run_keys, facts, progress)

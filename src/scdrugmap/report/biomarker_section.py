@@ -31,7 +31,7 @@ TOP_GENES = 10
 #: Gene sets per comparison and method in the enrichment table.
 ENRICHMENT_ROWS = 5
 #: Columns of `top_gene_rows`.
-TOP_COLUMNS = ("comparison", "direction", "rank", "gene", "test", "log2fc", "qvalue", "attribution_abs_mean",
+TOP_COLUMNS = ("comparison", "test", "direction", "rank", "gene", "log2fc", "qvalue", "attribution_abs_mean",
                "deletion_delta", "stability")
 FIGURE_CAPTIONS = {
     "volcano": "One point per gene: log2 fold change (resistant over sensitive) against -log10 p, per comparison and "
@@ -48,20 +48,23 @@ FIGURE_TITLES = {"volcano": "Volcano", "dotplot": "Top genes by sample", "attrib
 
 
 def top_gene_rows(found: BiomarkerFolder, k: int = TOP_GENES) -> pd.DataFrame:
-    """Return the ``k`` top genes per comparison and direction (smallest p first), each gene's best-p row.
+    """Return the ``k`` top genes per comparison, test and direction (smallest p first; within cell types: the
+    gene's best stratum).
 
     Columns `TOP_COLUMNS`; ``direction`` is ``up`` (higher in resistant cells) or ``down``.
     """
     rows = []
-    for comparison in found.facts.get("comparisons") or list(dict.fromkeys(found.table["comparison"])):
-        part = found.table[found.table["comparison"] == comparison]
-        best = part.dropna(subset=["pvalue"]).sort_values("pvalue", kind="stable").drop_duplicates("gene")
-        best = best.set_index("gene")
-        for direction in ("up", "down"):
-            for rank, gene in enumerate(top_genes(part, k, direction=direction), start=1):
-                row = best.loc[gene]
-                rows.append({"comparison": comparison, "direction": direction, "rank": rank, "gene": gene,
-                             **{c: row[c] for c in TOP_COLUMNS[4:]}})
+    table = found.table
+    for comparison in found.facts.get("comparisons") or list(dict.fromkeys(table["comparison"])):
+        for test in dict.fromkeys(table.loc[table["comparison"] == comparison, "test"]):
+            part = table[(table["comparison"] == comparison) & (table["test"] == test)]
+            best = part.dropna(subset=["pvalue"]).sort_values("pvalue", kind="stable").drop_duplicates("gene")
+            best = best.set_index("gene")
+            for direction in ("up", "down"):
+                for rank, gene in enumerate(top_genes(part, k, direction=direction), start=1):
+                    row = best.loc[gene]
+                    rows.append({"comparison": comparison, "test": test, "direction": direction, "rank": rank,
+                                 "gene": gene, **{c: row[c] for c in TOP_COLUMNS[5:]}})
     return pd.DataFrame(rows, columns=list(TOP_COLUMNS))
 
 
@@ -69,21 +72,23 @@ def _number(value: Any, spec: str) -> str:
     return "—" if value is None or pd.isna(value) else format(float(value), spec)
 
 
-def _groups_text(facts: dict[str, Any], comparison: str) -> str:
+def groups_caption(facts: dict[str, Any], comparison: str) -> str:
     """Say which groups were compared: observed labels, a head's predictions, or a run's out-of-fold predictions."""
     model = model_name(str(facts.get("model") or ""))
     if comparison == "observed":
         return f"observed labels (obs['{facts.get('label_key', 'response')}'])"
     run = facts.get("run")
+    threshold = facts.get("threshold", 0.5)
     if run:
         setting = run.get("setting", {})
         where = ", ".join(f"{k} {v}" for k, v in setting.items())
-        return (f"groups predicted by the run's out-of-fold predictions of {model} ({where}; P(sensitive) of 0.5 and "
-                f"above: sensitive; {run.get('cells_predicted', 0):,} cells predicted)")
-    return f"groups predicted by the {model} head on these cells (calibrated P(sensitive) of 0.5 and above: sensitive)"
+        return (f"groups predicted by the run's out-of-fold predictions of {model} ({where}; P(sensitive) of "
+                f"{threshold:g} and above: sensitive; {run.get('cells_predicted', 0):,} cells predicted)")
+    return (f"groups predicted by the {model} head on these cells (calibrated P(sensitive) of {threshold:g} and "
+            "above: sensitive)")
 
 
-def _test_text(found: BiomarkerFolder, comparison: str, test: str) -> str:
+def test_caption(found: BiomarkerFolder, comparison: str, test: str) -> str:
     """Say what one test compared: the unit, N per group and how cells were aggregated."""
     facts = found.facts
     rows = found.table[(found.table["comparison"] == comparison) & (found.table["test"] == test)]
@@ -106,7 +111,7 @@ def _test_text(found: BiomarkerFolder, comparison: str, test: str) -> str:
             f"{n_sensitive:,} sensitive cells{from_samples}")
 
 
-def _model_lines(facts: dict[str, Any]) -> list[str]:
+def model_lines(facts: dict[str, Any]) -> list[str]:
     """Say how the model was explained: attribution, deletion and stability, one line each."""
     about = facts.get("attribution", {})
     parts = []
@@ -140,9 +145,10 @@ def _model_lines(facts: dict[str, Any]) -> list[str]:
     return parts
 
 
-def _genes_table(frame: pd.DataFrame) -> pd.DataFrame:
+def genes_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Return rows of `top_gene_rows` as the shown table: gene, log2FC, q, |attribution|, deletion Δ, stability."""
     shown = pd.DataFrame({
-        "gene": frame["gene"], "test": frame["test"],
+        "gene": frame["gene"],
         "log2FC": [_number(v, "+.2f") for v in frame["log2fc"]], "q": [_number(v, ".1e") for v in frame["qvalue"]],
         "|attribution|": [_number(v, ".2e") for v in frame["attribution_abs_mean"]],
         "deletion Δ": [_number(v, "+.2e") for v in frame["deletion_delta"]],
@@ -150,7 +156,7 @@ def _genes_table(frame: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
-def _enrichment_table(enrichment: pd.DataFrame) -> pd.DataFrame:
+def enrichment_table(enrichment: pd.DataFrame) -> pd.DataFrame:
     """The best sets per comparison and method with any evidence (p < 1: an over-representation with overlap)."""
     best = (enrichment[enrichment["pvalue"] < 1].sort_values(["comparison", "method", "pvalue"], kind="stable")
             .groupby(["comparison", "method"], sort=False).head(ENRICHMENT_ROWS))
@@ -191,17 +197,18 @@ def biomarker_section(run: RunData) -> str:
              f"<code>{escape(str(found.path))}</code> (scDrugMap {escape(str(facts.get('version', '')))}, seed "
              f"{escape(str(facts.get('seed')))}). Up: higher in resistant cells; down: lower. log2FC: resistant over "
              "sensitive; q: Benjamini-Hochberg within comparison and test.</p>",
-             "<ul class='facts'>" + "".join(f"<li>{escape(line)}</li>" for line in _model_lines(facts)) + "</ul>"]
+             "<ul class='facts'>" + "".join(f"<li>{escape(line)}</li>" for line in model_lines(facts)) + "</ul>"]
     tops = top_gene_rows(found)
     for comparison in facts.get("comparisons", []):
-        tests = facts.get("tests", {}).get(comparison, [])
-        caption = "; ".join(_test_text(found, comparison, test) for test in tests)
         parts.append(f"<h3>{escape(comparison.capitalize())} groups</h3><p>Compared: "
-                     f"{escape(_groups_text(facts, comparison))}. {escape(caption)}.</p>")
-        for direction, word in (("up", "higher"), ("down", "lower")):
-            rows = tops[(tops["comparison"] == comparison) & (tops["direction"] == direction)]
-            parts.append(f"<h4>Top genes {word} in resistant cells</h4>")
-            parts.append(html_table(_genes_table(rows)))
+                     f"{escape(groups_caption(facts, comparison))}.</p>")
+        for test in facts.get("tests", {}).get(comparison, []):
+            parts.append(f"<p>{escape(test_caption(found, comparison, test))}.</p>")
+            for direction, word in (("up", "higher"), ("down", "lower")):
+                rows = tops[(tops["comparison"] == comparison) & (tops["test"] == test)
+                            & (tops["direction"] == direction)]
+                parts.append(f"<h4>Top genes {word} in resistant cells ({escape(test)})</h4>")
+                parts.append(html_table(genes_table(rows)))
     caveats = facts.get("caveats", [])
     parts.extend(f"<p class='banner' style='background:#FFF3CD;font-weight:400;font-size:.95rem'>Caveat: "
                  f"{escape(text)}</p>" for text in caveats)
@@ -212,7 +219,7 @@ def biomarker_section(run: RunData) -> str:
                      f"{escape(str(source.get('n_sets', '')))} sets ({escape(str(source.get('source', '')))}): "
                      "ora_up / ora_down, hypergeometric test of the top genes of each direction; rank, preranked "
                      "enrichment on the test statistic (NES > 0: higher in resistant cells). q: BH.</p>")
-        parts.append(html_table(_enrichment_table(found.enrichment)))
+        parts.append(html_table(enrichment_table(found.enrichment)))
     for role, path in found.figures.items():
         parts.append(f"<figure id='figure-biomarkers-{escape(role)}'><h3>{escape(FIGURE_TITLES.get(role, role))}</h3>"
                      f"<img src='{data_uri(path.read_bytes())}' alt='{escape(FIGURE_TITLES.get(role, role))}'>"
