@@ -964,7 +964,8 @@ def biomarkers(
     SchemaError
         For missing obs columns, unreadable labels, data the head cannot read, or cells unknown to the run.
     ConfigError
-        For a comparison that cannot run, or a head of another model.
+        For a comparison that cannot run, or a head of another model; with ``run``, when a retrained fold
+        head does not reproduce the run's saved predictions (its config, data, device or libraries changed).
 
     Examples
     --------

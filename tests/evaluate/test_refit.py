@@ -64,3 +64,24 @@ def test_a_changed_config_or_other_data_is_refused(run, tmp_path):
     (changed / "config.json").write_text(json.dumps(facts))
     with pytest.raises(ConfigError, match="does not reproduce the run's saved predictions"):
         refit_fold_heads(changed, ad.read_h5ad(data), "pca", keys)
+
+
+@pytest.mark.slow
+def test_a_token_model_run_is_explained_by_its_fold_heads_on_cached_embeddings(shared, tmp_path):
+    """Geneformer (golden tiny checkpoint): frozen fold heads retrain on the cached embeddings and are attributed
+    with token integrated gradients through the retrained head, each on its own test cells."""
+    import scdrugmap as sdm
+    from tests_helpers import golden_case
+
+    adata, weights, options = golden_case(shared, "geneformer")
+    options = {k: None if v is None else str(v) for k, v in options.items()}
+    run_dir = tmp_path / "run"
+    sdm.tl.benchmark(adata, out=str(run_dir), models=["geneformer"], weights={"geneformer": weights},
+                     model_options={"geneformer": options}, categories=["tissue"], scenarios=["pooled"], folds=2,
+                     head={"epochs": 2, "hidden": 16}, device="cpu")
+    found = sdm.tl.biomarkers(adata, "geneformer", run=run_dir, max_cells=16, max_genes=3, top_k=5, n_bootstrap=0)
+    assert found.facts["fold_models"]["n_folds"] == 2 and found.facts["fold_models"]["max_difference"] <= TOLERANCE
+    about = found.facts["attribution"]
+    assert about["method"] == "integrated_gradients" and about["baseline"] == "every gene token replaced by padding"
+    assert sum(about["folds"].values()) == about["n_cells"] == 16
+    assert found.table["attribution_abs_mean"].notna().any() and found.facts["stability"]["method"] == "folds"
