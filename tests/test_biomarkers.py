@@ -73,7 +73,8 @@ def test_observed_labels_find_the_planted_genes_and_program(collection, planted,
     assert list(found.table.columns) == list(sdm.tl.BIOMARKER_COLUMNS)
     assert found.facts["comparisons"] == ["observed"] and found.facts["tests"]["observed"] == ["pseudobulk"]
     up, down = found.top_genes(direction="up", k=5), found.top_genes(direction="down", k=5)
-    assert sum(g in planted for g in up + down) >= 8
+    # the simulator's program is partly study-specific (since e67bc8b): the down list holds fewer planted genes
+    assert all(g in planted for g in up) and sum(g in planted for g in up + down) >= 7
     assert found.table["attribution_abs_mean"].isna().all() and "no head" in found.facts["attribution"]["reason"]
     rank = found.enrichment[found.enrichment["method"] == "rank"]
     assert rank.iloc[0]["gene_set"].startswith("SCDRUGMAP_SIM_RESISTANCE")
@@ -126,15 +127,34 @@ def test_same_seed_same_output_and_another_seed_another_cell_sample(collection, 
     assert not np.allclose(mine.reindex(theirs.index), theirs)
 
 
-def test_a_run_folder_gives_the_predicted_groups(collection, tmp_path):
+def test_a_run_folder_gives_the_predicted_groups_and_each_fold_model_explains_its_own_test_cells(collection,
+                                                                                                 planted, tmp_path):
+    from scdrugmap.evaluate.store import read_run
+
     run = tmp_path / "run"
     sdm.tl.benchmark(collection, out=str(run), models=["pca"], categories=["tissue"], scenarios=["pooled"], folds=3,
                      heads=["logistic"])
-    found = sdm.tl.biomarkers(collection, "pca", run=run, n_bootstrap=0)
-    assert found.facts["comparisons"] == ["observed", "predicted"]
-    assert found.facts["run"]["cells_predicted"] == collection.n_obs
-    assert "out-of-fold" in found.facts["predicted_from"]
-    assert found.table["attribution_abs_mean"].isna().all()
+    found = sdm.tl.biomarkers(collection, "pca", run=run, **FAST)
+    facts = found.facts
+    assert facts["comparisons"] == ["observed", "predicted"]
+    assert facts["run"]["cells_predicted"] == collection.n_obs
+    assert "out-of-fold" in facts["predicted_from"]
+    # each fold's model, retrained and checked against the run's predictions, on its own test cells only
+    predictions = read_run(run).predictions
+    n_folds = predictions["key"].nunique()  # 3 per tissue value
+    assert facts["fold_models"]["n_folds"] == n_folds and facts["fold_models"]["max_difference"] <= 1e-6
+    assert facts["attribution"]["model"].startswith("each fold's model")
+    attributed = facts["attribution"]["folds"]
+    assert sum(attributed.values()) == facts["attribution"]["n_cells"] == FAST["max_cells"]
+    assert set(attributed) == set(predictions["key"])
+    top = found.table.drop_duplicates("gene").nlargest(10, "attribution_abs_mean")["gene"]
+    assert sum(g in planted for g in top) >= 5
+    assert found.table.drop_duplicates("gene")["deletion_delta"].notna().sum() == FAST["max_genes"]
+    # stability: the share of fold models (those with sampled cells) with the gene among their top_k genes
+    n_ranked = facts["stability"]["n_folds"]
+    assert facts["stability"]["method"] == "folds" and n_ranked == sum(n > 0 for n in attributed.values())
+    shares = found.table["stability"].to_numpy() * n_ranked
+    assert np.allclose(shares, np.round(shares)) and found.table["stability"].max() >= 0.5
     with pytest.raises(ConfigError, match="no scored job of model 'hvg'"):
         sdm.tl.biomarkers(collection, "hvg", run=run, n_bootstrap=0)
 
@@ -148,6 +168,8 @@ def test_bad_input_is_one_clear_error(collection, head, tmp_path):
     other = runner.invoke(app, ["biomarkers", str(data), "--model", "hvg", "--head", str(head.path),
                                 "--out", str(tmp_path / "o")])
     assert isinstance(other.exception, ConfigError) and "trained on pca" in str(other.exception)
+    nowhere = runner.invoke(app, ["biomarkers", str(data), "--model", "pca"])
+    assert isinstance(nowhere.exception, ConfigError) and "defaults to RUN/biomarkers" in str(nowhere.exception)
     with pytest.raises(ConfigError, match="needs a head"):
         sdm.tl.biomarkers(collection, comparisons=["predicted"])
     assert not (tmp_path / "o").exists()

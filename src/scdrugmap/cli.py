@@ -344,11 +344,13 @@ def benchmark(
 def biomarkers(
     data: Annotated[Path, typer.Argument(help="The .h5ad file of cells.")],
     model: Annotated[str, typer.Option(help="Registry name of the model (of the head, or of the run's jobs).")],
-    out: Annotated[Path, typer.Option(help="Folder for the tables, figures and facts.")],
+    out: Annotated[Path | None, typer.Option(help="Folder for the tables, figures and facts (default with --run: "
+                                                  "RUN/biomarkers, which `scdrugmap report RUN` shows).")] = None,
     head: Annotated[Path | None, typer.Option(help="Head bundle from `scdrugmap train`: its predictions on DATA form "
                                                    "the predicted groups, and it is the model attributed.")] = None,
     run: Annotated[Path | None, typer.Option(help="A `scdrugmap benchmark` run folder on DATA: its out-of-fold "
-                                                  "predictions form the predicted groups.")] = None,
+                                                  "predictions form the predicted groups, and each fold's model, "
+                                                  "retrained, is attributed on its own test cells.")] = None,
     label_key: LabelKey = "response", sample_key: SampleKey = "sample",
     cell_type_key: Annotated[str | None, typer.Option(help="obs column of cell types: test within each.")] = None,
     gene_sets: Annotated[Path | None, typer.Option(help="GMT file of gene sets for the enrichment (read from disk).")] = None,

@@ -525,15 +525,26 @@ def print_summary(console: Console, table: Any, results: Any, run_dir: Path) -> 
                   soft_wrap=True)
 
 
-def run_biomarkers(data: Path, *, model: str, out: Path, head: Path | None, run: Path | None, label_key: str,
+def run_biomarkers(data: Path, *, model: str, out: Path | None, head: Path | None, run: Path | None, label_key: str,
                    sample_key: str | None, cell_type_key: str | None, gene_sets: Path | None,
                    comparisons: list[str] | None, top_k: int, cells: int, genes: int, bootstrap: int,
                    layer: str | None, weights: Path | None, seed: int, device: str, quiet: bool, console: Console,
                    progress_console: Console, max_memory: str | None = None) -> list[Path]:
-    """Find biomarkers in ``data`` (observed labels, a head's predictions or a run's), write them, print the top genes."""
+    """Find biomarkers in ``data`` (observed labels, a head's predictions or a run's), write them, print the top genes.
+
+    ``out`` defaults, with ``run``, to the run's biomarker folder (`scdrugmap.evaluate.store.biomarkers_dir`),
+    where ``scdrugmap report RUN`` finds it.
+    """
     from scdrugmap import tl
     from scdrugmap.data.io import read_h5ad
+    from scdrugmap.evaluate.store import biomarkers_dir
     from scdrugmap.readwrite import read_head
+
+    if out is None:
+        if run is None:
+            msg = "--out is needed (the folder for the tables and figures); with --run it defaults to RUN/biomarkers."
+            raise ConfigError(msg)
+        out = biomarkers_dir(run)
 
     trained = None
     if head is not None:
@@ -583,9 +594,15 @@ def print_biomarkers(console: Console, found: Any, *, top: int = 10) -> None:
                              _number(row["deletion_delta"], "+.3f"), _number(row["stability"], ".2f"))
             console.print(view)
     about = facts.get("attribution", {})
+    refit = facts.get("fold_models", {})
+    if refit.get("n_folds"):
+        console.print(f"fold models: {refit['n_folds']} retrained from the run; largest difference from its saved "
+                      f"predictions {refit['max_difference']:.2g} (allowed {refit['tolerance']:g})", soft_wrap=True)
     if about.get("method"):
-        console.print(f"attribution: {about['method']} of {about['explains']} on {about['n_cells']} cells "
-                      "(mean |attribution| per cell); deletion: change in P(sensitive) when the gene is zeroed")
+        who = f" by {about['model']}" if about.get("model") else ""
+        console.print(escape(f"attribution: {about['method']} of {about['explains']} on {about['n_cells']} cells{who} "
+                             "(mean |attribution| per cell); deletion: change in P(sensitive) when the gene is zeroed"),
+                      soft_wrap=True)
     elif about.get("reason") or about.get("note"):
         console.print(escape(f"attribution: {about.get('reason') or about.get('note')}"), soft_wrap=True)
     for caveat in facts.get("caveats", []):

@@ -617,10 +617,6 @@ def benchmark(data: str | Path | ad.AnnData = "demo", *, progress: Callable[[str
 BIOMARKER_COLUMNS = ("gene", "comparison", "stratum", "test", "log2fc", "pvalue", "qvalue", "score", "n_resistant",
                      "n_sensitive", "attribution_mean", "attribution_sd", "attribution_abs_mean", "deletion_delta",
                      "stability")
-#: Files `Biomarkers.write` writes (figures only where they have something to show).
-BIOMARKER_FILES = {"table": "biomarkers.parquet", "enrichment": "enrichment.parquet", "facts": "biomarkers.json",
-                   "volcano": "volcano.png", "dotplot": "dotplot.png", "attribution": "attribution.png",
-                   "enrichment_figure": "enrichment.png"}
 #: Genes per direction in the dot plot.
 DOTPLOT_GENES = 10
 
@@ -662,6 +658,9 @@ class Biomarkers:
     def write(self, out_dir: str | Path) -> list[Path]:
         """Write the table, the enrichment, the facts and the figures (PNG) into ``out_dir``, atomically.
 
+        A run's ``biomarkers/`` folder (`scdrugmap.evaluate.store.biomarkers_dir`) is where its report
+        looks; `scdrugmap.evaluate.store.read_biomarkers` reads any such folder back.
+
         Every file is written to a temporary name first and moved into place only when all were written,
         so a failure leaves the earlier files of ``out_dir`` as they were.
 
@@ -675,6 +674,7 @@ class Biomarkers:
         import os
         import tempfile
 
+        from scdrugmap.evaluate.store import BIOMARKER_FILES
         from scdrugmap.report import biomarkers as figures
 
         out_dir = Path(out_dir)
@@ -724,8 +724,9 @@ def _stage(progress: Callable[[str, int, int, str], None] | None, stage: str) ->
 
 
 def _run_probabilities(run_dir: str | Path, model: str | None, cells: npt.NDArray[np.str_]
-                       ) -> tuple[str, npt.NDArray[np.float64], dict[str, Any]]:
-    """Return (model, out-of-fold P(sensitive) per cell of ``cells`` (NaN where the run has none), facts)."""
+                       ) -> tuple[str, npt.NDArray[np.float64], dict[str, Any], list[str]]:
+    """Return (model, out-of-fold P(sensitive) per cell of ``cells`` (NaN where the run has none), facts, the
+    keys of the jobs that predicted them)."""
     import pandas as pd
 
     from scdrugmap.evaluate.store import read_run
@@ -743,6 +744,8 @@ def _run_probabilities(run_dir: str | Path, model: str | None, cells: npt.NDArra
         msg = f"{run_dir}: no scored job of model {model!r}; the run has {', '.join(models) or 'none'}. Pass --model."
         raise ConfigError(msg)
     jobs = done[done["model"].astype(str) == model]
+    if "level" in jobs:  # one row per job: its cell-level row
+        jobs = jobs[jobs["level"].fillna("cell") == "cell"]
     for column, preferred in (("scenario", "pooled"), ("split", "sample")):
         if column in jobs and (jobs[column] == preferred).any():
             jobs = jobs[jobs[column] == preferred]
@@ -762,10 +765,29 @@ def _run_probabilities(run_dir: str | Path, model: str | None, cells: npt.NDArra
         picked = picked[picked[column] == value]
     per_cell = picked.groupby("cell", sort=False)["probability"].mean()
     probability = pd.Series(per_cell).reindex(pd.Index(cells)).to_numpy(dtype=np.float64)
-    facts = {"run": str(run_dir), "jobs": int(picked["key"].nunique()), "setting": {k: str(v) for k, v in chosen.items()},
+    scenario_split = {c: str(jobs[c].iloc[0]) for c in ("scenario", "split") if c in jobs and jobs[c].nunique() == 1}
+    facts = {"run": str(run_dir), "jobs": int(picked["key"].nunique()),
+             "setting": {**scenario_split, **{k: str(v) for k, v in chosen.items()}},
              "cells_predicted": int(np.isfinite(probability).sum()),
              "cells_predicted_twice": int((picked.groupby("cell")["key"].nunique() > 1).sum())}
-    return str(model), probability, facts
+    return str(model), probability, facts, list(dict.fromkeys(picked["key"].astype(str)))
+
+
+def _refit_folds(run: str | Path, adata: ad.AnnData, model: str, keys: list[str], facts: dict[str, Any],
+                 progress: Callable[[str, int, int, str], None] | None) -> Any:
+    """Retrain the run's fold heads behind ``keys`` (`refit_fold_heads`); None, with the reason in ``facts``,
+    where the jobs keep no model that can be retrained (LoRA, prompts)."""
+    from scdrugmap.evaluate.refit import refit_fold_heads
+
+    strategies = sorted({key.split("|")[1] for key in keys if key.count("|") >= 2})
+    if not keys or strategies != ["frozen"]:
+        facts["fold_models"] = {"reason": f"the run's predictions come from {', '.join(strategies) or 'no'} jobs, "
+                                          "whose fold models cannot be retrained exactly (frozen heads only); "
+                                          "pass a head (--head) to attribute one"}
+        return None
+    refitted = refit_fold_heads(run, adata, model, keys, progress=_stage(progress, "retraining the fold heads"))
+    facts["fold_models"] = refitted.facts
+    return refitted
 
 
 @contextmanager
@@ -839,9 +861,12 @@ def biomarkers(
     cell_type_key: str | None = None,
     gene_sets: str | Path | dict[str, list[str]] | None = None,
     comparisons: Sequence[Literal["observed", "predicted"]] | None = None,
+    threshold: float = 0.5,
+    probability_key: str | None = None,
     top_k: int = 20,
     max_cells: int | None = 500,
     max_genes: int | None = 50,
+    attribute: bool = True,
     n_bootstrap: int = 20,
     n_permutations: int = 1000,
     test: Literal["auto", "wilcoxon", "pseudobulk", "both"] = "auto",
@@ -869,9 +894,13 @@ def biomarkers(
         A benchmark run folder (`benchmark`): the ``predicted`` groups come from its out-of-fold
         probabilities of ``model`` on these cells (threshold 0.5), in the pooled scenario and patient-grouped
         split where the run has them, and the one strategy, head and category whose test folds cover the most
-        cells (a cell predicted by several of its jobs takes their mean). The run keeps no fold models, so
-        attributions come from ``head`` when given (a head trained on all cells, not each fold's model: the
-        facts say so), else none.
+        cells (a cell predicted by several of its jobs takes their mean). Without ``head``, each fold's
+        model is retrained from the run's config and saved splits (frozen heads:
+        `scdrugmap.evaluate.refit.refit_fold_heads`, checked to reproduce the saved predictions to 1e-6)
+        and attributed, and has genes deleted, on its own test cells only; ``stability`` is then the share
+        of fold models with the gene among their ``top_k`` most attributed genes (no bootstrap). With
+        ``head``, that head is attributed instead (trained on all cells, not each fold's model: the facts
+        say so).
     label_key
         obs column of the observed labels (the ``observed`` comparison).
     sample_key
@@ -881,14 +910,24 @@ def biomarkers(
     gene_sets
         A GMT file (or ``{name: genes}``) for the enrichment; None: no enrichment.
     comparisons
-        ``observed`` (labels in ``obs[label_key]``) and/or ``predicted`` (needs ``head`` or ``run``).
-        Default: ``observed`` when the labels are there, and ``predicted`` when a head or run is given.
+        ``observed`` (labels in ``obs[label_key]``) and/or ``predicted`` (needs ``head``, ``run`` or
+        ``probability_key``). Default: ``observed`` when the labels are there, and ``predicted`` when a head
+        or run is given.
+    threshold
+        P(sensitive) at and above which a cell is predicted sensitive (the ``predicted`` groups).
+    probability_key
+        obs column of P(sensitive) already predicted on these cells (`predict` writes
+        ``scdrugmap_<model>_prob_sensitive``): it forms the ``predicted`` groups instead of predicting
+        again with ``head`` (which is still the model attributed). Not with ``run``.
     top_k
         Top genes per direction: the stability ranking, the over-representation lists, the genes deleted.
     max_cells
         Cells attributed and deleted from (drawn with ``seed``; None: all).
     max_genes
         Genes deleted in silico (the top genes of each comparison and of the attribution; 0: no deletion).
+    attribute
+        Attribute the model and delete genes (False: differential expression, stability and enrichment
+        only; ``facts["attribution"]["reason"]`` says so).
     n_bootstrap
         Bootstrap resamples of samples for the ``stability`` column (0: NaN stability).
     n_permutations
@@ -909,13 +948,14 @@ def biomarkers(
     `Biomarkers`. ``table`` has one row per gene, comparison, stratum and test (columns `BIOMARKER_COLUMNS`):
     ``log2fc`` (resistant over sensitive), ``pvalue``, ``qvalue`` (BH within comparison, stratum and test),
     ``score`` (signed test statistic, positive: higher in resistant), ``n_resistant``/``n_sensitive`` (cells,
-    or pseudobulk samples); ``attribution_mean`` and ``attribution_sd``: integrated gradients of calibrated
-    P(sensitive) over the comparison's resistant cells among those attributed, relative to the average cell
-    (negative: the gene pushes these cells towards resistance); ``attribution_abs_mean``: mean
-    |attribution| over every attributed cell (the gene's weight in the model); ``deletion_delta``: mean
+    or pseudobulk samples); ``attribution_mean`` and ``attribution_sd``: integrated gradients of the head's
+    P(sensitive) (before calibration) over the comparison's resistant cells among those attributed, relative
+    to the average cell (negative: the gene pushes these cells towards resistance); ``attribution_abs_mean``:
+    mean |attribution| over every attributed cell (the gene's weight in the model); ``deletion_delta``: mean
     change in P(sensitive) when the gene is zeroed, over the cells expressing it (NaN for genes not
     deleted); ``stability``: share of bootstrap resamples (of samples, within each group) with the gene among
-    the comparison's top ``top_k`` of its direction.
+    the comparison's top ``top_k`` of its direction, or, for a run's fold models, share of fold models with
+    the gene among their ``top_k`` most attributed genes (``facts["stability"]["method"]`` says which).
     ``enrichment`` has one row per comparison, method (``ora_up``, ``ora_down``: hypergeometric test of the
     top ``top_k`` genes per direction; ``rank``: GSEA preranked on ``score``) and gene set.
 
@@ -924,7 +964,8 @@ def biomarkers(
     SchemaError
         For missing obs columns, unreadable labels, data the head cannot read, or cells unknown to the run.
     ConfigError
-        For a comparison that cannot run, or a head of another model.
+        For a comparison that cannot run, or a head of another model; with ``run``, when a retrained fold
+        head does not reproduce the run's saved predictions (its config, data, device or libraries changed).
 
     Examples
     --------
@@ -962,8 +1003,8 @@ def biomarkers(
         msg = f"top_k={top_k}; expected at least 1."
         raise ConfigError(msg)
     if comparisons is None:
-        requested = [c for c, present in (("observed", label_key in work.obs),
-                                          ("predicted", trained is not None or run is not None)) if present]
+        predicted = trained is not None or run is not None or probability_key is not None
+        requested = [c for c, present in (("observed", label_key in work.obs), ("predicted", predicted)) if present]
         if not requested:
             msg = (f"nothing to compare: obs has no {label_key!r} column and no head or run was given. Name the label "
                    "column (label_key=), or give a head or a run for predicted groups.")
@@ -976,8 +1017,14 @@ def biomarkers(
         msg = f"comparisons {unknown}; expected observed and/or predicted."
         raise ConfigError(msg)
     comparisons = cast("list[Literal['observed', 'predicted']]", requested)
-    if "predicted" in comparisons and trained is None and run is None:
+    if "predicted" in comparisons and trained is None and run is None and probability_key is None:
         msg = "the predicted comparison needs a head (head=, --head) or a benchmark run (run=, --run)."
+        raise ConfigError(msg)
+    if run is not None and probability_key is not None:
+        msg = "give a run (its out-of-fold predictions) or probability_key (predictions on these cells), not both."
+        raise ConfigError(msg)
+    if not 0.0 < threshold < 1.0:
+        msg = f"threshold={threshold}; choose a probability between 0 and 1."
         raise ConfigError(msg)
     if sample_key is not None and sample_key not in work.obs:
         msg = f"obs has no {sample_key!r} column for the samples; columns: {list(work.obs.columns)[:10]}. Pass sample_key."
@@ -992,20 +1039,33 @@ def biomarkers(
 
     # 1. the groups of each comparison ---------------------------------------------------------------------
     groups: dict[str, npt.NDArray[np.object_]] = {}
+    run_keys: list[str] = []
     if "observed" in comparisons:
         groups["observed"] = de.label_groups(work, None, label_key)
     if "predicted" in comparisons:
         if run is not None:
-            model, probability, facts["run"] = _run_probabilities(run, model, np.asarray(work.obs_names.astype(str)))
+            model, probability, facts["run"], run_keys = _run_probabilities(run, model,
+                                                                            np.asarray(work.obs_names.astype(str)))
             facts["model"] = model
-            facts["predicted_from"] = "the run's out-of-fold probabilities (threshold 0.5)"
+            facts["predicted_from"] = f"the run's out-of-fold probabilities (threshold {threshold:g})"
+        elif probability_key is not None:
+            if probability_key not in work.obs:
+                msg = (f"obs has no {probability_key!r} column of predicted P(sensitive); predict first "
+                       "(sdm.tl.predict) or leave probability_key out to predict with the head.")
+                raise SchemaError(msg)
+            probability = work.obs[probability_key].to_numpy(dtype=np.float64)
+            facts["predicted_from"] = f"obs[{probability_key!r}], P(sensitive) as predicted (threshold {threshold:g})"
         else:
             assert trained is not None
             predict(work, trained, weights=weights, layer=layer, device=device, progress=_stage(progress, "predict"),
                     **model_options)
             probability = work.obs[probability_column(prediction_key(trained.model))].to_numpy(dtype=np.float64)
-            facts["predicted_from"] = "the head's calibrated P(sensitive) on these cells (threshold 0.5)"
-        groups["predicted"] = de.predicted_groups(probability)
+            facts["predicted_from"] = f"the head's calibrated P(sensitive) on these cells (threshold {threshold:g})"
+        groups["predicted"] = de.predicted_groups(probability, threshold=threshold)
+        facts["threshold"] = threshold
+    fold_heads = None
+    if run is not None and trained is None and attribute and (max_cells is None or max_cells > 0):
+        fold_heads = _refit_folds(run, work, str(model), run_keys, facts, progress)
     for name, labels in groups.items():
         present = np.array([g is not None for g in labels])
         facts["groups"][name] = {
@@ -1036,7 +1096,7 @@ def biomarkers(
 
     # 3. stability over bootstrap resamples of samples -----------------------------------------------------
     stable = []
-    if n_bootstrap > 0:
+    if n_bootstrap > 0 and fold_heads is None:
         for name, labels in groups.items():
             column = "_scdrugmap_group"
             present = np.flatnonzero([g is not None for g in labels])
@@ -1061,42 +1121,63 @@ def biomarkers(
     else:
         table["stability"] = np.nan
 
-    # 4. attribution and in-silico deletion of the head ----------------------------------------------------
+    # 4. attribution and in-silico deletion of the head (or of each fold's model) --------------------------
     table["attribution_mean"] = table["attribution_sd"] = table["attribution_abs_mean"] = np.nan
     table["deletion_delta"] = np.nan
-    if trained is None:
-        facts["attribution"] = {"method": None, "reason": "no head given: train one (sdm.tl.train, `scdrugmap train`) "
-                                                          "and pass it to attribute genes"}
+    explained = trained.model if trained is not None else None if fold_heads is None else fold_heads.model
+    if not attribute:
+        facts["attribution"] = {"method": None, "reason": "not asked for (attribute=False): differential "
+                                                          "expression only"}
+    elif explained is None:
+        facts["attribution"] = {"method": None, "reason": facts.get("fold_models", {}).get("reason") or
+                                "no head given: train one (sdm.tl.train, `scdrugmap train`) and pass it to "
+                                "attribute genes"}
     else:
+        from scdrugmap.explain import folds as fold_explain
+
         found, note = None, ""
-        encoder = None
-        if trained.model in attr.EXPRESSION_MODELS:
-            found = attr.attribute_expression(work, trained, layer=layer, max_cells=max_cells, seed=seed,
-                                              progress=_stage(progress, "attribution"))
-        else:
-            encoder = _load_encoder(trained.model, weights, device, model_options)
+        folds_found = None
+        encoder = None if fold_heads is None else fold_heads.encoder
+        token_model = explained not in attr.EXPRESSION_MODELS
+        if token_model:
+            encoder = encoder or _load_encoder(explained, weights, device, model_options)
             try:
                 attr.token_attribution_hook(encoder)
             except ConfigError as err:
                 note = f"{err} Only in-silico deletion was run."
                 log.warning("%s", note)
+        if not note:
+            if fold_heads is not None:
+                folds_found = fold_explain.attribute_folds(work, fold_heads.folds, encoder, layer=layer,
+                                                           max_cells=max_cells, top_k=top_k, seed=seed,
+                                                           progress=_stage(progress, "attribution"))
+                found = folds_found.attributions
+            elif not token_model:
+                assert trained is not None  # explained is the head's model
+                found = attr.attribute_expression(work, trained, layer=layer, max_cells=max_cells, seed=seed,
+                                                  progress=_stage(progress, "attribution"))
             else:
-                found = attr.attribute_tokens(cast("TorchEncoder", encoder), work, trained, layer=layer, max_cells=max_cells, seed=seed,
-                                              progress=_stage(progress, "attribution"))
+                assert trained is not None and encoder is not None
+                found = attr.attribute_tokens(cast("TorchEncoder", encoder), work, trained, layer=layer,
+                                              max_cells=max_cells, seed=seed, progress=_stage(progress, "attribution"))
         facts["attribution"] = {"method": None if found is None else found.method, "note": note,
-                                "baseline": "the mean attributed cell" if trained.model in attr.EXPRESSION_MODELS
-                                else "every gene token replaced by padding",
+                                "baseline": "every gene token replaced by padding" if token_model
+                                else "the mean attributed cell",
                                 "n_cells": 0 if found is None else len(found.obs_names),
-                                "explains": "calibrated P(sensitive)" if trained.model in attr.EXPRESSION_MODELS
-                                else "P(sensitive) of the head"}
-        if run is not None:
+                                "explains": "uncalibrated P(sensitive)"}
+        if fold_heads is not None:
+            facts["attribution"]["model"] = ("each fold's model, retrained from the run and checked against its saved "
+                                             "predictions, on its own test cells")
+            facts["attribution"]["folds"] = {key: int(cells.size) for key, cells in
+                                             (folds_found.cells.items() if folds_found is not None else ())}
+        elif run is not None:
             facts["attribution"]["model"] = ("the given head (trained on its own data), not each fold's model: the "
                                              "run keeps no fold models")
         if found is not None:
             overall = found.summary().set_index("gene")["attribution_abs_mean"]
             pieces = []
+            position = {c: i for i, c in enumerate(work.obs_names.astype(str))}
             for name, labels in groups.items():
-                position = {c: i for i, c in enumerate(work.obs_names.astype(str))}
                 resistant = np.array([labels[position[c]] == de.GROUPS[0] for c in found.obs_names])
                 summary = (found.summary(resistant) if resistant.any() else
                            found.summary().assign(attribution_mean=np.nan, attribution_sd=np.nan))
@@ -1106,6 +1187,12 @@ def biomarkers(
             table = table.drop(columns=["attribution_mean", "attribution_sd"]).merge(
                 per_comparison, on=["gene", "comparison"], how="left")
             table["attribution_abs_mean"] = table["gene"].map(overall)
+        if folds_found is not None:  # stability: how many fold models agree on a gene
+            result = folds_found.stability
+            table["stability"] = table["gene"].map(result.frequency).fillna(0.0)
+            facts["stability"] = {"method": "folds", "jaccard_mean": result.jaccard_mean,
+                                  "n_folds": len(result.rankings), "k": top_k,
+                                  "ranking": "mean |attribution| of each fold's model over its own test cells"}
         if max_genes is None or max_genes > 0:
             # the top genes of every list in turn (up and down of each comparison, the attribution), so that
             # a small max_genes still deletes some of each
@@ -1115,13 +1202,21 @@ def biomarkers(
                 lists.append(found.top_genes(top_k))
             chosen = list(dict.fromkeys(g for rank in range(top_k) for genes in lists if rank < len(genes)
                                         for g in [genes[rank]]))[: max_genes or None]
-            encoder = encoder or _load_encoder(trained.model, weights, device, model_options)
-            predict_fn = attr.make_predict_function(encoder, trained, layer=layer)
-            deleted = attr.measure_deletion_effects(work, predict_fn, genes=chosen, layer=layer, max_cells=max_cells,
-                                                    max_genes=None, seed=seed, progress=_stage(progress, "deletion"))
+            encoder = encoder or _load_encoder(explained, weights, device, model_options)
+            if fold_heads is not None:
+                cells = (folds_found.cells if folds_found is not None
+                         else fold_explain.fold_cells(fold_heads.folds, max_cells, seed))
+                deleted = fold_explain.delete_in_folds(work, fold_heads.folds, encoder, chosen, cells, layer=layer,
+                                                       progress=_stage(progress, "deletion"))
+            else:
+                assert trained is not None
+                predict_fn = attr.make_predict_function(encoder, trained, layer=layer)
+                deleted = attr.measure_deletion_effects(work, predict_fn, genes=chosen, layer=layer,
+                                                        max_cells=max_cells, max_genes=None, seed=seed,
+                                                        progress=_stage(progress, "deletion"))
             table["deletion_delta"] = table["gene"].map(deleted.set_index("gene")["deletion_delta"])
-            facts["deletion"] = {"n_genes": len(chosen), "n_cells": int(deleted["n_cells"].iloc[0]) if len(deleted)
-                                 else 0, "explains": "calibrated P(sensitive), zeroed gene minus cell"}
+            facts["deletion"] = {"n_genes": len(chosen), "n_cells": int(deleted["n_cells"].max()) if len(deleted)
+                                 else 0, "explains": "uncalibrated P(sensitive), zeroed gene minus cell"}
     table = table.loc[:, list(BIOMARKER_COLUMNS)]
     table = table.sort_values(["comparison", "test", "stratum", "pvalue", "gene"], kind="stable",
                               na_position="last").reset_index(drop=True)

@@ -24,7 +24,7 @@ OTHER_FILES = {store.CONFIG: ("models/",),  # the official checkpoints' config.j
                store.PREDICTIONS: ("web/",)}  # a web prediction job's output (web/results.py reads runs)
 #: Where run folders are written or read: no path joins to their sub-folders either.
 RUN_READERS = ("evaluate/", "report/", "web/results.py", "commands.py", "cli.py")
-RUN_DIRS = (store.JOBS_DIR, store.PREDICTIONS_DIR, store.EMBEDDINGS_DIR)
+RUN_DIRS = (store.JOBS_DIR, store.PREDICTIONS_DIR, store.EMBEDDINGS_DIR, store.BIOMARKERS_DIR)
 
 
 def _strings(tree: ast.AST) -> list[tuple[int, str]]:

@@ -58,6 +58,7 @@ def test_rank_enrichment_puts_a_set_at_the_top_of_the_ranking_first_and_is_repro
     by_set = table.set_index("gene_set")
     assert by_set.loc["TOP", "nes"] > 0 > by_set.loc["BOTTOM", "nes"]
     assert by_set.loc["TOP", "qvalue"] < 0.05 and (by_set.filter(like="RANDOM", axis=0)["qvalue"] > 0.05).all()
+    assert table["pvalue"].min() >= 1 / 201  # no permutation beat TOP: p = 1 / (n + 1), not 0
     pd.testing.assert_frame_equal(rank_enrichment(scores, sets, n_permutations=200, seed=1), table)
 
 

@@ -196,3 +196,9 @@ def colours(run):
     from scdrugmap.report.style import model_colours
 
     return model_colours(run.model_list)
+
+
+@pytest.fixture(scope="session")
+def run_builder():
+    """`build_run`, for tests that need a run folder of their own (to add files to it)."""
+    return build_run

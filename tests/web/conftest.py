@@ -197,8 +197,9 @@ def make_client(db_url, tmp_path, bundle_root) -> Iterator:
 
     def build(**overrides):
         # jobs run in the test's process (monkeypatches reach them); tests of the job process ask for it
+        # biomarkers are off unless a test asks for them: they would add seconds to every job of every test
         options = {"db_url": db_url, "data_dir": tmp_path / "web", "bundle_dir": bundle_root, "run_worker": False,
-                   "projection": "pca", "job_isolation": "thread", **overrides}
+                   "projection": "pca", "job_isolation": "thread", "biomarkers": False, **overrides}
         client = TestClient(create_app(Settings(**options)), raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 import scdrugmap as sdm
 from scdrugmap.cli import app
+from scdrugmap.explain.de import top_genes
 
 runner = CliRunner()
 TOLERANCE = 1e-6
@@ -109,3 +110,41 @@ def test_golden_scgpt_head_predicts_alike_on_cli_python_and_web(shared, tmp_path
     python = _python(data_path, head_dir, weights)
     web, _ = _web(make_client, data_path, "scgpt", head_dir, weights)
     _agree(cli, python, web)
+
+
+
+def test_the_web_finds_the_same_biomarkers_as_tl_biomarkers_on_the_same_inputs(tmp_path, make_client, adata_factory,
+                                                                               bundle_root):
+    """The results page's biomarkers are `sdm.tl.biomarkers` of the job's predictions, number for number."""
+    data_path = tmp_path / "cells.h5ad"
+    adata_factory(n_cells=240, seed=3).write_h5ad(data_path)
+    head_dir = bundle_root / "pca-demo"
+    client = make_client(biomarkers=True, biomarker_cells=50, biomarker_genes=5, biomarker_bootstrap=2)
+    posted = client.post("/api/jobs", files={"file": ("cells.h5ad", io.BytesIO(data_path.read_bytes()),
+                                                      "application/octet-stream")})
+    token = posted.json()["token"]
+    bundles = {b["name"]: b["id"] for b in client.get("/api/bundles").json()}
+    client.post(f"/api/jobs/{token}/run", data={"bundle_id": bundles[head_dir.name], "model": "pca"})
+    client.app.state.worker.run_pending()
+    found = client.get(f"/api/jobs/{token}/biomarkers").json()
+    assert found["status"] == "done", found
+    web = pd.read_csv(io.StringIO(client.get(f"/api/jobs/{token}/biomarkers.csv").text))
+    expected = sdm.tl.biomarkers(ad.read_h5ad(data_path), head=sdm.read_head(head_dir), comparisons=["predicted"],
+                                 threshold=0.5, test="both", non_counts="wilcoxon", top_k=10, max_cells=50,
+                                 max_genes=5, n_bootstrap=2, n_permutations=200, seed=0).table
+    assert {t["name"] for t in found["tests"]} == set(expected["test"]) == {"wilcoxon", "pseudobulk"}
+    pd.testing.assert_frame_equal(web, expected.reset_index(drop=True), check_dtype=False, atol=TOLERANCE, rtol=0)
+    genes = web.drop_duplicates("gene")
+    assert genes["attribution_abs_mean"].notna().any() and genes["deletion_delta"].notna().sum() == 5
+    # the page shows each test's top genes, and serves the figures it names
+    page = client.get(f"/jobs/{token}/results").text
+    for test in found["tests"]:
+        part = expected[expected["test"] == test["name"]]
+        for direction in ("up", "down"):
+            shown = [row["gene"] for row in test[direction]]
+            assert shown == top_genes(part, 10, direction=direction)
+            assert all(f"<td>{gene}</td>" in page for gene in shown)
+    for figure in found["figures"]:
+        image = client.get(f"/api/jobs/{token}/biomarkers/{figure['role']}.png")
+        assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
+    assert client.get(f"/api/jobs/{token}/biomarkers/secrets.png").status_code == 404

@@ -210,3 +210,24 @@ def test_redact_path_hides_tokens_only():
     assert redact_path(f"/jobs/{token}/results") == "/jobs/{token}/results"
     assert redact_path(f"/api/jobs/{token}") == "/api/jobs/{token}"
     assert redact_path("/catalog/P01") == "/catalog/P01"
+
+
+def test_results_page_says_why_a_job_has_no_biomarkers_and_keeps_its_predictions(make_client, upload, good_h5ad,
+                                                                                 monkeypatch):
+    from scdrugmap import tl
+    from scdrugmap.errors import SchemaError
+
+    def refuse(*args, **kwargs):
+        raise SchemaError("obs has no 'sample' column for the samples")
+
+    monkeypatch.setattr(tl, "biomarkers", refuse)
+    for client, reason in ((make_client(biomarkers=True), "obs has no &#39;sample&#39; column"),
+                           (make_client(), "this server does not look for biomarkers")):
+        token = upload(client, good_h5ad).json()["token"]
+        bundle_id = client.get("/api/bundles").json()[0]["id"]
+        client.post(f"/api/jobs/{token}/run", data={"model": "pca", "bundle_id": str(bundle_id)})
+        client.app.state.worker.run_pending()
+        assert client.get(f"/api/jobs/{token}").json()["status"] == "done"  # the predictions stand
+        html = client.get(f"/jobs/{token}/results").text
+        assert 'id="biomarkers-reason"' in html and reason in html and 'id="cell-table"' in html
+        assert client.get(f"/api/jobs/{token}/biomarkers.csv").status_code == 404

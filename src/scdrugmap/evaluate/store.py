@@ -33,6 +33,11 @@ the report, the web server and users. Its files:
     is not finite; ``projection``: the method used, ``umap`` or ``pca``; ``projection_requested``;
     ``projection_seed``; ``projection_note``: why it fell back to PCA, or empty). Folders of older
     runs have no map; readers compute one (`RunFolder.embedding_map` is then None).
+``biomarkers/``
+    A biomarker analysis of the run (``scdrugmap biomarkers DATA --model M --run RUN_DIR``, which writes
+    here by default; `scdrugmap.tl.Biomarkers.write`): the files of `BIOMARKER_FILES`, read back by
+    `read_biomarkers` (`RunFolder.biomarkers`) for the report. Any ``--out`` folder of
+    ``scdrugmap biomarkers`` has the same files.
 
 Every file is written to ``<name>.tmp`` first and renamed into place (`os.replace`), so a reader
 never sees half a file.
@@ -79,9 +84,16 @@ JOBS_DIR = "jobs"
 PREDICTIONS_DIR = "predictions"
 EMBEDDINGS_DIR = "embeddings"
 EMBEDDING_SUFFIX = ".npz"
+BIOMARKERS_DIR = "biomarkers"
+#: The files of a biomarker folder by role (`scdrugmap.tl.Biomarkers.write`; figures only where they show something).
+BIOMARKER_FILES = {"table": "biomarkers.parquet", "enrichment": "enrichment.parquet", "facts": "biomarkers.json",
+                   "volcano": "volcano.png", "dotplot": "dotplot.png", "attribution": "attribution.png",
+                   "enrichment_figure": "enrichment.png"}
+#: The figures of a biomarker folder, in the order a report shows them.
+BIOMARKER_FIGURES = ("volcano", "dotplot", "attribution", "enrichment_figure")
 #: Every file of a run folder, by name (folders end in ``/``): what `scdrugmap.evaluate.store` alone names.
 FILE_NAMES = (CONFIG, FINGERPRINT, SPLITS, CELLS, RESULTS, PREDICTIONS, MODELS, PERMUTATIONS, f"{JOBS_DIR}/",
-              f"{PREDICTIONS_DIR}/", f"{EMBEDDINGS_DIR}/")
+              f"{PREDICTIONS_DIR}/", f"{EMBEDDINGS_DIR}/", f"{BIOMARKERS_DIR}/")
 #: Most cells of a model's embedding sample.
 EMBEDDING_SAMPLE = 5000
 #: Package versions recorded with a run.
@@ -157,6 +169,57 @@ def _embedding_map_arrays(sample: np.ndarray, projection: Projection, seed: int)
 def results_file(run_dir: str | Path) -> Path:
     """Return the path of a run's consolidated results (one row per job and level)."""
     return Path(run_dir) / RESULTS
+
+
+def biomarkers_dir(run_dir: str | Path) -> Path:
+    """Return the folder of a run's biomarker analysis (``scdrugmap biomarkers --run RUN_DIR`` writes there)."""
+    return Path(run_dir) / BIOMARKERS_DIR
+
+
+@dataclass
+class BiomarkerFolder:
+    """A biomarker analysis read back (`read_biomarkers`).
+
+    Attributes
+    ----------
+    path
+        The folder.
+    table
+        One row per gene, comparison, stratum and test (`scdrugmap.tl.BIOMARKER_COLUMNS`).
+    enrichment
+        One row per comparison, method and gene set; None when no gene sets were given.
+    facts
+        What was run on what (`scdrugmap.tl.Biomarkers.facts`): comparisons, groups, tests, attribution, ...
+    figures
+        Path of each figure written, by role (``volcano``, ``dotplot``, ``attribution``, ``enrichment_figure``).
+    """
+
+    path: Path
+    table: pd.DataFrame
+    enrichment: pd.DataFrame | None
+    facts: dict[str, Any]
+    figures: dict[str, Path]
+
+
+def read_biomarkers(folder: str | Path) -> BiomarkerFolder:
+    """Read a folder written by `scdrugmap.tl.Biomarkers.write` (a run's `biomarkers_dir`, or any ``--out``).
+
+    Raises
+    ------
+    ConfigError
+        When the folder holds no biomarker table.
+    """
+    folder = Path(folder)
+    table_path = folder / BIOMARKER_FILES["table"]
+    if not table_path.is_file():
+        msg = f"{folder}: no {BIOMARKER_FILES['table']}; run `scdrugmap biomarkers` with --out {folder} first."
+        raise ConfigError(msg)
+    enrichment_path = folder / BIOMARKER_FILES["enrichment"]
+    figures = {role: folder / BIOMARKER_FILES[role] for role in BIOMARKER_FIGURES
+               if (folder / BIOMARKER_FILES[role]).is_file()}
+    return BiomarkerFolder(path=folder, table=pd.read_parquet(table_path),
+                           enrichment=pd.read_parquet(enrichment_path) if enrichment_path.is_file() else None,
+                           facts=_read_json(folder / BIOMARKER_FILES["facts"]), figures=figures)
 
 
 class ResultStore:
@@ -454,6 +517,8 @@ class RunFolder:
         fold count and seed; -1 where a cell is in no test fold.
     simulated
         True when the cells came from the simulator (``config["data"] == "demo"``).
+    biomarkers
+        The run's biomarker analysis (`BiomarkerFolder`), or None.
     model_list
         Every model of the run, in the order of the run's config, then any other, sorted.
 
@@ -534,6 +599,12 @@ class RunFolder:
         """The content hash of the run's data, or None."""
         path = self.path / FINGERPRINT
         return path.read_text().strip() if path.exists() else None
+
+    @cached_property
+    def biomarkers(self) -> BiomarkerFolder | None:
+        """The run's biomarker analysis (``biomarkers/``, see `read_biomarkers`), or None when there is none."""
+        folder = biomarkers_dir(self.path)
+        return read_biomarkers(folder) if (folder / BIOMARKER_FILES["table"]).is_file() else None
 
     @cached_property
     def splits(self) -> pd.DataFrame | None:

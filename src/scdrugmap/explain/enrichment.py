@@ -126,8 +126,9 @@ def rank_enrichment(scores: pd.Series | Mapping[str, float], gene_sets: Mapping[
     Returns
     -------
     One row per set, columns `RANK_COLUMNS`: ``enrichment_score`` and ``nes`` (normalised; positive:
-    concentrated at the top), nominal ``pvalue``, ``qvalue`` (Benjamini-Hochberg of the nominal
-    p-values; gseapy's own FDR differs), ``leading_edge`` (comma-separated); by p-value, then |NES|.
+    concentrated at the top), nominal ``pvalue`` (at least 1 / (n_permutations + 1), never 0), ``qvalue``
+    (Benjamini-Hochberg of the nominal p-values; gseapy's own FDR differs), ``leading_edge``
+    (comma-separated); by p-value, then |NES|.
 
     Raises
     ------
@@ -153,7 +154,9 @@ def rank_enrichment(scores: pd.Series | Mapping[str, float], gene_sets: Mapping[
     result = gseapy.prerank(rnk=ranked, gene_sets=sets, permutation_num=n_permutations, seed=seed, threads=1,
                             min_size=min_size, max_size=max_size, weight=weight, outdir=None, no_plot=True,
                             verbose=False).res2d
-    pvalue = result["NOM p-val"].to_numpy(dtype=np.float64)
+    # gseapy reports 0 when no permutation reaches the observed score; with n permutations the smallest
+    # p-value that can be claimed is 1 / (n + 1) (Phipson & Smyth 2010), never 0
+    pvalue = np.maximum(result["NOM p-val"].to_numpy(dtype=np.float64), 1.0 / (n_permutations + 1))
     table = pd.DataFrame({
         "gene_set": result["Term"].astype(str).to_numpy(),
         "size": [len(sets[t]) for t in result["Term"].astype(str)],

@@ -181,7 +181,8 @@ def plot_attribution(table: pd.DataFrame, facts: Mapping[str, Any], *, top: int 
                       loc="lower right", fontsize=6)
         ax.set_yticks(y, list(values.index))
         ax.set_ylim(len(values) - 0.5, -0.5)
-    _title(figure, f"Genes the {model} head relies on", figure.get_figwidth())
+    who = "fold models rely on, each on its own test cells" if about.get("folds") else "head relies on"
+    _title(figure, f"Genes the {model} {who}", figure.get_figwidth())
     return figure
 
 

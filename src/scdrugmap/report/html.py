@@ -58,6 +58,11 @@ def _table(frame: pd.DataFrame, *, floats: str = "{:.3f}") -> str:
     return shown.to_html(index=False, border=0, escape=True, na_rep="—")
 
 
+def html_table(frame: pd.DataFrame, *, floats: str = "{:.3f}") -> str:
+    """Return ``frame`` as an HTML table (floats formatted, NaN as a dash, text escaped); "None." when empty."""
+    return _table(frame, floats=floats)
+
+
 def _format_scalability(frame: pd.DataFrame) -> pd.DataFrame:
     shown = frame.copy()
 
@@ -93,7 +98,7 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
                 unscored: pd.DataFrame, counts: dict[str, int],
                 interactive: Sequence[tuple[str, object]] = (), samples: pd.DataFrame | None = None,
                 design_note: str = "", tests: pd.DataFrame | None = None,
-                confounders: pd.DataFrame | None = None) -> str:
+                confounders: pd.DataFrame | None = None, biomarkers: str = "") -> str:
     """Return the report as one HTML document that works offline.
 
     Parameters
@@ -118,6 +123,9 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
     confounders
         AUROC within cell types and studies (`scdrugmap.report.tables.confounder_table`), shown after
         the paired tests with the warnings where labels coincide with samples, cell lines or sublines.
+    biomarkers
+        The biomarker section's HTML (`scdrugmap.report.biomarker_section.biomarker_section`), shown after
+        the figures; a section with a heading gets a link in the contents.
     """
     escape = html.escape
     config = run.config
@@ -147,6 +155,8 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
         parts.append(f"<li><a href='#{_anchor(section)}'>{escape(section)}</a></li>")
     if plotly_divs:
         parts.append("<li><a href='#interactive'>Interactive figures</a></li>")
+    if "<h2 id='biomarkers'>" in biomarkers:
+        parts.append("<li><a href='#biomarkers'>Biomarkers</a></li>")
     parts.append("<li><a href='#scalability-table'>Scalability table</a></li><li><a href='#unscored'>Jobs not "
                  "scored</a></li><li><a href='#config'>Config and environment</a></li></ul></nav>")
     if sample_first:
@@ -185,6 +195,8 @@ def render_html(run: RunData, figures: Sequence[ReportFigure], *, best: pd.DataF
             parts.append(f"<figure><h3>{escape(name)}</h3>{div}<figcaption>Hover a bar for its mean, SD and number "
                          "of scored folds; the buttons switch between F1 and AUROC; click a model in the legend to "
                          "hide it.</figcaption></figure>")
+    if biomarkers:
+        parts.append(biomarkers)
     parts.append("<h2 id='scalability-table'>Scalability table</h2><p>Parameters and output dimension of each "
                  f"model; inference is embedding every cell once (from {MODELS}; a cache hit repeats the "
                  "original timing); training is fitting the head or LoRA and predicting one test fold.</p>")

@@ -65,7 +65,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     The files written: ``<figure>.<format>`` per figure and format, ``summary.csv``
     (best model per category), ``sample_level.csv`` (sample-level AUROC with its interval per
     category value), ``paired_tests.csv`` (each model against the majority reference and the best
-    baseline), ``confounders.csv`` (AUROC within cell types and studies), ``scalability.csv``, ``unscored_jobs.csv`` and ``report.html``.
+    baseline), ``confounders.csv`` (AUROC within cell types and studies), ``scalability.csv``, ``unscored_jobs.csv``,
+    ``biomarkers_top.csv`` (the top genes per comparison and direction, when the run has a biomarker analysis:
+    ``scdrugmap biomarkers DATA --run RUN_DIR``) and ``report.html``.
 
     Raises
     ------
@@ -118,7 +120,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
         path = out / f"{name}.csv"
         table[[c for c in table.columns if not str(c).startswith("_")]].to_csv(path, index=False)
         written.append(path)
+    if run.folder.biomarkers is not None:
+        from scdrugmap.report.biomarker_section import top_gene_rows
+
+        path = out / "biomarkers_top.csv"
+        top_gene_rows(run.folder.biomarkers).to_csv(path, index=False)
+        written.append(path)
     if "html" in chosen:
+        from scdrugmap.report.biomarker_section import biomarker_section
         from scdrugmap.report.html import render_html
         from scdrugmap.report.interactive import interactive_bars, plotly_available
 
@@ -129,7 +138,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
                 interactive.append(("Mean F1 / AUROC per category value", bars))
         document = render_html(run, figures, best=best, scalability=scalability, unscored=unscored,
                                counts=job_counts(run.results), interactive=interactive, samples=samples, tests=tests,
-                               confounders=confounders,
+                               confounders=confounders, biomarkers=biomarker_section(run),
                                design_note=DESIGN_NOTES[run.label_design])
         path = out / "report.html"
         path.write_text(document, encoding="utf-8")

@@ -26,18 +26,27 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FoldPrediction:
-    """Probability of sensitivity for one fold's test cells, with training facts."""
+    """Probability of sensitivity for one fold's test cells, with training facts.
+
+    ``head`` is the fold's trained head as the tensors of a frozen head bundle (`scdrugmap.train.bundle.Head`:
+    ``0.weight`` ... ``4.bias`` of an MLP; ``mean``, ``scale``, ``coef``, ``intercept`` of a logistic head),
+    when `fit_predict_frozen` was asked for it (``return_heads``), else None.
+    """
 
     probability: npt.NDArray[np.float32]
     info: dict[str, Any] = field(default_factory=dict)
+    head: dict[str, npt.NDArray[np.float32]] | None = None
 
 
 def fit_predict_frozen(embeddings: npt.NDArray[np.float32], labels: npt.NDArray, groups: npt.NDArray | None,
                        folds: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]], *, head: str = "mlp",
-                       config: HeadConfig | None = None, device: str = "cpu") -> list[FoldPrediction]:
+                       config: HeadConfig | None = None, device: str = "cpu",
+                       return_heads: bool = False) -> list[FoldPrediction]:
     """Train a head per (train, test) fold and predict its test cells.
 
-    A zero-width embedding (the majority reference) predicts the training prior.
+    A zero-width embedding (the majority reference) predicts the training prior (and has no head).
+    With ``return_heads`` each fold's trained head comes back in `FoldPrediction.head` (a benchmark
+    keeps only the predictions; `scdrugmap.evaluate.refit` retrains the folds to explain them).
     """
     config = config or HeadConfig()
     results: list[FoldPrediction] = []
@@ -57,8 +66,10 @@ def fit_predict_frozen(embeddings: npt.NDArray[np.float32], labels: npt.NDArray,
             kit = fit_trust(logistic.decision_function(embeddings[val]), labels[val], None, seed=config.seed,
                             quiet=True)
             trust = fold_trust_metrics(labels[test], logistic.decision_function(embeddings[test]), kit)
+            state = ({"mean": logistic.mean, "scale": logistic.scale, "coef": logistic.coef,
+                      "intercept": np.array([logistic.intercept])} if return_heads else None)
             results.append(FoldPrediction(logistic.predict_proba(embeddings[test]),
-                                          {"n_fit": int(fit.size), "n_val": int(val.size), "trust": trust}))
+                                          {"n_fit": int(fit.size), "n_val": int(val.size), "trust": trust}, state))
         return results
     import torch
 
@@ -71,6 +82,8 @@ def fit_predict_frozen(embeddings: npt.NDArray[np.float32], labels: npt.NDArray,
     for index, (probability, record, (fit, val)) in enumerate(zip(probabilities, records, fits, strict=True)):
         kit = fit_trust(vals_logits[index], labels[val], None, seed=config.seed, quiet=True)
         trust = fold_trust_metrics(labels[folds[index][1]], tests_logits[index], kit)
+        state = ({name: tensor.numpy() for name, tensor in model.head_state(index).items()} if return_heads
+                 else None)
         results.append(FoldPrediction(probability, {**record, "n_fit": int(fit.size), "n_val": int(val.size),
-                                                    "trust": trust}))
+                                                    "trust": trust}, state))
     return results

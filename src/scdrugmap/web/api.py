@@ -19,6 +19,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from scdrugmap import __version__
+from scdrugmap.report.serialise import make_json_safe
 from scdrugmap.web import jobs as job_service
 from scdrugmap.web import results as result_service
 from scdrugmap.web.bundles import public_bundles
@@ -290,7 +291,8 @@ def bundles(session: DbSession) -> Any:
 def links(token: str) -> dict[str, str]:
     return {"page": f"/jobs/{token}", "api": f"/api/jobs/{token}", "run": f"/api/jobs/{token}/run",
             "results": f"/jobs/{token}/results", "csv": f"/api/jobs/{token}/predictions.csv",
-            "h5ad": f"/api/jobs/{token}/predictions.h5ad"}
+            "h5ad": f"/api/jobs/{token}/predictions.h5ad", "biomarkers": f"/api/jobs/{token}/biomarkers",
+            "biomarkers_csv": f"/api/jobs/{token}/biomarkers.csv"}
 
 
 @router.post("/api/jobs", status_code=201, response_model=JobCreated, tags=["prediction"],
@@ -373,3 +375,40 @@ def predictions_csv(request: Request, token: str, session: DbSession) -> FileRes
 def predictions_h5ad(request: Request, token: str, session: DbSession) -> FileResponse:
     """Download the uploaded data with predictions in obs and the embedding (and its 2-D view) in obsm."""
     return _download(request, session, token, job_service.PREDICTIONS_H5AD, ".h5ad", "application/x-hdf5")
+
+
+@router.get("/api/jobs/{token}/biomarkers", tags=["prediction"], responses={404: {"model": Rejection}})
+def biomarkers(request: Request, token: str, session: DbSession) -> dict[str, Any]:
+    """The biomarkers of a finished job: predicted-resistant vs predicted-sensitive cells (``status``, and when
+    done the compared groups, the tests with their unit and N, the top genes per direction, caveats,
+    enrichment and the figures at ``/api/jobs/<token>/biomarkers/<role>.png``)."""
+    job = job_or_404(session, token)
+    return make_json_safe(job_service.biomarker_view(request.app.state.storage, job))
+
+
+@router.get("/api/jobs/{token}/biomarkers.csv", tags=["prediction"],
+            responses={200: {"content": {"text/csv": {}}, "description": "one row per gene and test"}})
+def biomarkers_csv(request: Request, token: str, session: DbSession) -> Response:
+    """Download the biomarker table of a finished job (one row per gene and test; `scdrugmap.tl.BIOMARKER_COLUMNS`)."""
+    import pandas as pd
+
+    job = job_or_404(session, token)
+    path = job_service.biomarker_file(request.app.state.storage, job, "table")
+    if path is None:
+        raise HTTPException(404, "this job has no biomarkers (see its results page for why).")
+    stem = job.display_name.rsplit(".", 1)[0] or "predictions"
+    return Response(pd.read_parquet(path).to_csv(index=False), media_type="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="{stem}.biomarkers.csv"'})
+
+
+@router.get("/api/jobs/{token}/biomarkers/{role}.png", tags=["prediction"],
+            responses={200: {"content": {"image/png": {}}, "description": "a biomarker figure"}})
+def biomarker_figure(request: Request, token: str, role: str, session: DbSession) -> FileResponse:
+    """One figure of a job's biomarkers: ``volcano``, ``dotplot``, ``attribution`` or ``enrichment_figure``."""
+    from scdrugmap.evaluate.store import BIOMARKER_FIGURES
+
+    job = job_or_404(session, token)
+    path = job_service.biomarker_file(request.app.state.storage, job, role) if role in BIOMARKER_FIGURES else None
+    if path is None:
+        raise HTTPException(404, f"this job has no biomarker figure {role!r}.")
+    return FileResponse(path, media_type="image/png")

@@ -47,7 +47,8 @@ def run(job: dict[str, Any], send) -> None:
         summary = run_prediction(Path(job["upload"]), Path(job["bundle"]), model=job["model"],
                                  weights=job.get("weights"), threshold=float(job["threshold"]),
                                  out_dir=Path(job["out_dir"]), projection=job["projection"],
-                                 progress=lambda stage, fraction: send(progress=[stage, float(fraction)]))
+                                 progress=lambda stage, fraction: send(progress=[stage, float(fraction)]),
+                                 biomarkers=job.get("biomarkers"))
     except MemoryError:
         send(memory=memory_message(limit))
     except ScDrugMapError as err:

@@ -34,6 +34,8 @@ SUBMITTABLE = ("checked", "failed", "interrupted")
 PREDICTIONS_PARQUET = "predictions.parquet"
 PREDICTIONS_CSV = "predictions.csv"
 PREDICTIONS_H5AD = "predictions.h5ad"
+#: Folder of a job's output with the biomarkers of its predicted groups (`scdrugmap.tl.Biomarkers.write`).
+BIOMARKERS_DIR = "biomarkers"
 
 
 class JobRefused(Exception):
@@ -269,6 +271,53 @@ def output_file(storage: Storage, job: PredictionJob, filename: str) -> Any:
 def predictions_frame(storage: Storage, job: PredictionJob) -> pd.DataFrame | None:
     path = output_file(storage, job, PREDICTIONS_PARQUET)
     return None if path is None else pd.read_parquet(path)
+
+
+def biomarker_view(storage: Storage, job: PredictionJob) -> dict[str, Any]:
+    """Return what the results page shows of a job's biomarkers (predicted resistant vs predicted sensitive).
+
+    ``status`` and ``reason`` (from the job's summary), and when found: ``compared`` (which groups),
+    ``lines`` (attribution, deletion, stability), per test its ``caption`` (unit, N, aggregation) and its
+    ``up`` / ``down`` top genes, ``caveats``, ``enrichment`` rows and ``figures`` (role, title, caption; served
+    at ``/api/jobs/<token>/biomarkers/<role>.png``).
+    """
+    from scdrugmap.errors import ConfigError as NotFound
+    from scdrugmap.evaluate.store import read_biomarkers
+    from scdrugmap.report import biomarker_section as section
+    from scdrugmap.web.results import records
+
+    about = dict((job.summary or {}).get("biomarkers") or {"status": "skipped",
+                                                           "reason": "this job ran before biomarkers were found."})
+    if about.get("status") != "done" or job.status != "done" or not job.output_name:
+        return about
+    try:
+        found = read_biomarkers(storage.output_dir(job.output_name) / BIOMARKERS_DIR)
+    except NotFound:
+        return {"status": "failed", "reason": "the biomarker files of this job are missing."}
+    facts, tops = found.facts, section.top_gene_rows(found)
+    tests = []
+    for test in facts.get("tests", {}).get("predicted", []):
+        rows = tops[tops["test"] == test]
+        tests.append({"name": test, "caption": section.test_caption(found, "predicted", test),
+                      **{direction: records(section.genes_table(rows[rows["direction"] == direction]))
+                         for direction in ("up", "down")}})
+    enrichment = (records(section.enrichment_table(found.enrichment))
+                  if found.enrichment is not None and len(found.enrichment) else [])
+    figures = [{"role": role, "title": section.FIGURE_TITLES[role], "caption": section.FIGURE_CAPTIONS[role]}
+               for role in found.figures]
+    return {**about, "compared": section.groups_caption(facts, "predicted"), "lines": section.model_lines(facts),
+            "tests": tests, "caveats": list(facts.get("caveats", [])), "enrichment": enrichment, "figures": figures}
+
+
+def biomarker_file(storage: Storage, job: PredictionJob, role: str) -> Any:
+    """Return the path of one of a finished job's biomarker files by role (`BIOMARKER_FILES`), or None."""
+    from scdrugmap.evaluate.store import BIOMARKER_FILES
+
+    name = BIOMARKER_FILES.get(role)
+    if name is None or job.status != "done" or not job.output_name:
+        return None
+    path = storage.output_dir(job.output_name) / BIOMARKERS_DIR / name
+    return path if path.is_file() else None
 
 
 def sample_summary(frame: pd.DataFrame) -> pd.DataFrame:

@@ -194,4 +194,5 @@ def results_page(request: Request, token: str, session: DbSession,
     return render(request, "results.html", {
         "job": view, "token": token, "figures": figures, "rows": rows, "page": page, "pages": pages,
         "columns": [c for c in frame.columns if c not in ("x", "y")],
-        "samples": records(job_service.sample_summary(frame)), "nav": "predict"})
+        "samples": records(job_service.sample_summary(frame)),
+        "biomarkers": job_service.biomarker_view(request.app.state.storage, job), "nav": "predict"})

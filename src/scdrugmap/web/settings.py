@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from scdrugmap import config as paths
 from scdrugmap.errors import ConfigError
@@ -93,6 +93,19 @@ class Settings:
         long without a heartbeat a running job counts as interrupted.
     max_plot_points
         Cells drawn in the 2-D view (a fixed random subset of larger data sets).
+    biomarkers
+        Find biomarkers in every prediction job, after its predictions are written: predicted-resistant vs
+        predicted-sensitive cells (`scdrugmap.tl.biomarkers`; the Wilcoxon test, and pseudobulk DESeq2
+        with the sample as a blocking factor where the upload names samples and holds counts). A job whose
+        biomarkers fail still delivers its predictions; its page says why.
+    biomarker_cells, biomarker_genes, biomarker_bootstrap
+        Bounds that keep it fast: cells attributed and deleted from, genes deleted, bootstrap resamples of
+        samples for the stability column (0: none).
+    biomarker_attribution
+        Models whose heads are attributed and have genes deleted (the baselines by default: a foundation
+        model would embed every deleted copy); other heads get differential expression only.
+    biomarker_gene_sets
+        A GMT file of gene sets for the enrichment (None: no enrichment).
     """
 
     db_url: str | None = None
@@ -123,6 +136,12 @@ class Settings:
     heartbeat_seconds: float = 5.0
     stale_seconds: float = 60.0
     max_plot_points: int = 5000
+    biomarkers: bool = True
+    biomarker_cells: int = 200
+    biomarker_genes: int = 20
+    biomarker_bootstrap: int = 5
+    biomarker_attribution: tuple[str, ...] = ("pca", "hvg")
+    biomarker_gene_sets: Path | None = None
 
     @property
     def max_upload_bytes(self) -> int:
@@ -140,6 +159,14 @@ class Settings:
             return None
         return int(max(self.job_memory_mb - JOB_OVERHEAD_MB, self.job_memory_mb / 4) * 2**20)
 
+    def biomarker_options(self) -> dict[str, Any] | None:
+        """What a job needs to find biomarkers (JSON-safe, for the job's process), or None when turned off."""
+        if not self.biomarkers:
+            return None
+        return {"max_cells": self.biomarker_cells, "max_genes": self.biomarker_genes,
+                "n_bootstrap": self.biomarker_bootstrap, "attribute_models": list(self.biomarker_attribution),
+                "gene_sets": None if self.biomarker_gene_sets is None else str(self.biomarker_gene_sets)}
+
     def resolved(self) -> Settings:
         """Return a copy with every default folder filled in and the limits checked.
 
@@ -150,12 +177,15 @@ class Settings:
         """
         if (self.max_upload_mb <= 0 or self.max_concurrent_jobs < 1 or self.max_queued_jobs < 1
                 or self.max_pending_uploads < 1 or self.max_concurrent_checks < 1 or self.retention_hours <= 0
-                or self.disk_quota_mb <= 0 or self.job_timeout_seconds <= 0 or self.job_memory_mb < 0):
+                or self.disk_quota_mb <= 0 or self.job_timeout_seconds <= 0 or self.job_memory_mb < 0
+                or self.biomarker_cells < 1 or self.biomarker_genes < 0 or self.biomarker_bootstrap < 0):
             msg = (f"max_upload_mb={self.max_upload_mb}, max_concurrent_jobs={self.max_concurrent_jobs}, "
                    f"max_queued_jobs={self.max_queued_jobs}, max_pending_uploads={self.max_pending_uploads}, "
                    f"max_concurrent_checks={self.max_concurrent_checks}, retention_hours={self.retention_hours}, "
                    f"disk_quota_mb={self.disk_quota_mb}, job_timeout_seconds={self.job_timeout_seconds}, "
-                   f"job_memory_mb={self.job_memory_mb}: every limit must be positive (job_memory_mb may be 0).")
+                   f"job_memory_mb={self.job_memory_mb}, biomarker_cells={self.biomarker_cells}, biomarker_genes="
+                   f"{self.biomarker_genes}, biomarker_bootstrap={self.biomarker_bootstrap}: every limit must be "
+                   "positive (job_memory_mb, biomarker_genes and biomarker_bootstrap may be 0).")
             raise ConfigError(msg)
         if self.job_isolation not in ("process", "thread"):
             msg = f"job_isolation {self.job_isolation!r} is not available; choose process or thread."

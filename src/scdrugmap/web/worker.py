@@ -42,7 +42,7 @@ from scdrugmap.report.projection import project_embedding
 from scdrugmap.report.serialise import make_json_safe
 from scdrugmap.web.bundles import bundle_folder
 from scdrugmap.web.db import ACTIVE_STATES, HeadBundle, PredictionJob, utcnow
-from scdrugmap.web.jobs import PREDICTIONS_CSV, PREDICTIONS_H5AD, PREDICTIONS_PARQUET
+from scdrugmap.web.jobs import BIOMARKERS_DIR, PREDICTIONS_CSV, PREDICTIONS_H5AD, PREDICTIONS_PARQUET
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import sessionmaker
@@ -96,17 +96,62 @@ def _worker_gone(worker_id: str | None) -> bool:
     return pid == os.getpid() or not _pid_alive(pid)
 
 
+def find_biomarkers(adata: Any, head: Any, *, probability_key: str, threshold: float, weights: str | None,
+                    out_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """Find the genes that separate the job's predicted-resistant from its predicted-sensitive cells.
+
+    Calls `scdrugmap.tl.biomarkers` on the job's own predictions (``obs[probability_key]`` at the job's
+    ``threshold``): the Wilcoxon test, and pseudobulk DESeq2 with the sample as a blocking factor where
+    the upload names samples (and holds counts); attribution and deletion of the head for the models in
+    ``options["attribute_models"]``, bounded by ``max_cells`` and ``max_genes``. Writes the biomarker
+    folder ``out_dir`` (`scdrugmap.tl.Biomarkers.write`).
+
+    Returns
+    -------
+    The summary's ``biomarkers`` entry: ``status`` (``done``, ``skipped`` with the ``reason``), and when
+    done the tests, the cells per group and ``seconds``.
+    """
+    import time
+
+    from scdrugmap import tl
+    from scdrugmap.data import schema
+
+    start = time.perf_counter()
+    probability = adata.obs[probability_key].to_numpy(dtype=np.float64)
+    finite = probability[np.isfinite(probability)]
+    counts = {"resistant": int((finite < threshold).sum()), "sensitive": int((finite >= threshold).sum())}
+    if min(counts.values()) < 2:
+        return {"status": "skipped", "reason": f"the head predicted {counts['resistant']} resistant and "
+                f"{counts['sensitive']} sensitive cells; comparing them needs at least 2 of each."}
+    has_samples = schema.SAMPLE in adata.obs
+    found = tl.biomarkers(adata, head=head, probability_key=probability_key, threshold=threshold,
+                          comparisons=["predicted"], sample_key=schema.SAMPLE if has_samples else None,
+                          test="both" if has_samples else "wilcoxon", non_counts="wilcoxon",
+                          gene_sets=options.get("gene_sets"), top_k=10, max_cells=int(options["max_cells"]),
+                          max_genes=int(options["max_genes"]),
+                          attribute=head.model in options.get("attribute_models", ()),
+                          n_bootstrap=int(options["n_bootstrap"]), n_permutations=200, weights=weights,
+                          device="auto", seed=0)
+    found.write(out_dir)
+    return {"status": "done", "tests": found.facts["tests"].get("predicted", []),
+            "cells": found.facts["groups"]["predicted"]["cells"], "seconds": round(time.perf_counter() - start, 2)}
+
+
 def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights: str | None, threshold: float,
-                   out_dir: Path, projection: str, progress: Any) -> dict[str, Any]:
+                   out_dir: Path, projection: str, progress: Any,
+                   biomarkers: dict[str, Any] | None = None) -> dict[str, Any]:
     """Predict every cell of ``upload_path`` with the head in ``bundle_path`` (through `scdrugmap.tl.predict`).
 
     Writes ``predictions.parquet`` (cell, probability, prediction, x, y, sample, observed), ``predictions.csv``
     and ``predictions.h5ad`` (the upload with obs columns ``scdrugmap_<model>_prob_sensitive`` and
-    ``scdrugmap_<model>_prediction``, obsm ``X_<model>`` and its 2-D view) into ``out_dir``.
+    ``scdrugmap_<model>_prediction``, obsm ``X_<model>`` and its 2-D view) into ``out_dir``, then, with
+    ``biomarkers`` (`Settings.biomarker_options`), the biomarkers of the predicted groups into
+    ``out_dir/biomarkers`` (`find_biomarkers`).
 
     Returns
     -------
-    The summary shown on the results page (counts, mean probability, agreement with observed labels).
+    The summary shown on the results page (counts, mean probability, agreement with observed labels, and
+    ``biomarkers``: done, skipped or failed with the reason; a failure there never fails the job).
     """
     from scdrugmap import read_head, tl
     from scdrugmap.data import schema
@@ -166,7 +211,22 @@ def run_prediction(upload_path: Path, bundle_path: Path, *, model: str, weights:
     if xy is not None:
         adata.obsm[f"{basis}_{method}"] = xy
     write_h5ad_atomic(adata, out_dir / PREDICTIONS_H5AD)
-    return summary
+    if biomarkers is not None:
+        progress("finding biomarkers", 0.93)
+        try:
+            summary["biomarkers"] = find_biomarkers(adata, head, probability_key=tl.probability_column(key),
+                                                    threshold=threshold, weights=weights,
+                                                    out_dir=out_dir / BIOMARKERS_DIR, options=biomarkers)
+        except ScDrugMapError as err:  # the predictions stand; the page says why there are no biomarkers
+            log.warning("biomarkers of a job failed: %s", err)
+            summary["biomarkers"] = {"status": "failed", "reason": str(err)}
+        except (ValueError, RuntimeError, np.linalg.LinAlgError) as err:  # a numerical library gave up
+            log.exception("biomarkers of a job stopped on an internal error")
+            summary["biomarkers"] = {"status": "failed", "reason": f"the biomarker analysis stopped on an internal "
+                                     f"error ({type(err).__name__}); the predictions are complete."}
+    else:
+        summary["biomarkers"] = {"status": "skipped", "reason": "this server does not look for biomarkers."}
+    return make_json_safe(summary)
 
 
 class JobWorker:
@@ -359,14 +419,15 @@ class JobWorker:
             arguments = {"upload": str(upload_path), "bundle": str(bundle_path), "model": str(job.model),
                          "weights": self.settings.weights.get(str(job.model)), "threshold": job.threshold,
                          "out_dir": str(self.storage.partial_output_dir(output_name)),
-                         "projection": self.settings.projection}
+                         "projection": self.settings.projection,
+                         "biomarkers": self.settings.biomarker_options()}
             if self.settings.job_isolation == "process":
                 summary = self._run_in_process(job_id, arguments, progress)
             else:
                 summary = run_prediction(upload_path, bundle_path, model=arguments["model"],
                                          weights=arguments["weights"], threshold=job.threshold,
                                          out_dir=Path(arguments["out_dir"]), projection=arguments["projection"],
-                                         progress=progress)
+                                         progress=progress, biomarkers=arguments["biomarkers"])
             self.storage.publish_output(output_name)
         except JobStopped:
             self.storage.remove_output(output_name)
