@@ -144,3 +144,14 @@ def test_wilcoxon_leaves_the_torch_thread_count_as_it_was(collection):
     torch.set_num_threads(1)  # numba's OpenMP pool (scanpy) would reset it to the core count
     differential_expression(collection[:, :20].copy(), test="wilcoxon")
     assert torch.get_num_threads() == 1
+
+
+def test_auto_counts_only_samples_big_enough_for_pseudobulk():
+    """Many tiny samples: too few pseudobulk samples of >= min_cells cells, so auto runs Wilcoxon, not nothing."""
+    from scdrugmap.data.simulate import simulate_collection
+
+    small = simulate_collection(240, n_genes=100, seed=0, resistance_strength=2.0)
+    sizes = small.obs.groupby(["response", "sample"], observed=True).size()
+    assert (sizes >= 10).groupby(level="response").sum().min() < 2 <= sizes.groupby(level="response").size().min()
+    table = differential_expression(small)
+    assert set(table["test"]) == {"wilcoxon"} and len(table) == small.n_vars

@@ -137,7 +137,8 @@ def _strata(adata: ad.AnnData, cell_type_key: str | None) -> npt.NDArray[np.obje
     return _obs_column(adata, cell_type_key, "cell types")
 
 
-def _choose_tests(test: Test, groups: np.ndarray, samples: np.ndarray | None, min_samples: int) -> list[str]:
+def _choose_tests(test: Test, groups: np.ndarray, samples: np.ndarray | None, min_samples: int,
+                  min_cells: int) -> list[str]:
     if test == "both":
         return ["wilcoxon", "pseudobulk"]
     if test in ("wilcoxon", "pseudobulk"):
@@ -149,12 +150,17 @@ def _choose_tests(test: Test, groups: np.ndarray, samples: np.ndarray | None, mi
         return ["wilcoxon"]
     per_sample = labels_are_per_sample(groups, samples)
     labelled = np.array([g is not None for g in groups])
-    n_samples = {g: len(set(samples[labelled & (groups == g)])) for g in GROUPS}
+    # only samples of min_cells cells or more make a pseudobulk sample (as `_pseudobulk` keeps them)
+    n_samples = {}
+    for g in GROUPS:
+        _, sizes = np.unique(samples[labelled & (groups == g)].astype(str), return_counts=True)
+        n_samples[g] = int((sizes >= min_cells).sum())
     if per_sample and min(n_samples.values()) >= min_samples:
         return ["pseudobulk"]
     if per_sample:
-        log.warning("labels are per sample but a group has fewer than %d samples (%s); using the Wilcoxon test, "
-                    "whose cells are pseudoreplicates: treat its p-values as descriptive", min_samples, n_samples)
+        log.warning("labels are per sample but a group has fewer than %d samples of >= %d cells (%s); using the "
+                    "Wilcoxon test, whose cells are pseudoreplicates: treat its p-values as descriptive",
+                    min_samples, min_cells, n_samples)
     return ["wilcoxon"]
 
 
@@ -241,7 +247,7 @@ def differential_expression(
     if sample_key is not None and samples is None and test in ("pseudobulk", "both"):
         msg = f"pseudobulk needs samples, but obs has no {sample_key!r} column. Name it with sample_key=."
         raise SchemaError(msg)
-    tests = _choose_tests(test, groups, samples, min_samples)
+    tests = _choose_tests(test, groups, samples, min_samples, min_cells)
     strata = _strata(adata, cell_type_key)
     X = expression_matrix(adata, layer)
     if hasattr(X, "to_memory"):
