@@ -911,7 +911,10 @@ def biomarkers(
     ``score`` (signed test statistic, positive: higher in resistant), ``n_resistant``/``n_sensitive`` (cells,
     or pseudobulk samples); ``attribution_mean`` and ``attribution_sd``: integrated gradients of calibrated
     P(sensitive) over the comparison's resistant cells among those attributed, relative to the average cell
-    (negative: the gene pushes these cells towards resistance); ``attribution_abs_mean``: mean
+    (pca, hvg) or, for token models, on the input embeddings relative to the model's baseline input (gene
+    tokens padded or genes unexpressed, per model: `scdrugmap.explain.token_hooks`; ``facts["attribution"]``
+    names it and the largest completeness error) (negative: the gene pushes these cells towards
+    resistance); ``attribution_abs_mean``: mean
     |attribution| over every attributed cell (the gene's weight in the model); ``deletion_delta``: mean
     change in P(sensitive) when the gene is zeroed, over the cells expressing it (NaN for genes not
     deleted); ``stability``: share of bootstrap resamples (of samples, within each group) with the gene among
@@ -1070,28 +1073,32 @@ def biomarkers(
     else:
         found, note = None, ""
         encoder = None
+        baseline = "the mean attributed cell"
         if trained.model in attr.EXPRESSION_MODELS:
             found = attr.attribute_expression(work, trained, layer=layer, max_cells=max_cells, seed=seed,
                                               progress=_stage(progress, "attribution"))
         else:
             encoder = _load_encoder(trained.model, weights, device, model_options)
             try:
-                attr.token_attribution_hook(encoder)
+                baseline = attr.token_attribution_hook(encoder).description
             except ConfigError as err:
                 note = f"{err} Only in-silico deletion was run."
+                baseline = ""
                 log.warning("%s", note)
             else:
                 found = attr.attribute_tokens(cast("TorchEncoder", encoder), work, trained, layer=layer, max_cells=max_cells, seed=seed,
                                               progress=_stage(progress, "attribution"))
         facts["attribution"] = {"method": None if found is None else found.method, "note": note,
-                                "baseline": "the mean attributed cell" if trained.model in attr.EXPRESSION_MODELS
-                                else "every gene token replaced by padding",
+                                "baseline": baseline,
                                 "n_cells": 0 if found is None else len(found.obs_names),
                                 "explains": "calibrated P(sensitive)" if trained.model in attr.EXPRESSION_MODELS
                                 else "P(sensitive) of the head"}
         if run is not None:
             facts["attribution"]["model"] = ("the given head (trained on its own data), not each fold's model: the "
                                              "run keeps no fold models")
+        if found is not None and found.convergence_delta is not None and len(found.convergence_delta):
+            # IG's completeness: a cell's attributions sum to P(cell) - P(baseline) up to this error
+            facts["attribution"]["completeness_error_max"] = float(np.nanmax(np.abs(found.convergence_delta)))
         if found is not None:
             overall = found.summary().set_index("gene")["attribution_abs_mean"]
             pieces = []
@@ -1117,8 +1124,10 @@ def biomarkers(
                                         for g in [genes[rank]]))[: max_genes or None]
             encoder = encoder or _load_encoder(trained.model, weights, device, model_options)
             predict_fn = attr.make_predict_function(encoder, trained, layer=layer)
+            # a model whose output for a cell depends on the other cells given deletes one gene per call
             deleted = attr.measure_deletion_effects(work, predict_fn, genes=chosen, layer=layer, max_cells=max_cells,
-                                                    max_genes=None, seed=seed, progress=_stage(progress, "deletion"))
+                                                    max_genes=None, genes_per_call=None if encoder.shardable else 1,
+                                                    seed=seed, progress=_stage(progress, "deletion"))
             table["deletion_delta"] = table["gene"].map(deleted.set_index("gene")["deletion_delta"])
             facts["deletion"] = {"n_genes": len(chosen), "n_cells": int(deleted["n_cells"].iloc[0]) if len(deleted)
                                  else 0, "explains": "calibrated P(sensitive), zeroed gene minus cell"}
