@@ -1,7 +1,7 @@
 """`scdrugmap biomarkers --model M --head HEAD` attributes and deletes genes with every token model (golden weights).
 
 Per model: a logistic head trained with `sdm.tl.train` on 32 golden cells (labels that vary within samples, so the
-differential expression is the fast Wilcoxon test), then the command with ``--cells 4 --genes 10 --bootstrap 0``.
+differential expression is the fast Wilcoxon test), then the command with ``--cells 4 --genes 10 --steps 24 --bootstrap 0``.
 The golden checkpoints need loader options the command line has no flags for (tiny configs, gene index files;
 `token_model_cases.FAST_OPTIONS`), so the test adds them to `load_encoder` (and loads each model once); and the figures are not drawn (their
 own tests are in test_biomarkers.py): drawing three PNGs costs more than the attribution of these tiny models.
@@ -63,9 +63,9 @@ def test_biomarkers_attributes_and_deletes_genes_with_every_token_model(name, sh
     result = runner.invoke(app, ["--quiet", "biomarkers", str(tmp_path / "cells.h5ad"), "--model", name,
                                  "--head", str(tmp_path / "head"), "--weights", str(case.weights),
                                  "--out", str(tmp_path / "out"), "--comparisons", "observed", "--cells", "4",
-                                 "--genes", "10", "--bootstrap", "0"])
+                                 "--genes", "10", "--steps", "24", "--bootstrap", "0"])
     assert result.exit_code == 0, result.output
-    assert "attribution: integrated_gradients" in result.output
+    assert "attribution: integrated_gradients" in result.output and "completeness:" in result.output
     facts = json.loads((tmp_path / "out" / "biomarkers.json").read_text())
     about = facts["attribution"]
     assert about["method"] == "integrated_gradients" and about["n_cells"] == 4 and about["baseline"]

@@ -529,7 +529,7 @@ def run_biomarkers(data: Path, *, model: str, out: Path, head: Path | None, run:
                    sample_key: str | None, cell_type_key: str | None, gene_sets: Path | None,
                    comparisons: list[str] | None, top_k: int, cells: int, genes: int, bootstrap: int,
                    layer: str | None, weights: Path | None, seed: int, device: str, quiet: bool, console: Console,
-                   progress_console: Console, max_memory: str | None = None) -> list[Path]:
+                   progress_console: Console, max_memory: str | None = None, steps: int | None = None) -> list[Path]:
     """Find biomarkers in ``data`` (observed labels, a head's predictions or a run's), write them, print the top genes."""
     from scdrugmap import tl
     from scdrugmap.data.io import read_h5ad
@@ -551,7 +551,8 @@ def run_biomarkers(data: Path, *, model: str, out: Path, head: Path | None, run:
             found = tl.biomarkers(adata, model, head=trained, run=run, label_key=label_key, sample_key=sample_key,
                                   cell_type_key=cell_type_key, gene_sets=gene_sets,
                                   comparisons=comparisons,  # type: ignore[arg-type]
-                                  top_k=top_k, max_cells=cells, max_genes=genes, n_bootstrap=bootstrap, layer=layer,
+                                  top_k=top_k, max_cells=cells, max_genes=genes, n_steps=steps,
+                                  n_bootstrap=bootstrap, layer=layer,
                                   weights=weights, device=device, seed=seed, progress=update)
         except SchemaError as err:  # name the file, not "the data"
             raise SchemaError(f"{data}: {err}") from err
@@ -586,6 +587,10 @@ def print_biomarkers(console: Console, found: Any, *, top: int = 10) -> None:
     if about.get("method"):
         console.print(f"attribution: {about['method']} of {about['explains']} on {about['n_cells']} cells "
                       "(mean |attribution| per cell); deletion: change in P(sensitive) when the gene is zeroed")
+        if about.get("largest_change") is not None:
+            console.print(f"completeness: a cell's attributions miss P(cell) - P(baseline) by up to "
+                          f"{about['completeness_error_max']:.2g} (largest change {about['largest_change']:.2g}; "
+                          "--steps raises the accuracy)", soft_wrap=True)
     elif about.get("reason") or about.get("note"):
         console.print(escape(f"attribution: {about.get('reason') or about.get('note')}"), soft_wrap=True)
     for caveat in facts.get("caveats", []):

@@ -133,3 +133,11 @@ def test_a_model_that_cannot_be_attributed_names_deletion():
     slow = types.SimpleNamespace(name="minilm", tokenizer=types.SimpleNamespace(is_fast=False))
     with pytest.raises(ConfigError, match="character offsets.*measure_deletion_effects"):
         token_attribution_hook(slow)
+
+
+@pytest.mark.parametrize("token_model", ["scgpt"], indirect=True)
+def test_too_few_steps_for_the_attributions_to_add_up_are_named(token_model, caplog):
+    encoder, cells, head = token_model
+    with caplog.at_level("WARNING", logger="scdrugmap.explain.attribution"):
+        attribute_tokens(encoder, cells, head=head, n_steps=2, max_cells=None)
+    assert "raise n_steps (now 2)" in caplog.text

@@ -71,6 +71,9 @@ ExpressionMethod = Literal["integrated_gradients", "gradient", "gradient_x_input
 EXPRESSION_MODELS = ("hvg", "pca")
 #: Columns of `Attributions.summary`.
 SUMMARY_COLUMNS = ("gene", "attribution_mean", "attribution_sd", "attribution_abs_mean", "n_cells")
+#: `attribute_tokens` warns when a cell's completeness error exceeds this share of the largest change from the
+#: baseline: the quadrature has too few steps (a saturated head or a long sequence of swapped tokens).
+COMPLETENESS_WARNING = 0.05
 #: Columns of `measure_deletion_effects`.
 DELETION_COLUMNS = ("gene", "deletion_delta", "deletion_sd", "deletion_delta_all", "n_expressing", "n_cells")
 
@@ -795,8 +798,14 @@ def attribute_tokens(
     values = sp.coo_matrix((np.concatenate(entries_value or [np.empty(0)]).astype(np.float32),
                             (np.concatenate(entries_row or [np.empty(0, np.int64)]), column_of[attributed])),
                            shape=(n_tokenized, used.size)).tocsr()
+    error = float(np.abs(delta).max(initial=0.0))
+    change = float(np.abs(probability - baseline_probability).max(initial=0.0))
     log.info("    finished token attribution in %.1fs (largest completeness error %.2g)", time.perf_counter() - start,
-             float(np.abs(delta).max(initial=0.0)))
+             error)
+    if error > max(COMPLETENESS_WARNING * change, 1e-3):
+        log.warning("integrated gradients of %s: a cell's attributions miss P(cell) - P(baseline) by up to %.3g "
+                    "(largest change %.3g); raise n_steps (now %d) for attributions that add up", encoder.name,
+                    error, change, n_steps)
     return Attributions(values=values, genes=np.asarray(cells.var_names.astype(str))[used],
                         obs_names=np.asarray(cells.obs_names.astype(str))[tokens.cell_index],
                         probability=probability, method="integrated_gradients", convergence_delta=delta,
