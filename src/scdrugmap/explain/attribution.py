@@ -610,7 +610,9 @@ def _token_head(encoder: TorchEncoder, bundle: str | Path | Head | None,
     return probability_head(meta, tensors).to(encoder.device)
 
 
-class _Captured(Exception):  # noqa: N818  (a signal, not an error: stops a forward pass once the point is read)
+class _Captured(Exception):
+    """Not an error: stops a forward pass once the embedding point is read."""
+
     def __init__(self, value: torch.Tensor) -> None:
         super().__init__()
         self.value = value
