@@ -359,6 +359,8 @@ def biomarkers(
     top_k: Annotated[int, typer.Option(help="Top genes per direction (stability, enrichment, deletion).")] = 20,
     cells: Annotated[int, typer.Option(help="Most cells attributed and deleted from.")] = 500,
     genes: Annotated[int, typer.Option(help="Most genes deleted in silico (0: none).")] = 50,
+    steps: Annotated[int | None, typer.Option(help="Integrated-gradients steps (default: 50 for pca/hvg, 20 for token "
+                                                   "models); raise it when the completeness error shown is large.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of samples for stability (0: none).")] = 20,
     layer: Layer = None,
     weights: Annotated[Path | None, typer.Option(help="Local folder/file of the official weights.")] = None,
@@ -372,7 +374,7 @@ def biomarkers(
     for path in run_biomarkers(data, model=model, out=out, head=head, run=run, label_key=label_key,
                                sample_key=sample_key, cell_type_key=cell_type_key, gene_sets=gene_sets,
                                comparisons=_split_list(comparisons), top_k=top_k, cells=cells, genes=genes,
-                               bootstrap=bootstrap, layer=layer, weights=weights, seed=seed, device=device,
+                               steps=steps, bootstrap=bootstrap, layer=layer, weights=weights, seed=seed, device=device,
                                quiet=STATE["quiet"], console=stdout, progress_console=stderr, max_memory=max_memory):
         stdout.print(str(path))
 

@@ -529,7 +529,7 @@ def run_biomarkers(data: Path, *, model: str, out: Path | None, head: Path | Non
                    sample_key: str | None, cell_type_key: str | None, gene_sets: Path | None,
                    comparisons: list[str] | None, top_k: int, cells: int, genes: int, bootstrap: int,
                    layer: str | None, weights: Path | None, seed: int, device: str, quiet: bool, console: Console,
-                   progress_console: Console, max_memory: str | None = None) -> list[Path]:
+                   progress_console: Console, max_memory: str | None = None, steps: int | None = None) -> list[Path]:
     """Find biomarkers in ``data`` (observed labels, a head's predictions or a run's), write them, print the top genes.
 
     ``out`` defaults, with ``run``, to the run's biomarker folder (`scdrugmap.evaluate.store.biomarkers_dir`),
@@ -562,7 +562,8 @@ def run_biomarkers(data: Path, *, model: str, out: Path | None, head: Path | Non
             found = tl.biomarkers(adata, model, head=trained, run=run, label_key=label_key, sample_key=sample_key,
                                   cell_type_key=cell_type_key, gene_sets=gene_sets,
                                   comparisons=comparisons,  # type: ignore[arg-type]
-                                  top_k=top_k, max_cells=cells, max_genes=genes, n_bootstrap=bootstrap, layer=layer,
+                                  top_k=top_k, max_cells=cells, max_genes=genes, n_steps=steps,
+                                  n_bootstrap=bootstrap, layer=layer,
                                   weights=weights, device=device, seed=seed, progress=update)
         except SchemaError as err:  # name the file, not "the data"
             raise SchemaError(f"{data}: {err}") from err
@@ -603,6 +604,10 @@ def print_biomarkers(console: Console, found: Any, *, top: int = 10) -> None:
         console.print(escape(f"attribution: {about['method']} of {about['explains']} on {about['n_cells']} cells{who} "
                              "(mean |attribution| per cell); deletion: change in P(sensitive) when the gene is zeroed"),
                       soft_wrap=True)
+        if about.get("largest_change") is not None:
+            console.print(f"completeness: a cell's attributions miss P(cell) - P(baseline) by up to "
+                          f"{about['completeness_error_max']:.2g} (largest change {about['largest_change']:.2g}; "
+                          "--steps raises the accuracy)", soft_wrap=True)
     elif about.get("reason") or about.get("note"):
         console.print(escape(f"attribution: {about.get('reason') or about.get('note')}"), soft_wrap=True)
     for caveat in facts.get("caveats", []):

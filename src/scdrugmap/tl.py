@@ -867,6 +867,7 @@ def biomarkers(
     max_cells: int | None = 500,
     max_genes: int | None = 50,
     attribute: bool = True,
+    n_steps: int | None = None,
     n_bootstrap: int = 20,
     n_permutations: int = 1000,
     test: Literal["auto", "wilcoxon", "pseudobulk", "both"] = "auto",
@@ -928,6 +929,9 @@ def biomarkers(
     attribute
         Attribute the model and delete genes (False: differential expression, stability and enrichment
         only; ``facts["attribution"]["reason"]`` says so).
+    n_steps
+        Integrated-gradients steps; None: 50 for pca/hvg heads, 20 for token models. ``facts["attribution"]``
+        gives the largest completeness error: raise the steps when it is a large share of ``largest_change``.
     n_bootstrap
         Bootstrap resamples of samples for the ``stability`` column (0: NaN stability).
     n_permutations
@@ -950,8 +954,11 @@ def biomarkers(
     ``score`` (signed test statistic, positive: higher in resistant), ``n_resistant``/``n_sensitive`` (cells,
     or pseudobulk samples); ``attribution_mean`` and ``attribution_sd``: integrated gradients of the head's
     P(sensitive) (before calibration) over the comparison's resistant cells among those attributed, relative
-    to the average cell (negative: the gene pushes these cells towards resistance); ``attribution_abs_mean``:
-    mean |attribution| over every attributed cell (the gene's weight in the model); ``deletion_delta``: mean
+    to the average cell (pca, hvg) or, for token models, on the input embeddings relative to the model's
+    baseline input (gene tokens padded or genes unexpressed, per model: `scdrugmap.explain.token_hooks`;
+    ``facts["attribution"]`` names it and the largest completeness error) (negative: the gene pushes these
+    cells towards resistance); ``attribution_abs_mean``: mean |attribution| over every attributed cell (the
+    gene's weight in the model); ``deletion_delta``: mean
     change in P(sensitive) when the gene is zeroed, over the cells expressing it (NaN for genes not
     deleted); ``stability``: share of bootstrap resamples (of samples, within each group) with the gene among
     the comparison's top ``top_k`` of its direction, or, for a run's fold models, share of fold models with
@@ -1139,30 +1146,33 @@ def biomarkers(
         folds_found = None
         encoder = None if fold_heads is None else fold_heads.encoder
         token_model = explained not in attr.EXPRESSION_MODELS
+        baseline = "the mean attributed cell"
+        step_option: dict[str, Any] = {} if n_steps is None else {"n_steps": int(n_steps)}
         if token_model:
             encoder = encoder or _load_encoder(explained, weights, device, model_options)
             try:
-                attr.token_attribution_hook(encoder)
+                baseline = attr.token_attribution_hook(encoder).description
             except ConfigError as err:
                 note = f"{err} Only in-silico deletion was run."
+                baseline = ""
                 log.warning("%s", note)
         if not note:
             if fold_heads is not None:
                 folds_found = fold_explain.attribute_folds(work, fold_heads.folds, encoder, layer=layer,
                                                            max_cells=max_cells, top_k=top_k, seed=seed,
-                                                           progress=_stage(progress, "attribution"))
+                                                           n_steps=n_steps, progress=_stage(progress, "attribution"))
                 found = folds_found.attributions
             elif not token_model:
                 assert trained is not None  # explained is the head's model
                 found = attr.attribute_expression(work, trained, layer=layer, max_cells=max_cells, seed=seed,
-                                                  progress=_stage(progress, "attribution"))
+                                                  progress=_stage(progress, "attribution"), **step_option)
             else:
                 assert trained is not None and encoder is not None
                 found = attr.attribute_tokens(cast("TorchEncoder", encoder), work, trained, layer=layer,
-                                              max_cells=max_cells, seed=seed, progress=_stage(progress, "attribution"))
+                                              max_cells=max_cells, seed=seed, progress=_stage(progress, "attribution"),
+                                              **step_option)
         facts["attribution"] = {"method": None if found is None else found.method, "note": note,
-                                "baseline": "every gene token replaced by padding" if token_model
-                                else "the mean attributed cell",
+                                "baseline": baseline,
                                 "n_cells": 0 if found is None else len(found.obs_names),
                                 "explains": "uncalibrated P(sensitive)"}
         if fold_heads is not None:
@@ -1173,6 +1183,12 @@ def biomarkers(
         elif run is not None:
             facts["attribution"]["model"] = ("the given head (trained on its own data), not each fold's model: the "
                                              "run keeps no fold models")
+        if found is not None and found.convergence_delta is not None and len(found.convergence_delta):
+            # IG's completeness: a cell's attributions sum to P(cell) - P(baseline) up to this error
+            facts["attribution"]["completeness_error_max"] = float(np.nanmax(np.abs(found.convergence_delta)))
+            if found.baseline_probability is not None:
+                facts["attribution"]["largest_change"] = float(np.nanmax(np.abs(found.probability
+                                                                                - found.baseline_probability)))
         if found is not None:
             overall = found.summary().set_index("gene")["attribution_abs_mean"]
             pieces = []
@@ -1203,17 +1219,19 @@ def biomarkers(
             chosen = list(dict.fromkeys(g for rank in range(top_k) for genes in lists if rank < len(genes)
                                         for g in [genes[rank]]))[: max_genes or None]
             encoder = encoder or _load_encoder(explained, weights, device, model_options)
+            # a model whose output for a cell depends on the other cells given deletes one gene per call
+            per_call = None if encoder.shardable else 1
             if fold_heads is not None:
                 cells = (folds_found.cells if folds_found is not None
                          else fold_explain.fold_cells(fold_heads.folds, max_cells, seed))
                 deleted = fold_explain.delete_in_folds(work, fold_heads.folds, encoder, chosen, cells, layer=layer,
-                                                       progress=_stage(progress, "deletion"))
+                                                       genes_per_call=per_call, progress=_stage(progress, "deletion"))
             else:
                 assert trained is not None
                 predict_fn = attr.make_predict_function(encoder, trained, layer=layer)
                 deleted = attr.measure_deletion_effects(work, predict_fn, genes=chosen, layer=layer,
-                                                        max_cells=max_cells, max_genes=None, seed=seed,
-                                                        progress=_stage(progress, "deletion"))
+                                                        max_cells=max_cells, max_genes=None, genes_per_call=per_call,
+                                                        seed=seed, progress=_stage(progress, "deletion"))
             table["deletion_delta"] = table["gene"].map(deleted.set_index("gene")["deletion_delta"])
             facts["deletion"] = {"n_genes": len(chosen), "n_cells": int(deleted["n_cells"].max()) if len(deleted)
                                  else 0, "explains": "uncalibrated P(sensitive), zeroed gene minus cell"}

@@ -14,6 +14,7 @@ from scdrugmap.explain.attribution import (
     measure_deletion_effects,
     token_attribution_hook,
 )
+from scdrugmap.explain.token_hooks import geneformer_token_genes
 
 pytest.importorskip("captum")
 
@@ -45,9 +46,8 @@ def test_geneformer_integrated_gradients_sum_to_the_change_from_the_padded_basel
     tokens = encoder.tokenize(cells)
     assert result.values.shape[0] == tokens.n_cells and sp.issparse(result.values)
     assert set(result.genes) <= set(cells.var_names)
-    hook = token_attribution_hook(encoder)
-    token_genes = hook.token_genes(encoder, cells)
-    pad = hook.baseline_token(encoder)
+    token_genes = geneformer_token_genes(encoder, cells)
+    pad = encoder.pad_token_id
     batch = encoder.collate(tokens, np.arange(tokens.n_cells))
     ids = batch["input_ids"]
     gene_token = torch.as_tensor(np.isin(ids.numpy(), list(token_genes)))
@@ -78,7 +78,7 @@ def test_geneformer_deletion_of_a_gene_equals_removing_its_token(geneformer):
     gene = str(cells.var_names[np.argmax(np.asarray((cells.X != 0).sum(axis=0)).ravel())])
     table = measure_deletion_effects(cells, predict, genes=[gene], max_cells=None).set_index("gene")
     tokens = encoder.tokenize(cells)
-    token = next(t for t, g in token_attribution_hook(encoder).token_genes(encoder, cells).items() if g == gene)
+    token = next(t for t, g in geneformer_token_genes(encoder, cells).items() if g == gene)
     flat, offsets = tokens.arrays["input_ids"], tokens.arrays["offsets"]
     keep = flat != token
     lengths = np.add.reduceat(keep, offsets[:-1]) if flat.size else tokens.lengths
@@ -94,8 +94,8 @@ def test_geneformer_deletion_of_a_gene_equals_removing_its_token(geneformer):
 
 def test_an_encoder_can_declare_its_own_hook(geneformer):
     encoder, cells = geneformer
-    own = TokenAttributionHook(embedding=lambda e: e.module.bert.embeddings.word_embeddings,
-                               token_genes=lambda e, a: {}, baseline_token=lambda e: 0)
+    own = TokenAttributionHook(gene_columns=lambda e, a, t, layer: lambda rows, batch: np.full((1, 1), -1),
+                               embedding=lambda e: e.module.bert.embeddings.word_embeddings)
     encoder.attribution_hook = own
     try:
         assert token_attribution_hook(encoder) is own

@@ -2,6 +2,7 @@
 
 ``de``: differential expression (Wilcoxon per cell type, pseudobulk DESeq2 per sample).
 ``attribution``: per-gene attributions of a trained head (gradients, integrated gradients, in-silico deletion).
+``token_hooks``: where integrated gradients reach into each token model (embedding point, baseline, genes).
 ``stability``: top-k overlap across folds and resamples, and the label-permutation null.
 ``enrichment``: over-representation and rank-based enrichment over a GMT gene-set collection.
 

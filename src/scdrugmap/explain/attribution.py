@@ -9,10 +9,11 @@ Three ways in, each batched, bounded by ``max_cells`` and reporting to a ``progr
     MLP (`scdrugmap.train.heads.make_mlp`) or logistic head. It reproduces `scdrugmap.train.predict.predict_cells`
     to float32 rounding (tested).
 
-`attribute_tokens` (token models: Geneformer, and any encoder that declares a `TokenAttributionHook`)
-    IG on the input token embeddings (captum's ``LayerIntegratedGradients`` on the embedding module),
-    summed over the embedding dimension and per gene token. The baseline replaces every gene token by the
-    padding token and keeps special tokens, positions and the attention mask.
+`attribute_tokens` (token models: the eight single-cell foundation models and the language models)
+    IG (captum) on the model's input embedding, the per-position vectors fed to its first transformer layer,
+    from a baseline batch (gene positions padded, or set to no expression, per model) to the cell's own;
+    summed over the embedding dimension and per gene. Each model's embedding point, baseline and
+    position -> gene mapping is its hook in `scdrugmap.explain.token_hooks`.
 
 `measure_deletion_effects` (any model)
     In-silico deletion: zero one gene's expression in every sampled cell and record the change in
@@ -30,11 +31,9 @@ Differentiating with respect to the log-normalised value of each gene (what the 
 ``wrt="expression"`` differentiates through the normalisation too (gradients and gradient x input only).
 
 The token hook: `token_attribution_hook` first asks the encoder (``getattr(encoder, "attribution_hook")``,
-a `TokenAttributionHook` or a callable returning one), then this module's `TOKEN_HOOKS` registry, which
-has Geneformer's. Geneformer's hook reads, by ``getattr``, ``encoder.module`` (its embedding module is the
-one named ``*embeddings.word_embeddings``, also under peft's LoRA wrapper), ``encoder.tokenizer.vocabulary``
-(``token_ids``, ``mapping``) and the module constants ``GENE_ID_KEY`` and ``PAD_TOKEN`` of
-`scdrugmap.models.geneformer`; nothing in ``models/`` had to change.
+a `TokenAttributionHook` or a callable returning one), then the `TOKEN_HOOKS` registry of
+`scdrugmap.explain.token_hooks`, which has one hook per built-in token model. The hooks read the models'
+internals from the explain room (models never import explain), so ``models/`` did not change.
 """
 
 from __future__ import annotations
@@ -52,6 +51,8 @@ import scipy.sparse as sp
 
 from scdrugmap.data.schema import detect_value_kind, expression_matrix
 from scdrugmap.errors import CheckpointError, ConfigError, SchemaError
+from scdrugmap.explain.token_hooks import TOKEN_HOOKS as TOKEN_HOOKS  # re-exported: the hooks' registry
+from scdrugmap.explain.token_hooks import TokenAttributionHook, token_attribution_hook
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -70,6 +71,9 @@ ExpressionMethod = Literal["integrated_gradients", "gradient", "gradient_x_input
 EXPRESSION_MODELS = ("hvg", "pca")
 #: Columns of `Attributions.summary`.
 SUMMARY_COLUMNS = ("gene", "attribution_mean", "attribution_sd", "attribution_abs_mean", "n_cells")
+#: `attribute_tokens` warns when a cell's completeness error exceeds this share of the largest change from the
+#: baseline: the quadrature has too few steps (a saturated head or a long sequence of swapped tokens).
+COMPLETENESS_WARNING = 0.05
 #: Columns of `measure_deletion_effects`.
 DELETION_COLUMNS = ("gene", "deletion_delta", "deletion_sd", "deletion_delta_all", "n_expressing", "n_cells")
 
@@ -92,6 +96,8 @@ class Attributions:
         ``integrated_gradients``, ``gradient`` or ``gradient_x_input``.
     convergence_delta
         For IG, per cell: sum of attributions - (P(cell) - P(baseline)); near 0 when ``n_steps`` suffice.
+    baseline_probability
+        For token IG, P(sensitive) of each cell's baseline input (see `scdrugmap.explain.token_hooks`).
     """
 
     values: npt.NDArray[np.float32] | sp.csr_matrix
@@ -100,6 +106,7 @@ class Attributions:
     probability: npt.NDArray[np.float32]
     method: str
     convergence_delta: npt.NDArray[np.float32] | None = None
+    baseline_probability: npt.NDArray[np.float32] | None = None
 
     def summary(self, cells: npt.ArrayLike | None = None) -> pd.DataFrame:
         """Return one row per gene: mean, SD and mean |attribution| over cells; ordered by mean |attribution|.
@@ -484,6 +491,7 @@ def measure_deletion_effects(
     max_cells: int | None = 200,
     max_genes: int | None = 100,
     rows_per_call: int = 20_000,
+    genes_per_call: int | None = None,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> pd.DataFrame:
@@ -494,8 +502,9 @@ def measure_deletion_effects(
     adata
         The cells.
     predict_fn
-        ``adata -> P(sensitive)`` per cell (e.g. `make_predict_function`); it must score each cell on its
-        own (no statistics fitted on the batch), since deleted copies of many cells go in one call.
+        ``adata -> P(sensitive)`` per cell (e.g. `make_predict_function`). Deleted copies of the cells for
+        several genes go in one call, so it must score each cell on its own (no statistics fitted on the
+        batch); otherwise pass ``genes_per_call=1``.
     genes
         Genes to delete; default: the ``max_genes`` genes expressed in the most sampled cells.
     layer
@@ -507,6 +516,11 @@ def measure_deletion_effects(
         genes.
     rows_per_call
         Cells per ``predict_fn`` call (copies of the sampled cells, one deleted gene each).
+    genes_per_call
+        At most this many genes per call. 1 for models whose output for a cell depends on the other cells
+        given or on its row (``Encoder.shardable`` False: cells attending to cells, a per-batch key maximum, a
+        seeded random stream through the rows, a data-set-wide gene filter): each call then holds the sampled
+        cells in their order with one gene zeroed, so the only change from the undeleted call is the gene.
     seed
         Seed of the cell sample.
     progress
@@ -533,10 +547,12 @@ def measure_deletion_effects(
         log.info("%d of %d sampled cells have no prediction; deletion leaves them out", int((~scored).sum()), len(before))
         cells, X, before = cells[scored].copy(), X[scored], before[scored]
     if before.size == 0:
-        msg = "the model scored none of the sampled cells; nothing to delete from."
+        msg = "the model scored none of the sampled cells; nothing to delete from. Sample more cells (max_cells, --cells)."
         raise SchemaError(msg)
     n = X.shape[0]
     per_call = max(1, rows_per_call // max(1, n))
+    if genes_per_call is not None:
+        per_call = max(1, min(per_call, int(genes_per_call)))
     log.info("in-silico deletion of %d genes in %d cells (%d genes per call)", chosen.size, n, per_call)
     deltas = np.empty((chosen.size, n))
     for lo in range(0, chosen.size, per_call):
@@ -571,99 +587,6 @@ def measure_deletion_effects(
 
 # --- token models -----------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class TokenAttributionHook:
-    """How `attribute_tokens` reaches into a token model: the one place that knows a model's internals.
-
-    Attributes
-    ----------
-    embedding
-        encoder -> the module whose output is the per-token input embedding (IG interpolates there).
-    token_genes
-        (encoder, adata) -> {token id: var name}; tokens not in it (special tokens, padding) are neither
-        attributed nor replaced in the baseline.
-    baseline_token
-        encoder -> the token id that replaces every gene token in the baseline (padding).
-    input_key
-        Key of the token ids in the batches of ``encoder.collate``.
-    """
-
-    embedding: Callable[[TorchEncoder], torch.nn.Module]
-    token_genes: Callable[[TorchEncoder, ad.AnnData], dict[int, str]]
-    baseline_token: Callable[[TorchEncoder], int]
-    input_key: str = "input_ids"
-
-
-def _module_named(encoder: TorchEncoder, suffix: str) -> torch.nn.Module:
-    module = getattr(encoder, "module", None)
-    if module is None:
-        msg = f"{encoder.name}: no .module to attribute through."
-        raise ConfigError(msg)
-    for name, child in module.named_modules():
-        if name.endswith(suffix):
-            return child
-    msg = f"{encoder.name}: no submodule named *{suffix}; the token attribution hook needs updating."
-    raise ConfigError(msg)
-
-
-def _geneformer_vocabulary(encoder: TorchEncoder) -> Any:
-    vocabulary = getattr(getattr(encoder, "tokenizer", None), "vocabulary", None)
-    if vocabulary is None:
-        msg = f"{encoder.name}: no tokenizer.vocabulary; the Geneformer attribution hook needs updating."
-        raise ConfigError(msg)
-    return vocabulary
-
-
-def _geneformer_token_genes(encoder: TorchEncoder, adata: ad.AnnData) -> dict[int, str]:
-    from scdrugmap.models import geneformer
-
-    vocabulary = _geneformer_vocabulary(encoder)
-    key = getattr(geneformer, "GENE_ID_KEY", "ensembl_id")
-    special = set(getattr(geneformer, "SPECIAL_TOKENS", ()))
-    ids = adata.var[key].to_numpy() if key in adata.var else adata.var_names.to_numpy()
-    names = np.asarray(adata.var_names.astype(str))
-    genes: dict[int, str] = {}
-    for name, gene_id in zip(names, ids, strict=True):
-        collapsed = vocabulary.mapping.get(str(gene_id).upper())
-        if collapsed is not None and collapsed not in special:
-            genes.setdefault(int(vocabulary.token_ids[collapsed]), str(name))  # summed duplicates: first column
-    return genes
-
-
-def _geneformer_hook() -> TokenAttributionHook:
-    from scdrugmap.models import geneformer
-
-    pad = getattr(geneformer, "PAD_TOKEN", "<pad>")
-    return TokenAttributionHook(
-        embedding=lambda encoder: _module_named(encoder, "embeddings.word_embeddings"),
-        token_genes=_geneformer_token_genes,
-        baseline_token=lambda encoder: int(_geneformer_vocabulary(encoder).token_ids[pad]),
-    )
-
-
-#: Token models with an attribution hook in this module: registry key -> hook factory.
-TOKEN_HOOKS: dict[str, Callable[[], TokenAttributionHook]] = {"geneformer": _geneformer_hook}
-
-
-def token_attribution_hook(encoder: Encoder) -> TokenAttributionHook:
-    """Return the encoder's own ``attribution_hook`` if it declares one, else the registered hook.
-
-    Raises
-    ------
-    ConfigError
-        When neither exists (the message names the models that have one).
-    """
-    declared = getattr(encoder, "attribution_hook", None)
-    if declared is not None:
-        return declared if isinstance(declared, TokenAttributionHook) else declared()
-    factory = TOKEN_HOOKS.get(encoder.name)
-    if factory is None:
-        msg = (f"{encoder.name} has no token attribution hook (models with one: {', '.join(TOKEN_HOOKS)}). "
-               "Use measure_deletion_effects, which works with any model.")
-        raise ConfigError(msg)
-    return factory()
-
-
 def _token_head(encoder: TorchEncoder, bundle: str | Path | Head | None,
                 head: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[torch.Tensor], torch.Tensor]:
     import torch
@@ -687,6 +610,78 @@ def _token_head(encoder: TorchEncoder, bundle: str | Path | Head | None,
     return probability_head(meta, tensors).to(encoder.device)
 
 
+class _Captured(Exception):
+    """Not an error: stops a forward pass once the embedding point is read."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+
+def _embedding_point(encoder: TorchEncoder, module: torch.nn.Module, at_input: bool,
+                     batch: Mapping[str, Any]) -> torch.Tensor:
+    """Return the tensor at ``module``'s output (or first input) when ``encoder`` encodes ``batch``."""
+    import torch
+
+    def stop(value: torch.Tensor) -> None:
+        raise _Captured(value.detach())
+
+    handle = (module.register_forward_pre_hook(lambda m, args: stop(args[0])) if at_input
+              else module.register_forward_hook(lambda m, args, output: stop(output)))
+    try:
+        with torch.no_grad():
+            encoder.encode(batch)
+    except _Captured as captured:
+        return captured.value
+    finally:
+        handle.remove()
+    msg = f"{encoder.name}: the attribution hook's embedding module never ran; the hook needs updating."
+    raise ConfigError(msg)
+
+
+def _integrate_embeddings(encoder: TorchEncoder, hook: TokenAttributionHook, batch: dict[str, Any],
+                          columns: npt.NDArray[np.int64], probability_of: Callable[[torch.Tensor], torch.Tensor],
+                          n_steps: int, internal_batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IG of P(sensitive) on the hook's embedding point, from the baseline batch's point to the batch's own.
+
+    Returns (cells x positions) attributions summed over the embedding dimension, P(cell) and P(baseline).
+    """
+    import torch
+    from captum.attr import IntegratedGradients
+
+    assert hook.embedding is not None and hook.baseline is not None, "checked by attribute_tokens"
+    module = hook.embedding(encoder)
+    is_gene = torch.as_tensor(columns >= 0)
+    point = _embedding_point(encoder, module, hook.embedding_input, batch)
+    reference = _embedding_point(encoder, module, hook.embedding_input, hook.baseline(encoder, batch, is_gene))
+    keys = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
+    fixed = {k: v for k, v in batch.items() if k not in keys}
+    tensors = tuple(batch[k] for k in keys)
+
+    def forward(embedded: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        def put(replaced: Any) -> Any:
+            if tuple(replaced.shape) != tuple(embedded.shape):
+                msg = f"{encoder.name}: the embedding point is {tuple(replaced.shape)}, not {tuple(embedded.shape)}."
+                raise ConfigError(msg)
+            return embedded
+
+        handle = (module.register_forward_pre_hook(lambda m, args: (put(args[0]), *args[1:])) if hook.embedding_input
+                  else module.register_forward_hook(lambda m, args, output: put(output)))
+        try:
+            return probability_of(encoder.encode({**fixed, **dict(zip(keys, values, strict=True))}))
+        finally:
+            handle.remove()
+
+    attributions = IntegratedGradients(forward).attribute(
+        point, baselines=reference, additional_forward_args=tensors, n_steps=n_steps,
+        internal_batch_size=max(internal_batch_size, point.shape[0]))
+    with torch.no_grad():
+        probability, base = forward(point, *tensors), forward(reference, *tensors)
+    per_position = attributions.sum(dim=tuple(range(2, attributions.ndim)))
+    return (per_position.detach().float().cpu().numpy(), probability.float().cpu().numpy(),
+            base.float().cpu().numpy())
+
+
 def attribute_tokens(
     encoder: TorchEncoder,
     adata: ad.AnnData,
@@ -701,12 +696,12 @@ def attribute_tokens(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> Attributions:
-    """Integrated gradients of P(sensitive) on a token model's input embeddings, summed per gene token.
+    """Integrated gradients of P(sensitive) on a token model's input embeddings, summed per gene.
 
     Parameters
     ----------
     encoder
-        A loaded token model with an attribution hook (`token_attribution_hook`).
+        A loaded token model with an attribution hook (`token_attribution_hook`; every scFM and language model).
     adata
         The cells.
     bundle
@@ -719,9 +714,11 @@ def attribute_tokens(
     n_steps
         IG steps (captum's Gauss-Legendre rule).
     max_cells
-        Cells attributed, drawn with ``seed`` (cells the tokenizer drops are left out).
+        Cells attributed, drawn with ``seed`` and tokenized on their own (cells the tokenizer drops are left out).
     batch_size
-        Cells per IG call; ``internal_batch_size`` sequences per forward/backward pass inside it.
+        Cells per IG call (ignored by models whose cells attend to each other, e.g. CellPLM: they are attributed
+        in the model's own forward passes); ``internal_batch_size`` sequences per forward/backward pass inside it
+        (at least the cells of the call).
     seed
         Seed of the cell sample.
     progress
@@ -729,8 +726,9 @@ def attribute_tokens(
 
     Returns
     -------
-    `Attributions` with CSR values (cells x the data's genes that have a token); ``convergence_delta``
-    per cell from captum.
+    `Attributions` with CSR values (cells x the data's genes the model knows; a gene absent from a cell's input is
+    0); ``probability`` and ``baseline_probability`` per cell, and ``convergence_delta``: the sum of a cell's
+    attributions - (P(cell) - P(baseline)), IG's completeness error.
 
     Raises
     ------
@@ -738,72 +736,79 @@ def attribute_tokens(
         When the model has no hook, or both or neither of ``bundle``/``head`` are given.
     CheckpointError
         When the bundle was trained on another model.
+    SchemaError
+        When the tokenizer keeps none of the sampled cells.
+
+    Notes
+    -----
+    The embedding point, baseline and position -> gene mapping of each model are in
+    `scdrugmap.explain.token_hooks`. A gene token that occurs twice in a cell (UCE samples genes with
+    replacement) gets the sum of its positions.
     """
-    import torch
-    from captum.attr import LayerIntegratedGradients
+    import contextlib
 
     from scdrugmap.models.base import length_buckets
 
     start = time.perf_counter()
     hook = token_attribution_hook(encoder)
+    if hook.integrate is None and (hook.embedding is None or hook.baseline is None):
+        msg = f"{encoder.name}: its attribution hook gives neither integrate nor embedding and baseline."
+        raise ConfigError(msg)
     probability_of = _token_head(encoder, bundle, head)
     rows = sample_cells(adata.n_obs, max_cells, seed)
     cells = adata[rows].copy()
     encoder.check_input(cells, layer=layer)
     tokens = encoder.tokenize(cells, layer=layer)
-    token_genes = hook.token_genes(encoder, cells)
-    var_position = {g: i for i, g in enumerate(cells.var_names.astype(str))}
-    genes = np.array(sorted(set(token_genes.values()), key=var_position.__getitem__), dtype=str)
-    gene_position = {g: i for i, g in enumerate(genes)}
-    column_of = {token: gene_position[g] for token, g in token_genes.items()}
-    top = max(column_of, default=0)
-    lookup = np.full(top + 2, -1, dtype=np.int64)
-    lookup[list(column_of)] = list(column_of.values())
-    baseline_token = hook.baseline_token(encoder)
-    embedding = hook.embedding(encoder)
+    if tokens.n_cells == 0:
+        reasons = sorted(set(tokens.dropped.values()))[:2]
+        msg = (f"{encoder.name} keeps none of the {cells.n_obs} sampled cells ({'; '.join(reasons)}); attribution "
+               "tokenizes the sampled cells on their own: sample more cells (max_cells, --cells).")
+        raise SchemaError(msg)
+    columns_of = hook.gene_columns(encoder, cells, tokens, layer)
+    integrate = hook.integrate or (lambda *args: _integrate_embeddings(args[0], hook, *args[1:]))
     encoder.module.eval()
     device = encoder.device
-    other_keys: list[str] = []  # batch keys besides the token ids, set per batch
-
-    def forward(ids: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        batch = dict(zip(other_keys, extra, strict=True))
-        batch[hook.input_key] = ids
-        return probability_of(encoder.encode(batch))
-
-    integrated = LayerIntegratedGradients(forward, embedding)
     n_tokenized = tokens.n_cells
     probability = np.empty(n_tokenized, dtype=np.float32)
+    baseline_probability = np.empty(n_tokenized, dtype=np.float32)
     delta = np.empty(n_tokenized, dtype=np.float32)
     entries_row, entries_col, entries_value = [], [], []
     done = 0
     log.info("integrated gradients of %s on %d cells (%d steps)", encoder.name, n_tokenized, n_steps)
-    for positions in length_buckets(tokens.lengths, batch_size):
-        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in encoder.collate(tokens, positions).items()}
-        ids = batch.pop(hook.input_key)
-        other_keys[:] = list(batch)
-        extra = tuple(batch[k] for k in other_keys)
-        ids_numpy = ids.cpu().numpy()
-        column = np.where(ids_numpy <= top, lookup[np.minimum(ids_numpy, top + 1)], -1)
-        is_gene = torch.as_tensor(column >= 0, device=device)
-        baselines = torch.where(is_gene, torch.full_like(ids, baseline_token), ids)
-        attributions, convergence = integrated.attribute(
-            inputs=ids, baselines=baselines, additional_forward_args=extra, n_steps=n_steps,
-            internal_batch_size=internal_batch_size, return_convergence_delta=True)
-        per_token = attributions.sum(dim=-1).detach().cpu().numpy()
-        with torch.no_grad():
-            probability[positions] = forward(ids, *extra).float().cpu().numpy()
-        delta[positions] = convergence.detach().float().cpu().numpy()
-        row, position = np.nonzero(column >= 0)
-        entries_row.append(positions[row])
-        entries_col.append(column[row, position])
-        entries_value.append(per_token[row, position])
-        done += len(positions)
-        if progress is not None:
-            progress(done, n_tokenized)
+    with hook.context(encoder) if hook.context is not None else contextlib.nullcontext():
+        batches = (encoder.iter_batches(tokens, None) if hook.official_batches  # type: ignore[arg-type]
+                   else ((p, encoder.collate(tokens, p)) for p in length_buckets(tokens.lengths, batch_size)))
+        for positions, collated in batches:
+            positions = np.asarray(positions, dtype=np.int64)
+            columns = columns_of(positions, collated)
+            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in collated.items()}
+            per_position, p, p_base = integrate(encoder, batch, columns, probability_of, n_steps, internal_batch_size)
+            probability[positions], baseline_probability[positions] = p, p_base
+            delta[positions] = per_position.sum(axis=1) - (p - p_base)
+            row, position = np.nonzero(columns >= 0)
+            entries_row.append(positions[row])
+            entries_col.append(columns[row, position])
+            entries_value.append(per_position[row, position])
+            done += len(positions)
+            if progress is not None:
+                progress(done, n_tokenized)
+    known = tokens.gene_known if tokens.gene_known is not None else np.zeros(cells.n_vars, dtype=bool)
+    attributed = np.concatenate(entries_col or [np.empty(0, np.int64)])
+    used = np.flatnonzero(known | np.isin(np.arange(cells.n_vars), attributed))
+    column_of = np.full(cells.n_vars, -1, dtype=np.int64)
+    column_of[used] = np.arange(used.size)
     values = sp.coo_matrix((np.concatenate(entries_value or [np.empty(0)]).astype(np.float32),
-                            (np.concatenate(entries_row or [np.empty(0, np.int64)]),
-                             np.concatenate(entries_col or [np.empty(0, np.int64)]))),
-                           shape=(n_tokenized, genes.size)).tocsr()
-    log.info("    finished token attribution in %.1fs", time.perf_counter() - start)
-    return Attributions(values=values, genes=genes, obs_names=np.asarray(cells.obs_names.astype(str))[tokens.cell_index],
-                        probability=probability, method="integrated_gradients", convergence_delta=delta)
+                            (np.concatenate(entries_row or [np.empty(0, np.int64)]), column_of[attributed])),
+                           shape=(n_tokenized, used.size)).tocsr()
+    error = float(np.abs(delta).max(initial=0.0))
+    change = float(np.abs(probability - baseline_probability).max(initial=0.0))
+    log.info("    finished token attribution in %.1fs (largest completeness error %.2g)", time.perf_counter() - start,
+             error)
+    if error > max(COMPLETENESS_WARNING * change, 1e-3):
+        log.warning("integrated gradients of %s: a cell's attributions miss P(cell) - P(baseline) by up to %.3g "
+                    "(largest change %.3g); raise n_steps (now %d) for attributions that add up", encoder.name,
+                    error, change, n_steps)
+    return Attributions(values=values, genes=np.asarray(cells.var_names.astype(str))[used],
+                        obs_names=np.asarray(cells.obs_names.astype(str))[tokens.cell_index],
+                        probability=probability, method="integrated_gradients", convergence_delta=delta,
+                        baseline_probability=baseline_probability)

@@ -119,7 +119,7 @@ def _subset(adata: ad.AnnData, cells: npt.NDArray[np.str_]) -> ad.AnnData:
 
 def attribute_folds(adata: ad.AnnData, folds: Sequence[FoldHead], encoder: Encoder | None = None, *,
                     layer: str | None = None, max_cells: int | None = 500, top_k: int = 20, seed: int = 0,
-                    progress: Progress | None = None) -> FoldAttributions:
+                    n_steps: int | None = None, progress: Progress | None = None) -> FoldAttributions:
     """Attribute each fold's head on its own sampled test cells; compare the folds' top-k genes.
 
     Parameters
@@ -138,6 +138,8 @@ def attribute_folds(adata: ad.AnnData, folds: Sequence[FoldHead], encoder: Encod
         Genes per fold compared for the stability.
     seed
         Seed of the cell sample.
+    n_steps
+        Integrated-gradients steps (None: the attribution function's default).
     progress
         Called with (folds done, folds).
 
@@ -153,19 +155,20 @@ def attribute_folds(adata: ad.AnnData, folds: Sequence[FoldHead], encoder: Encod
     """
     start = time.perf_counter()
     chosen = fold_cells(folds, max_cells, seed)
+    steps: dict[str, Any] = {} if n_steps is None else {"n_steps": int(n_steps)}
     parts, rankings = [], {}
     for done, fold in enumerate(folds, start=1):
         cells = chosen[fold.key]
         if cells.size:
             subset = _subset(adata, cells)
             if fold.head.model in EXPRESSION_MODELS:
-                part = attribute_expression(subset, fold.head, layer=layer, max_cells=None, seed=seed)
+                part = attribute_expression(subset, fold.head, layer=layer, max_cells=None, seed=seed, **steps)
             else:
                 if encoder is None:
                     msg = f"attributing {fold.head.model} fold heads needs the loaded encoder (encoder=)."
                     raise ConfigError(msg)
                 part = attribute_tokens(cast("TorchEncoder", encoder), subset, fold.head, layer=layer, max_cells=None,
-                                        seed=seed)
+                                        seed=seed, **steps)
             parts.append(part)
             rankings[fold.key] = part.top_genes(top_k)
         if progress is not None:
@@ -178,12 +181,13 @@ def attribute_folds(adata: ad.AnnData, folds: Sequence[FoldHead], encoder: Encod
 
 def delete_in_folds(adata: ad.AnnData, folds: Sequence[FoldHead], encoder: Encoder, genes: Sequence[str],
                     cells: dict[str, npt.NDArray[np.str_]], *, layer: str | None = None,
-                    progress: Progress | None = None) -> pd.DataFrame:
+                    genes_per_call: int | None = None, progress: Progress | None = None) -> pd.DataFrame:
     """Delete ``genes`` one at a time in each fold's ``cells`` and pool the change in P(sensitive) over folds.
 
     Each fold's head scores its own cells (`make_predict_function`); per gene, the folds' means are pooled
     weighted by their cells expressing the gene (``deletion_delta``) or all their cells
-    (``deletion_delta_all``), and the SD from the pooled sums.
+    (``deletion_delta_all``), and the SD from the pooled sums. ``genes_per_call`` as in
+    `measure_deletion_effects` (1 for a model whose output for a cell depends on the other cells given).
 
     Returns
     -------
@@ -196,7 +200,7 @@ def delete_in_folds(adata: ad.AnnData, folds: Sequence[FoldHead], encoder: Encod
         if chosen.size:
             predict = make_predict_function(encoder, fold.head, layer=layer)
             parts.append(measure_deletion_effects(_subset(adata, chosen), predict, genes=list(genes), layer=layer,
-                                                  max_cells=None, max_genes=None))
+                                                  max_cells=None, max_genes=None, genes_per_call=genes_per_call))
         if progress is not None:
             progress(done, len(folds))
     if not parts:
