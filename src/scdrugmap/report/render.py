@@ -42,7 +42,7 @@ def _keep_title_and_label_positions(figure: Figure) -> None:
     """
     for ax in figure.axes:
         if getattr(ax, "_autotitlepos", None):  # matplotlib's flag, set False by set_title(y=...)
-            ax._autotitlepos = False
+            ax._autotitlepos = False  # type: ignore[attr-defined]
         to_axes = ax.transAxes.inverted()
         for axis in (ax.xaxis, ax.yaxis):
             label = axis.label
