@@ -11,7 +11,7 @@ Times, best of ``--repeat`` fresh processes (interleaved, so the machine's load 
 - ``predict``: ``scdrugmap predict FILE --model pca --head HEAD`` (``--head``: a pca head bundle from
   ``scdrugmap train FILE --model pca``; outputs go to a temporary folder);
 - ``report``: ``scdrugmap report RUN --format html,png,svg,pdf`` (``--run``: a benchmark run folder,
-  only read; the report goes to a temporary folder).
+  only read; the report goes to a temporary folder; ``--report-formats`` times other format sets too).
 
 Each source tree given with ``--src`` is put first on ``PYTHONPATH`` (default: the installed package).
 Prints the load average before and after, and a markdown table: per command and tree the fastest wall
@@ -35,7 +35,8 @@ CLI = "import sys; from scdrugmap.cli import main; sys.argv[0] = 'scdrugmap'; ma
 READ = "import sys, anndata; anndata.read_h5ad(sys.argv[1])"
 
 
-def commands(files: list[Path], head: Path | None, run: Path | None, out: Path) -> dict[str, list[str]]:
+def commands(files: list[Path], head: Path | None, run: Path | None, out: Path,
+             report_formats: list[str]) -> dict[str, list[str]]:
     """Return the argument lists (after ``python``) to time, by name."""
     timed: dict[str, list[str]] = {"help": ["-c", CLI, "--help"]}
     for file in files:
@@ -45,9 +46,9 @@ def commands(files: list[Path], head: Path | None, run: Path | None, out: Path) 
         file = files[-1]
         timed[f"predict {file.name} (pca head)"] = ["-c", CLI, "predict", str(file), "--model", "pca", "--head",
                                                     str(head), "--out", str(out / "predicted.h5ad")]
-    if run is not None:
-        timed["report (html,png,svg,pdf)"] = ["-c", CLI, "report", str(run), "--format", "html,png,svg,pdf",
-                                              "--out", str(out / "report")]
+    for formats in report_formats if run is not None else ():
+        timed[f"report ({formats})"] = ["-c", CLI, "report", str(run), "--format", formats, "--out",
+                                        str(out / f"report-{formats.replace(',', '-')}")]
     return timed
 
 
@@ -73,6 +74,8 @@ def main() -> None:
                         help="an .h5ad for check and read_h5ad (repeat; predict uses the last)")
     parser.add_argument("--head", type=Path, default=None, help="a pca head bundle (times predict)")
     parser.add_argument("--run", type=Path, default=None, help="a benchmark run folder (times report)")
+    parser.add_argument("--report-formats", default="html,png,svg,pdf",
+                        help="report format sets to time, separated by ';' (e.g. 'html,png,svg,pdf;html,png')")
     parser.add_argument("--src", action="append", default=None,
                         help="a source tree to put first on PYTHONPATH (repeat to compare trees)")
     parser.add_argument("--only", default=None, help="time only commands whose name contains this text")
@@ -80,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     sources = args.src or [None]
     with tempfile.TemporaryDirectory() as scratch:
-        timed = commands(args.file, args.head, args.run, Path(scratch))
+        timed = commands(args.file, args.head, args.run, Path(scratch), args.report_formats.split(";"))
         if args.only:
             timed = {name: a for name, a in timed.items() if args.only in name or name.startswith("read_h5ad")}
         for arguments in timed.values():  # once untimed: files in the page cache, bytecode compiled
