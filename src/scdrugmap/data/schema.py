@@ -90,8 +90,9 @@ def row_block(X, start: int, stop: int) -> Any:
     """Return rows ``start:stop`` of ``X``; of an in-memory CSR matrix, as a CSR copy made by slicing its arrays.
 
     ``X[start:stop]`` of a scipy CSR matrix checks every stored column index against the (full) column
-    range; copying the rows' stretch of ``data`` and ``indices`` gives the same matrix several times faster
-    (0.8 s of a 20,000-cell prediction). Anything else (dense, backed, CSC) is sliced as ``X[start:stop]``.
+    range; copying the rows' stretch of ``data`` and ``indices`` gives the same matrix about 4x faster (two
+    10,000-row blocks of 20,000 x 2,000 at 25% density: 16 ms against 74 ms of CPU). Anything else (dense,
+    backed, CSC) is sliced as ``X[start:stop]``.
     """
     if not (sp.issparse(X) and X.format == "csr"):
         return X[start:stop]
