@@ -36,7 +36,7 @@ class Estimator:
 
     ``__init__`` only stores its keyword arguments, so `get_params` and `set_params` read and write them
     (scikit-learn's ``clone`` works on these objects); `check_fitted` plays ``check_is_fitted``.
-    Predicting with a saved head then needs no scikit-learn import (about a second of start-up).
+    Predicting with a saved head then needs no scikit-learn import (about a second on a busy 2-core machine).
     """
 
     @classmethod
