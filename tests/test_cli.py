@@ -168,9 +168,10 @@ def test_predict_adds_gene_overlap_to_obs_and_csv(strategy, shared, tmp_path):
 
 # --- start-up: commands that run no network import no torch ---------------------------------------------------------
 
-#: Runs the command line in a fresh interpreter and writes, at exit, whether torch was imported.
+#: Runs the command line in a fresh interpreter and writes, at exit, whether torch and scikit-learn were imported.
 TORCH_PROBE = ("import atexit, sys\n"
-               "atexit.register(lambda: sys.stderr.write(f\"torch imported: {'torch' in sys.modules}\\n\"))\n"
+               "atexit.register(lambda: sys.stderr.write(f\"torch imported: {'torch' in sys.modules}\\n\"\n"
+               "                                         f\"sklearn imported: {'sklearn' in sys.modules}\\n\"))\n"
                "from scdrugmap.cli import main\n"
                "sys.argv = ['scdrugmap', *sys.argv[1:]]\n"
                "main()\n")
@@ -196,3 +197,55 @@ def test_commands_without_a_network_never_import_torch(args, small_h5ad, tmp_pat
     done = run_fresh(*args)
     assert done.returncode == 0, done.stderr
     assert "torch imported: False" in done.stderr, done.stderr
+
+
+@pytest.fixture(scope="module")
+def pca_head(tmp_path_factory):
+    """A pca head bundle (mlp, the default) with its calibration, conformal sets and OOD reference."""
+    import scdrugmap as sdm
+
+    folder = tmp_path_factory.mktemp("head") / "pca"
+    sdm.tl.train(make_adata(n_cells=160, n_samples=16), "pca").save(folder)
+    return folder
+
+
+def test_predict_with_a_baseline_head_imports_neither_torch_nor_scikit_learn(pca_head, tmp_path):
+    path = tmp_path / "new.h5ad"
+    make_adata(n_cells=60, n_samples=6, seed=3).write_h5ad(path)
+    done = run_fresh("predict", str(path), "--model", "pca", "--head", str(pca_head))
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stderr and "sklearn imported: False" in done.stderr, done.stderr
+    assert len(pd.read_csv(tmp_path / "new.predicted.csv")) == 60
+
+
+def test_predict_in_numpy_equals_scikit_learn_neighbours_and_crepes_sets(pca_head, monkeypatch):
+    """The frozen-head path's numpy kNN and conformal p-values give what scikit-learn and crepes gave."""
+    crepes = pytest.importorskip("crepes")
+    from sklearn.neighbors import NearestNeighbors
+
+    import scdrugmap as sdm
+    from scdrugmap.train import conformal, ood
+
+    adata = make_adata(n_cells=300, n_samples=10, seed=5)
+    numpy_run = sdm.tl.predict(adata, str(pca_head), copy=True).obs
+
+    def sklearn_distances(queries, reference, k):
+        return NearestNeighbors(n_neighbors=k, algorithm="brute").fit(reference).kneighbors(queries)[0]
+
+    def crepes_p_values(self, probabilities):
+        p = conformal.class_probabilities(probabilities)
+        out = np.full(p.shape, np.nan)
+        finite = np.isfinite(p[:, 1])
+        classifier = crepes.ConformalClassifier().fit(self.scores_, bins=self.labels_)
+        for k in range(2):
+            out[finite, k] = classifier.predict_p(1.0 - p[finite, k], bins=np.full(finite.sum(), k), smoothing=False)
+        return out
+
+    monkeypatch.setattr(ood, "nearest_distances", sklearn_distances)
+    monkeypatch.setattr(conformal.MondrianConformal, "p_values", crepes_p_values)
+    reference_run = sdm.tl.predict(adata, str(pca_head), copy=True).obs
+    for column in numpy_run.columns[numpy_run.columns.str.startswith("scdrugmap_pca")]:
+        if numpy_run[column].dtype.kind == "f":
+            np.testing.assert_allclose(numpy_run[column], reference_run[column], rtol=0, atol=1e-6)
+        else:
+            assert (numpy_run[column].astype(str) == reference_run[column].astype(str)).all(), column

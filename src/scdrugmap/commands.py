@@ -310,7 +310,8 @@ def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, o
     if head.model != model:
         msg = f"{bundle}: the head was trained on {head.model} embeddings, not {model}. Use --model {head.model}."
         raise ConfigError(msg)
-    gate(data, model=model, layer=layer, max_memory=max_memory)
+    # the file's structure and size here; its values once, by tl.predict's gate, after the read
+    gate(data, model=model, layer=layer, max_memory=max_memory, scan=False)
     adata = read_h5ad(data)
     logger = logging.getLogger("scdrugmap.tl")
     level = logger.level
@@ -319,8 +320,10 @@ def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, o
         tl.predict(adata, head, weights=weights, layer=layer, threshold=threshold, alpha=alpha,
                    min_gene_overlap=min_gene_overlap, allow_value_kind_mismatch=allow_value_kind_mismatch,
                    device=device)
-    except SchemaError as err:  # name the file, not "the data"
-        raise SchemaError(str(err).replace("the data:", f"{data}:", 1)) from err
+    except SchemaError as err:  # name the file, not "the data" or "adata"
+        message = str(err)
+        message = f"{data}:{message.removeprefix('adata:')}" if message.startswith("adata:") else message
+        raise SchemaError(message.replace("the data:", f"{data}:", 1)) from err
     finally:
         logger.setLevel(level)
     key = tl.prediction_key(model)

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from scdrugmap.data import genes
 from scdrugmap.data.genes import (
     detect_gene_id_type,
     harmonise_genes,
@@ -140,3 +141,10 @@ def test_harmonise_genes_maps_real_entrez_data(shared, name):
     assert summary["by_entrez"] / summary["n_genes"] > 0.99
     assert adata.var["ensembl_id"].dropna().is_unique
     assert tuple(adata.var.loc["215", ["gene_symbol", "ensembl_id"]]) == ("ABCD1", "ENSG00000101986")
+
+
+@pytest.mark.parametrize("name", [genes.GENE_TABLE_FILE, genes.ALIAS_TABLE_FILE])
+def test_tables_read_as_pandas_reads_them_as_text(name):
+    with genes._table_path(name).open("rb") as handle:
+        expected = pd.read_csv(handle, sep="\t", compression="gzip", dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(genes._read_table(name), expected)

@@ -4,7 +4,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scdrugmap.evaluate.metrics import aggregate_samples, compute_metrics, compute_sample_metrics, summarise
+from scdrugmap.evaluate.metrics import (
+    aggregate_samples,
+    binary_curves,
+    compute_metrics,
+    compute_sample_metrics,
+    summarise,
+)
 
 
 def test_metrics_match_hand_counts():
@@ -67,3 +73,34 @@ def test_summary_gives_mean_and_sd_over_done_folds():
     assert table["f1_mean"].iloc[0] == 0.6
     assert np.isclose(table["f1_sd"].iloc[0], np.std([0.5, 0.7], ddof=1))
     assert table["n_folds"].iloc[0] == 2
+
+
+@pytest.mark.parametrize("scores", ["continuous", "rounded", "three values"])
+def test_binary_curves_equal_scikit_learn_curves_and_areas(scores):
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(len(scores))
+    for n in (2, 5, 40, 300):
+        y = np.r_[0, 1, rng.integers(0, 2, n - 2)]
+        s = {"continuous": rng.random(n), "rounded": rng.random(n).round(1),
+             "three values": rng.integers(0, 3, n).astype(float)}[scores]
+        curves = binary_curves(y, s)
+        fpr, tpr, _ = roc_curve(y, s)
+        precision, recall, _ = precision_recall_curve(y, s)
+        for mine, theirs in ((curves.fpr, fpr), (curves.tpr, tpr), (curves.precision, precision),
+                             (curves.recall, recall)):
+            np.testing.assert_array_equal(mine, theirs)
+        assert curves.auroc == roc_auc_score(y, s)
+        assert curves.average_precision == average_precision_score(y, s)
+
+
+def test_aggregate_samples_by_key_equals_one_call_per_key():
+    rng = np.random.default_rng(3)
+    keys = rng.choice(["b", "a", "c"], 300)
+    samples = rng.choice(["s10", "s2", "s1"], 300)
+    labels, probability = rng.integers(0, 2, 300), rng.random(300)
+    probability[:7] = np.nan
+    together = aggregate_samples(labels, probability, samples, keys=keys)
+    apart = pd.concat([aggregate_samples(labels[keys == k], probability[keys == k], samples[keys == k]).assign(key=k)
+                       for k in sorted(set(keys))], ignore_index=True)
+    pd.testing.assert_frame_equal(together, apart[together.columns])

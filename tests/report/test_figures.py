@@ -13,7 +13,7 @@ from scipy import stats
 
 from scdrugmap.report import figures
 from scdrugmap.report.run import labelled_predictions, read_run_data
-from scdrugmap.report.stats import friedman_nemenyi, nemenyi_q
+from scdrugmap.report.stats import NEMENYI_Q_05, friedman_nemenyi, nemenyi_q
 from scdrugmap.report.style import KNOWN_MODEL_COLOURS, OKABE_ITO, model_colours
 from scdrugmap.report.tables import (
     best_models,
@@ -321,6 +321,21 @@ def test_friedman_statistic_matches_scipy_with_and_without_ties():
     tied = scores.round(1)
     tied.iloc[:, 1] = tied.iloc[:, 0]
     assert friedman_nemenyi(tied).chi2 == pytest.approx(stats.friedmanchisquare(*(tied[c] for c in tied)).statistic)
+
+
+def test_friedman_p_values_and_ranks_equal_scipy_stats():
+    rng = np.random.default_rng(1)
+    scores = pd.DataFrame(rng.uniform(size=(10, 5)).round(1), columns=list("abcde"))  # ties within blocks
+    test = friedman_nemenyi(scores)
+    assert test.p_value == stats.chi2.sf(test.chi2, 4)
+    assert test.p_value_iman_davenport == stats.f.sf(test.iman_davenport, 4, 4 * 9)
+    np.testing.assert_array_equal(test.average_ranks, stats.rankdata(-scores.to_numpy(), axis=1).mean(axis=0))
+
+
+def test_nemenyi_table_equals_the_studentized_range_quantile():
+    for k, q in NEMENYI_Q_05.items():
+        assert q == float(stats.studentized_range.ppf(0.95, k, np.inf) / np.sqrt(2))
+    assert nemenyi_q(25) == pytest.approx(float(stats.studentized_range.ppf(0.95, 25, np.inf) / np.sqrt(2)))
 
 
 def test_nemenyi_critical_difference_follows_demsar():

@@ -1,10 +1,11 @@
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from scdrugmap.errors import CheckpointError, ConfigError, SchemaError
+from scdrugmap.errors import CheckpointError, SchemaError
 from scdrugmap.train._trust import join_state, split_state
 from scdrugmap.train.conformal import MondrianConformal, coverage, set_outcomes
 
@@ -147,8 +148,26 @@ def test_state_round_trip_gives_identical_outputs():
         MondrianConformal.from_state(state)
 
 
-def test_missing_crepes_says_how_to_install_it(monkeypatch):
-    conformal = MondrianConformal().fit([0.2, 0.8], [0, 1])
-    monkeypatch.setitem(sys.modules, "crepes", None)
-    with pytest.raises(ConfigError, match=r"scdrugmap\[trust\]"):
-        conformal.predict([0.5])
+@pytest.mark.parametrize("n_calibration", [0, 3, 400])
+def test_p_values_equal_crepes_non_smoothed_mondrian_p_values(n_calibration):
+    crepes = pytest.importorskip("crepes")
+    rng = np.random.default_rng(n_calibration)
+    # ties between calibration and new cells (rounded probabilities), a class possibly absent, NaN cells
+    calibration = rng.random(n_calibration).round(2)
+    labels = (rng.random(n_calibration) < 0.3).astype(np.int8)
+    new = np.concatenate([rng.random(500).round(2), [0.0, 1.0, np.nan]])
+    conformal = MondrianConformal(alpha=0.2).fit(calibration, labels)
+    classifier = crepes.ConformalClassifier().fit(conformal.scores_, bins=conformal.labels_)
+    expected = np.full((new.size, 2), np.nan)
+    finite = np.isfinite(new)
+    for k, p in enumerate((1.0 - new[finite], new[finite])):
+        expected[finite, k] = classifier.predict_p(1.0 - p, bins=np.full(p.size, k), smoothing=False)
+    np.testing.assert_array_equal(conformal.p_values(new), expected)
+
+
+def test_predicting_sets_imports_neither_crepes_nor_scikit_learn():
+    code = ("import sys; from scdrugmap.train.conformal import MondrianConformal; "
+            "MondrianConformal().fit([0.2, 0.8], [0, 1]).predict([0.5]); "
+            "print(sorted(m for m in ('crepes', 'sklearn') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -8,7 +8,7 @@ from scdrugmap.data.simulate import simulate_collection
 from scdrugmap.errors import CheckpointError, SchemaError
 from scdrugmap.models.baselines import PCAEncoder
 from scdrugmap.train._trust import join_state, split_state
-from scdrugmap.train.ood import REASON_NOT_READ, OutOfDistributionDetector
+from scdrugmap.train.ood import REASON_NOT_READ, OutOfDistributionDetector, nearest_distances
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -154,3 +154,14 @@ def test_state_round_trip_gives_identical_outputs():
     del state["reference"], state["threshold"]
     with pytest.raises(CheckpointError, match="lacks \\['reference', 'threshold'\\]"):
         OutOfDistributionDetector.from_state(state)
+
+
+@pytest.mark.parametrize(("n_reference", "k"), [(600, 10), (11, 10), (3, 2)])
+def test_nearest_distances_equal_scikit_learn_brute_force_neighbours(n_reference, k):
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(n_reference)
+    reference = rng.normal(size=(n_reference, 20)).astype(np.float32)
+    queries = np.vstack([reference[:2], rng.normal(size=(700, 20))]).astype(np.float32)  # duplicates: distance 0
+    expected, _ = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(reference).kneighbors(queries)
+    np.testing.assert_allclose(nearest_distances(queries, reference, k), expected, rtol=0, atol=1e-6)

@@ -15,9 +15,9 @@ HomoloGene cross-reference (mostly protein-coding); clone-based names of old GEN
 from __future__ import annotations
 
 import functools
+import gzip
 import importlib.resources
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -49,16 +49,37 @@ def _table_path(name: str):
     return importlib.resources.files("scdrugmap.data") / "genes" / name
 
 
+def _read_table(name: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a shipped gzipped TSV, every column as text (an empty field is ``""``, never NaN).
+
+    ``columns`` reads only those. The frame of ``pd.read_csv(..., dtype=str, keep_default_na=False)`` (tested
+    equal), parsed by pyarrow's
+    CSV reader (a core dependency, imported with pandas): a quarter of pandas' time, which `scdrugmap check`
+    and `predict` pay on every start. The tables hold no quotes, so none are interpreted.
+    """
+    import pyarrow as pa
+    from pyarrow import csv
+
+    with _table_path(name).open("rb") as handle:
+        raw = gzip.decompress(handle.read())
+    header = raw[: raw.index(b"\n")].decode().split("\t")
+    columns = header if columns is None else columns
+    table = csv.read_csv(pa.BufferReader(raw), read_options=csv.ReadOptions(use_threads=False),
+                         parse_options=csv.ParseOptions(delimiter="\t", quote_char=False),
+                         convert_options=csv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()),
+                                                            include_columns=columns, null_values=[],
+                                                            strings_can_be_null=False))
+    return pd.DataFrame({column: table.column(column).to_numpy(zero_copy_only=False) for column in columns})
+
+
 @functools.lru_cache(maxsize=1)
 def _read_genes() -> pd.DataFrame:
-    with _table_path(GENE_TABLE_FILE).open("rb") as handle:
-        return pd.read_csv(handle, sep="\t", compression="gzip", dtype=str, keep_default_na=False)
+    return _read_table(GENE_TABLE_FILE)
 
 
 @functools.lru_cache(maxsize=1)
 def _read_aliases() -> pd.DataFrame:
-    with _table_path(ALIAS_TABLE_FILE).open("rb") as handle:
-        return pd.read_csv(handle, sep="\t", compression="gzip", dtype=str, keep_default_na=False)
+    return _read_table(ALIAS_TABLE_FILE)
 
 
 def load_gene_table() -> pd.DataFrame:
@@ -81,37 +102,61 @@ def load_gene_aliases() -> pd.DataFrame:
     return _read_aliases().copy()
 
 
-@dataclass(frozen=True)
+#: Columns of the gene table the look-ups read (the others are only for `load_gene_table`).
+INDEX_COLUMNS = ["ensembl_id", "gene_symbol", "symbol_owner", "entrez_ids"]
+
+
 class _GeneIndex:
-    ensembl_ids: np.ndarray
-    symbols: np.ndarray
-    by_symbol: pd.Index
-    symbol_rows: np.ndarray
-    by_alias: pd.Index
-    alias_rows: np.ndarray
-    by_ensembl: pd.Index
-    by_entrez: pd.Index
-    entrez_rows: np.ndarray
+    """The look-up tables of `map_genes`, each built on first use: names of one form need only their own
+    (most data sets never need the alias or Entrez tables)."""
+
+    def __init__(self) -> None:
+        genes = _read_table(GENE_TABLE_FILE, columns=INDEX_COLUMNS)
+        self._genes = genes
+        self.ensembl_ids: np.ndarray = genes["ensembl_id"].to_numpy(dtype=object)
+        self.symbols: np.ndarray = genes["gene_symbol"].to_numpy(dtype=object)
+
+    @functools.cached_property
+    def by_ensembl(self) -> pd.Index:
+        return pd.Index(self._genes["ensembl_id"])
+
+    @functools.cached_property
+    def symbol_rows(self) -> np.ndarray:
+        return np.flatnonzero(self._genes["symbol_owner"].to_numpy() == "1")
+
+    @functools.cached_property
+    def by_symbol(self) -> pd.Index:
+        return pd.Index(self._genes["gene_symbol"].to_numpy()[self.symbol_rows]).str.upper()
+
+    @functools.cached_property
+    def _aliases(self) -> pd.DataFrame:
+        return _read_aliases()
+
+    @functools.cached_property
+    def by_alias(self) -> pd.Index:
+        return pd.Index(self._aliases["alias"])
+
+    @functools.cached_property
+    def alias_rows(self) -> np.ndarray:
+        return self.by_ensembl.get_indexer(self._aliases["ensembl_id"])
+
+    @functools.cached_property
+    def _entrez(self) -> pd.Series:
+        genes = self._genes
+        return genes.loc[genes["entrez_ids"] != "", "entrez_ids"].str.split(";").explode()
+
+    @functools.cached_property
+    def by_entrez(self) -> pd.Index:
+        return pd.Index(self._entrez.to_numpy())
+
+    @functools.cached_property
+    def entrez_rows(self) -> np.ndarray:
+        return self._entrez.index.to_numpy()
 
 
 @functools.lru_cache(maxsize=1)
 def _gene_index() -> _GeneIndex:
-    genes = _read_genes()
-    by_ensembl = pd.Index(genes["ensembl_id"])
-    owners = np.flatnonzero(genes["symbol_owner"].to_numpy() == "1")
-    aliases = _read_aliases()
-    entrez = genes.loc[genes["entrez_ids"] != "", "entrez_ids"].str.split(";").explode()
-    return _GeneIndex(
-        ensembl_ids=genes["ensembl_id"].to_numpy(dtype=object),
-        symbols=genes["gene_symbol"].to_numpy(dtype=object),
-        by_symbol=pd.Index(genes["gene_symbol"].to_numpy()[owners]).str.upper(),
-        symbol_rows=owners,
-        by_alias=pd.Index(aliases["alias"]),
-        alias_rows=by_ensembl.get_indexer(aliases["ensembl_id"]),
-        by_ensembl=by_ensembl,
-        by_entrez=pd.Index(entrez.to_numpy()),
-        entrez_rows=entrez.index.to_numpy(),
-    )
+    return _GeneIndex()
 
 
 def _as_text(names: Iterable[object]) -> pd.Series:

@@ -428,5 +428,5 @@ def iter_row_blocks(X, *, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, n
     if layout == "dense":
         chunk_rows = min(chunk_rows, max(1, DENSE_BLOCK_VALUES // max(1, n_genes)))
     for start in range(0, n_cells, chunk_rows):
-        block = X[start : start + chunk_rows]
+        block = schema.row_block(X, start, start + chunk_rows)
         yield start, (sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block))

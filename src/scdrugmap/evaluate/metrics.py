@@ -12,7 +12,7 @@ response labels are usually given.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -33,8 +33,6 @@ def compute_metrics(y_true: npt.ArrayLike, probability: npt.ArrayLike, threshold
     Items whose probability is NaN (e.g. an unanswered prompt) are left out and counted. ``unit``
     names the items in the reasons (``cell`` or ``sample``).
     """
-    from sklearn.metrics import roc_auc_score
-
     y = np.asarray(y_true).astype(np.int64)
     p = np.asarray(probability, dtype=np.float64)
     keep = ~np.isnan(p)
@@ -68,26 +66,78 @@ def compute_metrics(y_true: npt.ArrayLike, probability: npt.ArrayLike, threshold
     else:
         reasons["precision"] = f"no {unit} was predicted sensitive"
     values["f1"] = 2 * tp / (2 * tp + fp + fn)  # both classes present: 2tp + fn > 0
-    values["auroc"] = float(roc_auc_score(y, p))
+    values["auroc"] = binary_curves(y, p).auroc  # scikit-learn's roc_auc_score, without its import
     return values, reasons
 
 
+class BinaryCurves(NamedTuple):
+    """A fold's ROC and precision-recall curves and their areas (`binary_curves`)."""
+
+    fpr: npt.NDArray[np.float64]
+    tpr: npt.NDArray[np.float64]
+    precision: npt.NDArray[np.float64]
+    recall: npt.NDArray[np.float64]
+    auroc: float
+    average_precision: float
+
+
+def binary_curves(labels: npt.ArrayLike, scores: npt.ArrayLike) -> BinaryCurves:
+    """Return the ROC and precision-recall curves of binary labels (1 = positive) and their areas, in numpy.
+
+    The same arrays and numbers as scikit-learn's ``roc_curve`` (``drop_intermediate=True``),
+    ``precision_recall_curve``, ``roc_auc_score`` and ``average_precision_score`` (same sorting,
+    thresholds and sums; tested), without their input validation, which costs more than the curves
+    for a fold of a few hundred cells. Both classes must be present and every score finite.
+    """
+    y_true = np.asarray(labels) == 1
+    y_score = np.asarray(scores)
+    order = np.argsort(y_score, kind="stable")[::-1]  # descending (the order within ties changes no count)
+    y_score, y_sorted = y_score[order], y_true[order].astype(np.float64)
+    threshold_idxs = np.concatenate([np.flatnonzero(np.diff(y_score)), [y_sorted.size - 1]])
+    tps = np.cumsum(y_sorted, dtype=np.float64)[threshold_idxs]
+    fps = 1 + threshold_idxs.astype(np.float64) - tps
+    # ROC: keep the corners only (points where neither count changes its slope are dropped), start at (0, 0)
+    roc_fps, roc_tps = fps, tps
+    if fps.size > 2:
+        corners = np.flatnonzero(np.concatenate([[True], np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), [True]]))
+        roc_fps, roc_tps = fps[corners], tps[corners]
+    roc_fps, roc_tps = np.concatenate([[0.0], roc_fps]), np.concatenate([[0.0], roc_tps])
+    fpr, tpr = roc_fps / roc_fps[-1], roc_tps / roc_tps[-1]
+    # precision-recall, recall decreasing, ending at (recall 0, precision 1)
+    predicted = tps + fps
+    precision = np.where(predicted != 0, np.divide(tps, predicted, out=np.zeros_like(tps), where=predicted != 0), 0.0)
+    precision = np.concatenate([precision[::-1], [1.0]])
+    recall = np.concatenate([(tps / tps[-1])[::-1], [0.0]])
+    auroc = float(np.trapezoid(tpr, fpr))
+    average_precision = float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
+    return BinaryCurves(fpr, tpr, precision, recall, auroc, average_precision)
+
+
 def aggregate_samples(labels: npt.ArrayLike, probability: npt.ArrayLike, samples: npt.ArrayLike,
-                      threshold: float = THRESHOLD) -> pd.DataFrame:
+                      threshold: float = THRESHOLD, *, keys: npt.ArrayLike | None = None) -> pd.DataFrame:
     """Return one row per sample of its cells' predictions.
 
     Columns: ``sample``, ``label`` (the label of most of its cells, 1 = sensitive), ``mixed`` (its
     cells hold both labels), ``n_cells`` (cells with a prediction), ``mean_probability`` and
     ``fraction_sensitive`` (share of its cells called sensitive at ``threshold``). Cells without a
-    prediction are left out; a sample with none has NaN aggregates.
+    prediction are left out; a sample with none has NaN aggregates. Rows are sorted by sample (as text).
+
+    ``keys`` (one per cell, e.g. the job) aggregates every key's samples apart in one pass: a ``key``
+    column comes first and rows are sorted by key, then sample, as one call per key would give them.
     """
     frame = pd.DataFrame({"sample": np.asarray(samples).astype(str), "label": np.asarray(labels, dtype=np.float64),
                           "probability": np.asarray(probability, dtype=np.float64)})
     frame["called"] = np.where(frame["probability"].isna(), np.nan, frame["probability"] >= threshold)
-    grouped = frame.groupby("sample", sort=True)
+    by = ["sample"]
+    if keys is not None:
+        frame.insert(0, "key", np.asarray(keys).astype(str))
+        by = ["key", "sample"]
+    grouped = frame.groupby(by, sort=True)
+    labels_of = grouped["label"]
+    lowest, highest = labels_of.min(), labels_of.max()
     table = pd.DataFrame({
-        "label": (grouped["label"].mean() >= 0.5).astype(np.int64),
-        "mixed": grouped["label"].nunique() > 1,
+        "label": (labels_of.mean() >= 0.5).astype(np.int64),
+        "mixed": (lowest != highest) & lowest.notna(),  # two distinct labels (NaN left out, as by nunique)
         "n_cells": grouped["probability"].count(),
         "mean_probability": grouped["probability"].mean(),
         "fraction_sensitive": grouped["called"].mean(),
@@ -107,11 +157,9 @@ def compute_sample_metrics(labels: npt.ArrayLike, probability: npt.ArrayLike, sa
     values, reasons = compute_metrics(table["label"], table["mean_probability"], threshold, unit="sample")
     values["auroc_fraction"] = float("nan")
     if np.isfinite(values["auroc"]):
-        from sklearn.metrics import roc_auc_score
-
         known = table["fraction_sensitive"].notna()
-        values["auroc_fraction"] = float(roc_auc_score(table.loc[known, "label"],
-                                                       table.loc[known, "fraction_sensitive"]))
+        values["auroc_fraction"] = binary_curves(table.loc[known, "label"].to_numpy(),
+                                                 table.loc[known, "fraction_sensitive"].to_numpy()).auroc
     else:
         reasons["auroc_fraction"] = reasons.get("auroc", "")
     if table["mixed"].any():

@@ -49,12 +49,15 @@ def sample_predictions(predictions: pd.DataFrame, cells: pd.DataFrame) -> pd.Dat
     ``predictions`` are the run's per-cell predictions (``cell``, ``label``, ``probability``,
     ``key``); ``cells`` names each cell's ``sample``.
     """
-    sample_of = cells.drop_duplicates("cell").set_index("cell")["sample"].astype(str)
-    frame = predictions.assign(sample=predictions["cell"].map(sample_of).fillna("unknown").to_numpy())
-    parts = [aggregate_samples(part["label"], part["probability"], part["sample"]).assign(key=key)
-             for key, part in frame.groupby("key", sort=True)]
     columns = ["key", "sample", "label", "mixed", "n_cells", "mean_probability", "fraction_sensitive"]
-    return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
+    if predictions.empty:
+        return pd.DataFrame(columns=columns)
+    sample_of = cells.drop_duplicates("cell").set_index("cell")["sample"].astype(str)
+    # `aggregate_samples` of every job at once: one grouping by (key, sample), both sorted as text
+    table = aggregate_samples(predictions["label"], predictions["probability"],
+                              predictions["cell"].map(sample_of).fillna("unknown").to_numpy(),
+                              keys=predictions["key"].astype(str).to_numpy())
+    return table[columns]
 
 
 def within_fold_auroc(labels: npt.ArrayLike, scores: npt.ArrayLike, strata: npt.ArrayLike, *,
@@ -83,9 +86,12 @@ def within_fold_auroc(labels: npt.ArrayLike, scores: npt.ArrayLike, strata: npt.
     keep = np.isfinite(item_scores)
     item_labels, item_scores, item_strata = item_labels[keep], item_scores[keep], item_strata[keep]
     blocks = []  # per stratum with both labels: item positions of its sensitive and resistant items, pair matrix
-    for stratum in np.unique(item_strata):
-        pos = np.flatnonzero((item_strata == stratum) & (item_labels == 1))
-        neg = np.flatnonzero((item_strata == stratum) & (item_labels == 0))
+    _, codes = np.unique(item_strata, return_inverse=True)
+    order = np.argsort(codes, kind="stable")  # each stratum's items together, in their order
+    ends = np.cumsum(np.bincount(codes))
+    for start, end in zip(ends - np.diff(ends, prepend=0), ends, strict=True):
+        members = order[start:end]
+        pos, neg = members[item_labels[members] == 1], members[item_labels[members] == 0]
         if pos.size and neg.size:
             a, b = item_scores[pos][:, None], item_scores[neg][None, :]
             blocks.append((pos, neg, (a > b) + 0.5 * (a == b)))

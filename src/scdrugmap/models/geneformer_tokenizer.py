@@ -694,8 +694,13 @@ class GeneformerTokenizer:
     Per chunk, cells are grouped by length (`_layout`), each group is gathered into padded 2-D blocks of
     counts and gene factors, normalised exactly as the official code (`normalise_counts`), and ranked by
     sorting packed (value, gene) keys along the rows (`_rank_block`); tokens are written straight into
-    the chunk's output in cell order. On 2 cores this runs ~34,000 cells/s from an h5ad (20,000 genes,
-    ~1,650 expressed per cell; ``benchmarks/bench_geneformer_tokenizer.py``), ~24x the official tokenizer.
+    the chunk's output in cell order. Speed against the official tokenizer, as measured by
+    ``benchmarks/bench_geneformer_tokenizer.py`` (20,000 cells x 20,000 genes from an h5ad, ~1,650 expressed
+    per cell, 2 shared cores) against a faithful copy of the official per-cell loop on the same file and the
+    same tokens: 5.8x in process (the tokenising work alone, after imports and dictionaries; 10.6x in another
+    run), 3.2x and 2.1x as whole processes (interpreter start, imports and dictionaries included: what a
+    user waits for). An earlier "~24x" divided this tokenizer's ~34,000 cells/s by the ~1,400 cells/s
+    quoted for the official one, not by a measured run of it; rerun the benchmark for this machine's figures.
     """
 
     def __init__(self, vocabulary: GeneformerVocabulary, *, model_input_size: int | None = None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import LogFormatterSciNotation
 
+from scdrugmap.evaluate.metrics import binary_curves
 from scdrugmap.evaluate.projection import Projection, project_embedding, umap_fallback_reason
 from scdrugmap.evaluate.store import MODELS, PREDICTIONS
 from scdrugmap.report.render import RenderedFigure
@@ -494,6 +497,36 @@ def format_seconds(value: float) -> str:
     return f"{value * 1e6:.3g} µs"
 
 
+#: Unicode superscripts of a power's exponent (`PlainLogFormatter`).
+_SUPERSCRIPTS = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+class PlainLogFormatter(LogFormatterSciNotation):
+    """The labels of a log axis (``10³``, ``2×10³``) written with Unicode superscripts, not mathtext.
+
+    The same ticks and numbers as matplotlib's default `LogFormatterSciNotation`; only ``$\\mathdefault
+    {10^{3}}$`` becomes ``10³``, which needs no mathtext parse (a tenth of a second per label set and
+    renderer). A label of another form keeps its mathtext.
+    """
+
+    _POWER = re.compile(r"^\$\\mathdefault\{(-?)(?:(\d+(?:\.\d+)?)\\times)?(\d+)\^\{(-?\d+)\}\}\$$")
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        label = super().__call__(x, pos)
+        match = self._POWER.match(label)
+        if match is None:
+            return label
+        sign, coefficient, base, exponent = match.groups()
+        return f"{'−' if sign else ''}{coefficient + '×' if coefficient else ''}{base}{exponent.translate(_SUPERSCRIPTS)}"
+
+
+def _log_x(ax: Axes) -> None:
+    """Put the x axis on a log scale labelled by `PlainLogFormatter` (with matplotlib's default settings)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(PlainLogFormatter(10))
+    ax.xaxis.set_minor_formatter(PlainLogFormatter(10, labelOnlyBase=False))
+
+
 @styled
 def plot_scalability(table: pd.DataFrame, colours: dict[str, str]) -> Figure:
     """Dot plots on log scales: inference speed, training time per fold, and parameters, each labelled.
@@ -527,7 +560,7 @@ def plot_scalability(table: pd.DataFrame, colours: dict[str, str]) -> Figure:
         ax.grid(axis="y", color="#eeeeee", linewidth=0.8)
         if known.any():
             low, high = values[known].min(), values[known].max()
-            ax.set_xscale("log")
+            _log_x(ax)
             ax.set_xlim(low / 3, high * 100)  # room for the value labels right of the dots
             ax.scatter(values[known], y[known], s=40, color=[_colour(colours, m) for m in frame["_model"][known]],
                        edgecolor=EDGE_COLOUR, linewidth=0.5, zorder=3, gid=f"scalability|{column}")
@@ -564,19 +597,16 @@ def fold_curves(labels: npt.NDArray, scores: npt.NDArray) -> tuple[npt.NDArray, 
     curve the interpolated precision (the best precision at that recall or beyond). None when the
     fold does not hold both classes (no curve is defined).
     """
-    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
-
     if np.unique(labels).size < 2:
         return None
     grid = np.linspace(0, 1, CURVE_GRID)
-    fpr, tpr, _ = roc_curve(labels, scores)
-    roc = np.interp(grid, fpr, tpr)
+    curves = binary_curves(labels, scores)  # scikit-learn's curves and areas, without its per-call validation
+    roc = np.interp(grid, curves.fpr, curves.tpr)
     roc[0] = 0.0
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    order = np.argsort(recall, kind="stable")
-    best_beyond = np.maximum.accumulate(precision[order][::-1])[::-1]
-    pr = np.interp(grid, recall[order], best_beyond)
-    return roc, pr, float(roc_auc_score(labels, scores)), float(average_precision_score(labels, scores))
+    order = np.argsort(curves.recall, kind="stable")
+    best_beyond = np.maximum.accumulate(curves.precision[order][::-1])[::-1]
+    pr = np.interp(grid, curves.recall[order], best_beyond)
+    return roc, pr, curves.auroc, curves.average_precision
 
 
 def _mean_band(ax: Axes, curves: list[npt.NDArray], *, gid: str, label: str, **style) -> None:

@@ -7,7 +7,8 @@ bundle's safetensors file, and floats, ints and strings, which go into its JSON.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import inspect
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +25,51 @@ State = dict[str, np.ndarray | float | int | str]
 
 #: Positions of the two classes in every (cells x 2) array: 0 resistant, 1 sensitive (the positive class).
 CLASS_NAMES: tuple[str, str] = (schema.RESISTANT, schema.SENSITIVE)
+
+
+class NotFittedError(ValueError, AttributeError):
+    """A trust object was used before `fit` (the bases of scikit-learn's ``NotFittedError``)."""
+
+
+class Estimator:
+    """The part of scikit-learn's ``BaseEstimator`` the trust objects use, without importing scikit-learn.
+
+    ``__init__`` only stores its keyword arguments, so `get_params` and `set_params` read and write them
+    (scikit-learn's ``clone`` works on these objects); `check_fitted` plays ``check_is_fitted``.
+    Predicting with a saved head then needs no scikit-learn import (about a second on a busy 2-core machine).
+    """
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return sorted(p.name for p in parameters if p.name != "self" and p.kind == p.KEYWORD_ONLY)
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Return the constructor's keyword arguments as set on this object."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> Estimator:
+        """Set constructor arguments; an unknown name raises ``ValueError`` naming the valid ones."""
+        valid = self._param_names()
+        for name, value in params.items():
+            if name not in valid:
+                msg = f"{name!r} is not a parameter of {type(self).__name__}; valid ones: {valid}."
+                raise ValueError(msg)
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
+        changed = [f"{name}={value!r}" for name, value in self.get_params().items() if value != defaults.get(name)]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+
+def check_fitted(estimator: Estimator, attribute: str) -> None:
+    """Refuse an estimator without ``attribute`` (set by its `fit`), as scikit-learn's ``check_is_fitted``."""
+    if not hasattr(estimator, attribute):
+        msg = (f"This {type(estimator).__name__} instance is not fitted yet. Call 'fit' with appropriate arguments "
+               "before using this estimator.")
+        raise NotFittedError(msg)
 
 
 def binary_labels(labels: npt.ArrayLike, *, name: str = "labels") -> npt.NDArray[np.int8]:

@@ -31,14 +31,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from sklearn.base import BaseEstimator
-from sklearn.utils.validation import check_is_fitted
 
 from scdrugmap.data import schema
 from scdrugmap.errors import SchemaError
 from scdrugmap.train._trust import (
+    Estimator,
     State,
     binary_labels,
+    check_fitted,
     check_lengths,
     probability_vector,
     require_keys,
@@ -83,7 +83,7 @@ def _platt_loss(params: np.ndarray, x: np.ndarray, targets: np.ndarray) -> tuple
     return float(loss), np.array([np.mean(residual * x), np.mean(residual)])
 
 
-class PlattCalibrator(BaseEstimator):
+class PlattCalibrator(Estimator):
     """Platt scaling of a binary head's P(sensitive), fitted on validation cells.
 
     Parameters
@@ -171,7 +171,7 @@ class PlattCalibrator(BaseEstimator):
 
     def transform(self, scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Return calibrated P(sensitive) per cell (float64); a NaN score stays NaN."""
-        check_is_fitted(self, "slope_")
+        check_fitted(self, "slope_")
         if self.reason_ and self.score_kind == "probability":
             return probability_vector(scores)  # the identity, exactly
         z = self.slope_ * self._logits(scores) + self.intercept_
@@ -185,7 +185,7 @@ class PlattCalibrator(BaseEstimator):
 
     def state(self) -> State:
         """Return the fitted state: floats and strings only (it goes into a head bundle's JSON)."""
-        check_is_fitted(self, "slope_")
+        check_fitted(self, "slope_")
         return {"slope": self.slope_, "intercept": self.intercept_, "n_cells": self.n_cells_,
                 "score_kind": self.score_kind, "min_cells_per_class": self.min_cells_per_class,
                 "reason": self.reason_}
