@@ -198,6 +198,7 @@ def embed(
     layer: Layer = None,
     batch_size: Annotated[int | None, typer.Option(help="Cells per forward pass (default: the model's own).")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when visible), cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (the model's default for the device: float32 on CPU), float32, or bfloat16 (faster on CPU where the model's parity holds; `models info` says).")] = "auto",
     executor: Annotated[str, typer.Option(help="local, or ray: row shards embedded on a Ray cluster's workers.")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to use (auto, HOST:PORT); default: start one here.")] = None,
     shard_cells: Annotated[int, typer.Option(help="Cells per shard with --executor ray.")] = 20_000,
@@ -209,7 +210,7 @@ def embed(
     from scdrugmap.commands import run_embed
 
     path = run_embed(data, model=model, weights=weights, out=out, layer=layer, batch_size=batch_size, device=device,
-                     executor=executor, ray_address=ray_address, shard_cells=shard_cells, cpus=cpus_per_shard,
+                     dtype=dtype, executor=executor, ray_address=ray_address, shard_cells=shard_cells, cpus=cpus_per_shard,
                      gpus=gpus_per_shard, quiet=STATE["quiet"], console=stderr, max_memory=max_memory)
     stdout.print(str(path))
 
@@ -283,6 +284,7 @@ def benchmark(
     permutations: Annotated[int | None, typer.Option(help="Label permutations for an empirical null of the frozen jobs (labels shuffled within each category value, per sample under split=sample); default 0.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (rerunning resumes it).")] = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA when visible; the default), cpu, cuda or cuda:N.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Embedding dtype of every model: auto (default), float32 or bfloat16 (refused by models whose parity does not hold; baselines stay float32).")] = None,
     executor: Annotated[str | None, typer.Option(help="local (default) or ray: one Ray task per unit of the grid.")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to use (auto, HOST:PORT, ray://...); default: start one here.")] = None,
     cpus_per_job: Annotated[float | None, typer.Option(help="CPUs each Ray task asks for (default 1).")] = None,
@@ -318,7 +320,8 @@ def benchmark(
                  "heads": _split_list(heads), "scenarios": _split_list(scenarios),
                  "categories": _split_list(categories), "splits": _split_list(split), "folds": folds, "seed": seed, "permutations": permutations,
                  "test_data": None if test_data is None else str(test_data),
-                 "out": None if out is None else str(out), "device": device, "demo_cells": demo_cells, "layer": layer,
+                 "out": None if out is None else str(out), "device": device, "dtype": dtype, "demo_cells": demo_cells,
+                 "layer": layer,
                  "executor": executor, "ray_address": ray_address, "cpus_per_job": cpus_per_job,
                  "gpus_per_job": gpus_per_job, "shard_cells": shard_cells}
     overrides["prompt"] = {"api_base": api_base, "model": llm_model, "shots": shots,

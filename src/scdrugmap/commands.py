@@ -210,6 +210,8 @@ def show_model_info(console: Console, name: str) -> None:
     if card.description:
         console.print(card.description)
     console.print(f"family {card.family}; input {card.input_kind}; LoRA targets {', '.join(card.lora_targets) or '-'}")
+    defaults = ", ".join(f"{dtype} on {device}" for device, dtype in card.default_dtypes.items())
+    console.print(f"dtype auto: {defaults}; bfloat16 {card.bfloat16}", soft_wrap=True)
     if card.variant:
         size = "" if card.parameters is None else f"{card.parameters:,} parameters, "
         console.print(f"default variant {card.variant}: {size}{card.embedding_dim}-d embeddings")
@@ -239,7 +241,8 @@ def download_model(name: str, *, force: bool, quiet: bool, console: Console) -> 
 
 
 def run_embed(data: Path, *, model: str, weights: Path | None, out: Path | None, layer: str | None,
-              batch_size: int | None, device: str = "auto", executor: str = "local", ray_address: str | None = None,
+              batch_size: int | None, device: str = "auto", dtype: str = "auto", executor: str = "local",
+              ray_address: str | None = None,
               shard_cells: int = 20_000, cpus: float = 1.0, gpus: float = 0.0, quiet: bool, console: Console,
               max_memory: str | None = None) -> Path:
     """Embed ``data`` here or in shards on a Ray cluster; add ``obsm['X_<model>']`` to a copy, or save a .npy."""
@@ -255,13 +258,13 @@ def run_embed(data: Path, *, model: str, weights: Path | None, out: Path | None,
         report = None if update is None else (lambda d, t: update("embed", d, t, model))
         if executor == "ray":
             embeddings, facts, overlap = tl.embed_file(data, model, weights=weights, layer=layer,
-                                                       batch_size=batch_size, device=device,
+                                                       batch_size=batch_size, device=device, dtype=dtype,  # type: ignore[arg-type]
                                                        ray_address=ray_address, shard_cells=shard_cells, cpus=cpus,
                                                        gpus=gpus, progress=report)
         else:
             adata = read_h5ad(data)
             tl.embed(adata, model, weights=weights, layer=layer, batch_size=batch_size, device=device,
-                     progress=report)
+                     dtype=dtype, progress=report)  # type: ignore[arg-type]  # checked by tl (ConfigError)
             embeddings, facts = adata.obsm[key], adata.uns["scdrugmap"][key]
             column = tl.overlap_key(model)
             overlap = adata.obs[column].to_numpy(dtype=np.float32) if column in adata.obs else None

@@ -41,6 +41,25 @@ class ModelCard:
     summary: str = ""
     description: str = ""
     weights: list[WeightsInfo] = field(default_factory=list)
+    #: What ``dtype="auto"`` runs in per device ("cpu", "cuda").
+    default_dtypes: dict[str, str] = field(default_factory=dict)
+    #: Whether ``dtype="bfloat16"`` is allowed, with the measured parity (or why it is refused).
+    bfloat16: str = ""
+
+
+def _bfloat16_verdict(cls: Any) -> str:
+    """Return one line on bfloat16 for ``cls``: allowed or refused, with the parity measured against float32."""
+    from scdrugmap.models.base import TorchEncoder
+    from scdrugmap.models.precision import parity_of
+
+    if not issubclass(cls, TorchEncoder):
+        return "computes in float32 whatever is asked (no network)"
+    parity = parity_of(cls)
+    if parity is None:
+        return "refused: parity with float32 never measured"
+    if parity.holds:
+        return f"allowed: {parity.summary()}"
+    return f"refused: {'; '.join(parity.failures())} ({parity.summary()})"
 
 
 def _weights_state(cls: Any) -> str:
@@ -77,6 +96,7 @@ def model_card(name: str) -> ModelCard:
     from importlib import import_module
 
     from scdrugmap.models.base import PUBLISHED_SIZES, get_encoder_class
+    from scdrugmap.models.precision import default_dtype
     from scdrugmap.models.weights import cache_path, is_cached
 
     cls = get_encoder_class(name)
@@ -89,7 +109,9 @@ def model_card(name: str) -> ModelCard:
     return ModelCard(name=key, family=cls.family, input_kind=cls.input_kind, lora_targets=tuple(cls.lora_targets),
                      parameters=parameters, embedding_dim=width, variant=variant, weights_state=_weights_state(cls),
                      summary=doc.splitlines()[0] if doc else "",
-                     description=(import_module(cls.__module__).__doc__ or "").strip(), weights=weights)
+                     description=(import_module(cls.__module__).__doc__ or "").strip(), weights=weights,
+                     default_dtypes={device: default_dtype(cls, device) for device in ("cpu", "cuda")},
+                     bfloat16=_bfloat16_verdict(cls))
 
 
 def list_models() -> list[ModelCard]:

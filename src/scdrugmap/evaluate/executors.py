@@ -132,10 +132,14 @@ def _lora(inputs: ModelInputs, unit: Unit) -> list[tuple[np.ndarray, dict[str, A
         msg = f"{inputs.model} has no network to adapt; LoRA applies to foundation models"
         raise NotApplicable(msg)
     if inputs.encoder is not None:
-        encoder = inputs.encoder
+        loaded = inputs.encoder
     else:
         assert inputs.spec is not None  # the runner gives every model's inputs its spec
-        encoder = inputs.spec.load()
+        loaded = inputs.spec.load()
+    # tokens are only made for a TorchEncoder (`scdrugmap.evaluate.runner._prepare_model`)
+    encoder = cast("TorchEncoder", loaded)
+    if encoder.bfloat16_mode == "autocast":  # --dtype sets the frozen strategy's embeddings: LoRA trains as before
+        encoder.use_dtype("auto")  # (a language model loaded in bfloat16 stays so: its float32 weights are gone)
     tokens = inputs.tokens
     position = np.full(inputs.labels.shape[0], -1, dtype=np.int64)
     position[tokens.cell_index] = np.arange(tokens.n_cells)
@@ -143,8 +147,7 @@ def _lora(inputs: ModelInputs, unit: Unit) -> list[tuple[np.ndarray, dict[str, A
     token_groups = None if inputs.groups is None or cell_split else inputs.groups[tokens.cell_index]
     token_folds = [(position[train][position[train] >= 0], position[test][position[test] >= 0])
                    for train, test in unit.fold_sets]
-    # tokens are only made for a TorchEncoder (`scdrugmap.evaluate.runner._prepare_model`)
-    fitted = fit_predict_lora(cast("TorchEncoder", encoder), tokens, inputs.labels[tokens.cell_index], token_groups, token_folds,
+    fitted = fit_predict_lora(encoder, tokens, inputs.labels[tokens.cell_index], token_groups, token_folds,
                               inputs.lora_config)
     results = []
     for (_, test), (probability, info) in zip(unit.fold_sets, fitted, strict=True):

@@ -82,6 +82,7 @@ class BenchmarkConfig:
     layer: str | None = None
     batch_size: int | None = None
     device: str = "auto"
+    dtype: str = "auto"
     executor: str = "local"
     ray_address: str | None = None
     cpus_per_job: float = 1.0
@@ -192,6 +193,22 @@ class BenchmarkConfig:
         if self.folds < 2:
             msg = f"--folds {self.folds}: need at least 2 folds."
             raise ConfigError(msg)
+        self.validate_dtypes()
+
+    def validate_dtypes(self) -> None:
+        """Refuse an unknown ``dtype`` and bfloat16 for any model that refuses it, before anything runs.
+
+        A model's ``model_options`` may give its own ``dtype`` (e.g. ``float32`` for one model of a bfloat16
+        run). Names the registry does not know are left to the runner, which reports them.
+        """
+        from scdrugmap.models.base import get_encoder_class, registry
+        from scdrugmap.models.precision import resolve_dtype
+
+        known = registry()
+        for model in self.models:
+            dtype = self.model_options.get(model, {}).get("dtype", self.dtype)
+            if model.lower() in known:
+                resolve_dtype(get_encoder_class(model), dtype, "cpu")  # refusals do not depend on the device
 
 
 def _read_yaml(path: Path, *, known: set[str]) -> dict[str, Any]:

@@ -40,6 +40,8 @@ from scdrugmap.evaluate.store import JobWriter, ResultStore
 if TYPE_CHECKING:
     import anndata as ad
 
+    from scdrugmap.models.sharded import EncoderSpec
+
 log = logging.getLogger(__name__)
 
 #: Callback: (stage, done, total, detail).
@@ -158,12 +160,15 @@ def _prepare_model(model: str, jobs: list[Job], config: BenchmarkConfig, adata: 
     from scdrugmap.models.sharded import EncoderSpec, embed_sharded
 
     options = dict(config.model_options.get(model, {}))
-    spec = EncoderSpec(model, config.weights.get(model), options, str(options.pop("device", config.device)))
+    device, asked = str(options.pop("device", config.device)), str(options.pop("dtype", config.dtype))
+    spec = EncoderSpec(model, config.weights.get(model), options, device, asked)
     on_cluster = isinstance(executor, RayExecutor)
     # the driver of a cluster run only needs the model's facts and tokenizer: keep it off the GPU
     # before loading weights: SchemaError when the model cannot read these values (only the first rows are read)
     schema.require_value_kind(adata, needs=get_encoder_class(model).input_kind, model=model, layer=config.layer)
-    encoder = load_encoder(model, spec.weights, device="cpu" if on_cluster else spec.device, **spec.options)
+    encoder = load_encoder(model, spec.weights, device="cpu" if on_cluster else spec.device,
+                           dtype=None if on_cluster else spec.dtype, **spec.options)
+    dtype = _run_dtype(spec)
     inputs = ModelInputs(model=model, labels=labels, groups=groups, head_config=config.head_config(),
                          device=spec.device, spec=spec, lora_config=config.lora_config(),
                          encoder=None if on_cluster else encoder)
@@ -182,12 +187,27 @@ def _prepare_model(model: str, jobs: list[Job], config: BenchmarkConfig, adata: 
                 return encoder.embed(memory.for_encoder(encoder), layer=config.layer, batch_size=config.batch_size,
                                      progress=report)
         inputs.embeddings, facts = cached_embed(encoder, adata, data_fingerprint=fingerprint, layer=config.layer,
-                                                batch_size=config.batch_size, compute=compute)
+                                                batch_size=config.batch_size, options=_dtype_key(dtype),
+                                                compute=compute)
     if (any(job.strategy == "lora" for job in jobs) and isinstance(encoder, TorchEncoder)
             and encoder.lora_targets):
         inputs.tokens = encoder.tokenize(memory(), layer=config.layer)
-    facts = {**facts, **{k: v for k, v in encoder.describe().items() if k != "name"}}
+    facts = {**facts, **{k: v for k, v in encoder.describe().items() if k != "name"}, "dtype": dtype}
     return inputs, facts
+
+
+def _run_dtype(spec: EncoderSpec) -> str:
+    """Return the dtype ``spec``'s embedding runs in on the run's device (a cluster's GPUs need not be visible here)."""
+    from scdrugmap.models.base import get_encoder_class, resolve_device
+    from scdrugmap.models.precision import resolve_dtype
+
+    device = resolve_device("auto") if spec.device == "auto" else spec.device
+    return resolve_dtype(get_encoder_class(spec.name), spec.dtype, device)
+
+
+def _dtype_key(dtype: str) -> dict[str, str]:
+    """Return what the dtype adds to an embedding's cache key: nothing for float32, so earlier caches still hit."""
+    return {} if dtype == "float32" else {"dtype": dtype}
 
 
 def _store_unprepared(writer: JobWriter, model: str, jobs: list[Job], err: Exception) -> int:
@@ -425,21 +445,25 @@ def _complete_model_facts(store: ResultStore, config: BenchmarkConfig, models: l
     """
     from scdrugmap.models.base import load_encoder
     from scdrugmap.models.cache import cached_embed
+    from scdrugmap.models.sharded import EncoderSpec
 
     stored = store.model_facts()
     for model in (m for m in models if m not in stored):
         options = dict(config.model_options.get(model, {}))
-        options.pop("device", None)
+        device, asked = str(options.pop("device", config.device)), str(options.pop("dtype", config.dtype))
+        spec = EncoderSpec(model, config.weights.get(model), options, device, asked)
         try:
-            encoder = load_encoder(model, config.weights.get(model), device="cpu", **options)
+            dtype = _run_dtype(spec)  # the key of the run's embeddings, whatever device they were made on
+            encoder = load_encoder(model, spec.weights, device="cpu", **spec.options)
             facts: dict[str, Any] = {}
             if "frozen" in config.strategies:
                 _, facts = cached_embed(encoder, adata, data_fingerprint=fingerprint, layer=config.layer,
-                                        batch_size=config.batch_size)
+                                        batch_size=config.batch_size, options=_dtype_key(dtype))
         except (ScDrugMapError, ValueError, RuntimeError, OSError) as err:
             log.warning("the run folder has no facts for %s, and describing it failed: %s", model, err)
             continue
-        store.write_model_facts({model: {**facts, **{k: v for k, v in encoder.describe().items() if k != "name"}}})
+        store.write_model_facts({model: {**facts, **{k: v for k, v in encoder.describe().items() if k != "name"},
+                                         "dtype": dtype}})
 
 
 def summary_table(results: pd.DataFrame) -> pd.DataFrame:

@@ -30,6 +30,7 @@ import numpy as np
 
 from scdrugmap.data.schema import expression_matrix, require_value_kind
 from scdrugmap.errors import CheckpointError, ConfigError, SchemaError
+from scdrugmap.models.precision import resolve_dtype
 from scdrugmap.models.weights import resolve_weights, sha256_file
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     import torch
 
+    from scdrugmap.models.precision import BFloat16Parity, RunDtype
     from scdrugmap.models.weights import WeightsSource
 
 log = logging.getLogger(__name__)
@@ -224,6 +226,17 @@ class Encoder(ABC):
         """Move the model to ``device`` ("cpu", "cuda", "cuda:1"); encoders without a network ignore it."""
         return self
 
+    def use_dtype(self, dtype: str | None = "auto") -> Encoder:
+        """Run forward passes in ``dtype`` (see `scdrugmap.models.precision`); encoders without a network
+        compute in float32 whatever is asked."""
+        resolve_dtype(type(self), dtype, "cpu")
+        return self
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype forward passes run in ("float32", "bfloat16", "float16"), recorded with the embeddings."""
+        return "float32"
+
     def describe(self) -> dict[str, Any]:
         """Return facts shown by ``scdrugmap models info``."""
         return {"name": self.name, "family": self.family, "input": self.input_kind,
@@ -236,11 +249,22 @@ class TorchEncoder(Encoder):
     module: torch.nn.Module
     #: Cells per forward pass when the caller does not say.
     default_batch_size: ClassVar[int] = 32
-    #: Mixed precision the official inference uses on GPU ("float16", "bfloat16"), None for float32.
-    #: Applied by `to_device` on CUDA only: CPU results stay float32.
+    #: Mixed precision the official inference uses on GPU ("float16", "bfloat16"), None for float32: what
+    #: ``dtype="auto"`` means on CUDA (`scdrugmap.models.precision.default_dtype`). CPU results stay float32.
     gpu_autocast: ClassVar[str | None] = None
-    #: Autocast dtype in use (set by `to_device`, or by a model's own option); None runs float32.
+    #: bfloat16 against float32 as benchmarks/bench_bf16.py measures it, for a model added by a plug-in (the
+    #: built-in models' rows are in `scdrugmap.models.precision.MEASURED_PARITY`). ``dtype="bfloat16"`` is
+    #: refused unless it holds, and by every model with none (`scdrugmap.models.precision.refuse_bfloat16`).
+    bfloat16_parity: ClassVar[BFloat16Parity | None] = None
+    #: How bfloat16 is applied: ``autocast`` (weights stay float32; matmuls and attention in bfloat16, norms
+    #: and softmax in float32) or ``weights`` (the network cast to bfloat16: half the memory of a large LM;
+    #: `load_encoder` then asks the loader for its ``dtype`` option, so the weights are read in bfloat16).
+    bfloat16_mode: ClassVar[Literal["autocast", "weights"]] = "autocast"
+    #: Autocast dtype in use (set by `to_device` / `use_dtype`, or by a model's own option); None runs in the
+    #: weights' dtype.
     autocast_dtype: torch.dtype | None = None
+    #: The dtype asked for with `use_dtype`, resolved again when the model moves; None until asked.
+    dtype_choice: str | None = None
 
     @abstractmethod
     def tokenize(self, adata: ad.AnnData, *, layer: str | None = None) -> TokenizedCells:
@@ -259,25 +283,69 @@ class TorchEncoder(Encoder):
         return next(self.module.parameters()).device
 
     def to_device(self, device: str) -> TorchEncoder:
-        """Move the network to ``device``; on CUDA use the official inference's autocast (`gpu_autocast`)."""
+        """Move the network to ``device``; on CUDA use the official inference's autocast (`gpu_autocast`).
+
+        A dtype asked for with `use_dtype` is resolved again for the new device.
+        """
         import torch
 
         target = torch.device(device)
         self.module.to(target)
-        if target.type == "cuda" and self.gpu_autocast and self.autocast_dtype is None:
+        if self.dtype_choice is not None:
+            self.use_dtype(self.dtype_choice)
+        elif target.type == "cuda" and self.gpu_autocast and self.autocast_dtype is None:
             self.autocast_dtype = getattr(torch, self.gpu_autocast)
         return self
 
+    def use_dtype(self, dtype: str | None = "auto") -> TorchEncoder:
+        """Run forward passes in ``dtype`` on the model's device (`scdrugmap.models.precision.resolve_dtype`).
+
+        Raises
+        ------
+        ConfigError
+            When ``dtype`` is unknown, or bfloat16 is asked of a model whose parity does not hold.
+        """
+        resolved = resolve_dtype(type(self), dtype, str(self.device))
+        self.dtype_choice = dtype or "auto"
+        return self.apply_dtype(resolved)
+
+    def apply_dtype(self, dtype: RunDtype) -> TorchEncoder:
+        """Run forward passes in ``dtype`` without checking the model's parity: for benchmarks that measure it.
+
+        Everything else calls `use_dtype`. `bfloat16_mode` says whether the weights are cast or autocast is used;
+        a network cast to bfloat16 and back to float32 keeps bfloat16-rounded weights (reload it instead).
+        """
+        import torch
+
+        if self.bfloat16_mode == "weights":
+            if dtype == "float32" and self.compute_dtype != "float32":
+                log.warning("%s: casting bfloat16 weights back to float32 keeps their rounding; reload the model for "
+                            "float32 results", self.name)
+            self.module.to(getattr(torch, dtype))
+            self.autocast_dtype = None
+        else:
+            self.autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
+        log.debug("%s runs in %s on %s", self.name, dtype, self.device)
+        return self
+
+    @property
+    def compute_dtype(self) -> str:
+        if self.autocast_dtype is not None:
+            return str(self.autocast_dtype).removeprefix("torch.")
+        if self.bfloat16_mode == "weights":  # the network's own dtype (an LM may be loaded in bfloat16)
+            found = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), None)
+            return "float32" if found is None else str(found).removeprefix("torch.")
+        return "float32"
+
     def autocast(self):
-        """Return the autocast context of a forward pass: mixed precision on CUDA when set, else a no-op."""
+        """Return the autocast context of a forward pass: mixed precision when set (`use_dtype`), else a no-op."""
         import contextlib
 
         import torch
 
-        device = self.device
-        if self.autocast_dtype is None or device.type != "cuda":
+        if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def iter_batches(self, tokens: TokenizedCells, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
         """Yield (rows, batch) in length buckets, longest first."""
@@ -543,11 +611,19 @@ def resolve_device(device: str | None = "auto") -> str:
 
 
 def load_encoder(name: str, weights: str | Path | None = None, *, device: str | None = None,
-                 **options: Any) -> Encoder:
+                 dtype: str | None = None, **options: Any) -> Encoder:
     """Instantiate a registered encoder from its weights (a path, or the cache/download when None).
 
     ``device`` ("auto", "cpu", "cuda") moves the model there after loading; None leaves it where the
-    model's own loader put it.
+    model's own loader put it. ``dtype`` ("auto", "float32", "bfloat16"; see `scdrugmap.models.precision`)
+    is checked before any weights are read, then applied; None leaves the loader's choice.
     """
-    encoder = get_encoder_class(name).from_pretrained(weights, **options)
-    return encoder if device is None else encoder.to_device(resolve_device(device))
+    cls = get_encoder_class(name)
+    # a refusal does not depend on the device: refuse before reading weights
+    wanted = resolve_dtype(cls, dtype, "cpu") if dtype is not None and issubclass(cls, TorchEncoder) else None
+    if wanted == "bfloat16" and getattr(cls, "bfloat16_mode", None) == "weights":
+        options.setdefault("dtype", "bfloat16")  # load in it: never a float32 copy of a large LM
+    encoder = cls.from_pretrained(weights, **options)
+    if device is not None:
+        encoder = encoder.to_device(resolve_device(device))
+    return encoder if dtype is None else encoder.use_dtype(dtype)

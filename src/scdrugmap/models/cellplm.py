@@ -493,7 +493,14 @@ class GMVAELatentLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, *, sampling: LatentSampling = "gumbel",
                 generator: torch.Generator | None = None, categorical: torch.Tensor | None = None) -> torch.Tensor:
-        """Return the cell embeddings; ``categorical`` replaces the drawn ``y`` (to replay recorded draws)."""
+        """Return the cell embeddings; ``categorical`` replaces the drawn ``y`` (to replay recorded draws).
+
+        Under autocast (bfloat16) this layer still runs in float32: its noise is drawn in the logits' dtype,
+        and only float32 draws follow the official random stream.
+        """
+        if torch.is_autocast_enabled(h.device.type):
+            with torch.autocast(h.device.type, enabled=False):
+                return self.forward(h.float(), sampling=sampling, generator=generator, categorical=categorical)
         net = self.inference
         logits = cast(GumbelSoftmax, net.inference_qyx[0]).logits(h).view(-1, self.num_clusters)
         y = self.categorical(logits, sampling=sampling, generator=generator) if categorical is None else categorical
@@ -854,7 +861,9 @@ class CellPLMEncoder(TorchEncoder):
         with torch.inference_mode():
             for rows, batch in self.iter_batches(tokens, batch_size):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                out[rows] = self.encode(batch).float().cpu().numpy()
+                with self.autocast():
+                    pooled = self.encode(batch)
+                out[rows] = pooled.float().cpu().numpy()
                 done += rows.size
                 if progress is not None:
                     progress(done, tokens.n_cells)

@@ -34,19 +34,21 @@ DEFAULT_SHARD_CELLS = 20_000
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """How any process (a Ray worker included) loads the same encoder: name, weights, options, device."""
+    """How any process (a Ray worker included) loads the same encoder: name, weights, options, device, dtype."""
 
     name: str
     weights: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
+    dtype: str = "auto"
 
     def load(self) -> Encoder:
         """Return the encoder, loaded once per process (a worker reuses it across its tasks)."""
-        key = repr((self.name, self.weights, sorted(self.options.items()), self.device))
+        key = repr((self.name, self.weights, sorted(self.options.items()), self.device, self.dtype))
         if _LOADED.get("key") != key:
             _LOADED.clear()  # one model per worker at a time: the next one must not share its memory
-            _LOADED.update(key=key, encoder=load_encoder(self.name, self.weights, device=self.device, **self.options))
+            _LOADED.update(key=key, encoder=load_encoder(self.name, self.weights, device=self.device, dtype=self.dtype,
+                                                         **self.options))
         return _LOADED["encoder"]
 
 
@@ -66,7 +68,8 @@ class ShardedEmbedding:
     """Embeddings in cell order, with the checkpoint that made them and how the work was split.
 
     ``gene_overlap`` is each cell's fraction of expressed genes the model's vocabulary knows, in cell order
-    (`Encoder.gene_overlap_`); None for a model that gives none (baselines read every gene).
+    (`Encoder.gene_overlap_`); None for a model that gives none (baselines read every gene). ``dtype`` is
+    what the workers' forward passes ran in (`Encoder.compute_dtype`; comma-joined if they differ).
     """
 
     embeddings: npt.NDArray[np.float32]
@@ -74,15 +77,16 @@ class ShardedEmbedding:
     n_shards: int
     seconds: float
     gene_overlap: npt.NDArray[np.float32] | None = None
+    dtype: str = "float32"
 
 
 def embed_rows(spec: EncoderSpec, path: str, start: int, stop: int, layer: str | None,
                batch_size: int | None
-               ) -> tuple[npt.NDArray[np.float32], str | None, npt.NDArray[np.float32] | None]:
+               ) -> tuple[npt.NDArray[np.float32], str | None, npt.NDArray[np.float32] | None, str]:
     """Embed rows ``start:stop`` of the ``.h5ad`` at ``path`` (a Ray task; reads only those rows).
 
-    Returns the embeddings, the sha256 of the checkpoint the worker loaded and the shard's gene overlap
-    (`Encoder.gene_overlap_`, None for models that give none).
+    Returns the embeddings, the sha256 of the checkpoint the worker loaded, the shard's gene overlap
+    (`Encoder.gene_overlap_`, None for models that give none) and the dtype it ran in.
     """
     import socket
 
@@ -102,7 +106,7 @@ def embed_rows(spec: EncoderSpec, path: str, start: int, stop: int, layer: str |
         backed.file.close()
     encoder = spec.load()
     embeddings = encoder.embed(part, layer=layer, batch_size=batch_size)
-    return embeddings, encoder.checkpoint_sha256, encoder.gene_overlap_
+    return embeddings, encoder.checkpoint_sha256, encoder.gene_overlap_, encoder.compute_dtype
 
 
 def embed_sharded(spec: EncoderSpec, path: str | Path, *, n_obs: int, layer: str | None = None,
@@ -130,14 +134,16 @@ def embed_sharded(spec: EncoderSpec, path: str | Path, *, n_obs: int, layer: str
     out: np.ndarray | None = None
     overlap: np.ndarray | None = np.full(n_obs, np.nan, dtype=np.float32)
     checkpoints: set[str | None] = set()
+    dtypes: set[str] = set()
     done = 0
     for ref, result in cluster.as_completed(refs):
         start, stop = refs[ref]
         if isinstance(result, BaseException):
             msg = f"embedding rows {start}:{stop} of {path} with {spec.name} failed on the cluster: {result}"
             raise ScDrugMapError(msg)
-        embeddings, checkpoint, shard_overlap = result
+        embeddings, checkpoint, shard_overlap, dtype = result
         checkpoints.add(checkpoint)
+        dtypes.add(dtype)
         if out is None:
             out = np.empty((n_obs, embeddings.shape[1]), dtype=np.float32)
         out[start:stop] = embeddings
@@ -156,4 +162,4 @@ def embed_sharded(spec: EncoderSpec, path: str | Path, *, n_obs: int, layer: str
     log.info("    embedded %d cells with %s in %d shards in %.1fs", n_obs, spec.name, len(bounds), seconds)
     return ShardedEmbedding(out if out is not None else np.zeros((0, 0), dtype=np.float32),
                             checkpoints.pop() if checkpoints else None, len(bounds), seconds,
-                            gene_overlap=overlap if bounds else None)
+                            gene_overlap=overlap if bounds else None, dtype=",".join(sorted(dtypes)) or "float32")
