@@ -23,6 +23,23 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SCDRUGMAP_HOME", str(tmp_path_factory.mktemp("scdrugmap_home")))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one BLAS and one torch thread (restored after it).
+
+    The machines that run the tests have two cores shared by many processes; pydeseq2's many tiny per-gene
+    fits and small MLP heads run several times faster on one thread than on two contended ones.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def adata():
     """A fresh tiny AnnData per test (80 cells, 8 samples, 2 studies, 2 tissues)."""

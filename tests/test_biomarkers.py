@@ -26,16 +26,7 @@ N_GENES = 150
 FAST = {"top_k": 10, "max_cells": 60, "max_genes": 6, "n_bootstrap": 2, "n_permutations": 100}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,6 @@ import pytest
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every explain module on one thread (`one_thread` of tests/conftest.py)."""
+    yield
