@@ -194,9 +194,8 @@ def roc(data: ad.AnnData | str | Path, key: str | None = None, *, label_key: str
 
         run = read_run_data(data)
         return plot_roc_pr(labelled_predictions(run), model_colours(run.model_list), **options)
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     from scdrugmap.data.schema import encode_labels
+    from scdrugmap.evaluate.metrics import binary_curves
     from scdrugmap.tl import probability_column
 
     key = _prediction_key(data, key)
@@ -210,8 +209,8 @@ def roc(data: ad.AnnData | str | Path, key: str | None = None, *, label_key: str
     if np.unique(labels[readable]).size < 2:
         msg = f"obs[{label_key!r}] holds one class among the predicted cells; a ROC curve needs both."
         raise SchemaError(msg)
-    fpr, tpr, _ = roc_curve(labels[readable], probability[readable])
-    auroc = roc_auc_score(labels[readable], probability[readable])
+    curves = binary_curves(labels[readable], probability[readable])  # scikit-learn's curves, one ROC code
+    fpr, tpr, auroc = curves.fpr, curves.tpr, curves.auroc
     ax.plot(fpr, tpr, color="#0072B2", label=f"{key}: AUROC {auroc:.3f} (N = {int(readable.sum())} cells)")
     ax.plot([0, 1], [0, 1], color="#444444", linestyle=(0, (1, 3)), linewidth=1)
     ax.set_xlabel("false positive rate (cells)")
