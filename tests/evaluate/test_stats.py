@@ -9,6 +9,7 @@ from scdrugmap.evaluate.splits import permute_labels
 from scdrugmap.evaluate.stats import (
     compare_models,
     label_design,
+    pair_wins,
     paired_test,
     permutation_pvalues,
     sample_level_auroc,
@@ -23,6 +24,28 @@ def test_within_fold_auroc_of_one_fold_is_the_ordinary_auroc_with_an_interval_ar
     result = within_fold_auroc(labels, scores, np.zeros(40))
     assert result["auroc"] == pytest.approx(roc_auc_score(labels, scores))
     assert result["ci_low"] < result["auroc"] < result["ci_high"] and result["n_pairs"] == 400
+
+
+def test_pair_wins_counts_every_pair_exactly_as_the_pair_matrix_does_ties_included():
+    rng = np.random.default_rng(3)
+    for size_pos, size_neg in [(1, 1), (7, 300), (250, 40)]:
+        pos = rng.integers(0, 12, size_pos).astype(np.float64)  # few distinct values: many ties
+        neg = rng.integers(0, 12, size_neg).astype(np.float64)
+        a, b = pos[:, None], neg[None, :]
+        assert pair_wins(pos, neg) == ((a > b) + 0.5 * (a == b)).sum()
+
+
+def test_within_fold_auroc_without_bootstrap_equals_the_per_stratum_auroc_weighted_by_pairs():
+    """The cell-level path (no bootstrap) scores large strata from ranks, never a pairs matrix."""
+    rng = np.random.default_rng(4)
+    strata = rng.integers(0, 3, 3000)
+    labels = rng.integers(0, 2, 3000)
+    scores = np.round(labels * 0.5 + rng.normal(0, 1, 3000), 1)  # rounded: ties within and across labels
+    result = within_fold_auroc(labels, scores, strata, n_bootstrap=0)
+    pairs = [(labels[strata == s] == 1).sum() * (labels[strata == s] == 0).sum() for s in range(3)]
+    expected = sum(roc_auc_score(labels[strata == s], scores[strata == s]) * n for s, n in enumerate(pairs))
+    assert result["n_pairs"] == sum(pairs) and result["auroc"] == pytest.approx(expected / sum(pairs), abs=1e-12)
+    assert np.isnan(result["ci_low"])
 
 
 def test_a_constant_per_fold_reference_scores_one_half_whatever_the_folds_priors():

@@ -157,3 +157,25 @@ def test_config_holds_the_resolved_settings_and_the_environment(tmp_path):
     run = store.RunFolder(tmp_path)
     assert run.config == {"data": "demo", "models": ["pca"]} and run.simulated
     assert run.environment["packages"]["numpy"] == np.__version__
+
+
+def test_consolidated_predictions_are_the_done_jobs_parts_in_order_without_holding_them_together(tmp_path):
+    """Streamed part by part: equal to concatenating the parts, a column one part lacks is NaN there."""
+    writer = ResultStore(tmp_path)
+    rng = np.random.default_rng(0)
+    frames = {}
+    for index, status in enumerate(["done", "done", "failed", "done"]):
+        key = f"pca|frozen|mlp|pooled|tissue|T{index}|0|sample"
+        row = {"key": key, "level": "cell", "status": status, "reasons": {}}
+        cells = pd.DataFrame({"cell": [f"c{index}-{i}" for i in range(5)], "label": rng.integers(0, 2, 5),
+                              "probability": rng.random(5).astype(np.float32)})
+        if index != 1:  # a job whose head gave no calibrated probability
+            cells["calibrated"] = rng.random(5).astype(np.float32)
+        writer.write_job(row, cells if status == "done" else None)
+        if status == "done":
+            frames[store.job_id(key)] = cells.assign(key=key)
+    writer.consolidate()
+    expected = pd.concat([frames[name] for name in sorted(frames)], ignore_index=True)
+    got = pd.read_parquet(tmp_path / store.PREDICTIONS)
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False)
+    assert got["probability"].dtype == np.float32 and got["calibrated"].isna().sum() == 5

@@ -60,6 +60,19 @@ def sample_predictions(predictions: pd.DataFrame, cells: pd.DataFrame) -> pd.Dat
     return table[columns]
 
 
+def pair_wins(positive: npt.NDArray[np.float64], negative: npt.NDArray[np.float64]) -> float:
+    """Return the Mann-Whitney count: pairs where the positive item scores higher, ties counting one half.
+
+    Equal to ``((a > b) + 0.5 * (a == b)).sum()`` over all pairs, exactly (a sum of halves), from the
+    sorted negatives: memory grows with the items, not with their pairs (a cell type of 30,000 test
+    cells has 2e8 pairs).
+    """
+    ordered = np.sort(negative)
+    below = np.searchsorted(ordered, positive, side="left")
+    not_above = np.searchsorted(ordered, positive, side="right")
+    return float(below.sum() + 0.5 * (not_above - below).sum())
+
+
 def within_fold_auroc(labels: npt.ArrayLike, scores: npt.ArrayLike, strata: npt.ArrayLike, *,
                       n_bootstrap: int = BOOTSTRAP, confidence: float = CONFIDENCE,
                       seed: int = 0) -> dict[str, float | int | str]:
@@ -85,7 +98,7 @@ def within_fold_auroc(labels: npt.ArrayLike, scores: npt.ArrayLike, strata: npt.
     item_strata: npt.NDArray[np.generic] = np.asarray(strata)
     keep = np.isfinite(item_scores)
     item_labels, item_scores, item_strata = item_labels[keep], item_scores[keep], item_strata[keep]
-    blocks = []  # per stratum with both labels: item positions of its sensitive and resistant items, pair matrix
+    blocks = []  # per stratum with both labels: item positions of its sensitive and resistant items
     _, codes = np.unique(item_strata, return_inverse=True)
     order = np.argsort(codes, kind="stable")  # each stratum's items together, in their order
     ends = np.cumsum(np.bincount(codes))
@@ -93,8 +106,7 @@ def within_fold_auroc(labels: npt.ArrayLike, scores: npt.ArrayLike, strata: npt.
         members = order[start:end]
         pos, neg = members[item_labels[members] == 1], members[item_labels[members] == 0]
         if pos.size and neg.size:
-            a, b = item_scores[pos][:, None], item_scores[neg][None, :]
-            blocks.append((pos, neg, (a > b) + 0.5 * (a == b)))
+            blocks.append((pos, neg))
     out: dict[str, float | int | str] = {"auroc": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
                                          "n_items": int(item_labels.size), "n_pairs": 0, "n_strata": len(blocks),
                                          "reason": ""}
@@ -102,17 +114,18 @@ def within_fold_auroc(labels: npt.ArrayLike, scores: npt.ArrayLike, strata: npt.
         out["reason"] = ("no fold's test samples hold both labels" if item_labels.size
                          else "no sample with a prediction")
         return out
-    total = sum(matrix.size for _, _, matrix in blocks)
+    total = sum(pos.size * neg.size for pos, neg in blocks)
     out["n_pairs"] = int(total)
-    out["auroc"] = float(sum(matrix.sum() for _, _, matrix in blocks) / total)
+    out["auroc"] = float(sum(pair_wins(item_scores[pos], item_scores[neg]) for pos, neg in blocks) / total)
     if n_bootstrap < 1:
         return out
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(item_labels.size, np.full(item_labels.size, 1 / item_labels.size), size=n_bootstrap).astype(np.float64)
     wins = np.zeros(n_bootstrap)
     pairs = np.zeros(n_bootstrap)
-    for pos, neg, matrix in blocks:
-        wins += np.einsum("bi,ij,bj->b", counts[:, pos], matrix, counts[:, neg])
+    for pos, neg in blocks:  # the pair matrix, for items few enough to bootstrap (samples, not cells)
+        a, b = item_scores[pos][:, None], item_scores[neg][None, :]
+        wins += np.einsum("bi,ij,bj->b", counts[:, pos], (a > b) + 0.5 * (a == b), counts[:, neg])
         pairs += counts[:, pos].sum(axis=1) * counts[:, neg].sum(axis=1)
     drawn = pairs > 0
     if drawn.any():

@@ -116,6 +116,29 @@ def _write_parquet_atomic(frame: pd.DataFrame, path: Path, *, index: bool | None
     _write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=index))
 
 
+def _concat_parquet_atomic(parts: list[Path], path: Path) -> None:
+    """Write the rows of the parquet files ``parts`` one after another into ``path``, one part in memory at a time.
+
+    A column some parts lack is null there (NaN in pandas), as ``pd.concat`` fills it; a run's
+    predictions at full size (cells x jobs) never sit in memory whole.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.unify_schemas([pq.read_schema(part).remove_metadata() for part in parts])
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for part in parts:
+                table = pq.read_table(part).replace_schema_metadata(None)
+                for name in schema.names:
+                    if name not in table.column_names:
+                        table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+                writer.write_table(table.select(schema.names).cast(schema))
+
+    _write_atomic(path, write)
+
+
 def _write_text_atomic(text: str, path: Path) -> None:
     _write_atomic(path, lambda tmp: tmp.write_text(text))
 
@@ -291,11 +314,9 @@ class ResultStore:
             return results
         _write_parquet_atomic(results, self.run_dir / RESULTS)
         parts = sorted(self.predictions_dir.glob("*.parquet")) if self.predictions_dir.exists() else []
-        if parts:
-            done = set(results.loc[results["status"] == "done", "key"])
-            frames = [frame for frame in (pd.read_parquet(p) for p in parts) if frame["key"].iloc[0] in done]
-            if frames:
-                _write_parquet_atomic(pd.concat(frames, ignore_index=True), self.run_dir / PREDICTIONS)
+        done = {job_id(key) for key in results.loc[results["status"] == "done", "key"]}
+        if parts := [part for part in parts if part.stem in done]:
+            _concat_parquet_atomic(parts, self.run_dir / PREDICTIONS)
         return results
 
     # --- the run's data --------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def fit_mlp_heads(X: torch.Tensor, y: torch.Tensor, fits: list[tuple[np.ndarray,
 
 
 def predict_mlp_heads(model: BatchedMLP, X: torch.Tensor, tests: list[np.ndarray],
-                      chunk: int = 65536, *, logits: bool = False) -> list[npt.NDArray[np.float32]]:
+                      chunk: int = 8192, *, logits: bool = False) -> list[npt.NDArray[np.float32]]:
     """Return each head's probability of sensitivity (or its logit) on its own test positions."""
     import torch
 
