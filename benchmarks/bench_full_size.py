@@ -429,6 +429,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(BENCHMARK_MODELS),
                         help="benchmark models (comma list; geneformer comes from the stand-in cache)")
     parser.add_argument("--epochs", type=int, default=10, help="MLP head epochs (the paper's 10)")
+    parser.add_argument("--add-models", action="store_true",
+                        help="add --models to the run folder a previous benchmark stage left (kept with --keep), "
+                             "instead of starting it afresh: its models' jobs are not run again")
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", type=Path, default=None,
@@ -464,7 +467,8 @@ def main() -> None:
         if name not in stages:
             continue
         if name == "benchmark":
-            shutil.rmtree(run / "run", ignore_errors=True)  # a fresh run: the runner would skip finished jobs
+            if not args.add_models:  # a fresh run: the runner would skip finished jobs
+                shutil.rmtree(run / "run", ignore_errors=True)
             if "geneformer" in models:  # setup, reported on its own line
                 _record(results, run_stage("cache", args, env), args.json)
             for model in models:  # one process per model, all into one run folder
