@@ -1,4 +1,5 @@
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -188,11 +189,14 @@ def test_a_model_that_crashes_while_embedding_fails_alone_and_is_retried(tmp_pat
     def crash(self, *args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(PCAEncoder, "embed", crash)
+    monkeypatch.setattr(PCAEncoder, "embedding_blocks", crash)  # what embed and the streamed cache miss run
     results = run_benchmark(config)
     pca = results[(results["model"] == "pca") & (results["status"] != "skipped")]
     assert set(pca["status"]) == {"failed"} and pca["reasons"].str.contains("out of memory").all()
     assert (results.loc[results["model"] == "majority", "status"] == "done").any()
+    from scdrugmap.config import embeddings_cache_dir
+
+    assert not list(embeddings_cache_dir().glob("pca-*"))  # no half-written cache entry is left
     monkeypatch.undo()
     again = run_benchmark(config)
     assert (again.loc[again["model"] == "pca", "status"] == "done").any()
@@ -250,3 +254,37 @@ def test_external_validation_refuses_a_test_file_sharing_too_few_genes_or_other_
         run_benchmark(_config(tmp_path, data, test_data=str(zscored), scenarios=["pooled"], out=str(tmp_path / "z")))
     with pytest.raises(ConfigError, match="--scenarios external needs --test-data"):
         BenchmarkConfig(scenarios=["external"]).validate()
+
+
+@pytest.mark.parametrize("head", ["mlp", "logistic"])
+@pytest.mark.parametrize("split", ["sample", "cell"])
+def test_a_unit_reading_its_cells_from_the_cache_file_scores_exactly_as_from_the_whole_array(tmp_path, head, split):
+    """The local runner keeps embeddings on disk; a unit reads the cells of its folds and numbers them from 0."""
+    from scdrugmap.evaluate.executors import ModelInputs, Unit, compute_unit
+    from scdrugmap.evaluate.grid import Job
+    from scdrugmap.evaluate.splits import Fold
+    from scdrugmap.models.cache import EmbeddingFile
+    from scdrugmap.train.heads import HeadConfig
+
+    rng = np.random.default_rng(5)
+    embeddings = rng.standard_normal((300, 6)).astype(np.float32)
+    labels = rng.integers(0, 2, 300)
+    embeddings[:, 0] += labels
+    groups = np.repeat([f"s{i}" for i in range(30)], 10)
+    unit_cells = rng.permutation(np.flatnonzero(np.arange(300) % 3 != 0))  # a value's cells, in no order
+    jobs, fold_sets = [], []
+    for k, test in enumerate(np.array_split(unit_cells, 3)):
+        train = np.setdiff1d(unit_cells, test)
+        fold = Fold("pooled", "tissue", "T", str(k), split, train, test)
+        jobs.append(Job("pca", "frozen", head, fold))
+        fold_sets.append((train, test))
+    np.save(tmp_path / "e.npy", embeddings)
+    unit = Unit(jobs, fold_sets)
+    inputs = ModelInputs("pca", labels, groups, HeadConfig(epochs=3, hidden=8), "cpu", embeddings=embeddings)
+    whole = compute_unit(inputs, unit)
+    from_file = compute_unit(replace(inputs, embeddings=EmbeddingFile(tmp_path / "e.npy")), unit)
+    assert whole.status == from_file.status == "done"
+    for (p_whole, info_whole), (p_file, info_file) in zip(whole.predictions, from_file.predictions, strict=True):
+        np.testing.assert_array_equal(p_file, p_whole)
+        assert {k: v for k, v in info_file.items() if k != "trust"} == {k: v for k, v in info_whole.items()
+                                                                        if k != "trust"}

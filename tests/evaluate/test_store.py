@@ -179,3 +179,26 @@ def test_consolidated_predictions_are_the_done_jobs_parts_in_order_without_holdi
     got = pd.read_parquet(tmp_path / store.PREDICTIONS)
     pd.testing.assert_frame_equal(got, expected, check_dtype=False)
     assert got["probability"].dtype == np.float32 and got["calibrated"].isna().sum() == 5
+
+
+def test_maps_added_after_the_jobs_equal_maps_made_with_the_sample_and_are_added_once(tmp_path):
+    """The runner saves samples without a map and adds them at the end (or when a run cut short resumes)."""
+    rng = np.random.default_rng(2)
+    embeddings = rng.standard_normal((40, 5)).astype(np.float32)
+    cells = pd.Index([f"c{i}" for i in range(40)])
+    (tmp_path / "direct").mkdir()
+    (tmp_path / "later").mkdir()
+    direct, later = ResultStore(tmp_path / "direct"), ResultStore(tmp_path / "later")
+    direct.save_embedding_sample("pca", embeddings, cells, seed=3, projection="pca")
+    later.save_embedding_sample("pca", embeddings, cells, seed=3, projection=None)
+    assert read_run_folder(later).embedding_map("pca") is None
+    assert later.add_embedding_maps(seed=3, projection="pca") == ["pca"]
+    assert later.add_embedding_maps(seed=3, projection="pca") == []  # already there
+    made, added = read_run_folder(direct).embedding_map("pca"), read_run_folder(later).embedding_map("pca")
+    np.testing.assert_array_equal(added.coordinates, made.coordinates)
+    assert (added.method, added.seed) == (made.method, made.seed) == ("pca", 3)
+    np.testing.assert_array_equal(read_run_folder(later).embedding("pca")[0], embeddings)
+
+
+def read_run_folder(path):
+    return store.RunFolder(path)

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -40,6 +40,7 @@ from scdrugmap.evaluate.store import JobWriter, ResultStore
 if TYPE_CHECKING:
     import anndata as ad
 
+    from scdrugmap.models.cache import EmbeddingFile
     from scdrugmap.models.sharded import EncoderSpec
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,8 @@ class _InMemory:
         return self.adata if getattr(encoder, "reads_backed", False) else self()
 
 
-def _rows_with_nan(embeddings: np.ndarray, chunk_rows: int = 65_536) -> np.ndarray:
-    """Return True per row holding a NaN, without a (cells x dim) temporary."""
+def _rows_with_nan(embeddings: np.ndarray | EmbeddingFile, chunk_rows: int = 65_536) -> np.ndarray:
+    """Return True per row holding a NaN, without a (cells x dim) temporary (an `EmbeddingFile` read in chunks)."""
     rows = np.zeros(embeddings.shape[0], dtype=bool)
     for start in range(0, embeddings.shape[0], chunk_rows):
         rows[start : start + chunk_rows] = np.isnan(embeddings[start : start + chunk_rows]).any(axis=1)
@@ -156,7 +157,7 @@ def _prepare_model(model: str, jobs: list[Job], config: BenchmarkConfig, adata: 
                    ) -> tuple[ModelInputs, dict[str, Any]]:
     """Load a model and compute what its units need: embeddings (cached) for frozen heads, tokens for LoRA."""
     from scdrugmap.models.base import TorchEncoder, get_encoder_class, load_encoder
-    from scdrugmap.models.cache import cached_embed
+    from scdrugmap.models.cache import RowStreamingEncoder, cached_embed
     from scdrugmap.models.sharded import EncoderSpec, embed_sharded
 
     options = dict(config.model_options.get(model, {}))
@@ -186,9 +187,13 @@ def _prepare_model(model: str, jobs: list[Job], config: BenchmarkConfig, adata: 
             def compute() -> np.ndarray:
                 return encoder.embed(memory.for_encoder(encoder), layer=config.layer, batch_size=config.batch_size,
                                      progress=report)
+        # here, the embeddings stay in the cache file and each unit reads its own cells; a baseline writes a
+        # miss into it block by block (at full size hvg's 2.6 GB never sit in memory); a cluster gets an array
+        streams = not on_cluster and isinstance(encoder, RowStreamingEncoder)
         inputs.embeddings, facts = cached_embed(encoder, adata, data_fingerprint=fingerprint, layer=config.layer,
                                                 batch_size=config.batch_size, options=_dtype_key(dtype),
-                                                compute=compute)
+                                                compute=None if streams else compute, progress=report,
+                                                in_memory=on_cluster)
     if (any(job.strategy == "lora" for job in jobs) and isinstance(encoder, TorchEncoder)
             and encoder.lora_targets):
         inputs.tokens = encoder.tokenize(memory(), layer=config.layer)
@@ -360,13 +365,17 @@ def run_benchmark(config: BenchmarkConfig, *, progress: BenchmarkProgress | None
         valid = np.ones(adata.n_obs, dtype=bool)
         if inputs.embeddings is not None and inputs.embeddings.shape[1]:
             valid = ~_rows_with_nan(inputs.embeddings)
-            store.save_embedding_sample(model_name, inputs.embeddings, adata.obs_names, seed=config.seed)
+            # its 2-D map comes after every model's jobs (`add_embedding_maps`): UMAP's compiled code stays
+            # in memory, and there it does not sit beside a model's embeddings
+            store.save_embedding_sample(model_name, inputs.embeddings, adata.obs_names, seed=config.seed,
+                                        projection=None)
         shared = executor.share(inputs)
         for unit in _units(runnable, valid):
             executor.submit(shared, unit)
         store_finished(wait=False)  # local: runs this model's units now; Ray: stores what is done so far
         del inputs, shared  # the next model's embeddings never sit beside this one's
     store_finished(wait=True)
+    store.add_embedding_maps(seed=config.seed)
     results = store.consolidate()
     if model_facts:
         store.write_model_facts(model_facts)
@@ -408,7 +417,7 @@ def _run_permutations(config: BenchmarkConfig, store: ResultStore, jobs: list[Jo
             continue
         valid = np.ones(adata.n_obs, dtype=bool)
         if inputs.embeddings is not None and inputs.embeddings.shape[1]:
-            valid = cast("np.ndarray", ~np.isnan(inputs.embeddings).any(axis=1))
+            valid = ~_rows_with_nan(inputs.embeddings)
         start = time.perf_counter()
         rows = []
         for permutation in todo:

@@ -69,6 +69,7 @@ if TYPE_CHECKING:
 
     from scdrugmap.evaluate.grid import Job
     from scdrugmap.evaluate.projection import Projection
+    from scdrugmap.models.cache import EmbeddingFile
 
 log = logging.getLogger(__name__)
 
@@ -381,8 +382,8 @@ class ResultStore:
                 frame[name] = obs[column].astype(str).to_numpy()
         _write_parquet_atomic(frame, self.run_dir / CELLS)
 
-    def save_embedding_sample(self, model: str, embeddings: np.ndarray, obs_names: pd.Index, *, seed: int,
-                              projection: Projection | None = "auto") -> None:
+    def save_embedding_sample(self, model: str, embeddings: np.ndarray | EmbeddingFile, obs_names: pd.Index, *,
+                              seed: int, projection: Projection | None = "auto") -> None:
         """Write up to `EMBEDDING_SAMPLE` cells' embeddings of ``model`` (drawn with ``seed``) and their 2-D map.
 
         The map (`scdrugmap.evaluate.projection.project_embedding` of the sample, with ``seed``) is
@@ -404,6 +405,29 @@ class ResultStore:
                 np.savez_compressed(handle, **arrays)
 
         _write_atomic(folder / f"{model}{EMBEDDING_SUFFIX}", write)
+
+    def add_embedding_maps(self, *, seed: int, projection: Projection = "auto") -> list[str]:
+        """Add the 2-D map to every embedding sample saved without one (``projection=None``); return their models.
+
+        A run computes the maps after its models' jobs, so UMAP's compiled code (which stays in memory)
+        never sits beside a model's embeddings; a run cut short before adds them when resumed.
+        """
+        folder = self.run_dir / EMBEDDINGS_DIR
+        added = []
+        for path in sorted(folder.glob(f"*{EMBEDDING_SUFFIX}")) if folder.exists() else []:
+            with np.load(path, allow_pickle=False) as saved:
+                if "coordinates" in saved.files:
+                    continue
+                arrays: dict[str, Any] = {name: saved[name] for name in saved.files}
+            arrays.update(_embedding_map_arrays(np.asarray(arrays["embedding"], dtype=np.float32), projection, seed))
+
+            def write(tmp: Path, arrays: dict[str, Any] = arrays) -> None:
+                with tmp.open("wb") as handle:
+                    np.savez_compressed(handle, **arrays)
+
+            _write_atomic(path, write)
+            added.append(path.name.removesuffix(EMBEDDING_SUFFIX))
+        return added
 
     def read_permutations(self) -> pd.DataFrame:
         """Return the label-permutation null computed so far (empty when none)."""

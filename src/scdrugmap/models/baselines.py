@@ -163,6 +163,26 @@ class _ExpressionBaseline(Encoder):
             dense[:, missing] = 0.0
             yield start, dense
 
+    def embedding_blocks(self, adata: ad.AnnData, *, layer: str | None = None,
+                         progress: Progress | None = None) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
+        """Yield (first row, embedding of a block of rows) in row order; fits on ``adata`` first when unfitted."""
+        raise NotImplementedError
+
+    def embed_into(self, adata: ad.AnnData, out: Any, *, layer: str | None = None,
+                   progress: Progress | None = None) -> None:
+        """Write every cell's embedding into ``out`` (``out[start:stop] = block``): an array or a file writer."""
+        for start, block in self.embedding_blocks(adata, layer=layer, progress=progress):
+            out[start : start + block.shape[0]] = block
+
+    def embed(self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int | None = None,
+              progress: Progress | None = None) -> npt.NDArray[np.float32]:
+        out: npt.NDArray[np.float32] | None = None
+        for start, block in self.embedding_blocks(adata, layer=layer, progress=progress):
+            if out is None:  # the width is known once the genes are selected
+                out = np.empty((adata.n_obs, block.shape[1]), dtype=np.float32)
+            out[start : start + block.shape[0]] = block
+        return out if out is not None else np.empty((adata.n_obs, self.embedding_dim), dtype=np.float32)
+
     def state(self) -> dict[str, np.ndarray]:
         """Return the fitted state (gene names as a fixed-width byte array, so safetensors can hold it)."""
         if self.genes_ is None:
@@ -190,21 +210,21 @@ class HVGEncoder(_ExpressionBaseline):
         self._fit_genes(adata, X, kind)
         return self
 
-    def embed(self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int | None = None,
-              progress: Progress | None = None) -> npt.NDArray[np.float32]:
+    def embedding_blocks(self, adata: ad.AnnData, *, layer: str | None = None,
+                         progress: Progress | None = None) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
         X, kind = self._source(adata, layer)
         fitted_here = self.genes_ is None
         if fitted_here:  # unfitted: select on this data, stay stateless
             self._fit_genes(adata, X, kind)
         assert self.genes_ is not None  # fitted above or before
-        out = np.empty((adata.n_obs, self.genes_.size), dtype=np.float32)
-        for start, block in self._selected_blocks(adata, X, kind, self.genes_):
-            out[start : start + block.shape[0]] = block
-            if progress:
-                progress(start + block.shape[0], adata.n_obs)
-        if fitted_here:
-            self.genes_ = None
-        return out
+        try:
+            for start, block in self._selected_blocks(adata, X, kind, self.genes_):
+                yield start, block
+                if progress:
+                    progress(start + block.shape[0], adata.n_obs)
+        finally:
+            if fitted_here:
+                self.genes_ = None
 
 
 class PCAEncoder(_ExpressionBaseline):
@@ -267,22 +287,22 @@ class PCAEncoder(_ExpressionBaseline):
         _, components = svd_flip(None, vectors[:, ::-1].T, u_based_decision=False)  # largest first
         self.components_[:n_components] = components
 
-    def embed(self, adata: ad.AnnData, *, layer: str | None = None, batch_size: int | None = None,
-              progress: Progress | None = None) -> npt.NDArray[np.float32]:
+    def embedding_blocks(self, adata: ad.AnnData, *, layer: str | None = None,
+                         progress: Progress | None = None) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
         X, kind = self._source(adata, layer)
         fitted_here = self.components_ is None
         if fitted_here:  # unfitted: fit on this data, without labels
             self._fit(adata, X, kind)
         # fitted above or before (fit and load_state set all three)
         assert self.genes_ is not None and self.mean_ is not None and self.components_ is not None
-        out = np.empty((adata.n_obs, self.n_components), dtype=np.float32)
-        for start, block in self._selected_blocks(adata, X, kind, self.genes_):
-            out[start : start + block.shape[0]] = (block - self.mean_) @ self.components_.T
-            if progress:
-                progress(start + block.shape[0], adata.n_obs)
-        if fitted_here:
-            self.mean_ = self.components_ = self.genes_ = None  # stay stateless between data sets
-        return out
+        try:
+            for start, block in self._selected_blocks(adata, X, kind, self.genes_):
+                yield start, (block - self.mean_) @ self.components_.T
+                if progress:
+                    progress(start + block.shape[0], adata.n_obs)
+        finally:
+            if fitted_here:
+                self.mean_ = self.components_ = self.genes_ = None  # stay stateless between data sets
 
     def state(self) -> dict[str, np.ndarray]:
         if self.components_ is None:
