@@ -200,5 +200,5 @@ def test_maps_added_after_the_jobs_equal_maps_made_with_the_sample_and_are_added
     np.testing.assert_array_equal(read_run_folder(later).embedding("pca")[0], embeddings)
 
 
-def read_run_folder(path):
-    return store.RunFolder(path)
+def read_run_folder(result_store):
+    return store.RunFolder(result_store.run_dir)
