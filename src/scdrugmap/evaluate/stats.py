@@ -541,10 +541,12 @@ def confounder_auroc(predictions: pd.DataFrame | None, cells: pd.DataFrame | Non
 
     for keys, part in frame.groupby(by, sort=False, observed=True):
         facts = dict(zip(by, keys, strict=True))
-        add(facts, "all cells", part, part["key"])
+        fold = pd.factorize(part["key"])[0].astype(np.int64)  # strata as codes: no string per cell and pair
+        add(facts, "all cells", part, fold)
         for group in present:
-            add(facts, f"within {group.replace('_', ' ')}", part, part["key"] + "|" + part[group].astype(str))
+            value_codes, values = pd.factorize(part[group], use_na_sentinel=False)
+            add(facts, f"within {group.replace('_', ' ')}", part, fold * len(values) + value_codes)
         for group in present:
             for value, members in part.groupby(group, sort=True, observed=True):
-                add(facts, f"{group.replace('_', ' ')}: {value}", members, members["key"])
+                add(facts, f"{group.replace('_', ' ')}: {value}", members, pd.factorize(members["key"])[0])
     return pd.DataFrame(rows, columns=columns)
