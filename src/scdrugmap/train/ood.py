@@ -38,7 +38,6 @@ infinite value (the model could not read it) gets a NaN score and is flagged.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -107,13 +106,10 @@ def nearest_distances(queries: np.ndarray, reference: np.ndarray, k: int, *,
     queries are the reference cells themselves and each cell's own row is skipped, as ``kneighbors()``
     without ``X`` does (a duplicate of a cell still counts, at distance 0); the fit uses that.
 
-    Blocks of `QUERY_BLOCK` cells run on one thread per CPU with one BLAS thread each, as scikit-learn's
-    ``kneighbors`` does: many small matrix products split across BLAS threads wait on each other at every
-    product, which costs more than it gains (2.5x slower on two busy CPUs).
+    Blocks of `QUERY_BLOCK` cells run on one thread per CPU, with one BLAS thread each
+    (`scdrugmap.train._blocks.map_row_blocks`), as scikit-learn's ``kneighbors`` does.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from threadpoolctl import threadpool_limits
+    from scdrugmap.train._blocks import map_row_blocks
 
     if leave_one_out and queries.shape[0] != reference.shape[0]:
         msg = f"leave_one_out needs the reference cells as queries; got {queries.shape[0]} and {reference.shape[0]}."
@@ -123,8 +119,8 @@ def nearest_distances(queries: np.ndarray, reference: np.ndarray, k: int, *,
     scaled = (-2.0 * reference64).T.copy()  # times -2 exactly (a power of two): one pass less per block
     out = np.empty((queries.shape[0], k), dtype=np.float64)
 
-    def fill(start: int) -> None:
-        block = queries[start:start + QUERY_BLOCK].astype(np.float64)
+    def fill(start: int, stop: int) -> None:
+        block = queries[start:stop].astype(np.float64)
         squared = block @ scaled
         squared += reference_norms  # the query's own norm orders nothing: added to the k kept only
         rows = np.arange(squared.shape[0])
@@ -138,13 +134,9 @@ def nearest_distances(queries: np.ndarray, reference: np.ndarray, k: int, *,
             nearest[:, j] = squared[rows, closest]
             squared[rows, closest] = np.inf
         nearest += np.einsum("ij,ij->i", block, block)[:, None]
-        out[start:start + block.shape[0]] = np.sqrt(np.maximum(nearest, 0.0))
+        out[start:stop] = np.sqrt(np.maximum(nearest, 0.0))
 
-    starts = range(0, queries.shape[0], QUERY_BLOCK)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = max(1, min(len(starts), cpus))
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(fill, starts))  # list: raise a block's error here
+    map_row_blocks(fill, queries.shape[0], QUERY_BLOCK)
     return out
 
 
