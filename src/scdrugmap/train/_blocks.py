@@ -28,13 +28,18 @@ def map_row_blocks(work: Callable[[int, int], None], n_rows: int, block_rows: in
     """Call ``work(start, stop)`` for each block of ``block_rows`` rows of ``n_rows``, on threads.
 
     ``work`` writes its block's result into an array of the caller (blocks never overlap). An error in
-    any block is raised here.
+    any block is raised here. A single block runs here, as it is: no threads to start, and no BLAS limit
+    to set (a few milliseconds each, once torch is loaded, for the many small calls of a benchmark).
     """
+    starts = range(0, n_rows, block_rows)
+    if len(starts) <= 1:
+        for start in starts:
+            work(start, n_rows)
+        return
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
 
-    starts = range(0, n_rows, block_rows)
     workers = max(1, min(len(starts), available_cpus()))
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(lambda start: work(start, min(start + block_rows, n_rows)), starts))
