@@ -82,3 +82,20 @@ def test_inner_validation_split_handles_tiny_and_grouped_folds():
     fit, val = inner_validation_split(labels, groups, fraction=0.2, seed=0)
     assert not set(groups[fit]) & set(groups[val])
     assert val.size and fit.size + val.size == 100
+
+
+def test_mlp_logits_in_row_blocks_on_threads_equal_one_product_of_all_rows():
+    from scdrugmap.train.bundle import MLP_BLOCK, mlp_logits
+
+    rng = np.random.default_rng(0)
+    state = {"0.weight": rng.normal(size=(64, 20)), "0.bias": rng.normal(size=64),
+             "2.weight": rng.normal(size=(64, 64)), "2.bias": rng.normal(size=64),
+             "4.weight": rng.normal(size=(1, 64)), "4.bias": rng.normal(size=1)}
+    state = {name: value.astype(np.float32) for name, value in state.items()}
+    X = rng.normal(size=(2 * MLP_BLOCK + 7, 20)).astype(np.float32)  # three blocks, the last one short
+    h = np.maximum(X @ state["0.weight"].T + state["0.bias"], 0, dtype=np.float32)
+    h = np.maximum(h @ state["2.weight"].T + state["2.bias"], 0, dtype=np.float32)
+    expected = (h @ state["4.weight"].T + state["4.bias"]).reshape(-1)
+    logits = mlp_logits(state, X)
+    assert logits.dtype == np.float32
+    np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=1e-6)

@@ -165,3 +165,24 @@ def test_nearest_distances_equal_scikit_learn_brute_force_neighbours(n_reference
     queries = np.vstack([reference[:2], rng.normal(size=(700, 20))]).astype(np.float32)  # duplicates: distance 0
     expected, _ = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(reference).kneighbors(queries)
     np.testing.assert_allclose(nearest_distances(queries, reference, k), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("n_reference", "k"), [(300, 10), (11, 10), (3, 2)])
+def test_leave_one_out_distances_equal_scikit_learn_kneighbors_without_queries(n_reference, k):
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(n_reference)
+    reference = rng.normal(size=(n_reference, 20)).astype(np.float32)
+    reference[-1] = reference[0]  # a duplicate still counts, at distance 0; only the cell itself is left out
+    expected, _ = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(reference).kneighbors()
+    np.testing.assert_allclose(nearest_distances(reference, reference, k, leave_one_out=True), expected,
+                               rtol=0, atol=1e-6)
+
+
+def test_fit_distances_equal_scikit_learn_kneighbors_of_the_reference():
+    from sklearn.neighbors import NearestNeighbors
+
+    detector = OutOfDistributionDetector(max_reference_cells=400).fit(_gaussian(700, d=30))
+    expected, _ = NearestNeighbors(n_neighbors=detector.k_, algorithm="brute").fit(detector.reference_).kneighbors()
+    np.testing.assert_allclose(detector.reference_distances_, expected.mean(axis=1), rtol=0, atol=1e-6)
+    assert detector.threshold_ == pytest.approx(np.quantile(expected.mean(axis=1), detector.quantile), abs=1e-6)

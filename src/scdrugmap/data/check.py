@@ -191,7 +191,7 @@ def count_matrix(X, *, chunk_rows: int = CHUNK_ROWS, head_rows: int = HEAD_ROWS)
     if layout == "dense":
         chunk_rows = min(chunk_rows, max(1, DENSE_BLOCK_VALUES // max(1, n_genes)))
     for start in range(0, n_cells, chunk_rows):
-        block = schema.row_block(X, start, start + chunk_rows)
+        block = schema.row_block(X, start, start + chunk_rows, copy=False)  # only read here
         if layout == "csr":
             block = sp.csr_matrix(block)
             check_indices(block.indices, n_genes, "gene")

@@ -233,11 +233,27 @@ class Head:
         return sigmoid(self.predict_logits(embeddings))
 
 
+#: Cells per block of `mlp_logits` (1,024 x a hidden width of 512: 2 MB of float32 per layer).
+MLP_BLOCK = 1024
+
+
 def mlp_logits(state: dict[str, np.ndarray], X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """Apply the paper's MLP (``nn.Sequential`` keys 0/2/4) in float32 numpy; return one logit per row."""
-    h = np.maximum(X @ state["0.weight"].T + state["0.bias"], 0, dtype=np.float32)
-    h = np.maximum(h @ state["2.weight"].T + state["2.bias"], 0, dtype=np.float32)
-    return (h @ state["4.weight"].T + state["4.bias"]).reshape(-1).astype(np.float32)
+    """Apply the paper's MLP (``nn.Sequential`` keys 0/2/4) in float32 numpy; return one logit per row.
+
+    Blocks of `MLP_BLOCK` rows run on one thread per CPU with one BLAS thread each
+    (`scdrugmap.train._blocks.map_row_blocks`); a row's logit does not depend on its block.
+    """
+    from scdrugmap.train._blocks import map_row_blocks
+
+    out = np.empty(X.shape[0], dtype=np.float32)
+
+    def fill(start: int, stop: int) -> None:
+        h = np.maximum(X[start:stop] @ state["0.weight"].T + state["0.bias"], 0, dtype=np.float32)
+        h = np.maximum(h @ state["2.weight"].T + state["2.bias"], 0, dtype=np.float32)
+        out[start:stop] = (h @ state["4.weight"].T + state["4.bias"]).reshape(-1)
+
+    map_row_blocks(fill, X.shape[0], MLP_BLOCK)
+    return out
 
 
 def sigmoid(z: npt.ArrayLike) -> npt.NDArray[np.float32]:

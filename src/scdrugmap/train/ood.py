@@ -3,8 +3,8 @@
 `OutOfDistributionDetector` keeps a reference sample of the head's training cells (at most
 ``max_reference_cells``, drawn with a seeded generator), centred and scaled. A cell's distance is the
 mean Euclidean distance to its ``n_neighbors`` nearest reference cells (`nearest_distances`: scikit-learn
-``NearestNeighbors``' brute-force arithmetic in numpy, so scoring imports no scikit-learn; the fit uses
-scikit-learn itself). The training cells' own distances, each reference cell to its nearest *other*
+``NearestNeighbors``' brute-force arithmetic in numpy, so neither fit nor scoring imports scikit-learn;
+tested equal to it). The training cells' own distances, each reference cell to its nearest *other*
 reference cells (leave-one-out), give the yardstick: their ``quantile`` (0.99). A cell's score is its
 distance over that yardstick, so 1 means "as far from its neighbours as the 1% most isolated training
 cells", and a cell is flagged when its score exceeds ``margin`` (1.0 by default).
@@ -50,7 +50,6 @@ Scaling = Literal["global", "dimension"]
 
 if TYPE_CHECKING:
     import numpy.typing as npt
-    from sklearn.neighbors import NearestNeighbors
 
 log = logging.getLogger(__name__)
 
@@ -93,36 +92,51 @@ def _matrix(embeddings: npt.ArrayLike, name: str = "embeddings") -> np.ndarray:
     return X
 
 
-#: Query cells per block of `nearest_distances` (256 x 5,000 reference cells: 10 MB of float64).
-QUERY_BLOCK = 256
+#: Query cells per block of `nearest_distances` (64 x 5,000 reference cells: 2.5 MB of float64, in cache).
+QUERY_BLOCK = 64
 
 
-def nearest_distances(queries: np.ndarray, reference: np.ndarray, k: int) -> npt.NDArray[np.float64]:
+def nearest_distances(queries: np.ndarray, reference: np.ndarray, k: int, *,
+                      leave_one_out: bool = False) -> npt.NDArray[np.float64]:
     """Return each query cell's Euclidean distances to its ``k`` nearest reference cells, ascending.
 
     What scikit-learn's brute-force ``NearestNeighbors.kneighbors`` returns (the same float64 arithmetic:
     squared norms and the cross term in float64, negative squares clipped to 0; tested equal within 1e-6),
-    in blocks of `QUERY_BLOCK` cells, without importing scikit-learn (about a second of a prediction's
-    start-up). The reference cells are those of the query only when the caller says so: nothing is left out.
+    without importing scikit-learn (about a second of a prediction's start-up). With ``leave_one_out`` the
+    queries are the reference cells themselves and each cell's own row is skipped, as ``kneighbors()``
+    without ``X`` does (a duplicate of a cell still counts, at distance 0); the fit uses that.
+
+    Blocks of `QUERY_BLOCK` cells run on one thread per CPU, with one BLAS thread each
+    (`scdrugmap.train._blocks.map_row_blocks`), as scikit-learn's ``kneighbors`` does.
     """
+    from scdrugmap.train._blocks import map_row_blocks
+
+    if leave_one_out and queries.shape[0] != reference.shape[0]:
+        msg = f"leave_one_out needs the reference cells as queries; got {queries.shape[0]} and {reference.shape[0]}."
+        raise SchemaError(msg)
     reference64 = reference.astype(np.float64)
     reference_norms = np.einsum("ij,ij->i", reference64, reference64)
+    scaled = (-2.0 * reference64).T.copy()  # times -2 exactly (a power of two): one pass less per block
     out = np.empty((queries.shape[0], k), dtype=np.float64)
-    for start in range(0, queries.shape[0], QUERY_BLOCK):
-        block = queries[start:start + QUERY_BLOCK].astype(np.float64)
-        squared = block @ reference64.T  # in place from here: one (block x reference) array
-        squared *= -2.0
+
+    def fill(start: int, stop: int) -> None:
+        block = queries[start:stop].astype(np.float64)
+        squared = block @ scaled
         squared += reference_norms  # the query's own norm orders nothing: added to the k kept only
+        rows = np.arange(squared.shape[0])
+        if leave_one_out:
+            squared[rows, rows + start] = np.inf
         # the k smallest per row by k passes of argmin (a SIMD scan each): several times faster than a
         # partition of every row for the few neighbours used, and already in ascending order
-        rows = np.arange(squared.shape[0])
         nearest = np.empty((squared.shape[0], k))
         for j in range(k):
             closest = squared.argmin(axis=1)
             nearest[:, j] = squared[rows, closest]
             squared[rows, closest] = np.inf
         nearest += np.einsum("ij,ij->i", block, block)[:, None]
-        out[start:start + block.shape[0]] = np.sqrt(np.maximum(nearest, 0.0))
+        out[start:stop] = np.sqrt(np.maximum(nearest, 0.0))
+
+    map_row_blocks(fill, queries.shape[0], QUERY_BLOCK)
     return out
 
 
@@ -236,9 +250,9 @@ class OutOfDistributionDetector(Estimator):
         self.k_ = min(self.n_neighbors, rows.size - 1)
         if self.k_ < self.n_neighbors:
             notes.append(f"only {rows.size} reference cells, so {self.k_} neighbours instead of {self.n_neighbors}")
-        self._neighbors = None
-        distances, _ = self._nearest().kneighbors()  # without X: each cell's neighbours exclude itself
-        self.reference_distances_ = distances.mean(axis=1).astype(np.float64)
+        # each reference cell's neighbours exclude itself (scikit-learn's ``kneighbors()`` without X)
+        distances = nearest_distances(self.reference_, self.reference_, self.k_, leave_one_out=True)
+        self.reference_distances_ = distances.mean(axis=1)
         self.threshold_ = float(np.quantile(self.reference_distances_, self.quantile))
         self.n_training_cells_ = int(X.shape[0])
         self.reason_ = "; ".join(notes)
@@ -248,13 +262,6 @@ class OutOfDistributionDetector(Estimator):
 
     def _standardise(self, X: np.ndarray) -> np.ndarray:
         return ((X - self.mean_) / self.scale_).astype(np.float32)
-
-    def _nearest(self) -> NearestNeighbors:
-        from sklearn.neighbors import NearestNeighbors
-
-        if getattr(self, "_neighbors", None) is None:
-            self._neighbors = NearestNeighbors(n_neighbors=self.k_, algorithm="brute").fit(self.reference_)
-        return self._neighbors
 
     def score_cells(self, embeddings: npt.ArrayLike, *, gene_overlap: float | npt.ArrayLike | None = None) -> OutOfDistribution:
         """Score and flag each cell.
@@ -349,5 +356,4 @@ class OutOfDistributionDetector(Estimator):
         detector.k_ = int(state["k"])
         detector.n_training_cells_ = int(state["n_training_cells"])
         detector.reason_ = str(state["reason"])
-        detector._neighbors = None
         return detector
