@@ -16,7 +16,10 @@ The primary collection's full size (326,751 cells x 20,000 genes, about 4 GB on 
   geneformer, hvg: ``benchmark:<model>``), all writing into one run folder as a resumed run would, so each
   model's peak memory is its own (in one process for all models the runner frees a model's embeddings before
   the next model's, so the peak is about the largest of these). pca and hvg are embedded by the runner (a
-  cache miss: it hands them the backed file, read in row blocks); Geneformer comes from the embedding cache. Embedding every cell with Geneformer on a CPU is out of reach
+  cache miss: they read the backed file in row blocks and write each block into the cache file); every
+  model's embeddings then stay in that file and each unit (a category value's folds) reads its own cells,
+  so hvg's (cells x 2,000) float32 embedding (2.6 GB at full size) is never in memory whole. Geneformer
+  comes from the embedding cache. Embedding every cell with Geneformer on a CPU is out of reach
   (a few cells/s), so a setup step (``cache``, reported on its own line) first fills the cache as a previous
   run, or ``scdrugmap embed`` on a GPU cluster, would have: it writes a random-weight Geneformer-V1-10M
   checkpoint folder (official layout, V1 dictionaries beside it), loads it as the runner does, computes the
@@ -44,6 +47,7 @@ Usage::
     python benchmarks/bench_full_size.py --cells 20000 --path /tmp/scdrugmap-full/small.h5ad   # a quick look
     python benchmarks/bench_full_size.py --keep --json /tmp/bench_full_size.json   # full size; keep the file
     python benchmarks/bench_full_size.py --stages benchmark --categories tissue,cancer_type --epochs 10
+    python benchmarks/bench_full_size.py --keep --stages benchmark,report --models hvg --add-models  # one more model
 """
 
 from __future__ import annotations
