@@ -463,3 +463,33 @@ def test_confounder_panel_scores_within_studies_and_each_study(run, colours):
     tissue = panel(figure, f"Tissue\n{FROZEN}")
     assert gids(tissue, "confounder|pca|within study") == {"confounder|pca|within study": 1}
     assert any(line.get_gid() == "chance" for line in tissue.lines)
+
+
+def test_labelled_predictions_are_the_inner_merge_with_the_scored_jobs_without_nan_and_leave_the_run_alone(run):
+    """Row for row what ``merge(on="key", how="inner")`` gives, NaN predictions dropped (done by position)."""
+    from scdrugmap.report.run import scored
+
+    before = run.predictions.copy()
+    jobs = scored(run.results)[["key", "model", "setting", "strategy", "head", "scenario", "category", "value",
+                                "fold", "split"]]
+    expected = run.predictions.merge(jobs, on="key", how="inner")
+    expected = expected[np.isfinite(expected["probability"].to_numpy(dtype=np.float64))].reset_index(drop=True)
+    pd.testing.assert_frame_equal(labelled_predictions(run), expected)
+    pd.testing.assert_frame_equal(run.predictions, before)  # the run's own table gains no columns
+
+
+def test_labelled_predictions_leave_out_nan_predictions_and_jobs_that_were_not_scored(run):
+    from types import SimpleNamespace
+
+    from scdrugmap.report.run import scored
+
+    predictions = run.predictions.copy()
+    predictions.loc[predictions.index[:3], "probability"] = np.nan
+    predictions.loc[predictions.index[3:5], "key"] = "never|scored"
+    jobs = scored(run.results)[["key", "model", "setting", "strategy", "head", "scenario", "category", "value",
+                                "fold", "split"]]
+    expected = predictions.merge(jobs, on="key", how="inner")
+    expected = expected[np.isfinite(expected["probability"].to_numpy(dtype=np.float64))].reset_index(drop=True)
+    got = labelled_predictions(SimpleNamespace(predictions=predictions, results=run.results))
+    assert len(got) == len(predictions) - 5
+    pd.testing.assert_frame_equal(got, expected)

@@ -531,7 +531,16 @@ def confounder_auroc(predictions: pd.DataFrame | None, cells: pd.DataFrame | Non
     if "level" in jobs:
         jobs = jobs[jobs["level"].fillna("cell") == "cell"]
     jobs = jobs[["key", *by]].drop_duplicates("key")
-    frame = predictions.merge(jobs, on="key").merge(cells[["cell", *present]].drop_duplicates("cell"), on="cell")
+    cell_table = cells[["cell", *present]].drop_duplicates("cell")
+    # inner merges on the key and the cell, row for row, without their join tables (millions of predictions)
+    job_of = pd.Index(jobs["key"]).get_indexer(predictions["key"])
+    cell_of = pd.Index(cell_table["cell"]).get_indexer(predictions["cell"])
+    keep = (job_of >= 0) & (cell_of >= 0)
+    frame = predictions.loc[keep, ["key", "label", "probability"]].reset_index(drop=True)
+    for column in by:
+        frame[column] = jobs[column].take(job_of[keep]).reset_index(drop=True)
+    for group in present:
+        frame[group] = cell_table[group].take(cell_of[keep]).reset_index(drop=True)
     rows = []
 
     def add(facts: dict, scope: str, part: pd.DataFrame, strata: pd.Series) -> None:

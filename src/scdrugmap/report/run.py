@@ -240,7 +240,13 @@ def labelled_predictions(run: RunData) -> pd.DataFrame | None:
     if run.predictions is None or run.predictions.empty:
         return None
     jobs = scored(run.results)[["key", "model", "setting", "strategy", "head", "scenario", "category", "value",
-                                "fold", "split"]]
-    frame = run.predictions.merge(jobs, on="key", how="inner")
-    frame = frame[np.isfinite(frame["probability"].to_numpy(dtype=np.float64))]
+                                "fold", "split"]].drop_duplicates("key")
+    predictions = run.predictions
+    # what an inner merge on the key gives, row for row, without its join tables and copies (a full-size run
+    # has millions of predictions): each prediction's job row by position, unscored and NaN predictions left out
+    position = pd.Index(jobs["key"]).get_indexer(predictions["key"])
+    keep = (position >= 0) & np.isfinite(predictions["probability"].to_numpy(dtype=np.float64))
+    frame = predictions.copy(deep=False) if keep.all() else predictions[keep].reset_index(drop=True)
+    for column in jobs.columns.drop("key"):
+        frame[column] = jobs[column].to_numpy()[position[keep]]
     return frame
