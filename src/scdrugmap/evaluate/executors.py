@@ -117,16 +117,12 @@ def _frozen(inputs: ModelInputs, unit: Unit) -> list[tuple[np.ndarray, dict[str,
     assert inputs.embeddings is not None  # the runner embeds every model that has frozen jobs
     # the paper's cell-level split holds out random cells for early stopping too; the other splits whole samples
     groups = None if unit.jobs[0].fold.split == "cell" else inputs.groups
-    embeddings, labels, folds = inputs.embeddings, inputs.labels, unit.fold_sets
-    if isinstance(embeddings, EmbeddingFile):  # read this unit's cells only, and number them from 0
-        cells = np.unique(np.concatenate([part for fold in folds for part in fold]))
-        embeddings, labels = embeddings.read_sorted(cells), labels[cells]
-        groups = None if groups is None else groups[cells]
-        folds = [(np.searchsorted(cells, train), np.searchsorted(cells, test)) for train, test in folds]
+    # an EmbeddingFile (the runner's cache, on one machine) stays on disk: training reads each batch's rows
     with warnings.catch_warnings():  # arrays from Ray's object store are read-only; heads never write to them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        predicted = fit_predict_frozen(embeddings, labels, groups, folds, head=unit.jobs[0].head,
-                                       config=inputs.head_config, device=resolve_device(inputs.device))
+        predicted = fit_predict_frozen(inputs.embeddings, inputs.labels, groups, unit.fold_sets,
+                                       head=unit.jobs[0].head, config=inputs.head_config,
+                                       device=resolve_device(inputs.device))
     return [(p.probability, p.info) for p in predicted]
 
 

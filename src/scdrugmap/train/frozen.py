@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scdrugmap.train.heads import HeadConfig, LogisticHead, fit_mlp_heads, predict_mlp_heads
+from scdrugmap.train.heads import HeadConfig, LogisticHead, RowsOnDisk, fit_mlp_heads, predict_mlp_heads
 from scdrugmap.train.trust import fit_trust, fold_trust_metrics
 from scdrugmap.train.validation import inner_validation_split
 
 if TYPE_CHECKING:
     import numpy.typing as npt
+
+    from scdrugmap.models.cache import EmbeddingFile
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class FoldPrediction:
     head: dict[str, npt.NDArray[np.float32]] | None = None
 
 
-def fit_predict_frozen(embeddings: npt.NDArray[np.float32], labels: npt.NDArray, groups: npt.NDArray | None,
+def fit_predict_frozen(embeddings: npt.NDArray[np.float32] | EmbeddingFile, labels: npt.NDArray, groups: npt.NDArray | None,
                        folds: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]], *, head: str = "mlp",
                        config: HeadConfig | None = None, device: str = "cpu",
                        return_heads: bool = False) -> list[FoldPrediction]:
@@ -73,7 +75,9 @@ def fit_predict_frozen(embeddings: npt.NDArray[np.float32], labels: npt.NDArray,
         return results
     import torch
 
-    X = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
+    # embeddings left on disk (the runner's cache file) are read a batch of rows at a time
+    X = (torch.as_tensor(embeddings, dtype=torch.float32, device=device) if isinstance(embeddings, np.ndarray)
+         else RowsOnDisk(embeddings, device))
     y = torch.as_tensor(labels, dtype=torch.float32, device=device)
     model, records = fit_mlp_heads(X, y, fits, config)
     probabilities = predict_mlp_heads(model, X, [test for _, test in folds])

@@ -80,19 +80,46 @@ class BatchedMLP:
                 "4.weight": w3.T.contiguous(), "4.bias": b3[0]}
 
 
+class RowsOnDisk:
+    """Cells' embeddings read from a file by rows as training asks for them, instead of held in memory.
+
+    ``source`` is indexed with an array of cell positions and returns those rows (float32), as
+    `scdrugmap.models.cache.EmbeddingFile` does; indexing this with a tensor of positions (any shape)
+    returns a tensor of their rows on ``device``, as indexing an in-memory tensor would.
+    """
+
+    def __init__(self, source: Any, device: str | torch.device = "cpu") -> None:
+        import torch
+
+        self.source, self.device = source, torch.device(device)
+        self.shape = tuple(source.shape)
+        self.dtype = torch.float32
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        rows = torch.from_numpy(np.asarray(self.source[index.reshape(-1).cpu().numpy()], dtype=np.float32))
+        return rows.reshape(*index.shape, self.shape[1]).to(self.device)
+
+
+#: Cells per matrix product when validating and predicting (8,192 x 2,000 hvg values: 65 MB).
+CHUNK = 8192
+
+
 def mlp_flops_per_cell(in_dim: int, hidden: int = 512) -> int:
     """Forward FLOPs of the MLP head for one cell (multiply-adds count 2)."""
     return 2 * (in_dim * hidden + hidden * hidden + hidden)
 
 
-def fit_mlp_heads(X: torch.Tensor, y: torch.Tensor, fits: list[tuple[np.ndarray, np.ndarray]],
+def fit_mlp_heads(X: torch.Tensor | RowsOnDisk, y: torch.Tensor, fits: list[tuple[np.ndarray, np.ndarray]],
                   config: HeadConfig | None = None) -> tuple[BatchedMLP, list[dict[str, Any]]]:
     """Train one MLP head per (fit positions, validation positions) pair, all at once.
 
     Parameters
     ----------
     X, y
-        All cells' embeddings (float32) and labels (float32 0/1), on the training device.
+        All cells' embeddings (float32) and labels (float32 0/1), on the training device; the
+        embeddings may stay on disk (`RowsOnDisk`: each step reads its batch's rows).
     fits
         Per head, the positions to fit on and the positions to validate on (may be empty).
     config
@@ -144,12 +171,8 @@ def fit_mlp_heads(X: torch.Tensor, y: torch.Tensor, fits: list[tuple[np.ndarray,
                         kept[head] = current.detach()[head]
                     records[head]["best_epoch"] = epoch + 1
                     continue
-                x_val = X[val].unsqueeze(0)
-                logits = torch.baddbmm(model.params[1][head : head + 1], x_val, model.params[0][head : head + 1])
-                logits = torch.relu(logits)
-                logits = torch.relu(torch.baddbmm(model.params[3][head : head + 1], logits, model.params[2][head : head + 1]))
-                logits = torch.baddbmm(model.params[5][head : head + 1], logits, model.params[4][head : head + 1])
-                loss = float(F.binary_cross_entropy_with_logits(logits.reshape(-1), y[val]))
+                logits = _head_logits(model, head, X, val)  # in chunks of rows: no (validation x dim) copy
+                loss = float(F.binary_cross_entropy_with_logits(logits, y[val]))
                 if loss < best_loss[head]:
                     best_loss[head] = loss
                     waited[head] = 0
@@ -168,23 +191,31 @@ def fit_mlp_heads(X: torch.Tensor, y: torch.Tensor, fits: list[tuple[np.ndarray,
     return model, records
 
 
-def predict_mlp_heads(model: BatchedMLP, X: torch.Tensor, tests: list[np.ndarray],
-                      chunk: int = 8192, *, logits: bool = False) -> list[npt.NDArray[np.float32]]:
+def _head_logits(model: BatchedMLP, head: int, X: torch.Tensor | RowsOnDisk, positions: npt.ArrayLike,
+                 chunk: int = CHUNK) -> torch.Tensor:
+    """Return head ``head``'s logits of the cells at ``positions`` (on X's device), `CHUNK` rows at a time."""
+    import torch
+
+    positions = torch.as_tensor(positions, dtype=torch.long, device=X.device)
+    params = [p[head : head + 1] for p in model.params]
+    parts = []
+    with torch.no_grad():
+        for start in range(0, positions.numel(), chunk):
+            h = torch.relu(torch.baddbmm(params[1], X[positions[start : start + chunk]].unsqueeze(0), params[0]))
+            h = torch.relu(torch.baddbmm(params[3], h, params[2]))
+            parts.append(torch.baddbmm(params[5], h, params[4]).reshape(-1))
+    return torch.cat(parts) if parts else torch.empty(0, device=X.device)
+
+
+def predict_mlp_heads(model: BatchedMLP, X: torch.Tensor | RowsOnDisk, tests: list[np.ndarray],
+                      chunk: int = CHUNK, *, logits: bool = False) -> list[npt.NDArray[np.float32]]:
     """Return each head's probability of sensitivity (or its logit) on its own test positions."""
     import torch
 
     out = []
-    with torch.no_grad():
-        for head, test in enumerate(tests):
-            probs = []
-            for start in range(0, len(test), chunk):
-                rows = torch.as_tensor(test[start : start + chunk], dtype=torch.long, device=X.device)
-                params = [p[head : head + 1] for p in model.params]
-                h = torch.relu(torch.baddbmm(params[1], X[rows].unsqueeze(0), params[0]))
-                h = torch.relu(torch.baddbmm(params[3], h, params[2]))
-                out_logits = torch.baddbmm(params[5], h, params[4]).reshape(-1).cpu()
-                probs.append(out_logits if logits else torch.sigmoid(out_logits))
-            out.append(torch.cat(probs).numpy().astype(np.float32) if probs else np.empty(0, np.float32))
+    for head, test in enumerate(tests):
+        values = _head_logits(model, head, X, test, chunk).cpu()
+        out.append((values if logits else torch.sigmoid(values)).numpy().astype(np.float32))
     return out
 
 
