@@ -17,7 +17,7 @@ The primary collection's full size (326,751 cells x 20,000 genes, about 4 GB on 
   model's peak memory is its own (in one process for all models the runner frees a model's embeddings before
   the next model's, so the peak is about the largest of these). pca and hvg are embedded by the runner (a
   cache miss: they read the backed file in row blocks and write each block into the cache file); every
-  model's embeddings then stay in that file and each unit (a category value's folds) reads its own cells,
+  model's embeddings then stay in that file and the heads read each batch's rows from it,
   so hvg's (cells x 2,000) float32 embedding (2.6 GB at full size) is never in memory whole. Geneformer
   comes from the embedding cache. Embedding every cell with Geneformer on a CPU is out of reach
   (a few cells/s), so a setup step (``cache``, reported on its own line) first fills the cache as a previous

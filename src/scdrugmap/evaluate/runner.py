@@ -187,7 +187,7 @@ def _prepare_model(model: str, jobs: list[Job], config: BenchmarkConfig, adata: 
             def compute() -> np.ndarray:
                 return encoder.embed(memory.for_encoder(encoder), layer=config.layer, batch_size=config.batch_size,
                                      progress=report)
-        # here, the embeddings stay in the cache file and each unit reads its own cells; a baseline writes a
+        # here, the embeddings stay in the cache file and heads read their batches' rows; a baseline writes a
         # miss into it block by block (at full size hvg's 2.6 GB never sit in memory); a cluster gets an array
         streams = not on_cluster and isinstance(encoder, RowStreamingEncoder)
         inputs.embeddings, facts = cached_embed(encoder, adata, data_fingerprint=fingerprint, layer=config.layer,

@@ -1,8 +1,8 @@
 """Cell embeddings cached on disk, keyed by model, weights, options and data content.
 
 Every job of a benchmark grid that uses the same (model, data) pair reads one file. A cached
-embedding can stay on disk (`EmbeddingFile`): a benchmark on one machine then reads each unit's
-cells when it trains, so a (cells x 2,000) hvg embedding of the full collection (2.6 GB) never sits
+embedding can stay on disk (`EmbeddingFile`): a benchmark on one machine then reads the rows of
+each training batch from it, so a (cells x 2,000) hvg embedding of the full collection (2.6 GB) never sits
 in memory whole, and an encoder that embeds in row blocks (`RowStreamingEncoder`) writes a miss
 straight into the cache file.
 """
