@@ -80,8 +80,9 @@ def fit_predict_frozen(embeddings: npt.NDArray[np.float32] | EmbeddingFile, labe
          else RowsOnDisk(embeddings, device))
     y = torch.as_tensor(labels, dtype=torch.float32, device=device)
     model, records = fit_mlp_heads(X, y, fits, config)
-    probabilities = predict_mlp_heads(model, X, [test for _, test in folds])
     tests_logits = predict_mlp_heads(model, X, [test for _, test in folds], logits=True)
+    # the sigmoid of those logits is what predict_mlp_heads returns without logits=True: test cells are read once
+    probabilities = [torch.sigmoid(torch.from_numpy(values)).numpy() for values in tests_logits]
     vals_logits = predict_mlp_heads(model, X, [val for _, val in fits], logits=True)
     for index, (probability, record, (fit, val)) in enumerate(zip(probabilities, records, fits, strict=True)):
         kit = fit_trust(vals_logits[index], labels[val], None, seed=config.seed, quiet=True)
