@@ -27,13 +27,13 @@ import numpy as np
 
 from scdrugmap import cluster
 from scdrugmap.errors import ConfigError, ScDrugMapError
-from scdrugmap.models.cache import EmbeddingFile
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
     from scdrugmap.evaluate.grid import Job
     from scdrugmap.models.base import Encoder, TokenizedCells, TorchEncoder
+    from scdrugmap.models.cache import EmbeddingFile
     from scdrugmap.models.sharded import EncoderSpec
     from scdrugmap.train.heads import HeadConfig
     from scdrugmap.train.lora import LoRAConfig

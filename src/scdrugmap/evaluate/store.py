@@ -140,6 +140,14 @@ def _concat_parquet_atomic(parts: list[Path], path: Path) -> None:
     _write_atomic(path, write)
 
 
+def _write_npz_atomic(arrays: dict[str, Any], path: Path) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:  # a handle: numpy would add .npz to the name of a path
+            np.savez_compressed(handle, **arrays)
+
+    _write_atomic(path, write)
+
+
 def _write_text_atomic(text: str, path: Path) -> None:
     _write_atomic(path, lambda tmp: tmp.write_text(text))
 
@@ -399,12 +407,7 @@ class ResultStore:
             arrays.update(_embedding_map_arrays(sample, projection, seed))
         folder = self.run_dir / EMBEDDINGS_DIR
         folder.mkdir(exist_ok=True)
-
-        def write(tmp: Path) -> None:
-            with tmp.open("wb") as handle:  # a handle: numpy would add .npz to the name of a path
-                np.savez_compressed(handle, **arrays)
-
-        _write_atomic(folder / f"{model}{EMBEDDING_SUFFIX}", write)
+        _write_npz_atomic(arrays, folder / f"{model}{EMBEDDING_SUFFIX}")
 
     def add_embedding_maps(self, *, seed: int, projection: Projection = "auto") -> list[str]:
         """Add the 2-D map to every embedding sample saved without one (``projection=None``); return their models.
@@ -420,12 +423,7 @@ class ResultStore:
                     continue
                 arrays: dict[str, Any] = {name: saved[name] for name in saved.files}
             arrays.update(_embedding_map_arrays(np.asarray(arrays["embedding"], dtype=np.float32), projection, seed))
-
-            def write(tmp: Path, arrays: dict[str, Any] = arrays) -> None:
-                with tmp.open("wb") as handle:
-                    np.savez_compressed(handle, **arrays)
-
-            _write_atomic(path, write)
+            _write_npz_atomic(arrays, path)
             added.append(path.name.removesuffix(EMBEDDING_SUFFIX))
         return added
 
