@@ -380,15 +380,21 @@ def _scbert_columns(encoder: TorchEncoder, adata: ad.AnnData, tokens: TokenizedC
     return columns
 
 
-def scbert_hook(encoder: Encoder) -> TokenAttributionHook:
-    """scBERT: the expression-bin token embeddings; the baseline puts every gene in bin 0 (unexpressed)."""
+def _expression_bin_hook(gene_columns: Callable[[TorchEncoder, ad.AnnData, TokenizedCells, str | None], GeneColumns],
+                         description: str) -> TokenAttributionHook:
+    """scBERT and CellLM alike: attribution on ``token_emb`` (expression bins), baseline bin 0, per-cell key max."""
     return TokenAttributionHook(
-        gene_columns=_scbert_columns,
+        gene_columns=gene_columns,
         embedding=lambda e: submodule(e, "token_emb"),
         baseline=replace_at_genes(input_ids=lambda e: 0),
         context=_per_cell_key_max,
-        description="scBERT's expression-bin token embeddings (gene2vec positions kept); baseline: every gene in "
-                    "bin 0 (unexpressed); key_max='cell'")
+        description=description)
+
+
+def scbert_hook(encoder: Encoder) -> TokenAttributionHook:
+    """scBERT: the expression-bin token embeddings; the baseline puts every gene in bin 0 (unexpressed)."""
+    return _expression_bin_hook(_scbert_columns, "scBERT's expression-bin token embeddings (gene2vec positions "
+                                "kept); baseline: every gene in bin 0 (unexpressed); key_max='cell'")
 
 
 def _celllm_columns(encoder: TorchEncoder, adata: ad.AnnData, tokens: TokenizedCells, layer: str | None) -> GeneColumns:
@@ -403,13 +409,8 @@ def _celllm_columns(encoder: TorchEncoder, adata: ad.AnnData, tokens: TokenizedC
 
 def celllm_hook(encoder: Encoder) -> TokenAttributionHook:
     """CellLM: the expression-bin token embeddings; the baseline puts every expressed gene in bin 0."""
-    return TokenAttributionHook(
-        gene_columns=_celllm_columns,
-        embedding=lambda e: submodule(e, "token_emb"),
-        baseline=replace_at_genes(input_ids=lambda e: 0),
-        context=_per_cell_key_max,
-        description="CellLM's expression-bin token embeddings (gene positions kept); baseline: every expressed "
-                    "gene in bin 0 (the lowest); key_max='cell'")
+    return _expression_bin_hook(_celllm_columns, "CellLM's expression-bin token embeddings (gene positions kept); "
+                                "baseline: every expressed gene in bin 0 (the lowest); key_max='cell'")
 
 
 # --- CellPLM ----------------------------------------------------------------------------------------------
