@@ -186,3 +186,53 @@ def test_fit_distances_equal_scikit_learn_kneighbors_of_the_reference():
     expected, _ = NearestNeighbors(n_neighbors=detector.k_, algorithm="brute").fit(detector.reference_).kneighbors()
     np.testing.assert_allclose(detector.reference_distances_, expected.mean(axis=1), rtol=0, atol=1e-6)
     assert detector.threshold_ == pytest.approx(np.quantile(expected.mean(axis=1), detector.quantile), abs=1e-6)
+
+
+def _brute_force_distances(queries, reference, k, *, leave_one_out=False):
+    """Every squared distance in float64 (the arithmetic of scikit-learn's brute force), sorted: the k smallest."""
+    queries, reference = np.asarray(queries, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    squared = (np.einsum("ij,ij->i", queries, queries)[:, None] + np.einsum("ij,ij->i", reference, reference)
+               - 2.0 * queries @ reference.T)
+    if leave_one_out:
+        np.fill_diagonal(squared, np.inf)
+    return np.sqrt(np.maximum(np.sort(squared, axis=1)[:, :k], 0.0))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4, 1e18])
+def test_nearest_distances_equal_float64_brute_force_on_clustered_cells_with_ties(scale):
+    """The float32 screen never loses a neighbour: clusters, exact duplicates, a shell of equidistant cells,
+    float64 queries that float32 rounds, and magnitudes float32 cannot hold (screened in float64)."""
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(5, 12))
+    reference = np.vstack([centres[rng.integers(0, 5, 400)] + rng.normal(0.0, 0.01, (400, 12)),
+                           np.repeat(centres[:1], 30, axis=0)])  # 30 identical cells
+    shell = rng.normal(size=(200, 12))
+    shell = centres[1] + 0.5 * shell / np.linalg.norm(shell, axis=1, keepdims=True)  # one distance from centres[1]
+    reference = np.vstack([reference, shell]) * scale
+    queries = np.vstack([centres, rng.normal(size=(300, 12))]) * scale + rng.normal(0.0, 1e-9 * scale, (305, 12))
+    for k in (1, 10, 64):
+        np.testing.assert_allclose(nearest_distances(queries, reference, k), _brute_force_distances(queries, reference, k),
+                                   rtol=1e-9, atol=1e-6 * scale)
+        np.testing.assert_allclose(nearest_distances(reference, reference, k, leave_one_out=True),
+                                   _brute_force_distances(reference, reference, k, leave_one_out=True),
+                                   rtol=1e-9, atol=1e-6 * scale)
+
+
+def test_nearest_distances_of_a_query_with_a_non_finite_value_are_nan():
+    rng = np.random.default_rng(0)
+    reference, queries = rng.normal(size=(50, 4)), rng.normal(size=(3, 4))
+    queries[1, 2] = np.nan
+    distances = nearest_distances(queries, reference, 5)
+    assert np.isnan(distances[1]).all()
+    np.testing.assert_allclose(distances[[0, 2]], _brute_force_distances(queries[[0, 2]], reference, 5), atol=1e-9)
+
+
+def test_nearest_distances_refuse_too_many_neighbours_and_a_broken_reference():
+    reference = _gaussian(5)
+    with pytest.raises(SchemaError, match="k=5 nearest neighbours asked of 4 reference cells"):
+        nearest_distances(reference, reference, 5, leave_one_out=True)
+    with pytest.raises(SchemaError, match="k=0"):
+        nearest_distances(reference, reference, 0)
+    reference[2, 1] = np.inf
+    with pytest.raises(SchemaError, match="non-finite"):
+        nearest_distances(_gaussian(2), reference, 2)
