@@ -148,3 +148,27 @@ def test_tables_read_as_pandas_reads_them_as_text(name):
     with genes._table_path(name).open("rb") as handle:
         expected = pd.read_csv(handle, sep="\t", compression="gzip", dtype=str, keep_default_na=False)
     pd.testing.assert_frame_equal(genes._read_table(name), expected)
+
+
+def test_find_returns_what_a_pandas_index_returns():
+    import pyarrow as pa
+
+    keys = ["TP53", "EGFR", "A1BG", "ACTB"]
+    values = ["EGFR", "egfr", "ACTB", "EGFR", "", "NOT_A_GENE"]
+    assert genes._find(values, pa.array(keys)).tolist() == pd.Index(keys).get_indexer(values).tolist()
+    assert genes._find(["x", "y"], pa.array(keys)).tolist() == [-1, -1]
+
+
+def test_every_symbol_alias_and_entrez_id_of_the_tables_maps_to_its_own_gene():
+    table = load_gene_table()
+    owners = table[table["symbol_owner"] == 1]
+    mapping = map_genes(owners["gene_symbol"].str.lower())
+    assert mapping["ensembl_id"].tolist() == owners["ensembl_id"].tolist()
+    assert (mapping["matched_by"] == "symbol").all()
+    aliases = load_gene_aliases()
+    assert map_genes(aliases["alias"])["ensembl_id"].tolist() == aliases["ensembl_id"].tolist()
+    entrez = table.loc[table["entrez_ids"] != "", ["ensembl_id", "entrez_ids"]]
+    entrez = entrez.assign(entrez_ids=entrez["entrez_ids"].str.split(";")).explode("entrez_ids")
+    mapping = map_genes(entrez["entrez_ids"])
+    assert mapping["ensembl_id"].tolist() == entrez["ensembl_id"].tolist()
+    assert (mapping["matched_by"] == "entrez").all()

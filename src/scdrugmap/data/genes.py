@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     import anndata as ad
     import numpy.typing as npt
+    import pyarrow as pa
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +50,12 @@ def _table_path(name: str):
     return importlib.resources.files("scdrugmap.data") / "genes" / name
 
 
-def _read_table(name: str, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read a shipped gzipped TSV, every column as text (an empty field is ``""``, never NaN).
+def _read_arrow(name: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a shipped gzipped TSV as an Arrow table, every column as text (an empty field is ``""``, never null).
 
-    ``columns`` reads only those. The frame of ``pd.read_csv(..., dtype=str, keep_default_na=False)`` (tested
-    equal), parsed by pyarrow's
-    CSV reader (a core dependency, imported with pandas): a quarter of pandas' time, which `scdrugmap check`
-    and `predict` pay on every start. The tables hold no quotes, so none are interpreted.
+    ``columns`` reads only those. Parsed by pyarrow's CSV reader (a core dependency, imported with pandas):
+    a quarter of pandas' time, which `scdrugmap check` and `predict` pay on every start. The tables hold no
+    quotes, so none are interpreted.
     """
     import pyarrow as pa
     from pyarrow import csv
@@ -63,13 +63,22 @@ def _read_table(name: str, columns: list[str] | None = None) -> pd.DataFrame:
     with _table_path(name).open("rb") as handle:
         raw = gzip.decompress(handle.read())
     header = raw[: raw.index(b"\n")].decode().split("\t")
-    columns = header if columns is None else columns
-    table = csv.read_csv(pa.BufferReader(raw), read_options=csv.ReadOptions(use_threads=False),
-                         parse_options=csv.ParseOptions(delimiter="\t", quote_char=False),
-                         convert_options=csv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()),
-                                                            include_columns=columns, null_values=[],
-                                                            strings_can_be_null=False))
-    return pd.DataFrame({column: table.column(column).to_numpy(zero_copy_only=False) for column in columns})
+    return csv.read_csv(pa.BufferReader(raw), read_options=csv.ReadOptions(use_threads=False),
+                        parse_options=csv.ParseOptions(delimiter="\t", quote_char=False),
+                        convert_options=csv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()),
+                                                           include_columns=header if columns is None else columns,
+                                                           null_values=[], strings_can_be_null=False))
+
+
+def _read_table(name: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a shipped gzipped TSV, every column as text (an empty field is ``""``, never NaN).
+
+    ``columns`` reads only those. The frame of ``pd.read_csv(..., dtype=str, keep_default_na=False)`` (tested
+    equal), parsed by `_read_arrow`.
+    """
+    table = _read_arrow(name, columns)
+    return pd.DataFrame({column: table.column(column).to_numpy(zero_copy_only=False)
+                         for column in table.column_names})
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,52 +115,83 @@ def load_gene_aliases() -> pd.DataFrame:
 INDEX_COLUMNS = ["ensembl_id", "gene_symbol", "symbol_owner", "entrez_ids"]
 
 
+def _find(values: npt.ArrayLike, keys: pa.Array) -> npt.NDArray[np.int64]:
+    """Return the position of each value in ``keys`` (unique strings), -1 where it is absent.
+
+    What ``pd.Index(keys).get_indexer(values)`` returns, by Arrow hash look-ups that hash only the data's
+    few names: the keys (tens of thousands) are probed against them, and only the keys found are hashed
+    to place them. No pandas index (nor a Python string) is made of the keys.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = pa.array(np.asarray(values, dtype=object), type=pa.string())
+    positions = np.flatnonzero(pc.is_in(keys, value_set=names).to_numpy(zero_copy_only=False))
+    if positions.size == 0:
+        return np.full(len(names), -1, dtype=np.int64)
+    found = pc.fill_null(pc.index_in(names, value_set=keys.take(positions)), -1)
+    found = found.to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.where(found >= 0, positions[np.maximum(found, 0)], -1)
+
+
 class _GeneIndex:
-    """The look-up tables of `map_genes`, each built on first use: names of one form need only their own
-    (most data sets never need the alias or Entrez tables)."""
+    """The look-up tables of `map_genes` as Arrow arrays, each built on first use: names of one form need only
+    their own (most data sets never need the alias or Entrez tables), and only the rows a look-up finds
+    become Python strings."""
 
     def __init__(self) -> None:
-        genes = _read_table(GENE_TABLE_FILE, columns=INDEX_COLUMNS)
-        self._genes = genes
-        self.ensembl_ids: np.ndarray = genes["ensembl_id"].to_numpy(dtype=object)
-        self.symbols: np.ndarray = genes["gene_symbol"].to_numpy(dtype=object)
+        genes = _read_arrow(GENE_TABLE_FILE, columns=INDEX_COLUMNS)
+        self.ensembl_ids: pa.Array = genes.column("ensembl_id").combine_chunks()
+        self.symbols: pa.Array = genes.column("gene_symbol").combine_chunks()
+        self._owners = genes.column("symbol_owner").combine_chunks()
+        self._entrez_ids = genes.column("entrez_ids").combine_chunks()
 
     @functools.cached_property
-    def by_ensembl(self) -> pd.Index:
-        return pd.Index(self._genes["ensembl_id"])
+    def symbol_rows(self) -> npt.NDArray[np.int64]:
+        import pyarrow.compute as pc
+
+        return np.flatnonzero(pc.equal(self._owners, "1").to_numpy(zero_copy_only=False))
 
     @functools.cached_property
-    def symbol_rows(self) -> np.ndarray:
-        return np.flatnonzero(self._genes["symbol_owner"].to_numpy() == "1")
+    def by_symbol(self) -> pa.Array:
+        """The upper-case symbols of `symbol_rows` (upper-cased as Python's ``str.upper`` does)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        owned = self.symbols.take(self.symbol_rows)
+        if pc.all(pc.string_is_ascii(owned)).as_py():  # HGNC symbols are: ASCII rules equal str.upper
+            return pc.ascii_upper(owned)
+        return pa.array([symbol.upper() for symbol in owned.to_pylist()], type=pa.string())
 
     @functools.cached_property
-    def by_symbol(self) -> pd.Index:
-        return pd.Index(self._genes["gene_symbol"].to_numpy()[self.symbol_rows]).str.upper()
+    def _aliases(self) -> pa.Table:
+        return _read_arrow(ALIAS_TABLE_FILE, columns=["alias", "ensembl_id"])
+
+    def alias_rows(self, upper: npt.NDArray[np.object_]) -> npt.NDArray[np.int64]:
+        """Return the gene row each upper-case alias names, -1 where it is not an alias."""
+        found = _find(upper, self._aliases.column("alias").combine_chunks())
+        rows = np.full(found.size, -1, dtype=np.int64)
+        hit = found >= 0
+        if hit.any():
+            named = self._aliases.column("ensembl_id").combine_chunks().take(found[hit])
+            rows[hit] = _find(named.to_numpy(zero_copy_only=False), self.ensembl_ids)
+        return rows
 
     @functools.cached_property
-    def _aliases(self) -> pd.DataFrame:
-        return _read_aliases()
+    def _entrez(self) -> tuple[pa.Array, npt.NDArray[np.int64]]:
+        """Every Entrez id of the table and the row of its gene."""
+        import pyarrow.compute as pc
 
-    @functools.cached_property
-    def by_alias(self) -> pd.Index:
-        return pd.Index(self._aliases["alias"])
+        lists = pc.split_pattern(self._entrez_ids, ";")
+        ids, rows = pc.list_flatten(lists), pc.list_parent_indices(lists)
+        named = pc.not_equal(ids, "")
+        return ids.filter(named), rows.filter(named).to_numpy(zero_copy_only=False).astype(np.int64)
 
-    @functools.cached_property
-    def alias_rows(self) -> np.ndarray:
-        return self.by_ensembl.get_indexer(self._aliases["ensembl_id"])
-
-    @functools.cached_property
-    def _entrez(self) -> pd.Series:
-        genes = self._genes
-        return genes.loc[genes["entrez_ids"] != "", "entrez_ids"].str.split(";").explode()
-
-    @functools.cached_property
-    def by_entrez(self) -> pd.Index:
-        return pd.Index(self._entrez.to_numpy())
-
-    @functools.cached_property
-    def entrez_rows(self) -> np.ndarray:
-        return self._entrez.index.to_numpy()
+    def entrez_rows(self, ids: npt.NDArray[np.object_]) -> npt.NDArray[np.int64]:
+        """Return the gene row of each Entrez id, -1 where the table does not know it."""
+        keys, rows = self._entrez
+        found = _find(ids, keys)
+        return np.where(found >= 0, rows[np.maximum(found, 0)], -1)
 
 
 @functools.lru_cache(maxsize=1)
@@ -232,35 +272,33 @@ def map_genes(names: Iterable[object]) -> pd.DataFrame:
     is_ensembl = kinds == "ensembl"
     if is_ensembl.any():
         stems = text[is_ensembl].str.split(".", n=1).str[0]
-        rows[is_ensembl] = index.by_ensembl.get_indexer(stems)
+        rows[is_ensembl] = _find(stems.to_numpy(), index.ensembl_ids)
     is_entrez = kinds == "entrez"
     if is_entrez.any():
         ids = text[is_entrez].str.split(".", n=1).str[0].str.lstrip("0")
-        found = index.by_entrez.get_indexer(ids)
-        rows[is_entrez] = np.where(found >= 0, index.entrez_rows[found], -1)
+        rows[is_entrez] = index.entrez_rows(ids.to_numpy())
     for kind in ("ensembl", "entrez"):
         matched_by[(kinds == kind) & (rows >= 0)] = kind
 
     is_symbol = kinds == "symbol"
     if is_symbol.any():
-        upper = text[is_symbol].str.upper()
-        found = index.by_symbol.get_indexer(upper)
-        symbol_rows = np.where(found >= 0, index.symbol_rows[found], -1)
+        upper = text[is_symbol].str.upper().to_numpy()
+        found = _find(upper, index.by_symbol)
+        symbol_rows = np.where(found >= 0, index.symbol_rows[np.maximum(found, 0)], -1)
         by = np.where(found >= 0, "symbol", "")
         missing = found < 0
         if missing.any():
-            alias_found = index.by_alias.get_indexer(upper[missing])
-            symbol_rows[missing] = np.where(alias_found >= 0, index.alias_rows[alias_found], -1)
-            by[missing] = np.where(alias_found >= 0, "alias", "")
+            symbol_rows[missing] = index.alias_rows(upper[missing])
+            by[missing] = np.where(symbol_rows[missing] >= 0, "alias", "")
         rows[is_symbol] = symbol_rows
         matched_by[is_symbol] = by
 
     known = rows >= 0
     symbols = np.full(len(text), np.nan, dtype=object)
     ensembl_ids = np.full(len(text), np.nan, dtype=object)
-    symbols[known] = index.symbols[rows[known]]
+    symbols[known] = index.symbols.take(rows[known]).to_numpy(zero_copy_only=False)
     symbols[known & (symbols == "")] = np.nan
-    ensembl_ids[known] = index.ensembl_ids[rows[known]]
+    ensembl_ids[known] = index.ensembl_ids.take(rows[known]).to_numpy(zero_copy_only=False)
     return pd.DataFrame(
         {"gene_symbol": symbols, "ensembl_id": ensembl_ids, "matched_by": matched_by},
         index=pd.Index(text.to_numpy(), name=None),
