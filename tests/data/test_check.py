@@ -273,3 +273,46 @@ def test_other_sparse_formats_are_counted_like_csr():
     assert (coo.n_nan, coo.n_inf, coo.n_negative) == (csr.n_nan, csr.n_inf, csr.n_negative)
     np.testing.assert_array_equal(coo.nonzero_per_cell, csr.nonzero_per_cell)
     np.testing.assert_array_equal(coo.nonzero_per_gene, csr.nonzero_per_gene)
+
+
+@pytest.mark.parametrize("layout", ["csr", "csc", "dense"])
+def test_counts_of_positive_values_equal_whole_matrix_counts(tmp_path, layout):
+    """Counts, all positive: the one-min-one-max shortcut counts exactly what a value-by-value pass counts."""
+    whole = sp.csr_matrix(make_adata().X)
+    assert whole.data.min() > 0
+    for X in (_as_layout(whole, layout), _backed(_as_layout(whole, layout), tmp_path, f"{layout}.h5ad").X):
+        counts = count_matrix(X, chunk_rows=7)
+        dense = whole.toarray()
+        assert (counts.n_nan, counts.n_inf, counts.n_negative) == (0, 0, 0)
+        np.testing.assert_array_equal(counts.nonzero_per_cell, (dense != 0).sum(axis=1))
+        np.testing.assert_array_equal(counts.nonzero_per_gene, (dense != 0).sum(axis=0))
+
+
+def test_rows_of_a_backed_csr_matrix_equal_anndatas_slices(tmp_path):
+    from scdrugmap.data.schema import row_block
+
+    X = _backed(_awkward_counts(), tmp_path).X
+    for start, stop in ((0, 7), (7, 30), (75, 90), (80, 81)):
+        block, expected = row_block(X, start, stop), X[start:min(stop, X.shape[0])]
+        assert sp.isspmatrix_csr(block) and block.shape == expected.shape
+        assert block.dtype == expected.dtype and block.indices.dtype == expected.indices.dtype
+        np.testing.assert_array_equal(block.toarray(), expected.toarray())
+
+
+def test_balance_tables_equal_a_pandas_groupby_of_the_text_values():
+    import pandas as pd
+
+    from scdrugmap.data.check import _balance_table
+
+    obs = make_adata(n_cells=300, n_samples=12).obs
+    n = len(obs)
+    mixed = np.array([None, np.nan, "x", 3] * (n // 4), dtype=object)  # None, NaN, text and a number
+    obs = obs.assign(mixed=mixed, numbers=np.arange(n) % 7 * 1.5, text=obs["sample"].astype(str))
+    labels = (obs["response"].astype(str) == "sensitive").to_numpy().astype(np.int8)
+    for column in obs.columns:
+        frame = pd.DataFrame({column: obs[column].astype(str).to_numpy(), "sensitive": labels})
+        expected = frame.groupby(column).agg(cells=("sensitive", "size"), sensitive=("sensitive", "sum"))
+        expected["resistant"] = expected["cells"] - expected["sensitive"]
+        table = _balance_table(obs, column, labels)
+        pd.testing.assert_frame_equal(table, expected, check_dtype=False)  # groupby narrows small sums to int8
+        assert (table.dtypes == np.int64).all()

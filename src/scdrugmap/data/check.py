@@ -122,15 +122,23 @@ def _layout(X) -> str:
     return X.format if getattr(X, "format", None) in ("csr", "csc") else "dense"
 
 
-def _nonzero_per_segment(nonzero: np.ndarray, indptr: np.ndarray) -> np.ndarray:
-    """Count the True entries of each compressed row (or column) of a block, with temporaries only for the False."""
+def _nonzero_per_segment(nonzero: np.ndarray | None, indptr: np.ndarray) -> np.ndarray:
+    """Count the True entries of each compressed row (or column) of a block, with temporaries only for the False
+    (``nonzero`` None: every entry is True)."""
     indptr = np.asarray(indptr, dtype=np.int64)
     stored = np.diff(indptr)
+    if nonzero is None:
+        return stored
     zeros = np.flatnonzero(~nonzero)  # stored zeros: usually none
     if zeros.size:
         segment = np.searchsorted(indptr, zeros + indptr[0], side="right") - 1
         stored -= np.bincount(segment, minlength=stored.size)
     return stored
+
+
+def _stored(indices: np.ndarray, nonzero: np.ndarray | None) -> np.ndarray:
+    """Return the indices of the non-zero stored values (``nonzero`` None or all True: all of them)."""
+    return indices if nonzero is None or nonzero.all() else indices[nonzero]
 
 
 def count_matrix(X, *, chunk_rows: int = CHUNK_ROWS, head_rows: int = HEAD_ROWS) -> MatrixCounts:
@@ -160,11 +168,18 @@ def count_matrix(X, *, chunk_rows: int = CHUNK_ROWS, head_rows: int = HEAD_ROWS)
     totals = {"nan": 0, "inf": 0, "negative": 0}
     head_parts: list = []
 
-    def count_values(values: np.ndarray) -> np.ndarray:
-        if not np.isfinite(values).all():
+    def count_values(values: np.ndarray) -> np.ndarray | None:
+        """Count NaN, inf and negative values; return which are non-zero (None: all of them)."""
+        if values.size == 0:
+            return values != 0
+        low, high = values.min(), values.max()  # NaN propagates to both; no temporary arrays
+        if low > 0 and np.isfinite(high):  # the common case (counts): nothing to count, every value non-zero
+            return None
+        if not (np.isfinite(low) and np.isfinite(high)):
             totals["nan"] += int(np.count_nonzero(np.isnan(values)))
             totals["inf"] += int(np.count_nonzero(np.isinf(values)))
-        totals["negative"] += int(np.count_nonzero(values < 0))
+        if not low >= 0:  # NaN compares False: count
+            totals["negative"] += int(np.count_nonzero(values < 0))
         return values != 0
 
     def check_indices(indices: np.ndarray, bound: int, axis: str) -> None:
@@ -181,7 +196,7 @@ def count_matrix(X, *, chunk_rows: int = CHUNK_ROWS, head_rows: int = HEAD_ROWS)
             check_indices(block.indices, n_cells, "cell")
             nonzero = count_values(block.data)
             per_gene[start : start + block.shape[1]] = _nonzero_per_segment(nonzero, block.indptr)
-            per_cell += np.bincount(block.indices if nonzero.all() else block.indices[nonzero], minlength=n_cells)
+            per_cell += np.bincount(_stored(block.indices, nonzero), minlength=n_cells)
             if n_head:
                 head_parts.append(block[:n_head])
         head = sp.hstack(head_parts, format="csr") if head_parts else sp.csr_matrix((n_head, n_genes))
@@ -197,12 +212,12 @@ def count_matrix(X, *, chunk_rows: int = CHUNK_ROWS, head_rows: int = HEAD_ROWS)
             check_indices(block.indices, n_genes, "gene")
             nonzero = count_values(block.data)
             per_cell[start : start + block.shape[0]] = _nonzero_per_segment(nonzero, block.indptr)
-            per_gene += np.bincount(block.indices if nonzero.all() else block.indices[nonzero], minlength=n_genes)
+            per_gene += np.bincount(_stored(block.indices, nonzero), minlength=n_genes)
         else:
             block = np.asarray(block)
             nonzero = count_values(block)
-            per_cell[start : start + block.shape[0]] = nonzero.sum(axis=1)
-            per_gene += nonzero.sum(axis=0)
+            per_cell[start : start + block.shape[0]] = block.shape[1] if nonzero is None else nonzero.sum(axis=1)
+            per_gene += block.shape[0] if nonzero is None else nonzero.sum(axis=0)
         if start < n_head:
             head_parts.append(block[: n_head - start].copy())  # not a view pinning the whole block
     if layout == "csr":
@@ -236,10 +251,16 @@ def _label_problems(report: CheckReport, obs: pd.DataFrame, keys: schema.ObsKeys
 
 
 def _balance_table(obs: pd.DataFrame, column: str, labels: np.ndarray) -> pd.DataFrame:
-    frame = pd.DataFrame({column: obs[column].astype(str).to_numpy(), "sensitive": labels})
-    table = frame.groupby(column).agg(cells=("sensitive", "size"), sensitive=("sensitive", "sum"))
-    table["resistant"] = table["cells"] - table["sensitive"]
-    return table
+    """Return cells, sensitive and resistant cells per value of ``obs[column]`` (as text, sorted).
+
+    The frame of ``groupby(column).agg(cells=size, sensitive=sum)`` on the text values (tested equal), counted
+    by `numpy.bincount` over `pandas.factorize` codes: a fifth of the time, paid by ``check`` for six columns.
+    """
+    codes, values = pd.factorize(obs[column].astype(str).to_numpy(), sort=True)
+    cells = np.bincount(codes, minlength=values.size).astype(np.int64)
+    sensitive = np.bincount(codes, weights=labels, minlength=values.size).astype(np.int64)
+    return pd.DataFrame({"cells": cells, "sensitive": sensitive, "resistant": cells - sensitive},
+                        index=pd.Index(values, name=column))
 
 
 def _value_problems(report: CheckReport, counts: MatrixCounts, needs: str) -> bool:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
 if TYPE_CHECKING:
     import numpy.typing as npt
-    import pandas as pd
 
     from scdrugmap.data.schema import ObsKeys
 
@@ -69,8 +69,7 @@ def label_coincidences(obs: pd.DataFrame, labels: npt.ArrayLike, keys: ObsKeys) 
     labels = np.asarray(labels)
     found = []
     for column, kind in unit_columns(list(obs.columns), keys):
-        values = obs[column].astype(str).to_numpy()
-        names, position = np.unique(values, return_inverse=True)
+        position, names = pd.factorize(obs[column].astype(str).to_numpy(), sort=True)  # np.unique's, by hashing
         if names.size < 2:
             continue
         share = np.bincount(position, weights=labels.astype(np.float64)) / np.bincount(position)
