@@ -29,3 +29,26 @@ def test_check_warns_where_labels_coincide_with_samples():
     report = check_adata(make_adata(n_cells=80, n_samples=8, n_studies=3), source="d.h5ad", n_folds=2)
     warnings = [str(p) for p in report.problems if "labels coincide with samples" in str(p)]
     assert len(warnings) == 1 and "obs['sample']" in warnings[0]
+
+
+def test_text_codes_equal_factorizing_the_text_of_every_cell():
+    from scdrugmap.data.confounders import text_codes
+
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, 5, 400)
+    columns = {
+        "categorical": pd.Categorical(np.array(["b", "a", "c", "a b", "Z"])[picks]),
+        "unused and NaN": pd.Categorical(np.array(["x", "y", None, "x", "y"], dtype=object)[picks],
+                                         categories=["y", "x", "never"]),
+        "numbers as categories": pd.Categorical(np.array([1.5, 2.0, 10.0, np.nan, 2.0])[picks]),
+        "texts that collide": pd.Categorical(np.array([1, "1", "2", 2, "x"], dtype=object)[picks]),
+        "object with None and NaN": np.array(["s1", None, np.nan, "s2", "s1"], dtype=object)[picks],
+        "floats": np.array([0.5, 1.0, np.nan, 3.0, 1.0])[picks],
+        "integers": picks * 7,
+    }
+    for name, values in columns.items():
+        series = pd.Series(values)
+        codes, names = text_codes(series)
+        expected_codes, expected_names = pd.factorize(series.astype(str).to_numpy(), sort=True)
+        assert names.tolist() == list(expected_names), name
+        np.testing.assert_array_equal(codes, expected_codes, err_msg=name)

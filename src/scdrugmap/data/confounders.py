@@ -46,6 +46,28 @@ class Coincidence:
                 f"response; {advice.get(self.kind, 'keep each ' + self.kind + ' on one side of every split')}.")
 
 
+def text_codes(values: pd.Series) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.object_]]:
+    """Return (a code per cell, the sorted distinct texts) of ``values.astype(str)``.
+
+    What ``pd.factorize(values.astype(str).to_numpy(), sort=True)`` returns (tested equal). A categorical
+    column is read from its codes, its categories made text once each: no text per cell is made or hashed.
+    """
+    if not isinstance(values.dtype, pd.CategoricalDtype):
+        return pd.factorize(values.astype(str).to_numpy(), sort=True)
+    codes = values.cat.codes.to_numpy()
+    texts = np.asarray(values.cat.categories.astype(str), dtype=object)
+    missing = codes < 0
+    if missing.any():  # NaN: the text astype(str) gives it, as one more category
+        texts = np.append(texts, values[missing].astype(str).iloc[0])
+        codes = np.where(missing, texts.size - 1, codes)
+    per_category, names = pd.factorize(texts, sort=True)  # categories of one text share its code
+    cell_codes = per_category[codes]
+    used = np.bincount(cell_codes, minlength=names.size) > 0
+    if not used.all():  # categories no cell holds are not values
+        cell_codes, names = (np.cumsum(used) - 1)[cell_codes], names[used]
+    return cell_codes, names
+
+
 def unit_columns(columns: list[str], keys: ObsKeys) -> list[tuple[str, str]]:
     """Return (column, kind) of the columns that may carry labels: sample, dataset, study, cell lines..."""
     found = [(keys.sample, "sample"), (keys.dataset, "dataset"), (keys.study, "study")]
@@ -69,7 +91,7 @@ def label_coincidences(obs: pd.DataFrame, labels: npt.ArrayLike, keys: ObsKeys) 
     labels = np.asarray(labels)
     found = []
     for column, kind in unit_columns(list(obs.columns), keys):
-        position, names = pd.factorize(obs[column].astype(str).to_numpy(), sort=True)  # np.unique's, by hashing
+        position, names = text_codes(obs[column])  # np.unique(obs[column].astype(str), return_inverse=True)
         if names.size < 2:
             continue
         share = np.bincount(position, weights=labels.astype(np.float64)) / np.bincount(position)
