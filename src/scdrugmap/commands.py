@@ -306,7 +306,7 @@ def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, o
     import logging
 
     from scdrugmap import tl
-    from scdrugmap.data.io import read_h5ad
+    from scdrugmap.data.io import read_h5ad, write_h5ad_changes
     from scdrugmap.readwrite import read_head
 
     head = read_head(bundle)
@@ -348,7 +348,7 @@ def run_predict(data: Path, *, model: str, bundle: Path, weights: Path | None, o
     csv = csv or out.with_suffix(".csv")
     table = adata.obs[columns].rename(columns={overlap: "gene_overlap"}).rename_axis("cell")
     with atomic_outputs(out, csv) as (tmp_out, tmp_csv):  # both outputs, or neither
-        adata.write_h5ad(tmp_out)
+        write_h5ad_changes(adata, data, tmp_out, changed=("obs", "uns"))  # the rest copied as stored
         table.to_csv(tmp_csv)
     print_prediction_summary(console, summary, alpha=facts.get("alpha"), gene_overlap=facts.get("gene_overlap"))
     return [out, csv]

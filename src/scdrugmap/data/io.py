@@ -154,6 +154,41 @@ def add_obsm_atomic(source: str | Path, target: str | Path, key: str, values: np
     return target
 
 
+def write_h5ad_changes(adata: ad.AnnData, source: str | Path, target: str | Path, *,
+                       changed: tuple[str, ...] = ("obs", "uns")) -> Path:
+    """Write ``adata``, read from the ``.h5ad`` at ``source`` and changed only in ``changed``, to ``target``.
+
+    What ``adata.write_h5ad(target)`` writes (read back equal, tested), without encoding the matrix again:
+    every other element of ``source`` is copied as stored (HDF5 object copies, no decoding) and the
+    ``changed`` ones are written from ``adata``. As ``write_h5ad`` does, string columns of ``obs`` and
+    ``var`` become categoricals first; ``var`` is written again when that changes it. Where ``raw`` would
+    change, or ``target`` is ``source``, the file is written whole.
+    """
+    import h5py
+    from anndata.io import write_elem
+
+    source, target = Path(source), Path(target)
+    var_types = adata.var.dtypes.to_dict()
+    raw_types = None if adata.raw is None else adata.raw.var.dtypes.to_dict()
+    adata.strings_to_categoricals()
+    if adata.raw is not None:
+        adata.strings_to_categoricals(adata.raw.var)
+    if target.resolve() == source.resolve() or (adata.raw is not None and adata.raw.var.dtypes.to_dict() != raw_types):
+        adata.write_h5ad(target)
+        return target
+    if adata.var.dtypes.to_dict() != var_types:
+        changed = (*changed, "var")
+    with h5py.File(source, "r") as stored, h5py.File(target, "w") as store:
+        for key, value in stored.attrs.items():
+            store.attrs[key] = value
+        for name in stored:
+            if name not in changed:
+                stored.copy(stored[name], store, name=name)
+        for name in changed:
+            write_elem(store, name, getattr(adata, name) if name != "uns" else dict(adata.uns))
+    return target
+
+
 def _open_text(path: Path) -> IO[bytes]:
     import gzip
 
