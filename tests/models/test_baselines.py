@@ -190,6 +190,32 @@ def test_pca_embedding_is_the_same_backed_unfitted_and_in_small_blocks(cells, ce
     np.testing.assert_allclose(PCAEncoder(n_top_genes=N_TOP).embed(cells), expected, rtol=0, atol=1e-4)
 
 
+def test_fitted_baselines_embed_genes_in_any_column_order_and_storage_bit_for_bit(cells):
+    """The fitted genes are found by name: permuted columns, dense storage, extra genes and duplicate entries give
+    the values the data in the fitted order gives (selected in place, or without selection at all)."""
+    import anndata as ad
+    import pandas as pd
+
+    pca, hvg = PCAEncoder(n_top_genes=N_TOP).fit(cells), HVGEncoder(n_top_genes=N_TOP).fit(cells)
+    expected_pca, expected_hvg = pca.embed(cells), hvg.embed(cells)
+    order = np.random.default_rng(0).permutation(cells.n_vars)
+    permuted = ad.AnnData(cells.X[:, order], var=pd.DataFrame(index=cells.var_names[order]))
+    dense = ad.AnnData(cells.X.toarray()[:, order], var=pd.DataFrame(index=cells.var_names[order]))
+    for data in (permuted, dense):
+        np.testing.assert_array_equal(pca.embed(data), expected_pca)
+        np.testing.assert_array_equal(hvg.embed(data), expected_hvg)
+    X = cells.X.tocsr()
+    first = X.indptr[1]  # the first cell's first value stored twice, in halves: summed, it is the same matrix
+    data, indices = X.data.copy(), X.indices.copy()
+    data[0] /= 2
+    twice = sp.csr_matrix((np.insert(data, first, data[0]), np.insert(indices, first, indices[0]),
+                           np.r_[0, X.indptr[1:] + 1]), shape=X.shape)
+    assert not twice.has_canonical_format
+    halves = ad.AnnData(twice, var=cells.var.copy())
+    np.testing.assert_allclose(hvg.embed(halves), expected_hvg, rtol=0, atol=1e-6)  # row totals summed in
+    np.testing.assert_allclose(pca.embed(halves), expected_pca, rtol=0, atol=1e-5)  # another order
+
+
 def test_a_state_fitted_by_the_old_version_embeds_as_it_did(cells, old_pca):
     genes, mean, components, embeddings = old_pca
     raw = np.char.encode(genes.astype(str), "utf-8")  # the old state format: genes as uint8 bytes
