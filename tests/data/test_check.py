@@ -316,3 +316,11 @@ def test_balance_tables_equal_a_pandas_groupby_of_the_text_values():
         table = _balance_table(obs, column, labels)
         pd.testing.assert_frame_equal(table, expected, check_dtype=False)  # groupby narrows small sums to int8
         assert (table.dtypes == np.int64).all()
+
+
+def test_index_counts_in_chunks_equal_bincount():
+    from scdrugmap.data.check import COUNT_CHUNK, _index_counts
+
+    indices = np.random.default_rng(0).integers(0, 3000, 2 * COUNT_CHUNK + 17).astype(np.int32)  # three chunks
+    np.testing.assert_array_equal(_index_counts(indices, 3005), np.bincount(indices, minlength=3005))
+    np.testing.assert_array_equal(_index_counts(indices[:10], 3005), np.bincount(indices[:10], minlength=3005))
