@@ -172,3 +172,16 @@ def test_every_symbol_alias_and_entrez_id_of_the_tables_maps_to_its_own_gene():
     mapping = map_genes(entrez["entrez_ids"])
     assert mapping["ensembl_id"].tolist() == entrez["ensembl_id"].tolist()
     assert (mapping["matched_by"] == "entrez").all()
+
+
+def test_canonical_ids_of_the_same_text_are_remembered_and_never_shared():
+    from scdrugmap.data.genes import canonical_gene_ids
+
+    first = canonical_gene_ids(["TP53", " egfr", "7157", "NOT_A_GENE"])
+    assert first.tolist() == [TP53, EGFR, TP53, "NOT_A_GENE"]
+    first[0] = "changed by the caller"
+    again = canonical_gene_ids(np.array(["TP53", "egfr ", "7157", "NOT_A_GENE"], dtype=object))  # same text
+    assert again.tolist() == [TP53, EGFR, TP53, "NOT_A_GENE"]
+    # equal numbers of other types are other text: an unknown id falls back to its own text
+    assert canonical_gene_ids([999999999])[0] == "999999999"
+    assert canonical_gene_ids([999999999.0])[0] == "999999999.0"

@@ -310,10 +310,17 @@ def canonical_gene_ids(names: Iterable[object]) -> npt.NDArray[np.str_]:
     else the symbol, else the name itself (stripped).
 
     ``TP53``, ``7157`` (Entrez) and ``ENSG00000141510.17`` all give ``ENSG00000141510``, so a head trained
-    on one naming finds its genes in data named another way.
+    on one naming finds its genes in data named another way. The ids depend only on the names' text: the
+    last few lists of names asked for are remembered (`scdrugmap predict` asks for the data's twice and the
+    head's, often the same list).
     """
-    mapping = map_genes(names)
-    raw = _as_text(names).to_numpy(dtype=object)
+    return _canonical_ids(tuple(_as_text(names).tolist())).copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _canonical_ids(text: tuple[str, ...]) -> npt.NDArray[np.str_]:
+    mapping = map_genes(text)
+    raw = np.asarray(text, dtype=object)
     ids = mapping["ensembl_id"].to_numpy(dtype=object)
     symbols = mapping["gene_symbol"].to_numpy(dtype=object)
     missing = pd.isna(ids)
