@@ -289,3 +289,25 @@ def test_plain_values_coerce_every_option_as_typer_does():
         typer_own = build_runtime_param(param.type_descriptor)
         for value in PLAIN_INPUTS:
             assert _coerced(param._runtime_param, value, param) == _coerced(typer_own, value, param), (param.name, value)
+
+
+# --- imports with the garbage collector paused -----------------------------------------------------------------
+
+def test_imports_settled_pauses_the_collector_then_freezes_what_was_imported():
+    import gc
+
+    from scdrugmap.commands import imports_settled
+
+    frozen = gc.get_freeze_count()
+    try:
+        with imports_settled():
+            assert not gc.isenabled()
+            made = [[] for _ in range(1000)]  # objects the imports would have made
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(made)
+        gc.disable()
+        with imports_settled():
+            pass
+        assert not gc.isenabled()  # a collector paused by the caller stays paused
+    finally:
+        gc.enable()
+        gc.unfreeze()
