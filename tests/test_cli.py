@@ -293,19 +293,26 @@ def test_plain_values_coerce_every_option_as_typer_does():
 
 # --- imports with the garbage collector paused -----------------------------------------------------------------
 
-def test_imports_settled_pauses_the_collector_then_freezes_what_was_imported():
+def test_imports_settled_pauses_the_collector_then_freezes_what_was_imported(monkeypatch):
     import gc
 
-    from scdrugmap.commands import imports_settled
+    from scdrugmap import commands
 
+    monkeypatch.setitem(commands.SETTLED, "done", False)
     frozen = gc.get_freeze_count()
     try:
-        with imports_settled():
+        with commands.imports_settled():
             assert not gc.isenabled()
             made = [[] for _ in range(1000)]  # objects the imports would have made
         assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(made)
+        frozen = gc.get_freeze_count()
+        with commands.imports_settled():  # once per process: later commands import nothing new
+            assert gc.isenabled()
+            made = [[] for _ in range(1000)]
+        assert gc.get_freeze_count() <= frozen  # nothing more frozen
+        monkeypatch.setitem(commands.SETTLED, "done", False)
         gc.disable()
-        with imports_settled():
+        with commands.imports_settled():
             pass
         assert not gc.isenabled()  # a collector paused by the caller stays paused
     finally:

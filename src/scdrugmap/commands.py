@@ -89,6 +89,10 @@ def gate(data: Path, *, model: str | None = None, needs: str | None = None, laye
                           in_memory=in_memory, scan=scan)
 
 
+#: Whether `imports_settled` has run in this process.
+SETTLED = {"done": False}
+
+
 @contextmanager
 def imports_settled() -> Iterator[None]:
     """Run a command's imports with the garbage collector paused, then freeze the objects they made.
@@ -97,13 +101,18 @@ def imports_settled() -> Iterator[None]:
     process; each collection while they are made scans them and frees nothing, and each full collection
     after them would scan them all again (together about 0.15 s of a one-second ``check``). Paused, then
     moved to the permanent generation (`gc.freeze`), they are never scanned; the command's own objects are
-    collected as usual.
+    collected as usual. Only the first call in a process does this (later ones import nothing new), so a
+    process running many commands (the tests) freezes once.
     """
+    if SETTLED["done"]:
+        yield
+        return
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        SETTLED["done"] = True
         gc.freeze()
         if enabled:
             gc.enable()
