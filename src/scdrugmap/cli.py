@@ -68,7 +68,12 @@ class PlainValues:
 
 def coerce_plainly(params: Iterable[Any]) -> None:
     """Give every single-valued str, bool, int, float or Path parameter of ``params`` `PlainValues`
-    (typer versions that coerce without pydantic are left as they are)."""
+    (typer versions that coerce without pydantic, or lack the helpers it hands over to, are left as they are)."""
+    try:  # typer's own coercion, which PlainValues hands unusual values to (imported by typer.core already)
+        from typer._coercion import build_runtime_param  # noqa: F401
+        from typer._param_types import coerce_cli_path  # noqa: F401
+    except ImportError:
+        return
     for param in params:
         descriptor = getattr(param, "type_descriptor", None)
         if (descriptor is None or not hasattr(param, "_runtime_param") or param.multiple or param.nargs != 1

@@ -173,7 +173,8 @@ def write_h5ad_changes(adata: ad.AnnData, source: str | Path, target: str | Path
     adata.strings_to_categoricals()
     if adata.raw is not None:
         adata.strings_to_categoricals(adata.raw.var)
-    if target.resolve() == source.resolve() or (adata.raw is not None and adata.raw.var.dtypes.to_dict() != raw_types):
+    raw_changed = adata.raw is not None and adata.raw.var.dtypes.to_dict() != raw_types
+    if raw_changed or target.resolve() == source.resolve():
         adata.write_h5ad(target)
         return target
     if adata.var.dtypes.to_dict() != var_types:
