@@ -324,3 +324,19 @@ def test_index_counts_in_chunks_equal_bincount():
     indices = np.random.default_rng(0).integers(0, 3000, 2 * COUNT_CHUNK + 17).astype(np.int32)  # three chunks
     np.testing.assert_array_equal(_index_counts(indices, 3005), np.bincount(indices, minlength=3005))
     np.testing.assert_array_equal(_index_counts(indices[:10], 3005), np.bincount(indices[:10], minlength=3005))
+
+
+def test_csr_rows_are_views_in_memory_and_equal_the_rows_of_a_backed_matrix(tmp_path):
+    from scdrugmap.data.schema import csr_rows
+
+    whole = _awkward_counts()
+    backed = _backed(whole, tmp_path).X
+    for start, stop in ((0, 7), (7, 30), (75, 90)):
+        expected = whole[start:stop]
+        for X in (whole, backed):
+            data, indices, indptr = csr_rows(X, start, stop)
+            rows = sp.csr_matrix((data, indices, indptr), shape=expected.shape)
+            np.testing.assert_array_equal(rows.toarray(), expected.toarray())
+            assert indptr[0] == 0
+        data, indices, _ = csr_rows(whole, start, stop)
+        assert np.shares_memory(data, whole.data) and np.shares_memory(indices, whole.indices)  # nothing copied

@@ -227,21 +227,24 @@ def count_matrix(X, *, chunk_rows: int = CHUNK_ROWS, head_rows: int = HEAD_ROWS)
     if layout == "dense":
         chunk_rows = min(chunk_rows, max(1, DENSE_BLOCK_VALUES // max(1, n_genes)))
     for start in range(0, n_cells, chunk_rows):
-        block = schema.row_block(X, start, start + chunk_rows, copy=False)  # only read here
         if layout == "csr":
-            block = sp.csr_matrix(block)
-            check_indices(block.indices, n_genes, "gene")
-            nonzero = count_values(block.data)
-            per_cell[start : start + block.shape[0]] = _nonzero_per_segment(nonzero, block.indptr)
-            per_gene += _index_counts(_stored(block.indices, nonzero), n_genes)
-        else:
-            block = np.asarray(block)
-            nonzero = count_values(block)
-            per_cell[start : start + block.shape[0]] = block.shape[1] if nonzero is None else nonzero.sum(axis=1)
-            per_gene += block.shape[0] if nonzero is None else nonzero.sum(axis=0)
+            data, indices, indptr = schema.csr_rows(X, start, start + chunk_rows)  # only read here
+            check_indices(indices, n_genes, "gene")
+            nonzero = count_values(data)
+            per_cell[start : start + indptr.size - 1] = _nonzero_per_segment(nonzero, indptr)
+            per_gene += _index_counts(_stored(indices, nonzero), n_genes)
+            if start < n_head:  # copies, not views pinning the whole block
+                rows = min(n_head - start, indptr.size - 1)
+                end = int(indptr[rows])
+                head_parts.append(sp.csr_matrix((data[:end].copy(), indices[:end].copy(), indptr[: rows + 1].copy()),
+                                                shape=(rows, n_genes)))
+            continue
+        block = np.asarray(schema.row_block(X, start, start + chunk_rows, copy=False))
+        nonzero = count_values(block)
+        per_cell[start : start + block.shape[0]] = block.shape[1] if nonzero is None else nonzero.sum(axis=1)
+        per_gene += block.shape[0] if nonzero is None else nonzero.sum(axis=0)
         if start < n_head:  # a copy, not a view pinning the whole block
-            head_parts.append(schema.row_block(block, 0, n_head - start) if layout == "csr"
-                              else block[: n_head - start].copy())
+            head_parts.append(block[: n_head - start].copy())
     if layout == "csr":
         head = sp.csr_matrix(sp.vstack(head_parts, format="csr")) if head_parts else sp.csr_matrix((0, n_genes))
     else:

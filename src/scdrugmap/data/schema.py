@@ -95,16 +95,12 @@ def row_block(X, start: int, stop: int, *, copy: bool = True) -> Any:
     matrix (``read_h5ad(path, backed="r")``) the rows' stretches are read from its ``data``, ``indices`` and
     ``indptr`` arrays alone: ``X[start:stop]`` also looks up the installed scipy's version (about 5 ms a
     block) and copies the block once more. Anything else (dense, CSC) is sliced as ``X[start:stop]``. With
-    ``copy=False`` an in-memory CSR block shares ``data`` and ``indices`` with ``X`` (for readers only: a
-    pass that only counts need not copy the matrix).
+    ``copy=False`` an in-memory CSR block may share ``data`` and ``indices`` with ``X`` (for readers only;
+    scipy copies views of less than half of an array: readers of the arrays alone use `csr_rows`).
     """
     if not sp.issparse(X) and getattr(X, "format", None) == "csr" and hasattr(X, "group"):  # backed CSR
-        group = X.group
         stop = min(stop, X.shape[0])
-        pointers = group["indptr"][start : stop + 1]
-        first, last = int(pointers[0]), int(pointers[-1])
-        return sp.csr_matrix((group["data"][first:last], group["indices"][first:last], pointers - pointers[0]),
-                             shape=(max(0, stop - start), X.shape[1]))
+        return sp.csr_matrix(csr_rows(X, start, stop), shape=(max(0, stop - start), X.shape[1]))
     if not (sp.issparse(X) and X.format == "csr"):
         return X[start:stop]
     stop = min(stop, X.shape[0])
@@ -113,6 +109,27 @@ def row_block(X, start: int, stop: int, *, copy: bool = True) -> Any:
     if copy:
         data, indices = data.copy(), indices.copy()
     return sp.csr_matrix((data, indices, X.indptr[start:stop + 1] - first), shape=(max(0, stop - start), X.shape[1]))
+
+
+def csr_rows(X, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the ``data``, ``indices`` and ``indptr`` (from 0) of rows ``start:stop`` of a CSR matrix.
+
+    In memory, ``data`` and ``indices`` are views of the matrix's own (for readers only); of anndata's
+    backed CSR matrix they are read from its arrays. A scipy matrix is not made: made from views of less
+    than half of an array, it copies them (``check_format`` prunes).
+    """
+    stop = min(stop, X.shape[0])
+    if sp.issparse(X):
+        csr = cast("sp.csr_matrix", X)
+        first, last = int(csr.indptr[start]), int(csr.indptr[stop])
+        return csr.data[first:last], csr.indices[first:last], csr.indptr[start : stop + 1] - first
+    if hasattr(X, "group"):
+        group = X.group
+        pointers = group["indptr"][start : stop + 1]
+        first, last = int(pointers[0]), int(pointers[-1])
+        return group["data"][first:last], group["indices"][first:last], pointers - pointers[0]
+    block = sp.csr_matrix(X[start:stop])
+    return block.data, block.indices, block.indptr
 
 
 #: Cells (rows x columns) per column block read when sampling the first rows of a backed CSC matrix.
