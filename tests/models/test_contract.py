@@ -138,3 +138,21 @@ def test_lora_adapters_start_as_identity_receive_gradients_and_change_the_output
         grad = adapters[f"{adapter}.weight"].grad
         assert grad is not None and grad.abs().sum() > 0, f"{adapter} ran but got no gradient"
     assert np.abs(after - before).max() > 1e-3
+
+
+def test_built_in_encoders_are_found_without_reading_entry_points_and_plugins_still_are(monkeypatch):
+    from types import SimpleNamespace
+
+    import scdrugmap.models.base as base
+    from scdrugmap.errors import ConfigError
+
+    def no_entry_points(**_):
+        raise AssertionError("entry points read for a built-in encoder")
+
+    monkeypatch.setattr(base, "entry_points", no_entry_points)
+    assert get_encoder_class("PCA").name == "pca"
+    plugin = SimpleNamespace(name="Plugged", value="scdrugmap.models.baselines:HVGEncoder")
+    monkeypatch.setattr(base, "entry_points", lambda **_: [plugin])
+    assert get_encoder_class("plugged").name == "hvg"
+    with pytest.raises(ConfigError, match="unknown model 'nope'.*plugged"):
+        get_encoder_class("nope")

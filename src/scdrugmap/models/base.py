@@ -579,12 +579,15 @@ def get_encoder_class(name: str) -> type[Encoder]:
     ConfigError
         When no encoder has that name.
     """
-    known = registry()
     key = name.lower()
-    if key not in known:
-        msg = f"unknown model {name!r}; known models: {', '.join(sorted(known))}. See `scdrugmap models list`."
-        raise ConfigError(msg)
-    module_name, _, class_name = known[key].partition(":")
+    target = BUILTIN_ENCODERS.get(key)  # built-ins come first in `registry`: no entry points to read for them
+    if target is None:
+        known = registry()
+        if key not in known:
+            msg = f"unknown model {name!r}; known models: {', '.join(sorted(known))}. See `scdrugmap models list`."
+            raise ConfigError(msg)
+        target = known[key]
+    module_name, _, class_name = target.partition(":")
     return getattr(import_module(module_name), class_name)
 
 
