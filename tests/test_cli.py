@@ -171,8 +171,7 @@ def test_predict_adds_gene_overlap_to_obs_and_csv(strategy, shared, tmp_path):
 #: Runs the command line in a fresh interpreter and writes, at exit, whether torch and scikit-learn were imported.
 TORCH_PROBE = ("import atexit, sys\n"
                "atexit.register(lambda: sys.stderr.write(f\"torch imported: {'torch' in sys.modules}\\n\"\n"
-               "                                         f\"sklearn imported: {'sklearn' in sys.modules}\\n\"\n"
-               "                                         f\"pydantic imported: {'pydantic' in sys.modules}\\n\"))\n"
+               "                                         f\"sklearn imported: {'sklearn' in sys.modules}\\n\"))\n"
                "from scdrugmap.cli import main\n"
                "sys.argv = ['scdrugmap', *sys.argv[1:]]\n"
                "main()\n")
@@ -198,7 +197,6 @@ def test_commands_without_a_network_never_import_torch(args, small_h5ad, tmp_pat
     done = run_fresh(*args)
     assert done.returncode == 0, done.stderr
     assert "torch imported: False" in done.stderr, done.stderr
-    assert "pydantic imported: False" in done.stderr, done.stderr  # typer's coercion of plain values, without it
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +215,6 @@ def test_predict_with_a_baseline_head_imports_neither_torch_nor_scikit_learn(pca
     done = run_fresh("predict", str(path), "--model", "pca", "--head", str(pca_head))
     assert done.returncode == 0, done.stderr
     assert "torch imported: False" in done.stderr and "sklearn imported: False" in done.stderr, done.stderr
-    assert "pydantic imported: False" in done.stderr, done.stderr
     assert len(pd.read_csv(tmp_path / "new.predicted.csv")) == 60
 
 
@@ -252,43 +249,6 @@ def test_predict_in_numpy_equals_scikit_learn_neighbours_and_crepes_sets(pca_hea
             np.testing.assert_allclose(numpy_run[column], reference_run[column], rtol=0, atol=1e-6)
         else:
             assert (numpy_run[column].astype(str) == reference_run[column].astype(str)).all(), column
-
-
-# --- plain option values: typer's coercion without pydantic ------------------------------------------------------
-
-PLAIN_INPUTS = ["10", "-3", "+4", "007", " 5 ", "1_000", "1.0", "1.5", "1e3", "1E-2", ".5", "5.", "-0", "1e400",
-                "0." + "1" * 40, "inf", "nan", "abc", "", "0x10", "\u0661\u0662", "x/y.h5ad", "/", 10, 2.5, True,
-                b"ab", __import__("pathlib").Path("x")]
-
-
-def _coerced(coercion, value, param):
-    try:
-        result = coercion.coerce(value, param=param, ctx=None)
-    except Exception as err:  # noqa: BLE001 - the error itself is compared
-        return "error", type(err).__name__, str(err)
-    return "value", type(result).__name__, repr(result)
-
-
-def test_plain_values_coerce_every_option_as_typer_does():
-    """Each str, bool, int, float and Path parameter of every command: PlainValues gives what typer's own
-    (pydantic) coercion gives, value or error, for plain text and for what typer hands over otherwise."""
-    from typer._coercion import build_runtime_param
-    from typer.main import get_command
-
-    from scdrugmap.cli import PlainValues
-
-    def params(command):
-        yield from command.params
-        for sub in getattr(command, "commands", {}).values():
-            yield from params(sub)
-
-    plain = [p for p in params(get_command(app)) if isinstance(p._runtime_param, PlainValues)]
-    assert {p.type_descriptor.annotation.__name__ for p in plain} == {"str", "bool", "int", "float", "Path"}
-    assert {"file", "folds", "threshold", "strict", "log_file"} <= {p.name for p in plain}
-    for param in plain:
-        typer_own = build_runtime_param(param.type_descriptor)
-        for value in PLAIN_INPUTS:
-            assert _coerced(param._runtime_param, value, param) == _coerced(typer_own, value, param), (param.name, value)
 
 
 # --- imports with the garbage collector paused -----------------------------------------------------------------

@@ -8,122 +8,19 @@ of every command's start-up).
 """
 
 import logging
-import re
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from typer.core import TyperCommand, TyperGroup
 
 from scdrugmap.errors import ConfigError, ScDrugMapError
 
-# --- option values without pydantic ------------------------------------------------------------------------
-
-#: Plain decimal text of an int and of a float, which typer's coercion and Python's int() and float() read alike.
-PLAIN_INT = re.compile(r"[+-]?[0-9]+")
-PLAIN_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-#: Annotations `PlainValues` coerces.
-PLAIN_KINDS = (str, bool, int, float, Path)
-
-
-class PlainValues:
-    """Coerce one option's value as typer does, for the plain values of a command line, without pydantic.
-
-    typer 0.2x coerces every value through a pydantic ``TypeAdapter``: importing pydantic and building the
-    adapters is about 50 ms of each command's start-up. Here a str, bool, int or float stays as it is, an int
-    or a float is read from plain decimal text, and a path is made from text and checked by typer's own
-    path checks (existence, access), which is what typer's adapters give (tested equal). Any other value,
-    and so every error message, is typer's own coercion's.
-    """
-
-    def __init__(self, param: Any) -> None:
-        self.param = param
-        self.kind = param.type_descriptor.annotation
-        self._typer: Any = None
-
-    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
-        kind = self.kind
-        if value is None:  # as typer's: a missing single value stays None
-            return None
-        if kind is Path and (isinstance(value, Path) or (type(value) is str and value)):
-            from typer._param_types import coerce_cli_path
-
-            path = value if isinstance(value, Path) else Path(value)
-            return coerce_cli_path(path, self.param.type_descriptor.parameter_info, path_type=Path, param=param,
-                                   ctx=ctx)
-        if kind is not Path and type(value) is kind:
-            return value
-        if type(value) is str and ((kind is int and PLAIN_INT.fullmatch(value))
-                                   or (kind is float and PLAIN_FLOAT.fullmatch(value))):
-            return kind(value)
-        if self._typer is None:
-            from typer._coercion import build_runtime_param
-
-            self._typer = build_runtime_param(self.param.type_descriptor)
-        return self._typer.coerce(value, param=param, ctx=ctx)
-
-
-def coerce_plainly(params: Iterable[Any]) -> None:
-    """Give every single-valued str, bool, int, float or Path parameter of ``params`` `PlainValues`
-    (typer versions that coerce without pydantic, or lack the helpers it hands over to, are left as they are)."""
-    try:  # typer's own coercion, which PlainValues hands unusual values to (imported by typer.core already)
-        from typer._coercion import build_runtime_param  # noqa: F401
-        from typer._param_types import coerce_cli_path  # noqa: F401
-    except ImportError:
-        return
-    for param in params:
-        descriptor = getattr(param, "type_descriptor", None)
-        if (descriptor is None or not hasattr(param, "_runtime_param") or param.multiple or param.nargs != 1
-                or descriptor.annotation not in PLAIN_KINDS or descriptor.parameter_info.parser is not None
-                or descriptor.parameter_info.min is not None or descriptor.parameter_info.max is not None
-                or descriptor.parameter_info.path_type is not None):
-            continue
-        param._runtime_param = PlainValues(param)
-
-
-class PlainCommand(TyperCommand):
-    """A command whose options (``--help`` too) coerce plain values without pydantic (`PlainValues`)."""
-
-    def __init__(self, **attrs: Any) -> None:
-        super().__init__(**attrs)
-        coerce_plainly(self.params)
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)  # made on first use
-        coerce_plainly([] if option is None else [option])
-        return option
-
-
-class PlainGroup(TyperGroup):
-    """A command group whose options (``--help`` too) coerce plain values without pydantic (`PlainValues`)."""
-
-    def __init__(self, **attrs: Any) -> None:
-        super().__init__(**attrs)
-        coerce_plainly(self.params)
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        coerce_plainly([] if option is None else [option])
-        return option
-
-
-class PlainTyper(typer.Typer):
-    """`typer.Typer` whose groups and commands are `PlainGroup` and `PlainCommand`."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(cls=PlainGroup, **kwargs)
-
-    def command(self, *args: Any, **kwargs: Any) -> Any:
-        return super().command(*args, cls=kwargs.pop("cls", PlainCommand), **kwargs)
-
-
-app = PlainTyper(help="Single-cell drug response prediction and benchmarking with foundation models.",
-                 no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
-datasets_app = PlainTyper(help="The curated catalog, the demo simulator and data import.", no_args_is_help=True)
-models_app = PlainTyper(help="The model registry and official weights.", no_args_is_help=True)
+app = typer.Typer(help="Single-cell drug response prediction and benchmarking with foundation models.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
+datasets_app = typer.Typer(help="The curated catalog, the demo simulator and data import.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry and official weights.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(models_app, name="models")
 
