@@ -35,7 +35,7 @@ def _one_figure(run, **_):
 
 def _report(run_dir, out, monkeypatch):
     monkeypatch.setattr("scdrugmap.report.figures.build_figures", _one_figure)  # the run's figures: not under test
-    paths = write_report(run_dir, out, formats=("html",), projection="pca")
+    paths = write_report(run_dir, out, formats=("html",), projection="pca", jobs=1)  # the patched figures: here
     return paths, (out / "report.html").read_text(encoding="utf-8")
 
 

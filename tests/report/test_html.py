@@ -158,7 +158,7 @@ def test_write_report_defaults_to_the_report_folder_inside_the_run(tmp_path, mon
         return [ReportFigure("only", "Only", "One figure.", figure)]
 
     monkeypatch.setattr("scdrugmap.report.figures.build_figures", one_figure)
-    paths = write_report(copy, formats="png, SVG,pdf")
+    paths = write_report(copy, formats="png, SVG,pdf", jobs=1)  # the patched figures: drawn in this process
     assert {p.relative_to(copy).as_posix() for p in paths} == {
         "report/only.png", "report/only.svg", "report/only.pdf", "report/summary.csv", "report/sample_level.csv",
         "report/paired_tests.csv", "report/confounders.csv", "report/scalability.csv", "report/unscored_jobs.csv"}
