@@ -10,8 +10,8 @@ import pytest
 
 from scdrugmap.errors import ConfigError
 from scdrugmap.evaluate.store import RunFolder
-from scdrugmap.report import figures
-from scdrugmap.report.parallel import FigureDrawing, draw_results_figures
+from scdrugmap.report import figures, parallel
+from scdrugmap.report.parallel import FigureDrawing
 from scdrugmap.report.write import write_report
 
 
@@ -36,29 +36,40 @@ def test_the_worker_draws_only_figures_of_the_job_results_and_never_reads_the_pr
         pytest.fail("the worker read the per-cell predictions")
 
     monkeypatch.setattr(RunFolder, "predictions", property(unread))
-    drawn = draw_results_figures(run.run_dir, ["png"], "pca", None)  # the worker's task, called here
-    assert set(drawn) == {group.name for group in groups} - reading
+    monkeypatch.setattr(parallel, "_WORKER_GROUPS", {})
+    parallel._start_worker(run.run_dir, "pca", None)  # the worker's tasks, called here
+    assert set(parallel._WORKER_GROUPS) == {group.name for group in groups} - reading
+    drawn = {name: parallel.draw_in_worker(name, ["png"]) for name in parallel._WORKER_GROUPS}
     assert all(figure.figure is None and set(figure.saved) == {"png"} for group in drawn.values() for figure in group)
     with pytest.raises(ValueError, match="without its svg file"):
         drawn["f1_bars"][0].save("svg")
 
 
-def test_figures_of_a_worker_that_died_are_drawn_here(run, caplog):
+def test_groups_the_worker_has_not_started_or_lost_when_it_died_are_drawn_here(run, caplog):
     drawing = FigureDrawing(run.run_dir, ["png"], projection="pca", seed=None, jobs=1)
+    drawing.submit(run)
+    names = [group.name for group in drawing._groups if not group.reads_predictions]
     died: Future = Future()
+    died.set_running_or_notify_cancel()  # started: waited for, not drawn here in its place
     died.set_exception(BrokenProcessPool("killed"))
-    drawing._results = died
+    waiting = {name: Future() for name in names[len(names) // 2:]}  # never started
+    drawing._there = {**{name: died for name in names[:len(names) // 2]}, **waiting}
     drawn = drawing.figures(run)
-    groups = {group.name for group in figures.figure_groups(run, projection="pca")} - {"embeddings"}
-    assert groups <= {f.name for f in drawn} and any(f.name.startswith("embedding_") for f in drawn)
-    assert all(f.figure is not None and "png" in f.saved for f in drawn) and "drawing its figures here" in caplog.text
+    assert all(future.cancelled() for future in waiting.values())
+    assert {"f1_bars", "radar", "leakage", "roc_pr"} <= {f.name for f in drawn}
+    assert any(f.name.startswith("embedding_") for f in drawn)
+    assert all(f.figure is not None and "png" in f.saved for f in drawn)
+    assert caplog.text.count("drawing its figures here") == 1
 
 
-def test_an_error_in_the_worker_is_raised_here(run_dir, tmp_path):
-    copy = shutil.copytree(run_dir, tmp_path / "run")
-    (copy / "embeddings").mkdir(exist_ok=True)
+def test_a_worker_error_is_raised_here_and_a_worker_that_cannot_read_the_run_breaks_its_pool(run, tmp_path):
     with pytest.raises(ConfigError, match="jobs must be 1 or more"):
-        write_report(copy, tmp_path / "out", jobs=0)
-    drawing = FigureDrawing(tmp_path / "missing", ["png"], projection="pca", seed=None, jobs=2)
-    with drawing, pytest.raises(ConfigError):
-        drawing._results.result(timeout=600)  # type: ignore[union-attr]
+        write_report(run.run_dir, tmp_path / "out", jobs=0)
+    with FigureDrawing(run.run_dir, ["png"], projection="pca", seed=None, jobs=2) as drawing:
+        assert drawing._pool is not None
+        with pytest.raises(KeyError, match="no such group"):
+            drawing._pool.submit(parallel.draw_in_worker, "no such group", ["png"]).result(timeout=600)
+    with FigureDrawing(tmp_path / "missing", ["png"], projection="pca", seed=None, jobs=2) as drawing:
+        assert drawing._pool is not None
+        with pytest.raises(BrokenProcessPool):  # its initializer could not read the run
+            drawing._pool.submit(parallel._ready).result(timeout=600)

@@ -119,6 +119,7 @@ def _write(run_dir: str | Path, out_dir: str | Path | None, chosen: list[str], d
     )
 
     run = read_run_data(run_dir)
+    drawing.submit(run)  # the worker's figures, while this process computes the tables
     out = Path(out_dir) if out_dir is not None else run.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     log.info("writing the report of %s into %s (%s)", run.run_dir, out, ", ".join(chosen))
