@@ -7,9 +7,13 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scdrugmap.errors import ConfigError
 from scdrugmap.report.parallel import FigureDrawing
+
+if TYPE_CHECKING:
+    from scdrugmap.report.run import RunData
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +106,24 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
         return _write(run_dir, out_dir, chosen, drawing, start)
 
 
+def _page_parts(run: RunData) -> tuple[list[tuple[str, object]], str]:
+    """Return the HTML page's interactive figures (plotly, when installed) and its biomarker section."""
+    from scdrugmap.report.biomarker_section import biomarker_section
+    from scdrugmap.report.interactive import interactive_bars, plotly_available
+    from scdrugmap.report.style import model_colours
+
+    interactive: list[tuple[str, object]] = []
+    if plotly_available():
+        bars = interactive_bars(run.results, model_colours(run.model_list))
+        if bars is not None:
+            interactive.append(("Mean F1 / AUROC per category value", bars))
+    return interactive, biomarker_section(run)
+
+
 def _write(run_dir: str | Path, out_dir: str | Path | None, chosen: list[str], drawing: FigureDrawing,
            start: float) -> list[Path]:
     """Write the report while ``drawing`` draws the figures (the worker's, if any, are waited for last)."""
     from scdrugmap.report.run import read_run_data
-    from scdrugmap.report.style import model_colours
     from scdrugmap.report.tables import (
         DESIGN_NOTES,
         best_models,
@@ -127,6 +144,7 @@ def _write(run_dir: str | Path, out_dir: str | Path | None, chosen: list[str], d
                                    unscored_jobs(run.results))
     samples, tests = sample_level_table(run.sample_scores), comparison_table(run.comparisons)
     confounders = confounder_table(run.confounders)
+    page_parts = _page_parts(run) if "html" in chosen else None  # made before waiting for the worker's figures
     figures = drawing.figures(run)
     written: list[Path] = []
     for fmt in (f for f in chosen if f in IMAGE_FORMATS):
@@ -145,19 +163,13 @@ def _write(run_dir: str | Path, out_dir: str | Path | None, chosen: list[str], d
         path = out / "biomarkers_top.csv"
         top_gene_rows(run.folder.biomarkers).to_csv(path, index=False)
         written.append(path)
-    if "html" in chosen:
-        from scdrugmap.report.biomarker_section import biomarker_section
+    if page_parts is not None:
         from scdrugmap.report.html import render_html
-        from scdrugmap.report.interactive import interactive_bars, plotly_available
 
-        interactive = []
-        if plotly_available():
-            bars = interactive_bars(run.results, model_colours(run.model_list))
-            if bars is not None:
-                interactive.append(("Mean F1 / AUROC per category value", bars))
+        interactive, biomarkers = page_parts
         document = render_html(run, figures, best=best, scalability=scalability, unscored=unscored,
                                counts=job_counts(run.results), interactive=interactive, samples=samples, tests=tests,
-                               confounders=confounders, biomarkers=biomarker_section(run),
+                               confounders=confounders, biomarkers=biomarkers,
                                design_note=DESIGN_NOTES[run.label_design])
         path = out / "report.html"
         path.write_text(document, encoding="utf-8")
