@@ -390,11 +390,13 @@ def report(
     fmt: Annotated[str, typer.Option("--format", help="Comma-separated: html, png, svg, pdf.")] = "html,png",
     out: Annotated[Path | None, typer.Option(help="Where to write (default RUN_DIR/report).")] = None,
     projection: Annotated[str, typer.Option(help="Embedding maps: auto (UMAP, PCA if umap-learn is missing), umap, pca.")] = "auto",
+    jobs: Annotated[int | None, typer.Option(help="Processes that draw the figures: 1, or 2 (default where two CPUs "
+                                                  "are free to this process).")] = None,
 ) -> None:
     """Write figures, tables and a self-contained HTML report of a benchmark run."""
     from scdrugmap.report import write_report
 
-    for path in write_report(run_dir, out, formats=_split_list(fmt) or [], projection=projection):
+    for path in write_report(run_dir, out, formats=_split_list(fmt) or [], projection=projection, jobs=jobs):
         stdout.print(str(path))
 
 

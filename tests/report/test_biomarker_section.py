@@ -13,7 +13,7 @@ from scdrugmap.data.simulate import simulated_gene_sets
 from scdrugmap.evaluate.store import biomarkers_dir, read_run
 from scdrugmap.report import write_report
 from scdrugmap.report.biomarker_section import top_gene_rows
-from scdrugmap.report.figures import ReportFigure
+from scdrugmap.report.figures import FigureGroup, ReportFigure
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,9 @@ def _one_figure(run, **_):
 
 
 def _report(run_dir, out, monkeypatch):
-    monkeypatch.setattr("scdrugmap.report.figures.build_figures", _one_figure)  # the run's figures: not under test
-    paths = write_report(run_dir, out, formats=("html",), projection="pca")
+    monkeypatch.setattr("scdrugmap.report.figures.figure_groups",  # the run's figures: not under test
+                        lambda run, **_: [FigureGroup("only", lambda: _one_figure(run), False)])
+    paths = write_report(run_dir, out, formats=("html",), projection="pca", jobs=1)  # the patched figures: here
     return paths, (out / "report.html").read_text(encoding="utf-8")
 
 

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from scdrugmap.errors import ConfigError
 from scdrugmap.report import write as write_module
 from scdrugmap.report import write_report
-from scdrugmap.report.figures import ReportFigure
+from scdrugmap.report.figures import FigureGroup, ReportFigure
 from scdrugmap.report.html import render_html
 from scdrugmap.report.interactive import interactive_bars
 from scdrugmap.report.run import read_run_data
@@ -157,8 +157,9 @@ def test_write_report_defaults_to_the_report_folder_inside_the_run(tmp_path, mon
         figure.add_subplot().plot([0, 1], [0, 1])
         return [ReportFigure("only", "Only", "One figure.", figure)]
 
-    monkeypatch.setattr("scdrugmap.report.figures.build_figures", one_figure)
-    paths = write_report(copy, formats="png, SVG,pdf")
+    monkeypatch.setattr("scdrugmap.report.figures.figure_groups",
+                        lambda run, **_: [FigureGroup("only", lambda: one_figure(run), False)])
+    paths = write_report(copy, formats="png, SVG,pdf", jobs=1)  # the patched figures: drawn in this process
     assert {p.relative_to(copy).as_posix() for p in paths} == {
         "report/only.png", "report/only.svg", "report/only.pdf", "report/summary.csv", "report/sample_level.csv",
         "report/paired_tests.csv", "report/confounders.csv", "report/scalability.csv", "report/unscored_jobs.csv"}

@@ -1137,20 +1137,48 @@ def plot_confounders(scores: pd.DataFrame, colours: dict[str, str], *, split: st
 
 @dataclass
 class ReportFigure:
-    """One figure of a report: file stem, section title, caption and the figure."""
+    """One figure of a report: file stem, section title, caption and the figure.
+
+    ``figure`` is None for a figure drawn in another process (`scdrugmap.report.parallel`): its
+    files were made there, and ``saved`` holds them.
+    """
 
     name: str
     title: str
     caption: str
-    figure: Figure
+    figure: Figure | None
     section: str = "Paper figures"
+    saved: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
     _rendered: RenderedFigure | None = field(default=None, init=False, repr=False, compare=False)
 
     def save(self, fmt: str) -> bytes:
         """Return the figure saved as ``fmt``: laid out once, each format drawn once (`RenderedFigure`)."""
-        if self._rendered is None:
-            self._rendered = RenderedFigure(self.figure)
-        return self._rendered.save(fmt)
+        if fmt not in self.saved:
+            if self.figure is None:
+                msg = f"figure {self.name!r} was drawn in another process without its {fmt} file"
+                raise ValueError(msg)
+            if self._rendered is None:
+                self._rendered = RenderedFigure(self.figure)
+            self.saved[fmt] = self._rendered.save(fmt)
+        return self.saved[fmt]
+
+    def drawn(self, formats: Sequence[str]) -> ReportFigure:
+        """Return a copy holding only the files of ``formats`` (no figure): what another process sends back."""
+        return ReportFigure(self.name, self.title, self.caption, None, self.section,
+                            {fmt: self.save(fmt) for fmt in formats})
+
+
+@dataclass(frozen=True)
+class FigureGroup:
+    """Figures of a report drawn together: ``draw`` returns them (none, one, or one per model).
+
+    ``reads_predictions``: the group reads the run's per-cell predictions (or statistics made from
+    them), not only its job results; the two kinds are drawn in different processes.
+    """
+
+    name: str
+    draw: Callable[[], list[ReportFigure]]
+    reads_predictions: bool
 
 
 def _safe_name(text: str) -> str:
@@ -1161,87 +1189,115 @@ def _safe_name(text: str) -> str:
 SAMPLE_SECTION = "Sample-level results"
 
 
-def build_figures(run: RunData, *, projection: Projection = "auto", seed: int | None = None) -> list[ReportFigure]:
-    """Return every figure of a run's report, in report order (``seed=None``: the run's seed)."""
+def figure_groups(run: RunData, *, projection: Projection = "auto", seed: int | None = None) -> list[FigureGroup]:
+    """Return the figure groups of a run's report in report order (``seed=None``: the run's seed); nothing is drawn yet."""
     results = run.results
     colours = model_colours(run.model_list)
     split = reference_split(results)
     settings = settings_order(results)
-    predictions = labelled_predictions(run)
+    predictions = functools.cache(lambda: labelled_predictions(run))  # shared by three groups, read on first use
     scope = _scope(split)
     beyond = "Beyond the paper"
-    figures = [
-        ReportFigure("f1_bars", "Mean F1 per category value",
-                     f"Mean F1 per model for every tissue, cancer type, therapy and regimen ({scope}); error bars: SD "
-                     "over folds; folds with an undefined F1 and skipped or failed jobs are left out. One panel per "
-                     "training setting.", plot_metric_bars(results, colours, split=split)),
-        ReportFigure("radar", "Radar plots of F1 and AUROC",
-                     "Mean F1 and AUROC (radius 0-1). First column: one spoke per category (mean over all its scored "
-                     "folds); then one radar per category with at least three values. Line style: training setting.",
-                     plot_radar(results, colours, split=split)),
-        ReportFigure("violin_cancer_type", "F1 across cancer types",
-                     "Distribution of fold-level F1 over all cancer types per model: violin (kernel density), inner "
-                     "box plot (median, quartiles, whiskers at 1.5 IQR) and one dot per fold.",
-                     plot_violins(results, colours, split=split)),
-        ReportFigure("circular_bars", "Circular bar charts per category",
-                     "Mean F1 per category value (bar length from the inner ring, 0-1), one bar per model.",
-                     plot_circular_bars(results, colours, split=split)),
+
+    def one(name: str, draw: Callable[[], ReportFigure], *, reads_predictions: bool = False) -> FigureGroup:
+        return FigureGroup(name, lambda: [draw()], reads_predictions)
+
+    def embeddings() -> list[ReportFigure]:
+        return [ReportFigure(f"embedding_{_safe_name(model)}", f"{model_name(model)} cell embeddings",
+                             "2-D map of the saved embedding sample (up to 5,000 cells), coloured by cancer "
+                             "type and by response. The method (UMAP, or PCA as fallback) is in the title.", figure)
+                for model, figure in embedding_figures(run, projection=projection, seed=seed)]
+
+    return [
+        one("f1_bars", lambda: ReportFigure(
+            "f1_bars", "Mean F1 per category value",
+            f"Mean F1 per model for every tissue, cancer type, therapy and regimen ({scope}); error bars: SD "
+            "over folds; folds with an undefined F1 and skipped or failed jobs are left out. One panel per "
+            "training setting.", plot_metric_bars(results, colours, split=split))),
+        one("radar", lambda: ReportFigure(
+            "radar", "Radar plots of F1 and AUROC",
+            "Mean F1 and AUROC (radius 0-1). First column: one spoke per category (mean over all its scored "
+            "folds); then one radar per category with at least three values. Line style: training setting.",
+            plot_radar(results, colours, split=split))),
+        one("violin_cancer_type", lambda: ReportFigure(
+            "violin_cancer_type", "F1 across cancer types",
+            "Distribution of fold-level F1 over all cancer types per model: violin (kernel density), inner "
+            "box plot (median, quartiles, whiskers at 1.5 IQR) and one dot per fold.",
+            plot_violins(results, colours, split=split))),
+        one("circular_bars", lambda: ReportFigure(
+            "circular_bars", "Circular bar charts per category",
+            "Mean F1 per category value (bar length from the inner ring, 0-1), one bar per model.",
+            plot_circular_bars(results, colours, split=split))),
+        FigureGroup("embeddings", embeddings, reads_predictions=False),
+        one("sample_auroc", lambda: ReportFigure(
+            "sample_auroc", "Sample-level AUROC",
+            "Each test sample's cells are aggregated to their mean probability; all out-of-fold samples of a "
+            "category value are scored together, a sensitive and a resistant sample compared only when the same "
+            "fold's model scored both (so a fold's training balance cannot shift the score; the majority "
+            f"reference reads 0.5). Bars: 95% percentile bootstrap interval over samples ({scope}); n/a: no fold "
+            "held both labels.", plot_sample_auroc(run.sample_scores, colours, split=split), SAMPLE_SECTION),
+            reads_predictions=True),
+        one("confounders", lambda: ReportFigure(
+            "confounders", "Confounders: AUROC within cell types and studies",
+            "A sensitive and a resistant cell are compared only when the same fold's model scored both, and for "
+            "\"within cell type\" (\"within study\") only when they also share a cell type (a study): a model that "
+            "only reads cell-type composition or study batch scores 0.5 there, whatever its AUROC over all cells. "
+            f"Right of the dashed lines, each cell type and study on its own ({scope}).",
+            plot_confounders(run.confounders, colours, split=split), beyond), reads_predictions=True),
+        one("scalability", lambda: ReportFigure(
+            "scalability", "Scalability",
+            f"Inference: cells embedded per second ({MODELS}). Training: mean seconds per fold for fitting the "
+            "head or LoRA and predicting the test fold. Log scales.",
+            plot_scalability(scalability_table(run), colours))),
+        one("roc_pr", lambda: ReportFigure(
+            "roc_pr", "ROC and precision-recall curves",
+            f"One curve per scored fold (its test cells), averaged on a common grid: the line is the mean, the "
+            f"band ± 1 SD over folds ({scope}). Legends: mean AUROC / average precision ± SD and the number of "
+            "folds with both classes. Folds are never pooled into one curve, since each fold's scores only rank "
+            "its own cells; the majority reference therefore reads 0.5.",
+            plot_roc_pr(predictions(), colours, split=split, settings=settings), beyond), reads_predictions=True),
+        one("trust", lambda: ReportFigure(
+            "trust", "Calibration and conformal prediction sets",
+            f"Left: reliability of each model's raw (dashed) and Platt-calibrated (solid) probabilities, test "
+            f"cells pooled over folds ({scope}); ECE = expected calibration error over 10 equal-width bins. Each "
+            "fold's head is calibrated on its inner validation split, never on test cells. Right: share of test "
+            "cells whose Mondrian conformal set (alpha 0.1) holds their label, overall and per class, mean over "
+            "folds; dotted line: the 90% guarantee; 'size': mean set size (1 = a single label, 2 = uncertain).",
+            plot_trust(predictions(), results, colours, split=split), beyond), reads_predictions=True),
+        one("cross_study_heatmap", lambda: ReportFigure(
+            "cross_study_heatmap", "Cross-study heatmap",
+            "Leave-one-study-out: mean F1 when each study is held out, averaged over the category's values. "
+            "Grey n/a: no scored job.", plot_cross_study_heatmap(results, colours), beyond)),
+        one("critical_difference", lambda: ReportFigure(
+            "critical_difference", "Rank and critical-difference plot",
+            "Average rank of each model's mean AUROC over the values of one category (Friedman test; Nemenyi "
+            "post-hoc test at α = 0.05, Demšar 2006); the title states N. Only values of one category are "
+            "blocks: they hold disjoint cells, while values of different categories share cells. With fewer "
+            f"than {MIN_CD_BLOCKS} blocks the diagram is not drawn and says why. Models joined by a thick bar "
+            "are not significantly different.", plot_critical_difference(results, colours, split=split), beyond)),
+        one("leakage", lambda: ReportFigure(
+            "leakage", "Leakage: split = sample vs split = cell",
+            "AUROC and F1 of the same category values under patient-grouped folds (solid) and the paper's "
+            "cell-level folds (hatched); values scored under one split only are left out. Higher scores under "
+            "split = cell come from cells of one patient being on both sides of a fold. The title says what ran.",
+            plot_leakage(results, colours), beyond)),
+        one("calibration", lambda: ReportFigure(
+            "calibration", "Calibration curves",
+            f"Reliability curves: share of truly sensitive cells per bin of predicted probability ({scope}); "
+            "Brier score in the legend (lower is better).",
+            plot_calibration(predictions(), colours, split=split, settings=settings), beyond),
+            reads_predictions=True),
     ]
-    for model, figure in embedding_figures(run, projection=projection, seed=seed):
-        figures.append(ReportFigure(f"embedding_{_safe_name(model)}", f"{model_name(model)} cell embeddings",
-                                    "2-D map of the saved embedding sample (up to 5,000 cells), coloured by cancer "
-                                    "type and by response. The method (UMAP, or PCA as fallback) is in the title.",
-                                    figure))
-    sample_figure = ReportFigure(
-        "sample_auroc", "Sample-level AUROC",
-        "Each test sample's cells are aggregated to their mean probability; all out-of-fold samples of a category "
-        f"value are scored together, a sensitive and a resistant sample compared only when the same fold's model "
-        f"scored both (so a fold's training balance cannot shift the score; the majority reference reads 0.5). "
-        f"Bars: 95% percentile bootstrap interval over samples ({scope}); n/a: no fold held both labels.",
-        plot_sample_auroc(run.sample_scores, colours, split=split), SAMPLE_SECTION)
-    figures.append(ReportFigure(
-        "confounders", "Confounders: AUROC within cell types and studies",
-        "A sensitive and a resistant cell are compared only when the same fold's model scored both, and for "
-        "\"within cell type\" (\"within study\") only when they also share a cell type (a study): a model that only "
-        "reads cell-type composition or study batch scores 0.5 there, whatever its AUROC over all cells. Right of "
-        f"the dashed lines, each cell type and study on its own ({scope}).",
-        plot_confounders(run.confounders, colours, split=split), "Beyond the paper"))
-    figures.append(ReportFigure("scalability", "Scalability",
-                                f"Inference: cells embedded per second ({MODELS}). Training: mean seconds per fold "
-                                "for fitting the head or LoRA and predicting the test fold. Log scales.",
-                                plot_scalability(scalability_table(run), colours)))
-    figures += [
-        ReportFigure("roc_pr", "ROC and precision-recall curves",
-                     f"One curve per scored fold (its test cells), averaged on a common grid: the line is the mean, "
-                     f"the band ± 1 SD over folds ({scope}). Legends: mean AUROC / average precision ± SD and the "
-                     "number of folds with both classes. Folds are never pooled into one curve, since each fold's "
-                     "scores only rank its own cells; the majority reference therefore reads 0.5.", plot_roc_pr(predictions, colours, split=split, settings=settings),
-                     beyond),
-        ReportFigure("trust", "Calibration and conformal prediction sets",
-                     f"Left: reliability of each model's raw (dashed) and Platt-calibrated (solid) probabilities, test "
-                     f"cells pooled over folds ({scope}); ECE = expected calibration error over 10 equal-width bins. "
-                     "Each fold's head is calibrated on its inner validation split, never on test cells. Right: "
-                     "share of test cells whose Mondrian conformal set (alpha 0.1) holds their label, overall and per "
-                     "class, mean over folds; dotted line: the 90% guarantee; 'size': mean set size (1 = a single "
-                     "label, 2 = uncertain).", plot_trust(predictions, results, colours, split=split), beyond),
-        ReportFigure("cross_study_heatmap", "Cross-study heatmap",
-                     "Leave-one-study-out: mean F1 when each study is held out, averaged over the category's values. "
-                     "Grey n/a: no scored job.", plot_cross_study_heatmap(results, colours), beyond),
-        ReportFigure("critical_difference", "Rank and critical-difference plot",
-                     "Average rank of each model's mean AUROC over the values of one category (Friedman test; "
-                     "Nemenyi post-hoc test at α = 0.05, Demšar 2006); the title states N. Only values of one "
-                     "category are blocks: they hold disjoint cells, while values of different categories share "
-                     f"cells. With fewer than {MIN_CD_BLOCKS} blocks the diagram is not drawn and says why. "
-                     "Models joined by a thick bar are not significantly different.",
-                     plot_critical_difference(results, colours, split=split), beyond),
-        ReportFigure("leakage", "Leakage: split = sample vs split = cell",
-                     "AUROC and F1 of the same category values under patient-grouped folds (solid) and the "
-                     "paper's cell-level folds (hatched); values scored under one split only are left out. Higher "
-                     "scores under split = cell come from cells of one patient being on both sides of a fold. The "
-                     "title says what ran.", plot_leakage(results, colours), beyond),
-        ReportFigure("calibration", "Calibration curves",
-                     f"Reliability curves: share of truly sensitive cells per bin of predicted probability "
-                     f"({scope}); Brier score in the legend (lower is better).",
-                     plot_calibration(predictions, colours, split=split, settings=settings), beyond),
-    ]
-    return [sample_figure, *figures] if run.label_design == "per-sample" else [*figures, sample_figure]
+
+
+def report_order(run: RunData, figures: list[ReportFigure]) -> list[ReportFigure]:
+    """Return the figures (in group order) in report order: the sample-level figure first when labels are per sample."""
+    sample = [f for f in figures if f.section == SAMPLE_SECTION]
+    others = [f for f in figures if f.section != SAMPLE_SECTION]
+    return [*sample, *others] if run.label_design == "per-sample" else [*others, *sample]
+
+
+def build_figures(run: RunData, *, projection: Projection = "auto", seed: int | None = None) -> list[ReportFigure]:
+    """Return every figure of a run's report, drawn here, in report order (``seed=None``: the run's seed)."""
+    groups = figure_groups(run, projection=projection, seed=seed)
+    return report_order(run, [figure for group in groups for figure in group.draw()])

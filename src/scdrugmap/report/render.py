@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import matplotlib as mpl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.text import Text
 
+from scdrugmap.report.fonts import pdf_font_rc
 from scdrugmap.report.style import RC_PARAMS
 
 if TYPE_CHECKING:
@@ -85,6 +87,9 @@ class RenderedFigure:
         pad = mpl.rcParams["savefig.pad_inches"]
         return box.padded(pad)
 
+    def _texts(self) -> list[str]:
+        return [text.get_text() for text in self.figure.findobj(Text)]
+
     def save(self, fmt: str) -> bytes:
         """Return the figure saved as ``fmt`` (``png``, ``svg``, ``pdf``), made on the first call only."""
         if fmt not in self._saved:
@@ -93,6 +98,8 @@ class RenderedFigure:
                     self._bbox = self._fix_layout()
                 buffer = io.BytesIO()
                 options: dict[str, Any] = {"pil_kwargs": {"compress_level": PNG_COMPRESS_LEVEL}} if fmt == "png" else {}
-                self.figure.savefig(buffer, format=fmt, bbox_inches=self._bbox, **options)
+                fonts = pdf_font_rc(RC_PARAMS, self._texts()) if fmt == "pdf" else {}
+                with mpl.rc_context(fonts):  # the same PDF text, from a small copy of the font (`pdf_font_rc`)
+                    self.figure.savefig(buffer, format=fmt, bbox_inches=self._bbox, **options)
             self._saved[fmt] = buffer.getvalue()
         return self._saved[fmt]

@@ -7,8 +7,13 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scdrugmap.errors import ConfigError
+from scdrugmap.report.parallel import FigureDrawing
+
+if TYPE_CHECKING:
+    from scdrugmap.report.run import RunData
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +46,7 @@ def _quiet_font_subsetting() -> Iterator[None]:
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
                  formats: Sequence[str] | str = ("html", "png"), *, projection: str = "auto",
-                 seed: int | None = None) -> list[Path]:
+                 seed: int | None = None, jobs: int | None = None) -> list[Path]:
     """Write a run's figures, tables and HTML report; return the paths written.
 
     Parameters
@@ -59,6 +64,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
         and with this seed; older runs (no stored map) compute it.
     seed
         Seed of the maps (None: the run's seed, which made the stored maps).
+    jobs
+        Processes that draw figures: 1 draws them all in this process; 2 or more starts one
+        worker for the figures of the job results (`scdrugmap.report.parallel`). None: 2 where
+        this process may use two CPUs or more.
 
     Returns
     -------
@@ -79,10 +88,42 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     except ImportError as err:
         msg = "reports need matplotlib; install the report extra: pip install 'scdrugmap[report]'."
         raise ConfigError(msg) from err
+    chosen = _check_formats(formats)
+    if projection not in ("auto", "umap", "pca"):
+        msg = f"projection {projection!r} is not available; choose from auto, umap, pca."
+        raise ConfigError(msg)
+    if jobs is not None and jobs < 1:
+        msg = f"jobs must be 1 or more, not {jobs}."
+        raise ConfigError(msg)
+    if jobs is None:
+        from scdrugmap.train._blocks import available_cpus
 
-    from scdrugmap.report.figures import build_figures
-    from scdrugmap.report.run import read_run_data
+        jobs = min(2, available_cpus())
+    start = time.perf_counter()
+    saved = [f for f in IMAGE_FORMATS if f in chosen or (f == "png" and "html" in chosen)]  # the page shows PNGs
+    with (_quiet_font_subsetting(),
+          FigureDrawing(Path(run_dir), saved, projection=projection, seed=seed, jobs=jobs) as drawing):  # type: ignore[arg-type]
+        return _write(run_dir, out_dir, chosen, drawing, start)
+
+
+def _page_parts(run: RunData) -> tuple[list[tuple[str, object]], str]:
+    """Return the HTML page's interactive figures (plotly, when installed) and its biomarker section."""
+    from scdrugmap.report.biomarker_section import biomarker_section
+    from scdrugmap.report.interactive import interactive_bars, plotly_available
     from scdrugmap.report.style import model_colours
+
+    interactive: list[tuple[str, object]] = []
+    if plotly_available():
+        bars = interactive_bars(run.results, model_colours(run.model_list))
+        if bars is not None:
+            interactive.append(("Mean F1 / AUROC per category value", bars))
+    return interactive, biomarker_section(run)
+
+
+def _write(run_dir: str | Path, out_dir: str | Path | None, chosen: list[str], drawing: FigureDrawing,
+           start: float) -> list[Path]:
+    """Write the report while ``drawing`` draws the figures (the worker's, if any, are waited for last)."""
+    from scdrugmap.report.run import read_run_data
     from scdrugmap.report.tables import (
         DESIGN_NOTES,
         best_models,
@@ -94,27 +135,23 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
         unscored_jobs,
     )
 
-    chosen = _check_formats(formats)
-    if projection not in ("auto", "umap", "pca"):
-        msg = f"projection {projection!r} is not available; choose from auto, umap, pca."
-        raise ConfigError(msg)
-    start = time.perf_counter()
     run = read_run_data(run_dir)
+    drawing.submit(run)  # the worker's figures, while this process computes the tables
     out = Path(out_dir) if out_dir is not None else run.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     log.info("writing the report of %s into %s (%s)", run.run_dir, out, ", ".join(chosen))
-    figures = build_figures(run, projection=projection, seed=seed)  # type: ignore[arg-type]
-    written: list[Path] = []
-    with _quiet_font_subsetting():
-        for fmt in (f for f in chosen if f in IMAGE_FORMATS):
-            for item in figures:  # each figure is laid out once, and each format drawn once (`ReportFigure.save`)
-                path = out / f"{item.name}.{fmt}"
-                path.write_bytes(item.save(fmt))
-                written.append(path)
     best, scalability, unscored = (best_models(run.results, run.comparisons), scalability_table(run),
                                    unscored_jobs(run.results))
     samples, tests = sample_level_table(run.sample_scores), comparison_table(run.comparisons)
     confounders = confounder_table(run.confounders)
+    page_parts = _page_parts(run) if "html" in chosen else None  # made before waiting for the worker's figures
+    figures = drawing.figures(run)
+    written: list[Path] = []
+    for fmt in (f for f in chosen if f in IMAGE_FORMATS):
+        for item in figures:  # each figure is laid out once, and each format drawn once (`ReportFigure.save`)
+            path = out / f"{item.name}.{fmt}"
+            path.write_bytes(item.save(fmt))
+            written.append(path)
     for name, table in (("summary", best), ("sample_level", samples), ("paired_tests", tests),
                         ("confounders", confounders), ("scalability", scalability), ("unscored_jobs", unscored)):
         path = out / f"{name}.csv"
@@ -126,19 +163,13 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
         path = out / "biomarkers_top.csv"
         top_gene_rows(run.folder.biomarkers).to_csv(path, index=False)
         written.append(path)
-    if "html" in chosen:
-        from scdrugmap.report.biomarker_section import biomarker_section
+    if page_parts is not None:
         from scdrugmap.report.html import render_html
-        from scdrugmap.report.interactive import interactive_bars, plotly_available
 
-        interactive = []
-        if plotly_available():
-            bars = interactive_bars(run.results, model_colours(run.model_list))
-            if bars is not None:
-                interactive.append(("Mean F1 / AUROC per category value", bars))
+        interactive, biomarkers = page_parts
         document = render_html(run, figures, best=best, scalability=scalability, unscored=unscored,
                                counts=job_counts(run.results), interactive=interactive, samples=samples, tests=tests,
-                               confounders=confounders, biomarkers=biomarker_section(run),
+                               confounders=confounders, biomarkers=biomarkers,
                                design_note=DESIGN_NOTES[run.label_design])
         path = out / "report.html"
         path.write_text(document, encoding="utf-8")
