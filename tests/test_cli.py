@@ -256,23 +256,23 @@ def test_predict_in_numpy_equals_scikit_learn_neighbours_and_crepes_sets(pca_hea
 def test_imports_settled_pauses_the_collector_then_freezes_what_was_imported(monkeypatch):
     import gc
 
-    from scdrugmap import commands
+    from scdrugmap import startup
 
-    monkeypatch.setitem(commands.SETTLED, "done", False)
+    monkeypatch.setitem(startup.SETTLED, "done", False)
     frozen = gc.get_freeze_count()
     try:
-        with commands.imports_settled():
+        with startup.imports_settled():
             assert not gc.isenabled()
             made = [[] for _ in range(1000)]  # objects the imports would have made
         assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(made)
         frozen = gc.get_freeze_count()
-        with commands.imports_settled():  # once per process: later commands import nothing new
+        with startup.imports_settled():  # once per process: later commands import nothing new
             assert gc.isenabled()
             made = [[] for _ in range(1000)]
         assert gc.get_freeze_count() <= frozen  # nothing more frozen
-        monkeypatch.setitem(commands.SETTLED, "done", False)
+        monkeypatch.setitem(startup.SETTLED, "done", False)
         gc.disable()
-        with commands.imports_settled():
+        with startup.imports_settled():
             pass
         assert not gc.isenabled()  # a collector paused by the caller stays paused
     finally:

@@ -394,7 +394,10 @@ def report(
                                                   "are free to this process).")] = None,
 ) -> None:
     """Write figures, tables and a self-contained HTML report of a benchmark run."""
-    from scdrugmap.report import write_report
+    from scdrugmap.startup import imports_settled
+
+    with imports_settled():  # the report's modules, which write_report imports when it runs
+        from scdrugmap.report import figures, html, tables, write_report  # noqa: F401
 
     for path in write_report(run_dir, out, formats=_split_list(fmt) or [], projection=projection, jobs=jobs):
         stdout.print(str(path))

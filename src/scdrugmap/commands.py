@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import tempfile
@@ -15,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from scdrugmap.errors import ConfigError, OutputError, SchemaError, describe_os_error, is_write_failure
+from scdrugmap.startup import imports_settled
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -87,35 +87,6 @@ def gate(data: Path, *, model: str | None = None, needs: str | None = None, laye
             needs = input_kind(model)
     return validate_input(data, needs=needs, layer=layer, max_memory=max_memory,  # type: ignore[arg-type]
                           in_memory=in_memory, scan=scan)
-
-
-#: Whether `imports_settled` has run in this process.
-SETTLED = {"done": False}
-
-
-@contextmanager
-def imports_settled() -> Iterator[None]:
-    """Run a command's imports with the garbage collector paused, then freeze the objects they made.
-
-    A command's imports (pandas, scipy, anndata, ...) make about a million objects that live as long as the
-    process; each collection while they are made scans them and frees nothing, and each full collection
-    after them would scan them all again (together about 0.15 s of a one-second ``check``). Paused, then
-    moved to the permanent generation (`gc.freeze`), they are never scanned; the command's own objects are
-    collected as usual. Only the first call in a process does this (later ones import nothing new), so a
-    process running many commands (the tests) freezes once.
-    """
-    if SETTLED["done"]:
-        yield
-        return
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        SETTLED["done"] = True
-        gc.freeze()
-        if enabled:
-            gc.enable()
 
 
 @contextmanager

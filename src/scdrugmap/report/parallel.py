@@ -37,8 +37,11 @@ _WORKER_GROUPS: dict[str, FigureGroup] = {}
 
 def _start_worker(run_dir: Path, projection: Projection, seed: int | None) -> None:
     """Read the run in the worker and keep its figure groups of the job results (the pool's initializer)."""
-    from scdrugmap.report.figures import figure_groups
-    from scdrugmap.report.run import read_run_data
+    from scdrugmap.startup import imports_settled
+
+    with imports_settled():  # a fresh process: its imports are never scanned by the collector again
+        from scdrugmap.report.figures import figure_groups
+        from scdrugmap.report.run import read_run_data
 
     logging.getLogger("fontTools").setLevel(logging.WARNING)  # its INFO lines per embedded font
     run = read_run_data(run_dir)
