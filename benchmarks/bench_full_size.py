@@ -28,7 +28,8 @@ The primary collection's full size (326,751 cells x 20,000 genes, about 4 GB on 
   response), not Geneformer's output, plus the cache's ``.json`` facts. The run must then report cache
   ``hit`` for geneformer in ``models.json``; its AUROC measures the planted signal, nothing about
   Geneformer;
-* ``report``: `write_report` of the benchmark's run folder (HTML and PNG), as ``scdrugmap report`` does.
+* ``report``: `write_report` of the benchmark's run folder (HTML and PNG), as ``scdrugmap report`` does (with
+  its figure worker, whose memory counts with the stage's).
 
 Every stage runs in a fresh child process (``--stage NAME``), so one stage's memory never counts for
 another. The child reports its wall time (the stage's work, after imports), its peak resident memory
@@ -345,7 +346,7 @@ def stage_report(args: argparse.Namespace, sampler: PeakSampler) -> dict:
     run = _run_dir(args) / "run"
     if not (run / "results.parquet").exists():
         raise SystemExit(f"{run}: no benchmark results; run the benchmark stage first.")
-    written = write_report(run, formats=("html", "png"))
+    written = write_report(run, formats=("html", "png"), jobs=None)  # as the command: a worker where 2 CPUs are free
     return {"files": len(written), "report_mib": round(sum(p.stat().st_size for p in written) / MIB, 1),
             "predictions_mib": round((run / "predictions.parquet").stat().st_size / MIB, 1)}
 

@@ -46,7 +46,7 @@ def _quiet_font_subsetting() -> Iterator[None]:
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
                  formats: Sequence[str] | str = ("html", "png"), *, projection: str = "auto",
-                 seed: int | None = None, jobs: int | None = None) -> list[Path]:
+                 seed: int | None = None, jobs: int | None = 1) -> list[Path]:
     """Write a run's figures, tables and HTML report; return the paths written.
 
     Parameters
@@ -65,9 +65,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     seed
         Seed of the maps (None: the run's seed, which made the stored maps).
     jobs
-        Processes that draw figures: 1 draws them all in this process; 2 or more starts one
-        worker for the figures of the job results (`scdrugmap.report.parallel`). None: 2 where
-        this process may use two CPUs or more.
+        Processes that draw figures: 1 (the default) draws them all in this process; 2 or more starts
+        one worker for the figures of the job results (`scdrugmap.report.parallel`); None: 2 where this
+        process may use two CPUs or more (what ``scdrugmap report`` does). The worker is spawned, so a
+        script that asks for one must keep its top level under ``if __name__ == "__main__":``, as
+        `multiprocessing` requires: the worker imports the script's main module.
 
     Returns
     -------
