@@ -86,19 +86,28 @@ def _registry_error() -> type[Exception]:
     return IORegistryError
 
 
-def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
-    """Write ``adata`` to ``path`` through a temporary file, so a killed write leaves no half file."""
+def write_atomic(path: str | Path, write: Callable[[str], object], *, suffix: str = ".tmp") -> Path:
+    """Write ``path`` through ``write(tmp)`` into a temporary file beside it, then rename it into place.
+
+    A killed or failed write leaves ``path`` as it was and no temporary file; concurrent writers each
+    have their own temporary file (the last rename wins, whole).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".h5ad.tmp")
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=suffix)
     os.close(handle)
     try:
-        adata.write_h5ad(tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
+    """Write ``adata`` to ``path`` through a temporary file, so a killed write leaves no half file."""
+    return write_atomic(path, adata.write_h5ad, suffix=".h5ad.tmp")
 
 
 def add_obsm_atomic(source: str | Path, target: str | Path, key: str, values: np.ndarray, *,
@@ -114,11 +123,9 @@ def add_obsm_atomic(source: str | Path, target: str | Path, key: str, values: np
     import h5py
     from anndata.io import read_elem, write_elem
 
-    source, target = Path(source), Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=target.parent, suffix=".h5ad.tmp")
-    os.close(handle)
-    try:
+    source = Path(source)
+
+    def write(tmp: str) -> None:
         shutil.copyfile(source, tmp)
         with h5py.File(tmp, "a") as store:
             obs = store["obs"]
@@ -147,11 +154,8 @@ def add_obsm_atomic(source: str | Path, target: str | Path, key: str, values: np
                 if "scdrugmap" in store["uns"]:
                     del store["uns"]["scdrugmap"]
                 write_elem(store["uns"], "scdrugmap", {**previous, key: facts})
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+
+    return write_atomic(target, write, suffix=".h5ad.tmp")
 
 
 def write_h5ad_changes(adata: ad.AnnData, source: str | Path, target: str | Path, *,

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from scdrugmap.config import home_dir
+from scdrugmap.data.io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +76,7 @@ def _make_copy(source: Path, target: Path) -> None:
     for record in font["name"].names:
         if record.nameID in FAMILY_NAME_IDS:
             record.string = record.toUnicode() + FAMILY_SUFFIX
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
-    os.close(handle)
-    try:
-        font.save(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(target, font.save)
 
 
 def _copy_family(source: Path, characters: set[str]) -> str | None:
