@@ -8,8 +8,9 @@ from sklearn.metrics import roc_auc_score
 from scdrugmap.evaluate.splits import permute_labels
 from scdrugmap.evaluate.stats import (
     compare_models,
+    confounder_auroc,
+    grouped_pair_counts,
     label_design,
-    pair_wins,
     paired_test,
     permutation_pvalues,
     sample_level_auroc,
@@ -24,15 +25,6 @@ def test_within_fold_auroc_of_one_fold_is_the_ordinary_auroc_with_an_interval_ar
     result = within_fold_auroc(labels, scores, np.zeros(40))
     assert result["auroc"] == pytest.approx(roc_auc_score(labels, scores))
     assert result["ci_low"] < result["auroc"] < result["ci_high"] and result["n_pairs"] == 400
-
-
-def test_pair_wins_counts_every_pair_exactly_as_the_pair_matrix_does_ties_included():
-    rng = np.random.default_rng(3)
-    for size_pos, size_neg in [(1, 1), (7, 300), (250, 40)]:
-        pos = rng.integers(0, 12, size_pos).astype(np.float64)  # few distinct values: many ties
-        neg = rng.integers(0, 12, size_neg).astype(np.float64)
-        a, b = pos[:, None], neg[None, :]
-        assert pair_wins(pos, neg) == ((a > b) + 0.5 * (a == b)).sum()
 
 
 def test_within_fold_auroc_without_bootstrap_equals_the_per_stratum_auroc_weighted_by_pairs():
@@ -142,3 +134,65 @@ def test_a_benchmark_with_permutations_reports_an_empirical_p_value(tmp_path):
     again = run_benchmark(config)  # resumed: nothing recomputed, nothing added
     assert len(read_run(tmp_path / "run").permutations) == len(null)
     assert len(again) == len(results)
+
+
+def _pair_matrix_counts(labels, scores, strata):
+    """Wins and pairs from every pair's comparison: the definition the vectorised counts must equal."""
+    wins = pairs = 0.0
+    finite = np.isfinite(scores)
+    for stratum in set(strata[finite].tolist()):
+        members = finite & (strata == stratum)
+        pos, neg = scores[members & (labels == 1)], scores[members & (labels == 0)]
+        a, b = pos[:, None], neg[None, :]
+        wins += ((a > b) + 0.5 * (a == b)).sum()
+        pairs += pos.size * neg.size
+    return wins, pairs
+
+
+def test_grouped_pair_counts_equal_the_pair_matrix_of_every_group_ties_and_nan_scores_included():
+    rng = np.random.default_rng(7)
+    n = 3000
+    labels = rng.integers(0, 2, n)
+    scores = np.round(rng.normal(labels * 0.4, 1, n), 1)  # rounded: ties within and across labels
+    scores[rng.random(n) < 0.05] = np.nan
+    groups = rng.integers(0, 6, n)
+    strata = rng.choice(["k0", "k1", "k2", "k3"], n)
+    labels[(groups == 5) & (strata == "k0")] = 1  # one group holds a stratum with a single label
+    counts = grouped_pair_counts(labels, scores, groups, strata, 7)  # group 6 has no items
+    for group in range(6):
+        members = groups == group
+        wins, pairs = _pair_matrix_counts(labels[members], scores[members], strata[members])
+        assert counts["wins"][group] == wins and counts["pairs"][group] == pairs
+        assert counts["items"][group] == np.isfinite(scores[members]).sum()
+    assert counts["strata"][5] == 3 and counts["strata"][0] == 4
+    assert counts["items"][6] == counts["pairs"][6] == 0
+
+
+def test_confounder_auroc_scores_within_and_per_value_as_the_pairs_of_those_cells_say():
+    rng = np.random.default_rng(8)
+    n = 400
+    cells = pd.DataFrame({"cell": [f"c{i}" for i in range(n)],
+                          "cell_type": rng.choice(["T", "B", None], n, p=[0.45, 0.45, 0.1]),
+                          "study": rng.choice(["s1", "s2"], n)})
+    keys = rng.choice(["k0", "k1", "k2"], n)
+    labels = rng.integers(0, 2, n)
+    predictions = pd.DataFrame({"cell": cells["cell"], "key": keys, "label": labels,
+                                "probability": np.round(rng.random(n) * 0.5 + labels * 0.3, 2)})
+    results = pd.DataFrame({"key": ["k0", "k1", "k2"], "model": ["m", "m", "r"], "strategy": "frozen",
+                            "head": "mlp", "scenario": "pooled", "category": "tissue", "split": "sample",
+                            "status": "done", "level": "cell"})
+    table = confounder_auroc(predictions, cells, results)
+    scores, types = predictions["probability"].to_numpy(), cells["cell_type"].fillna("(none)").to_numpy()
+    for model, part in (("m", np.isin(keys, ["k0", "k1"])), ("r", keys == "k2")):
+        rows = table[table["model"] == model].set_index("scope")
+        expected = {
+            "all cells": _pair_matrix_counts(labels[part], scores[part], keys[part]),
+            "within cell type": _pair_matrix_counts(labels[part], scores[part],
+                                                    np.char.add(keys[part].astype(str), types[part])),
+            "cell type: B": _pair_matrix_counts(labels[part & (types == "B")], scores[part & (types == "B")],
+                                                keys[part & (types == "B")]),
+        }
+        for scope, (wins, pairs) in expected.items():
+            assert rows.loc[scope, "n_pairs"] == pairs and rows.loc[scope, "auroc"] == wins / pairs
+        assert list(rows.index) == ["all cells", "within cell type", "within study", "cell type: B", "cell type: T",
+                                    "study: s1", "study: s2"]  # cells without a cell type: no row of their own
