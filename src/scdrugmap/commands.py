@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from scdrugmap.errors import ConfigError, OutputError, SchemaError, describe_os_error, is_write_failure
 from scdrugmap.startup import imports_settled
@@ -146,19 +147,26 @@ def run_check(file: Path, *, keys: dict[str, str], layer: str | None, model: str
                       "resistant")
     if "label_design" in facts:
         console.print(f"  label design {facts['label_design']}")
-    for column, table in report.tables.items():
-        view = Table(title=escape(f"cells per {column}"), title_justify="left")
-        for name in (column, "cells", "sensitive", "resistant"):
-            view.add_column(name, justify="left" if name == column else "right")
-        for value, row in table.head(40).iterrows():
-            view.add_row(escape(str(value)), f"{row['cells']:,}", f"{row['sensitive']:,}", f"{row['resistant']:,}")
+    for column, table in report.tables.items():  # aligned plain text: a rich Table took 25 ms per table here
+        console.print(Text(f"cells per {column}", style="bold"))
+        console.print(Text(_aligned_counts(column, table.head(40))), soft_wrap=True)
         if len(table) > 40:
-            view.add_row(f"... {len(table) - 40} more", "", "", "")
-        console.print(view)
+            console.print(f"... {len(table) - 40} more")
     for problem in report.problems:
         colour = "red" if problem.severity == "error" else "yellow"
         errors.print(f"[{colour}]{escape(f'{file}: {problem}')}[/{colour}]", highlight=False, soft_wrap=True)
     return report.ok
+
+
+def _aligned_counts(column: str, table: Any) -> str:
+    """Return the cells, sensitive and resistant counts per value of ``column`` as aligned text lines."""
+    names = [column, "cells", "sensitive", "resistant"]
+    rows = [names, *([str(value), f"{row.cells:,}", f"{row.sensitive:,}", f"{row.resistant:,}"]
+                     for value, row in zip(table.index, table.itertuples(), strict=True))]
+    widths = [max(len(row[index]) for row in rows) for index in range(len(names))]
+    return "\n".join("  ".join(text.ljust(width) if index == 0 else text.rjust(width)
+                                for index, (text, width) in enumerate(zip(row, widths, strict=True))).rstrip()
+                      for row in rows)
 
 
 def show_catalog(console: Console, **filters: str | None) -> None:

@@ -51,6 +51,21 @@ def test_clean_data_passes(adata, tmp_path):
     assert "counts" in result.output and "symbol" in result.output
 
 
+def test_counts_per_value_are_aligned_columns_and_long_tables_say_how_many_more(adata, tmp_path):
+    adata.obs["sample"] = [f"s{i:02d}" for i in range(adata.n_obs)]  # 80 samples: 40 shown
+    result = _run(_write(adata, tmp_path), "--folds", "2")
+    lines = result.output.splitlines()
+    table = lines[lines.index("cells per sample") + 1:]
+    header, first = table[0], table[1]
+    assert header.split() == ["sample", "cells", "sensitive", "resistant"]
+    assert first.split()[:2] == ["s00", "1"] and len(first) == len(header)  # numbers end under their header
+    assert table[41] == "... 40 more"
+    study = lines[lines.index("cells per study") + 1:]
+    n_studies = adata.obs["study"].nunique()
+    assert sum(int(line.split()[-3].replace(",", "")) for line in study[1:1 + n_studies]) == adata.n_obs
+    assert study[1 + n_studies].startswith("cells per")  # the next table: every study was counted
+
+
 @pytest.mark.parametrize(("change", "expected"), [
     (lambda a: a.obs.drop(columns="response", inplace=True), "obs['response']: missing"),
     (lambda a: a.obs.__setitem__("response", ["partial"] * a.n_obs), "expected sensitive/resistant"),
