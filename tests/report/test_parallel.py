@@ -47,21 +47,44 @@ def test_the_worker_draws_only_figures_of_the_job_results_and_never_reads_the_pr
         drawn["f1_bars"][0].save("svg")
 
 
-def test_groups_the_worker_has_not_started_or_lost_when_it_died_are_drawn_here(run, caplog):
+def test_groups_the_worker_was_not_handed_or_lost_when_it_died_are_drawn_here(run, caplog):
     drawing = FigureDrawing(run.run_dir, ["png"], projection="pca", seed=None, jobs=1)
     drawing.submit(run)
     names = [group.name for group in drawing._groups if not group.reads_predictions]
     died: Future = Future()
     died.set_running_or_notify_cancel()  # started: waited for, not drawn here in its place
     died.set_exception(BrokenProcessPool("killed"))
-    waiting = {name: Future() for name in names[len(names) // 2:]}  # never started
-    drawing._there = {**{name: died for name in names[:len(names) // 2]}, **waiting}
+    drawing._there = {name: died for name in names[:len(names) // 2]}
+    drawing._waiting = names[len(names) // 2:]  # never handed to the worker
     drawn = drawing.figures(run)
-    assert all(future.cancelled() for future in waiting.values())
+    assert drawing._waiting == []
     assert {"f1_bars", "radar", "leakage", "roc_pr"} <= {f.name for f in drawn}
     assert any(f.name.startswith("embedding_") for f in drawn)
     assert all(f.figure is not None and "png" in f.saved for f in drawn)
     assert caplog.text.count("drawing its figures here") == 1
+
+
+def test_the_worker_holds_one_group_at_a_time_and_this_process_takes_the_rest_from_the_end(run):
+    """A process pool queues submitted tasks ahead of its worker, where they can no longer be cancelled."""
+    with FigureDrawing(run.run_dir, ["png"], projection="pca", seed=None, jobs=2) as drawing:
+        assert drawing._pool is not None
+        submit = drawing._pool.submit
+        unfinished_when_handing: list[int] = []
+        handed_futures: list[Future] = []
+
+        def counted_submit(function, *args):
+            unfinished_when_handing.append(sum(not future.done() for future in handed_futures))
+            handed_futures.append(submit(function, *args))
+            return handed_futures[-1]
+
+        drawing._pool.submit = counted_submit  # type: ignore[method-assign]
+        drawing.submit(run)
+        drawn = drawing.figures(run)
+    worker_groups = [group.name for group in drawing._groups if not group.reads_predictions]
+    handed = list(drawing._there)
+    assert unfinished_when_handing and set(unfinished_when_handing) == {0}
+    assert handed == worker_groups[:len(handed)]  # handed in order; the rest, from the end, drawn here
+    assert sorted(f.name for f in drawn) == sorted(f.name for f in figures.build_figures(run, projection="pca"))
 
 
 def test_a_worker_error_is_raised_here_and_a_worker_that_cannot_read_the_run_breaks_its_pool(run, tmp_path):

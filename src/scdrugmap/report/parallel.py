@@ -6,8 +6,10 @@ the figures of the job results and the embedding samples (`FigureGroup.reads_pre
 False) in every format asked for, while this process reads the per-cell predictions, computes
 the statistics and tables, and draws the figures made from them; the worker sends back the
 files' bytes. The worker never reads the predictions, so a full-size run's largest table is not
-held twice. When this process is done first, it draws the groups the worker has not started
-(their tasks are cancelled), so neither process waits for the other longer than one group.
+held twice. The worker is handed one group at a time (the next when it sends one back: a process
+pool queues submitted tasks ahead, where they can no longer be cancelled), and when this process
+is done first it draws the groups the worker has not been handed, from the last, so neither process
+waits for the other longer than one group.
 
 The worker is spawned, not forked: the report process may already run threads (pyarrow's, BLAS's),
 which a fork does not carry safely. A worker that cannot start or dies leaves its figures to be
@@ -75,10 +77,14 @@ class FigureDrawing:
 
     def __init__(self, run_dir: Path, formats: Sequence[str], *, projection: Projection, seed: int | None,
                  jobs: int) -> None:
+        import threading
+
         self.formats, self.projection, self.seed = list(formats), projection, seed
         self._pool: ProcessPoolExecutor | None = None
         self._groups: list[FigureGroup] = []
+        self._waiting: list[str] = []  # the worker's groups not handed to it yet, in report order
         self._there: dict[str, Future[list[ReportFigure]]] = {}
+        self._lock = threading.Lock()  # `_waiting` and `_there` change in the pool's thread too (`_hand_next`)
         self._broken = False
         if jobs > 1 and self.formats:
             import multiprocessing
@@ -92,16 +98,38 @@ class FigureDrawing:
 
     def __exit__(self, *_: object) -> None:
         if self._pool is not None:
+            with self._lock:
+                self._waiting.clear()  # nothing more is handed out
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, run: RunData) -> None:
-        """Hand the worker its groups of ``run``'s figures, in report order (nothing without a worker)."""
+        """Hand the worker its groups of ``run``'s figures, one at a time in report order (nothing without a worker)."""
         from scdrugmap.report.figures import figure_groups
 
         self._groups = figure_groups(run, projection=self.projection, seed=self.seed)
         if self._pool is not None:
-            self._there = {group.name: self._pool.submit(draw_in_worker, group.name, self.formats)
-                           for group in self._groups if not group.reads_predictions}
+            with self._lock:
+                self._waiting = [group.name for group in self._groups if not group.reads_predictions]
+            self._hand_next()
+
+    def _hand_next(self, _done: Future[list[ReportFigure]] | None = None) -> None:
+        """Hand the worker its next waiting group (called again when that one is done)."""
+        with self._lock:
+            if not self._waiting or self._pool is None:
+                return
+            name = self._waiting.pop(0)
+            try:
+                future = self._pool.submit(draw_in_worker, name, self.formats)
+            except (RuntimeError, BrokenProcessPool):  # shut down or broken: the group is drawn here
+                self._waiting.insert(0, name)
+                return
+            self._there[name] = future
+        future.add_done_callback(self._hand_next)
+
+    def _take_waiting(self) -> str | None:
+        """Return the last group not handed to the worker, now this process's to draw (None: all handed)."""
+        with self._lock:
+            return self._waiting.pop() if self._waiting else None
 
     def figures(self, run: RunData) -> list[ReportFigure]:
         """Return every figure in report order: drawn here (and saved), or by the worker."""
@@ -109,14 +137,16 @@ class FigureDrawing:
 
         if not self._groups:
             self.submit(run)
+        with self._lock:
+            worker_groups = set(self._waiting) | set(self._there)
         drawn: dict[str, list[ReportFigure]] = {group.name: self._draw(group) for group in self._groups
-                                                if group.name not in self._there}
-        for name in reversed(list(self._there)):  # groups the worker has not started: drawn here instead
-            if self._there[name].cancel():
-                drawn[name] = self._draw(self._group(name))
-        for name, future in self._there.items():
-            if name not in drawn:
-                drawn[name] = self._result(name, future)
+                                                if group.name not in worker_groups}
+        while (name := self._take_waiting()) is not None:  # the worker's groups it has not started: drawn here
+            drawn[name] = self._draw(self._group(name))
+        with self._lock:
+            handed = dict(self._there)
+        for name, future in handed.items():
+            drawn[name] = self._result(name, future)
         return report_order(run, [figure for group in self._groups for figure in drawn[group.name]])
 
     def _result(self, name: str, future: Future[list[ReportFigure]]) -> list[ReportFigure]:
