@@ -353,37 +353,34 @@ def compare_models(results: pd.DataFrame, *, baselines: set[str], metric: str = 
         if len(means):
             best[tuple(key)] = str(means.idxmax())
 
-    def partner(model_rows: pd.DataFrame, comparison: str) -> pd.DataFrame:
-        """Return the comparison's score per fold, aligned to ``model_rows``."""
-        heads = set(frozen["head"])
-        wanted = []
-        for row in model_rows.itertuples(index=False):
-            head = row.head if row.head in heads else "mlp"
-            name: str | None
-            if comparison == "reference":
-                name = reference
-            else:
-                name = best.get((row.scenario, row.category, row.value, row.split, head))
-            wanted.append({**{c: getattr(row, c) for c in FOLD_COLUMNS}, "head": head, "against": name})
-        frame = pd.DataFrame(wanted, columns=[*FOLD_COLUMNS, "head", "against"])
-        scores = frozen.rename(columns={"model": "against", metric: "other"})[[*FOLD_COLUMNS, "head", "against",
-                                                                              "other"]]
-        return frame.merge(scores, on=[*FOLD_COLUMNS, "head", "against"], how="left")
+    heads = set(frozen["head"])
+    scores = frozen.rename(columns={"model": "against", metric: "other"})[[*FOLD_COLUMNS, "head", "against", "other"]]
+    best_table = pd.DataFrame([(*key, name) for key, name in best.items()], columns=[*value_keys, "head", "against"])
+    done = done.reset_index(drop=True)
+    folds = done[FOLD_COLUMNS].assign(head=done["head"].where(done["head"].isin(heads), "mlp").astype(object))
 
+    def partners(comparison: str) -> pd.DataFrame:
+        """Return the comparison's model and score on each row's fold (row for row with ``done``)."""
+        if comparison == "reference":
+            wanted = folds.assign(against=reference)
+        else:  # the best baseline of the row's value and head (None where there is none)
+            wanted = folds.merge(best_table, on=[*value_keys, "head"], how="left")
+        return wanted.merge(scores, on=[*FOLD_COLUMNS, "head", "against"], how="left")
+
+    paired_with = {comparison: partners(comparison) for comparison in ("reference", "best baseline")}
     rows = []
     for group, part in done.groupby(by, sort=False, observed=True):
         facts = dict(zip(by, group, strict=True))
-        part = part.reset_index(drop=True)
-        for comparison in ("reference", "best baseline"):
-            paired = partner(part, comparison)
-            keep = paired["against"].notna() & (paired["against"] != part["model"])
+        for comparison, every in paired_with.items():
+            paired = every.iloc[part.index]
+            keep = (paired["against"].notna() & (paired["against"] != part["model"].astype(object))).to_numpy()
             if not keep.any():
                 continue
-            differences = part.loc[keep, metric].to_numpy(dtype=np.float64) - paired.loc[keep, "other"].to_numpy(
-                dtype=np.float64)
+            differences = (part[metric].to_numpy(dtype=np.float64)[keep]
+                           - paired["other"].to_numpy(dtype=np.float64)[keep])
             test = paired_test(differences, seed=seed)
             beats = bool(test["n"] and test["mean"] > 0 and test["p_value"] < ALPHA)
-            rows.append({**facts, "versus": comparison, "against": ", ".join(sorted(set(paired.loc[keep, "against"]))),
+            rows.append({**facts, "versus": comparison, "against": ", ".join(sorted(set(paired["against"][keep]))),
                          **test, "beats": beats})
     return pd.DataFrame(rows, columns=columns)
 
