@@ -97,7 +97,11 @@ def test_values_and_total_count_tokens_equal_official_float64(golden, preprocess
     np.testing.assert_array_equal(t_values, inputs[f"T_value__{preprocessing}"])
     np.testing.assert_array_equal(s_values, inputs[f"S_value__{preprocessing}"])
     positive = np.where(official[:, :-2] > 0, official[:, :-2], 0.0)
-    np.testing.assert_array_equal(values.toarray(), positive)
+    # the same genes expressed, and the same values to the last bit or two: numpy's float64 log1p takes the
+    # SIMD code of the CPU it runs on (AVX2 or AVX-512), and those round a few values 1 ulp apart (seen on an
+    # AVX2-only AMD EPYC against the golden's CPU)
+    np.testing.assert_array_equal(values.toarray() > 0, positive > 0)
+    np.testing.assert_array_max_ulp(values.toarray(), positive, maxulp=2)
 
 
 @pytest.mark.parametrize("preprocessing", ["t4_F", "f1_F", "a5_F", "t4_T"])

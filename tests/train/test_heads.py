@@ -96,6 +96,14 @@ def test_mlp_logits_in_row_blocks_on_threads_equal_one_product_of_all_rows():
     h = np.maximum(X @ state["0.weight"].T + state["0.bias"], 0, dtype=np.float32)
     h = np.maximum(h @ state["2.weight"].T + state["2.bias"], 0, dtype=np.float32)
     expected = (h @ state["4.weight"].T + state["4.bias"]).reshape(-1)
+    exact = {name: value.astype(np.float64) for name, value in state.items()}
+    h = np.maximum(X.astype(np.float64) @ exact["0.weight"].T + exact["0.bias"], 0)
+    h = np.maximum(h @ exact["2.weight"].T + exact["2.bias"], 0)
+    reference = (h @ exact["4.weight"].T + exact["4.bias"]).reshape(-1)
     logits = mlp_logits(state, X)
     assert logits.dtype == np.float32
-    np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=1e-6)
+    # both within float32 rounding of the float64 result; not always bit-equal to each other, since OpenBLAS
+    # picks its float32 kernels by a product's shape and thread count (seen on an AVX2 AMD EPYC: 6e-5 apart)
+    bound = 1e-6 * np.abs(reference).max()  # logits reach a few hundred here
+    np.testing.assert_allclose(logits, reference, rtol=0, atol=bound)
+    np.testing.assert_allclose(expected, reference, rtol=0, atol=bound)

@@ -241,7 +241,8 @@ def mlp_logits(state: dict[str, np.ndarray], X: npt.NDArray[np.float32]) -> npt.
     """Apply the paper's MLP (``nn.Sequential`` keys 0/2/4) in float32 numpy; return one logit per row.
 
     Blocks of `MLP_BLOCK` rows run on one thread per CPU with one BLAS thread each
-    (`scdrugmap.train._blocks.map_row_blocks`); a row's logit does not depend on its block. Each thread
+    (`scdrugmap.train._blocks.map_row_blocks`); a row's logit does not depend on the thread (blocks are
+    fixed by the row count), and equals one product of all rows within float32 rounding. Each thread
     computes its blocks' hidden layers in two arrays of its own, in place: new 2 MB arrays per layer and
     block cost more in page faults than the additions and maxima take.
     """
