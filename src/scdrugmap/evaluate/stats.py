@@ -13,7 +13,7 @@ percentile bootstrap over samples.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -90,7 +90,11 @@ def grouped_pair_counts(labels: npt.ArrayLike, scores: npt.ArrayLike, groups: np
     item_groups = np.asarray(groups, dtype=np.int64)
     keep = np.isfinite(item_scores)
     item_labels, item_scores, item_groups = item_labels[keep], item_scores[keep], item_groups[keep]
-    stratum_codes = np.unique(np.asarray(strata)[keep], return_inverse=True)[1].reshape(-1).astype(np.int64)
+    kept_strata = np.asarray(strata)[keep]
+    if kept_strata.dtype.kind in "iu" and (not kept_strata.size or 0 <= kept_strata.min() <= kept_strata.max() < 2**31):
+        stratum_codes = kept_strata.astype(np.int64, copy=False)  # codes already: no sort to renumber them
+    else:
+        stratum_codes = np.unique(kept_strata, return_inverse=True)[1].reshape(-1).astype(np.int64)
     out = {"wins": np.zeros(n_groups), "pairs": np.zeros(n_groups), "strata": np.zeros(n_groups),
            "items": np.bincount(item_groups, minlength=n_groups).astype(np.float64)}
     if not item_labels.size:
@@ -624,37 +628,38 @@ def confounder_auroc(predictions: pd.DataFrame | None, cells: pd.DataFrame | Non
         frame[group] = cell_table[group].take(cell_of[keep]).reset_index(drop=True)
     codes, first = _group_codes(frame, by)
     settings = frame.iloc[first][by].to_numpy(dtype=object)
-    frame = frame[codes >= 0]
-    codes = codes[codes >= 0]
-    n_settings = len(first)
-    labels, probability = frame["label"].to_numpy(np.int64), frame["probability"].to_numpy(np.float64)
-    fold = pd.factorize(frame["key"])[0].astype(np.int64)  # strata as codes: no string per cell and pair
-    scopes: list[tuple[str, dict[str, npt.NDArray[np.float64]], npt.NDArray[np.int64]]] = [
-        ("all cells", grouped_pair_counts(labels, probability, codes, fold, n_settings), np.arange(n_settings))]
-    for group in present:  # pairs of one fold and one value of the group (a missing value is one value too)
-        value_codes, values = pd.factorize(frame[group], use_na_sentinel=False)
-        scopes.append((f"within {group.replace('_', ' ')}",
-                       grouped_pair_counts(labels, probability, codes, fold * len(values) + value_codes, n_settings),
-                       np.arange(n_settings)))
-    per_value = []
-    for group in present:  # each value on its own (rows without a value left out), values in sorted order
-        value_codes, values = pd.factorize(frame[group], sort=True)
-        has_value = value_codes >= 0
-        cell_group = codes[has_value] * len(values) + value_codes[has_value]
-        counts = grouped_pair_counts(labels[has_value], probability[has_value], cell_group, fold[has_value],
-                                     n_settings * len(values))
-        seen = np.bincount(cell_group, minlength=n_settings * len(values)) > 0
-        per_value.append((group, values, counts, seen))
+    labels, probability = frame["label"].to_numpy(), frame["probability"].to_numpy()  # as stored (float32)
+    fold = pd.factorize(frame["key"])[0].astype(np.int32)  # strata as codes: no string per cell and pair
+    # per group: each row's value code with a missing value as one more value (for "within"), and with
+    # missing values left out, numbered in sorted order (for each value on its own)
+    within = {group: _small_codes(*pd.factorize(frame[group], use_na_sentinel=False)) for group in present}
+    per_value = {group: _small_codes(*pd.factorize(frame[group], sort=True)) for group in present}
+    # one setting at a time: its rows together (rows of no setting, code -1, first and skipped), so the
+    # sort of `grouped_pair_counts` holds one setting's predictions, not a full-size run's millions at once
+    order = np.argsort(codes, kind="stable")
+    ends = np.cumsum(np.bincount(codes + 1, minlength=len(first) + 1))
     rows = []
-    for setting in range(n_settings):
+    for setting in range(len(first)):
+        members = order[ends[setting]:ends[setting + 1]]
         facts = dict(zip(by, settings[setting], strict=True))
-        for scope, counts, _ in scopes:
-            rows.append(_confounder_row(facts, scope, counts, setting))
-        for group, values, counts, seen in per_value:
-            for index, value in enumerate(values):
-                if seen[setting * len(values) + index]:
-                    rows.append(_confounder_row(facts, f"{group.replace('_', ' ')}: {value}", counts,
-                                                setting * len(values) + index))
+        setting_labels, setting_scores, setting_folds = labels[members], probability[members], fold[members]
+        one = np.zeros(members.size, dtype=np.int64)
+        rows.append(_confounder_row(facts, "all cells",
+                                    grouped_pair_counts(setting_labels, setting_scores, one, setting_folds, 1), 0))
+        for group in present:  # pairs of one fold and one value of the group (a missing value is one value too)
+            value_codes, values = within[group]
+            strata = setting_folds.astype(np.int64) * len(values) + value_codes[members]
+            rows.append(_confounder_row(facts, f"within {group.replace('_', ' ')}",
+                                        grouped_pair_counts(setting_labels, setting_scores, one, strata, 1), 0))
+        for group in present:  # each value on its own, in sorted order; cells without a value left out
+            value_codes, values = per_value[group]
+            value_of = value_codes[members]
+            has_value = value_of >= 0
+            counts = grouped_pair_counts(setting_labels[has_value], setting_scores[has_value], value_of[has_value],
+                                         setting_folds[has_value], len(values))
+            seen = np.bincount(value_of[has_value], minlength=len(values)) > 0
+            rows.extend(_confounder_row(facts, f"{group.replace('_', ' ')}: {value}", counts, index)
+                        for index, value in enumerate(values) if seen[index])
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -663,3 +668,8 @@ def _confounder_row(facts: dict[str, object], scope: str, counts: dict[str, npt.
     fields = _auroc_fields(counts, group)
     return {**facts, "scope": scope, "auroc": fields["auroc"], "n_cells": fields["n_items"],
             "n_pairs": fields["n_pairs"], "reason": fields["reason"]}
+
+
+def _small_codes(codes: npt.NDArray[np.intp], values: Any) -> tuple[npt.NDArray[np.int32], Any]:
+    """Return `pd.factorize`'s codes as int32 (a full-size run's millions of predictions: half the memory)."""
+    return codes.astype(np.int32), values
