@@ -48,9 +48,13 @@ def test_the_copy_keeps_the_kept_characters_glyphs_metrics_and_postscript_name()
         pytest.skip(f"the report font here is {source.name}, not matplotlib's DejaVu Sans")
     family = rc["font.sans-serif"][0]
     assert family == "DejaVu Sans" + fonts.FAMILY_SUFFIX
-    copy_path = Path(font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False))
+    copy_path = fonts._copy_path(source)
+    found = Path(font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False))
+    # the same copy: one made earlier in this process under another SCDRUGMAP_HOME has the same name and bytes
+    assert copy_path.parent == fonts.font_copy_dir() and found.name == copy_path.name
+    assert found.read_bytes() == copy_path.read_bytes()
     whole, copy = TTFont(source), TTFont(copy_path)
-    assert copy_path.parent == fonts.font_copy_dir() and len(copy.getGlyphOrder()) < len(whole.getGlyphOrder()) / 4
+    assert len(copy.getGlyphOrder()) < len(whole.getGlyphOrder()) / 4
     assert copy["name"].getDebugName(6) == whole["name"].getDebugName(6) == "DejaVuSans"  # what a PDF names
     whole_cmap, copy_cmap = whole.getBestCmap(), copy.getBestCmap()
     for char in "AUROC fi ±²³ αχΔ … ⁻⁴ − ≤ é":

@@ -135,6 +135,17 @@ def test_a_fixed_layout_gives_the_png_of_a_tight_savefig_for_every_figure(run):
 NOT_IMPORTED_BY_REPORT = ("torch", "sklearn", "scipy.stats", "umap", "numba")
 
 
+def test_a_figure_saved_twice_gives_the_same_svg_and_pdf_files(run):
+    """No save time and no random SVG ids: a report made again, later, is the same files."""
+    made = []
+    for _ in range(2):
+        figure = figures.plot_metric_bars(run.results, {"pca": "#000000", "majority": "#BBBBBB"})
+        rendered = RenderedFigure(figure)
+        made.append({fmt: rendered.save(fmt) for fmt in ("svg", "pdf")})
+    assert made[0] == made[1]
+    assert b"<dc:date>" not in made[0]["svg"] and b"/CreationDate" not in made[0]["pdf"]
+
+
 def test_the_report_command_imports_no_torch_scikit_learn_scipy_stats_or_umap(run_dir, tmp_path):
     probe = ("import atexit, sys\n"
              f"NAMES = {NOT_IMPORTED_BY_REPORT!r}\n"

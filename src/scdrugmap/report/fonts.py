@@ -30,13 +30,13 @@ from scdrugmap.data.io import write_atomic
 log = logging.getLogger(__name__)
 
 #: Characters kept in the copy: ASCII and Latin-1, Latin Extended-A, Greek, general punctuation, super-
-#: and subscripts, arrows, and the signs figures write (minus, ×, ≤, ≥, ≈). Version 1 of this set.
+#: and subscripts, arrows, and the signs figures write (minus, ×, ≤, ≥, ≈).
 KEPT_CHARACTERS: tuple[range, ...] = (
     range(0x20, 0x7F), range(0xA0, 0x180), range(0x370, 0x400), range(0x2000, 0x2070), range(0x2070, 0x20A0),
     range(0x2190, 0x2200), range(0x2212, 0x2213), range(0x2248, 0x2249), range(0x2260, 0x2266),
 )
-#: Bumped whenever what the copy keeps changes, so older copies are not reused.
-COPY_VERSION = 1
+#: Bumped whenever the copy changes, so older copies are not reused (2: the font's own date, not the save time).
+COPY_VERSION = 2
 #: Added to a copy's family name: it must not be mistaken for the whole font.
 FAMILY_SUFFIX = " (scDrugMap report subset)"
 #: The name records that carry the family: family (1), full (4) and typographic family (16) names.
@@ -69,7 +69,7 @@ def _make_copy(source: Path, target: Path) -> None:
     options.notdef_outline = True
     options.recalc_bounds = False  # the font's own bounds, as in its descriptor of the whole font
     options.drop_tables += ["FFTM"]  # FontForge's time stamp: fontTools cannot subset it (and says so)
-    font = TTFont(source)
+    font = TTFont(source, recalcTimestamp=False)  # the font's own date: the same copy wherever it is made
     subsetter = subset.Subsetter(options)
     subsetter.populate(unicodes=[code for block in KEPT_CHARACTERS for code in block])
     subsetter.subset(font)

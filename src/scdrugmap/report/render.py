@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 #: zlib level of the PNG files (and of the HTML page's PNGs): 1 writes them several times faster than
 #: Pillow's default 6, for files about a fifth larger.
 PNG_COMPRESS_LEVEL = 1
+#: Metadata that leaves the save time out of SVG and PDF files (with `RC_PARAMS`' fixed ``svg.hashsalt``).
+REPRODUCIBLE_METADATA: dict[str, dict[str, None]] = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}
 #: What turns the rc-chosen layout engine off (`Figure.set_layout_engine(None)` reads these).
 _NO_AUTOMATIC_LAYOUT: dict[Any, Any] = {"figure.autolayout": False, "figure.constrained_layout.use": False}
 
@@ -98,6 +100,8 @@ class RenderedFigure:
                     self._bbox = self._fix_layout()
                 buffer = io.BytesIO()
                 options: dict[str, Any] = {"pil_kwargs": {"compress_level": PNG_COMPRESS_LEVEL}} if fmt == "png" else {}
+                if fmt in REPRODUCIBLE_METADATA:  # no time stamp: a report made twice gives the same files
+                    options["metadata"] = REPRODUCIBLE_METADATA[fmt]
                 fonts = pdf_font_rc(RC_PARAMS, self._texts()) if fmt == "pdf" else {}
                 with mpl.rc_context(fonts):  # the same PDF text, from a small copy of the font (`pdf_font_rc`)
                     self.figure.savefig(buffer, format=fmt, bbox_inches=self._bbox, **options)

@@ -66,6 +66,7 @@ RC_PARAMS: dict[Any, Any] = {
     "ytick.labelsize": 8, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": False,
     "figure.dpi": 100, "savefig.dpi": 150, "svg.fonttype": "none", "pdf.fonttype": 42,
     "legend.frameon": False,
+    "svg.hashsalt": "scdrugmap",  # SVG element ids from the content, not a random salt: the same figure, the same file
 }
 
 
