@@ -239,7 +239,7 @@ def count_matrix(X, *, chunk_rows: int = CHUNK_ROWS, head_rows: int = HEAD_ROWS)
                 head_parts.append(sp.csr_matrix((data[:end].copy(), indices[:end].copy(), indptr[: rows + 1].copy()),
                                                 shape=(rows, n_genes)))
             continue
-        block = np.asarray(schema.row_block(X, start, start + chunk_rows, copy=False))
+        block = np.asarray(schema.row_block(X, start, start + chunk_rows))  # dense: a view where in memory
         nonzero = count_values(block)
         per_cell[start : start + block.shape[0]] = block.shape[1] if nonzero is None else nonzero.sum(axis=1)
         per_gene += block.shape[0] if nonzero is None else nonzero.sum(axis=0)

@@ -86,7 +86,7 @@ def encode_labels(values: npt.ArrayLike, *, column: str = RESPONSE, source: str 
     return codes
 
 
-def row_block(X, start: int, stop: int, *, copy: bool = True) -> Any:
+def row_block(X, start: int, stop: int) -> Any:
     """Return rows ``start:stop`` of ``X``; of a CSR matrix (in memory or backed), a CSR matrix cut from its arrays.
 
     ``X[start:stop]`` of a scipy CSR matrix checks every stored column index against the (full) column
@@ -94,21 +94,16 @@ def row_block(X, start: int, stop: int, *, copy: bool = True) -> Any:
     10,000-row blocks of 20,000 x 2,000 at 25% density: 16 ms against 74 ms of CPU). Of anndata's backed CSR
     matrix (``read_h5ad(path, backed="r")``) the rows' stretches are read from its ``data``, ``indices`` and
     ``indptr`` arrays alone: ``X[start:stop]`` also looks up the installed scipy's version (about 5 ms a
-    block) and copies the block once more. Anything else (dense, CSC) is sliced as ``X[start:stop]``. With
-    ``copy=False`` an in-memory CSR block may share ``data`` and ``indices`` with ``X`` (for readers only;
-    scipy copies views of less than half of an array: readers of the arrays alone use `csr_rows`).
+    block) and copies the block once more. Anything else (dense, CSC) is sliced as ``X[start:stop]``.
+    Readers of the arrays alone use `csr_rows` (no copy in memory).
     """
-    if not sp.issparse(X) and getattr(X, "format", None) == "csr" and hasattr(X, "group"):  # backed CSR
-        stop = min(stop, X.shape[0])
-        return sp.csr_matrix(csr_rows(X, start, stop), shape=(max(0, stop - start), X.shape[1]))
-    if not (sp.issparse(X) and X.format == "csr"):
+    in_memory = sp.issparse(X) and X.format == "csr"
+    if not in_memory and not (getattr(X, "format", None) == "csr" and hasattr(X, "group")):  # nor backed CSR
         return X[start:stop]
-    stop = min(stop, X.shape[0])
-    first, last = int(X.indptr[start]), int(X.indptr[stop])
-    data, indices = X.data[first:last], X.indices[first:last]
-    if copy:
+    data, indices, indptr = csr_rows(X, start, stop)
+    if in_memory:  # views of the matrix's own arrays: the block gets its own
         data, indices = data.copy(), indices.copy()
-    return sp.csr_matrix((data, indices, X.indptr[start:stop + 1] - first), shape=(max(0, stop - start), X.shape[1]))
+    return sp.csr_matrix((data, indices, indptr), shape=(max(0, min(stop, X.shape[0]) - start), X.shape[1]))
 
 
 def csr_rows(X, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
