@@ -238,16 +238,13 @@ def sample_level_auroc(predictions: pd.DataFrame | None, cells: pd.DataFrame | N
     per_sample = per_sample[codes >= 0]
     codes = codes[codes >= 0]
     labels, keys = per_sample["label"].to_numpy(np.int64), per_sample["key"].to_numpy()
-    scored = grouped_pair_counts(labels, per_sample["mean_probability"], codes, keys, len(first))
-    fraction = grouped_pair_counts(labels, per_sample["fraction_sensitive"], codes, keys, len(first))
     scores = per_sample["mean_probability"].to_numpy(np.float64)
-    order = np.argsort(codes, kind="stable")
-    ends = np.cumsum(np.bincount(codes, minlength=len(first)))
+    scored = grouped_pair_counts(labels, scores, codes, keys, len(first))
+    fraction = grouped_pair_counts(labels, per_sample["fraction_sensitive"], codes, keys, len(first))
     rows = []
-    for group, (start, end) in enumerate(zip(ends - np.diff(ends, prepend=0), ends, strict=True)):
+    for group, members in enumerate(_rows_of_groups(codes, len(first))):
         fields = _auroc_fields(scored, group)
-        if fields["n_pairs"] and n_bootstrap >= 1:
-            members = order[start:end]  # the group's samples, in their order (the interval's draws depend on it)
+        if fields["n_pairs"] and n_bootstrap >= 1:  # the group's samples in their order: the draws depend on it
             fields["ci_low"], fields["ci_high"] = _bootstrap_interval(
                 labels[members], scores[members], keys[members], n_bootstrap=n_bootstrap, confidence=CONFIDENCE,
                 seed=seed)
@@ -266,6 +263,13 @@ def _group_codes(frame: pd.DataFrame, by: list[str]) -> tuple[npt.NDArray[np.int
     seen = np.flatnonzero(codes >= 0)
     _, first = np.unique(codes[seen], return_index=True)
     return codes, seen[first]
+
+
+def _rows_of_groups(codes: npt.NDArray[np.int64], n_groups: int) -> list[npt.NDArray[np.intp]]:
+    """Return the row positions of each group of `_group_codes`, in row order (rows of code -1 left out)."""
+    order = np.argsort(codes, kind="stable")
+    ends = np.cumsum(np.bincount(codes + 1, minlength=n_groups + 1))  # code -1 sorts first
+    return [order[ends[group]:ends[group + 1]] for group in range(n_groups)]
 
 
 # --- paired comparisons with the majority reference and the best baseline -------------------------------------------
@@ -634,13 +638,10 @@ def confounder_auroc(predictions: pd.DataFrame | None, cells: pd.DataFrame | Non
     # missing values left out, numbered in sorted order (for each value on its own)
     within = {group: _small_codes(*pd.factorize(frame[group], use_na_sentinel=False)) for group in present}
     per_value = {group: _small_codes(*pd.factorize(frame[group], sort=True)) for group in present}
-    # one setting at a time: its rows together (rows of no setting, code -1, first and skipped), so the
-    # sort of `grouped_pair_counts` holds one setting's predictions, not a full-size run's millions at once
-    order = np.argsort(codes, kind="stable")
-    ends = np.cumsum(np.bincount(codes + 1, minlength=len(first) + 1))
+    # one setting at a time, so the sort of `grouped_pair_counts` holds one setting's predictions, not a
+    # full-size run's millions at once
     rows = []
-    for setting in range(len(first)):
-        members = order[ends[setting]:ends[setting + 1]]
+    for setting, members in enumerate(_rows_of_groups(codes, len(first))):
         facts = dict(zip(by, settings[setting], strict=True))
         setting_labels, setting_scores, setting_folds = labels[members], probability[members], fold[members]
         one = np.zeros(members.size, dtype=np.int64)
