@@ -168,10 +168,12 @@ def test_predict_adds_gene_overlap_to_obs_and_csv(strategy, shared, tmp_path):
 
 # --- start-up: commands that run no network import no torch ---------------------------------------------------------
 
-#: Runs the command line in a fresh interpreter and writes, at exit, whether torch and scikit-learn were imported.
+#: Runs the command line in a fresh interpreter and writes, at exit, whether torch, scikit-learn and pydantic were
+#: imported (typer 0.29 and newer import pydantic to coerce every option: 0.2 s of each command's start).
 TORCH_PROBE = ("import atexit, sys\n"
                "atexit.register(lambda: sys.stderr.write(f\"torch imported: {'torch' in sys.modules}\\n\"\n"
-               "                                         f\"sklearn imported: {'sklearn' in sys.modules}\\n\"))\n"
+               "                                         f\"sklearn imported: {'sklearn' in sys.modules}\\n\"\n"
+               "                                         f\"pydantic imported: {'pydantic' in sys.modules}\\n\"))\n"
                "from scdrugmap.cli import main\n"
                "sys.argv = ['scdrugmap', *sys.argv[1:]]\n"
                "main()\n")
@@ -196,7 +198,7 @@ def test_commands_without_a_network_never_import_torch(args, small_h5ad, tmp_pat
     args = [a.format(h5ad=small_h5ad, tmp=tmp_path) for a in args]
     done = run_fresh(*args)
     assert done.returncode == 0, done.stderr
-    assert "torch imported: False" in done.stderr, done.stderr
+    assert "torch imported: False" in done.stderr and "pydantic imported: False" in done.stderr, done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +217,7 @@ def test_predict_with_a_baseline_head_imports_neither_torch_nor_scikit_learn(pca
     done = run_fresh("predict", str(path), "--model", "pca", "--head", str(pca_head))
     assert done.returncode == 0, done.stderr
     assert "torch imported: False" in done.stderr and "sklearn imported: False" in done.stderr, done.stderr
+    assert "pydantic imported: False" in done.stderr, done.stderr
     assert len(pd.read_csv(tmp_path / "new.predicted.csv")) == 60
 
 
