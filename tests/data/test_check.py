@@ -138,6 +138,14 @@ def test_category_with_too_few_samples_for_the_folds(tmp_path):
     assert result.exit_code == 1
 
 
+def test_one_sample_with_both_labels_counts_for_each_label():
+    adata = make_adata(n_cells=40, n_samples=4)
+    adata.obs["sample"] = "S1"  # one sample holding sensitive and resistant cells
+    messages = [str(p) for p in check_adata(adata, n_folds=2).problems]
+    assert any("1 sample: 1 with sensitive cells, 1 with resistant cells; a sample-grouped split needs at least 2 "
+               "of each" in m for m in messages), messages
+
+
 def test_missing_sample_column_warns_about_leakage(adata):
     del adata.obs["sample"]
     report = check_adata(adata, n_folds=2)

@@ -427,12 +427,14 @@ def _fold_problems(report: CheckReport, obs: pd.DataFrame, keys: schema.ObsKeys,
             if samples is not None:
                 units = samples[rows]
                 per_class = [np.unique(units[y == c]).size for c in (0, 1)]
-                if min(per_class) < 2:
-                    report.add(severity, where, f"{per_class[1]} sensitive and {per_class[0]} resistant samples; "
-                               "a sample-grouped split needs at least 2 of each. Use --split cell to split cells.")
-                elif np.unique(units).size < n_folds:
-                    report.add(severity, where, f"{np.unique(units).size} samples for {n_folds} grouped folds; "
-                               f"use --folds {np.unique(units).size} or fewer.")
+                n_samples = np.unique(units).size
+                if min(per_class) < 2:  # a sample may hold cells of both labels: it counts for each
+                    report.add(severity, where, f"{n_samples} sample{'s' if n_samples != 1 else ''}: "
+                               f"{per_class[1]} with sensitive cells, {per_class[0]} with resistant cells; a "
+                               "sample-grouped split needs at least 2 of each. Use --split cell to split cells.")
+                elif n_samples < n_folds:
+                    report.add(severity, where, f"{n_samples} samples for {n_folds} grouped folds; "
+                               f"use --folds {n_samples} or fewer.")
             elif min(int(y.sum()), int(y.size - y.sum())) < n_folds:
                 report.add(severity, where, f"the smaller class has {min(int(y.sum()), int(y.size - y.sum()))} cells "
                            f"for {n_folds} stratified folds; use fewer --folds.")
