@@ -88,9 +88,10 @@ def _plotly_parts(interactive: Sequence[tuple[str, object]]) -> tuple[str, list[
     import plotly.offline as offline
 
     script = f"<script>{offline.get_plotlyjs()}</script>"
-    divs = [(title, pio.to_html(figure, full_html=False, include_plotlyjs=False,
+    # numbered div ids (plotly's own are random): a page made twice differs only in its generation time
+    divs = [(title, pio.to_html(figure, full_html=False, include_plotlyjs=False, div_id=f"interactive-{number}",
                                 config={"displaylogo": False, "responsive": True}))
-            for title, figure in interactive]
+            for number, (title, figure) in enumerate(interactive, start=1)]
     return script, divs
 
 
