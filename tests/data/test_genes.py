@@ -47,6 +47,18 @@ def test_detect_gene_id_type_refuses_mouse_ensembl_ids_and_empty_input():
         detect_gene_id_type([])
 
 
+def test_names_are_classified_by_their_whole_form():
+    from scdrugmap.data.genes import _classify
+
+    names = ["TP53", TP53, TP53 + ".17", TP53 + ".x", TP53 + "1", "ENSMUSG00000059552", "ENSMUSG00000059552.3",
+             "ENSG0000014151", "7157", "7157.0", "7157.5", "07157", "7157a", "", "ENSG", "ENSMUSG", "12.00",
+             "  ", "ensg00000141510", "ENSGALG00000000003"]
+    assert _classify(pd.Series(names, dtype=object)).tolist() == [
+        "symbol", "ensembl", "ensembl", "symbol", "symbol", "other_ensembl", "other_ensembl",
+        "symbol", "entrez", "entrez", "symbol", "entrez", "symbol", "symbol", "symbol", "symbol", "entrez",
+        "symbol", "symbol", "other_ensembl"]
+
+
 def test_map_genes_resolves_symbols_aliases_ensembl_and_entrez_to_one_gene():
     names = ["TP53", "tp53", "P53", TP53 + ".17", "7157", "7157.0"]
     mapping = map_genes(names)
