@@ -138,6 +138,14 @@ def test_category_with_too_few_samples_for_the_folds(tmp_path):
     assert result.exit_code == 1
 
 
+def test_mouse_gene_ids_are_an_error_of_the_report():
+    adata = make_adata(n_cells=40, n_samples=4)
+    adata.var_names = [f"ENSMUSG{i:011d}" for i in range(adata.n_vars)]
+    report = check_adata(adata, n_folds=2)  # the rest of the data is still checked and described
+    assert any("non-human Ensembl ids" in str(p) for p in report.errors)
+    assert report.tables and "gene_id_type" not in report.facts
+
+
 def test_one_sample_with_both_labels_counts_for_each_label():
     adata = make_adata(n_cells=40, n_samples=4)
     adata.obs["sample"] = "S1"  # one sample holding sensitive and resistant cells

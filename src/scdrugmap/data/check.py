@@ -385,19 +385,19 @@ def matrix_report(adata: ad.AnnData, *, source: str = "data", layer: str | None 
 def _gene_problems(report: CheckReport, adata: ad.AnnData) -> None:
     import anndata as ad
 
-    from scdrugmap.data.genes import detect_gene_id_type, harmonise_genes
+    from scdrugmap.data.genes import harmonise_genes
 
     names = adata.var_names.astype(str)
     if names.duplicated().any():  # reported by _duplicate_problems; ids cannot be mapped one to one
         return
-    id_type = detect_gene_id_type(names)
-    report.facts["gene_id_type"] = id_type
     genes_only = ad.AnnData(obs=pd.DataFrame(index=["_"]), var=adata.var.copy())
-    try:
+    try:  # non-human Ensembl ids, or two names of one gene: an error of the report
         harmonise_genes(genes_only)
     except SchemaError as err:
         report.add("error", "var_names", str(err))
         return
+    id_type = genes_only.uns["scdrugmap"]["genes"]["id_type"]  # as harmonise_genes detected it
+    report.facts["gene_id_type"] = id_type
     known = (genes_only.var["ensembl_id"].notna() & (genes_only.var["ensembl_id"].astype(str) != "")).to_numpy()
     report.facts["genes_mapped"] = {"mapped": int(known.sum()), "total": len(names)}
     unknown = names[~known]
