@@ -581,9 +581,11 @@ def plot_scalability(table: pd.DataFrame, colours: dict[str, str]) -> Figure:
 CHANCE_STYLE = {"color": "#444444", "linestyle": (0, (1, 3)), "linewidth": 1.0}
 
 
-def _pooled_curves(predictions: pd.DataFrame, split: str) -> pd.DataFrame:
-    frame = predictions[(predictions["scenario"] == "pooled") & (predictions["split"] == split)]
-    return frame
+def _pooled_curves(predictions: pd.DataFrame, split: str, columns: Sequence[str]) -> pd.DataFrame:
+    """Return ``columns`` of the pooled predictions under ``split``: only those are copied (a full-size run's
+    predictions have millions of rows and 14 columns; a copy of all of them was 380 MB)."""
+    pooled = ((predictions["scenario"] == "pooled") & (predictions["split"] == split)).to_numpy()
+    return predictions.loc[pooled, list(columns)]
 
 
 #: Points of the common grid the per-fold ROC and PR curves are interpolated on before averaging.
@@ -641,7 +643,7 @@ def plot_roc_pr(predictions: pd.DataFrame | None, colours: dict[str, str], *, sp
     """
     if predictions is None or predictions.empty:
         return message_figure("ROC and precision-recall curves", f"The run stored no predictions ({PREDICTIONS}).")
-    frame = _pooled_curves(predictions, split)
+    frame = _pooled_curves(predictions, split, ["category", "setting", "model", "key", "label", "probability"])
     if frame.empty:
         return message_figure("ROC and precision-recall curves", f"No predictions under split = {split}.")
     categories = categories_order(frame)
@@ -701,7 +703,7 @@ def plot_calibration(predictions: pd.DataFrame | None, colours: dict[str, str], 
     """
     if predictions is None or predictions.empty:
         return message_figure("Calibration", f"The run stored no predictions ({PREDICTIONS}).")
-    frame = _pooled_curves(predictions, split)
+    frame = _pooled_curves(predictions, split, ["category", "setting", "model", "label", "probability"])
     if frame.empty:
         return message_figure("Calibration", f"No predictions under split = {split}.")
     categories = categories_order(frame)
