@@ -58,9 +58,7 @@ def log_normalise(X: np.ndarray | sp.spmatrix, kind: str) -> sp.csr_matrix | np.
     if kind in AS_IS_KINDS:
         return sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
     X = sp.csr_matrix(X, dtype=np.float32)
-    data = X.data * np.repeat(_row_factors(X), np.diff(X.indptr))  # float32: each value times its row's factor
-    np.log1p(data, out=data)
-    return sp.csr_matrix((data, X.indices, X.indptr), shape=X.shape)
+    return _scaled_log1p(X, _row_factors(X))
 
 
 def _row_factors(X: sp.csr_matrix) -> npt.NDArray[np.float32]:
@@ -68,6 +66,13 @@ def _row_factors(X: sp.csr_matrix) -> npt.NDArray[np.float32]:
     totals = np.asarray(X.sum(axis=1)).ravel()
     totals[totals == 0] = 1.0
     return (TARGET_SUM / totals).astype(np.float32)
+
+
+def _scaled_log1p(X: sp.csr_matrix, factors: npt.NDArray[np.float32]) -> sp.csr_matrix:
+    """Return log1p(value x its row's factor) of a float32 CSR matrix as a new one (``X`` is left as it is)."""
+    data = X.data * np.repeat(factors, np.diff(X.indptr))  # float32: each value times its row's factor
+    np.log1p(data, out=data)
+    return sp.csr_matrix((data, X.indices, X.indptr), shape=X.shape)
 
 
 def gene_moments(X, kind: str, *, chunk_rows: int = CHUNK_ROWS
@@ -120,11 +125,9 @@ def _selected_columns(matrix: sp.csr_matrix, columns: npt.NDArray[np.int64], kin
     and logged: a head's 2,000 genes of 20,000 or more take a fraction of the logarithms. Each row's factor
     comes from the whole row.
     """
-    selected = matrix[:, columns]  # a new matrix: the block is left as it is
+    selected = matrix[:, columns]
     if kind not in AS_IS_KINDS:
-        data = selected.data * np.repeat(_row_factors(matrix), np.diff(selected.indptr))
-        np.log1p(data, out=data)
-        selected = sp.csr_matrix((data, selected.indices, selected.indptr), shape=selected.shape)
+        selected = _scaled_log1p(selected, _row_factors(matrix))  # factors of the whole rows
     return selected.toarray(out=out)
 
 
